@@ -1,0 +1,35 @@
+# Every target sets up .venv itself from nothing; the stamp re-installs when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-cpu test-cudasim demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,demo,bench,lint]"
+	touch $(STAMP)
+
+test: test-cpu test-cudasim
+
+test-cpu: $(STAMP)
+	$(PY) -m pytest -q -m "not cudasim" tests
+
+# Numba's CUDA simulator must be switched on before Numba is imported: its own process.
+test-cudasim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -m cudasim tests
+
+demo: $(STAMP)
+	$(PY) -m gpubackprop.demo
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will say so"
+	$(PY) -m bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gpubackprop kernels tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,170 @@
+"""Device choice: the one module that imports CuPy and numba.cuda.
+
+A ``Backend`` carries everything device-specific that the rest of the library needs: the array
+module ``xp`` (numpy or cupy), the dtype, the kernel set ``ops``, transfers, the host RNG and
+``synchronize``. Layers, losses and optimizers only ever talk to a backend.
+
+The GPU stack is imported lazily (``cupy_module()``, ``numba_cuda()``) so that
+``import gpubackprop`` stays fast on machines with and without a GPU.
+"""
+
+import functools
+import os
+import sys
+
+import numpy as np
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+KERNEL_SETS = ("fused", "reference")
+
+
+def is_cudasim():
+    """True when Numba's CUDA simulator is switched on (it must be set before Numba is imported)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_module():
+    """The cupy module, or None when it is not installed."""
+    try:
+        import cupy
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def numba_cuda():
+    """The numba.cuda module, or None when Numba's CUDA target cannot be imported."""
+    try:
+        from numba import cuda
+    except Exception:
+        return None
+    return cuda
+
+
+@functools.lru_cache(maxsize=None)
+def has_cupy_gpu():
+    """True when CuPy and Numba both see a CUDA GPU (never under the simulator)."""
+    if is_cudasim():
+        return False
+    cp, cuda = cupy_module(), numba_cuda()
+    if cp is None or cuda is None:
+        return False
+    try:
+        return bool(cp.is_available()) and bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def cuda_available():
+    """True when ``device="cuda"`` can run: a real GPU, or Numba's CUDA simulator."""
+    return has_cupy_gpu() or (is_cudasim() and numba_cuda() is not None)
+
+
+_announced = set()
+
+
+def resolve_device(device):
+    """Turn ``auto`` into ``cpu`` or ``cuda``; raise if ``cuda`` is asked for and absent."""
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        if has_cupy_gpu():
+            return "cuda"
+        if "auto" not in _announced:
+            _announced.add("auto")
+            print("gpubackprop: no CUDA GPU found (CuPy + Numba), using the CPU", file=sys.stderr)
+        return "cpu"
+    if device == "cuda" and not cuda_available():
+        raise RuntimeError(
+            "device: 'cuda' was requested but no CUDA GPU is usable (needs cupy-cuda12x and "
+            "numba-cuda seeing a GPU: pip install 'gpubackprop[gpu]'); use device='cpu' or 'auto'"
+        )
+    return device
+
+
+def check_dtype(dtype):
+    name = np.dtype(dtype).name if _is_dtype_like(dtype) else None
+    if name not in DTYPES:
+        raise TypeError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    return np.dtype(name)
+
+
+def _is_dtype_like(x):
+    try:
+        np.dtype(x)
+        return True
+    except TypeError:
+        return False
+
+
+def load_ops(device, kernels, xp):
+    """The kernel set for a device: fused (Numba CPU / Numba CUDA) or the plain-xp reference."""
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels: expected one of {KERNEL_SETS}, got {kernels!r}")
+    from gpubackprop.kernels.reference import ReferenceOps
+
+    if kernels == "reference":
+        return ReferenceOps(xp)
+    if device == "cuda":
+        from gpubackprop.kernels.cuda import CudaOps
+
+        return CudaOps(xp)
+    from gpubackprop.kernels.cpu import CpuOps
+
+    return CpuOps(xp)
+
+
+class Backend:
+    """Device, dtype, kernel set and host RNG of one model."""
+
+    def __init__(self, device="auto", dtype="float32", kernels="fused", seed=0):
+        self.device = resolve_device(device)
+        self.dtype = check_dtype(dtype)
+        # Under the simulator the CUDA kernels run on NumPy arrays; on a GPU, on CuPy arrays.
+        self.xp = cupy_module() if self.device == "cuda" and has_cupy_gpu() else np
+        self.kernels = kernels
+        self.ops = load_ops(self.device, kernels, self.xp)
+        self.rng = np.random.default_rng(seed)
+
+    def __repr__(self):
+        return (f"Backend(device={self.device!r}, dtype={self.dtype.name!r}, "
+                f"ops={self.ops.name!r}, xp={self.xp.__name__})")
+
+    @property
+    def on_gpu(self):
+        return self.xp is not np
+
+    def to_device(self, a, dtype=None):
+        """A contiguous device copy (or the array itself when nothing needs to change)."""
+        dtype = self.dtype if dtype is None else dtype
+        if self.on_gpu:
+            return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+        return np.ascontiguousarray(to_numpy(a), dtype=dtype)
+
+    def to_host(self, a):
+        return to_numpy(a)
+
+    def empty(self, shape, dtype=None):
+        return self.xp.empty(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def synchronize(self):
+        if self.on_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def is_device_array(a):
+    """True for a CuPy array (checked without importing CuPy when it was never imported)."""
+    return "cupy" in sys.modules and type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a):
+    """A host NumPy view or copy of a NumPy/CuPy array or array-like."""
+    if is_device_array(a):
+        return a.get()
+    return np.asarray(a)

@@ -1,0 +1,40 @@
+"""One list of backends for every test, parametrized; a backend that is absent says why."""
+
+import numpy as np
+import pytest
+
+from gpubackprop.backend import has_cupy_gpu, is_cudasim
+
+# (device, kernels): the reference set and the fused set on every device there is.
+BACKENDS = [("cpu", "reference"), ("cpu", "fused")]
+GPU_BACKENDS = [("cuda", "reference"), ("cuda", "fused")]
+
+
+def backend_params():
+    params = [pytest.param(b, id="-".join(b)) for b in BACKENDS]
+    reason = "needs a CUDA GPU with CuPy" + (" (the simulator runs the cudasim tests)" if is_cudasim() else "")
+    for b in GPU_BACKENDS:
+        marks = [] if has_cupy_gpu() else [pytest.mark.skip(reason=reason)]
+        params.append(pytest.param(b, id="-".join(b), marks=marks))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend_spec(request):
+    """(device, kernels) for every available backend."""
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The gpu marker means "a real GPU": skip it where there is none, with the reason.
+    if has_cupy_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU with CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
