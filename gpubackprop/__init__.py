@@ -1,0 +1,16 @@
+"""gpubackprop: backpropagation, batched and fast, on an NVIDIA GPU or the CPU, same code on both."""
+
+from gpubackprop.backend import Backend
+from gpubackprop.gradcheck import gradcheck
+from gpubackprop.layers import Dense, Residual, Sequential
+from gpubackprop.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+from gpubackprop.optimizers import SGD, Adam, AdamW, RMSprop
+from gpubackprop.training import evaluate, fit, predict, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "Dense", "Residual", "Sequential", "MSE", "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step", "fit", "evaluate",
+    "predict", "gradcheck", "__version__",
+]
