@@ -1,0 +1,180 @@
+"""Layers against central differences (float64), on every backend."""
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop.kernels.reference import ACTIVATIONS
+
+LOSSES = {
+    "ce": (gb.SoftmaxCrossEntropy, lambda rng, n, k: rng.integers(0, k, n)),
+    "mse": (gb.MSE, lambda rng, n, k: rng.normal(size=(n, k))),
+    "bce": (gb.BinaryCrossEntropy, lambda rng, n, k: rng.integers(0, 2, (n, k)).astype(float)),
+}
+
+
+def model_for(spec, layers, dtype="float64", seed=0):
+    device, kernels = spec
+    return gb.Sequential(layers, device=device, dtype=dtype, seed=seed, kernels=kernels)
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_every_activation_and_loss(backend_spec, activation, loss_name, rng):
+    make_loss, make_y = LOSSES[loss_name]
+    model = model_for(backend_spec, [gb.Dense(5, 7, activation=activation),
+                                     gb.Dense(7, 6, activation=activation),
+                                     gb.Dense(6, 3)])
+    X = rng.normal(size=(9, 5))
+    err = gb.gradcheck(model, make_loss(), X, make_y(rng, 9, 3))
+    assert err < 1e-6, f"{activation} × {loss_name}: relative error {err:.2e}"
+
+
+def test_gradcheck_detects_a_wrong_gradient(backend_spec, rng):
+    # The check must be able to fail: corrupt BP4 (bias gradient) and expect a large error.
+    model = model_for(backend_spec, [gb.Dense(4, 5, activation="tanh"), gb.Dense(5, 3)])
+    model.backend.ops.bias_grad = lambda dZ, db, accumulate=False: db.fill(0.5)
+    err = gb.gradcheck(model, gb.SoftmaxCrossEntropy(), rng.normal(size=(6, 4)),
+                       rng.integers(0, 3, 6))
+    assert err > 1e-2
+
+
+def test_residual_and_nested_sequential_gradients(backend_spec, rng):
+    inner = gb.Sequential([gb.Dense(6, 8, activation="tanh"), gb.Dense(8, 6, activation="sigmoid")])
+    model = model_for(backend_spec, [
+        gb.Dense(4, 6, activation="relu"),
+        gb.Residual(inner),
+        gb.Residual(gb.Dense(6, 6, activation="gelu")),
+        gb.Sequential([gb.Dense(6, 5, activation="leaky_relu"), gb.Dense(5, 3)]),
+    ])
+    assert list(model.get_params()) == ["0.W", "0.b", "1.0.W", "1.0.b", "1.1.W", "1.1.b",
+                                        "2.W", "2.b", "3.0.W", "3.0.b", "3.1.W", "3.1.b"]
+    err = gb.gradcheck(model, gb.SoftmaxCrossEntropy(), rng.normal(size=(7, 4)),
+                       rng.integers(0, 3, 7))
+    assert err < 1e-6
+
+
+def test_residual_adds_its_input(backend_spec, rng):
+    block = gb.Dense(4, 4, activation="tanh")
+    model = model_for(backend_spec, [gb.Residual(block)])
+    X = rng.normal(size=(3, 4))
+    p = model.get_params()
+    expected = X + np.tanh(X @ p["0.W"].T + p["0.b"])
+    np.testing.assert_allclose(model.predict(X), expected, rtol=1e-12)
+
+
+def test_forward_matches_numpy(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(5, 4, activation="relu"),
+                                     gb.Dense(4, 3, activation="sigmoid")], dtype="float32")
+    X = rng.normal(size=(6, 5)).astype(np.float32)
+    p = model.get_params()
+    h = np.maximum(X @ p["0.W"].T + p["0.b"], 0)
+    expected = 1 / (1 + np.exp(-(h @ p["1.W"].T + p["1.b"])))
+    out = model.predict(X)
+    assert out.dtype == np.float32 and out.shape == (6, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_with_loss_gives_probabilities(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(5, 4)])
+    X = rng.normal(size=(6, 5))
+    logits = model.predict(X)
+    probs = gb.predict(model, X, loss=gb.SoftmaxCrossEntropy())
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(gb.predict(model, X, loss=gb.BinaryCrossEntropy()),
+                               1 / (1 + np.exp(-logits)), rtol=1e-12)
+
+
+def test_params_are_views_of_one_flat_buffer(backend_spec):
+    model = model_for(backend_spec, [gb.Dense(3, 4), gb.Dense(4, 2)])
+    assert model.n_params == 3 * 4 + 4 + 4 * 2 + 2
+    model.flat_params[...] = 0
+    assert all(np.all(v == 0) for v in model.get_params().values())
+    layer = model.dense_layers()[1]
+    assert layer.W.shape == (2, 4) and layer.b.shape == (2,)
+
+
+def test_get_set_params_round_trip(backend_spec, rng):
+    a = model_for(backend_spec, [gb.Dense(3, 4, activation="tanh"), gb.Dense(4, 2)], seed=1)
+    b = model_for(backend_spec, [gb.Dense(3, 4, activation="tanh"), gb.Dense(4, 2)], seed=2)
+    X = rng.normal(size=(5, 3))
+    assert not np.array_equal(a.predict(X), b.predict(X))
+    b.set_params(a.get_params())
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    params = a.get_params()
+    params["0.W"][...] = 7  # get_params gives copies
+    assert not np.any(a.get_params()["0.W"] == 7)
+
+
+@pytest.mark.parametrize("init,check", [
+    ("he", lambda W, n_in, n_out: abs(W.std() - np.sqrt(2 / n_in)) < 0.1 * np.sqrt(2 / n_in)),
+    ("lecun", lambda W, n_in, n_out: abs(W.std() - np.sqrt(1 / n_in)) < 0.1 * np.sqrt(1 / n_in)),
+    ("xavier", lambda W, n_in, n_out: np.abs(W).max() <= np.sqrt(6 / (n_in + n_out))
+     and abs(W.std() - np.sqrt(2 / (n_in + n_out))) < 0.1 * np.sqrt(2 / (n_in + n_out))),
+    ("normal", lambda W, n_in, n_out: abs(W.std() - 0.05) < 0.005),
+])
+def test_init_schemes_have_their_scale_and_are_seeded(init, check):
+    def weights(seed):
+        model = gb.Sequential([gb.Dense(200, 300, init=init)], device="cpu", seed=seed)
+        return model.get_params()["0.W"]
+
+    W = weights(0)
+    assert check(W.astype(np.float64), 200, 300)
+    np.testing.assert_array_equal(W, weights(0))
+    assert not np.array_equal(W, weights(1))
+    assert np.all(gb.Sequential([gb.Dense(2, 3, init=init)], device="cpu").get_params()["0.b"] == 0)
+
+
+def test_default_init_follows_the_activation():
+    assert gb.Dense(2, 3, activation="relu").init == "he"
+    assert gb.Dense(2, 3, activation="tanh").init == "xavier"
+    assert "activation='relu'" in repr(gb.Dense(2, 3, activation="relu"))
+
+
+def test_training_buffers_are_reused_and_inference_is_fresh(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(3, 4, activation="relu"), gb.Dense(4, 2)],
+                      dtype="float32")
+    X = model.backend.to_device(rng.normal(size=(5, 3)))
+    Y1, _ = model.forward(X, train=True)
+    Y2, _ = model.forward(X, train=True)
+    assert Y1 is Y2  # no allocation per step
+    Y3 = model(X)
+    assert Y3 is not Y2
+    _, bp = model.forward(X, train=False)
+    with pytest.raises(RuntimeError, match="train=True"):
+        bp(Y3)
+
+
+def test_backprop_accumulates_until_zero_grads(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(3, 2, activation="tanh")])
+    be = model.backend
+    X = be.to_device(rng.normal(size=(4, 3)))
+    dY = be.to_device(rng.normal(size=(4, 2)))
+    model.zero_grads()
+    _, bp = model.forward(X, train=True)
+    bp(dY)
+    once = be.to_host(model.flat_grads).copy()
+    _, bp = model.forward(X, train=True)
+    bp(dY)
+    np.testing.assert_allclose(be.to_host(model.flat_grads), 2 * once, rtol=1e-12)
+    model.zero_grads()
+    _, bp = model.forward(X, train=True)
+    bp(dY)
+    np.testing.assert_allclose(be.to_host(model.flat_grads), once, rtol=1e-12)
+
+
+def test_input_gradient_matches_central_differences(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(3, 4, activation="sigmoid"), gb.Dense(4, 2)])
+    be = model.backend
+    Xh = rng.normal(size=(2, 3))
+    dYh = rng.normal(size=(2, 2))
+    _, bp = model.forward(be.to_device(Xh), train=True)
+    dX = be.to_host(bp(be.to_device(dYh)))
+    eps, num = 1e-6, np.zeros_like(Xh)
+    for idx in np.ndindex(*Xh.shape):
+        for sign in (1, -1):
+            Xp = Xh.copy()
+            Xp[idx] += sign * eps
+            num[idx] += sign * np.sum(model.predict(Xp) * dYh) / (2 * eps)
+    np.testing.assert_allclose(dX, num, rtol=1e-6, atol=1e-9)
