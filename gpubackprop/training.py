@@ -36,16 +36,62 @@ def train_step(model, loss, opt, X_batch, y_batch):
     return float(value)
 
 
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, gradient or parameter stopped training; the message names step and layer."""
+
+
+class TrainingState:
+    """Where a run stands, as host values: enough for ``fit(state=...)`` to continue it exactly.
+
+    ``epoch`` is the index of the current epoch and ``batch`` the batches done in it (0 at an epoch
+    boundary); ``order`` is the current epoch's sample order while ``batch > 0``; ``step`` counts
+    optimizer steps over the whole run; ``totals`` are the epoch's running (loss sum, correct
+    count) as 0-d arrays; ``history`` holds the finished epochs' metrics; ``best_params`` the flat
+    parameters of the best epoch for early stopping with ``restore_best``.
+    """
+
+    def __init__(self, epoch=0, batch=0, step=0, order=None, totals=None, history=None,
+                 early_stopping=None, best_params=None, finished=False, seconds=0.0):
+        self.epoch, self.batch, self.step = int(epoch), int(batch), int(step)
+        self.order = order
+        self.totals = totals
+        self.history = history
+        self.early_stopping = early_stopping
+        self.best_params = best_params
+        self.finished = bool(finished)
+        self.seconds = float(seconds)
+
+    def __repr__(self):
+        return (f"TrainingState(epoch={self.epoch}, batch={self.batch}, step={self.step}, "
+                f"finished={self.finished})")
+
+
 def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuffle=True,
-        progress=True, callback=None):
+        progress=True, callback=None, *, schedule=None, early_stopping=None, nan_check_every=None,
+        state=None, on_checkpoint=None, checkpoint_every=None, on_step=None):
     """Mini-batch training; returns the history {"loss": [...], "accuracy": [...], "val_...": [...]}.
 
     The order of the batches comes from the model's seeded host RNG, so a run is reproducible.
     ``callback(epoch, logs)``, if given, runs after every epoch and may return True to stop.
+
+    Optional, keyword-only:
+    ``schedule(step) -> lr`` sets ``opt.lr`` before every step (``gpubackprop.schedules``);
+    ``early_stopping`` an ``EarlyStopping`` watching a metric of the epoch's logs;
+    ``nan_check_every=N`` checks loss, gradients and parameters for NaN/Inf every N steps (one host
+    read) and raises ``TrainingDiverged`` naming the step and the first layer affected;
+    ``on_checkpoint(state)`` receives a ``TrainingState`` at the end of every epoch and every
+    ``checkpoint_every`` steps, after a finiteness check (nothing non-finite is ever handed out);
+    ``state`` (a ``TrainingState``, with the model, optimizer and ``model.backend.rng`` restored
+    to the same moment) continues an interrupted run so that it ends exactly as the uninterrupted
+    one; ``on_step(step)`` runs after every step (``step`` counts from 1).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
     batch_size = positive_int(batch_size, "batch_size")
+    nan_check_every = None if not nan_check_every else positive_int(nan_check_every,
+                                                                    "nan_check_every")
+    checkpoint_every = None if not checkpoint_every else positive_int(checkpoint_every,
+                                                                      "checkpoint_every")
     be = model.backend
     Xh, Th = _check_pair(model, loss, X, y)
     Xd, Td = be.to_device(Xh), be.to_device(Th, Th.dtype)
@@ -66,36 +112,158 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
         history["val_loss"] = []
         if loss.classification:
             history["val_accuracy"] = []
-    bar = _progress_bar(epochs * n_batches, progress)
+    state = _start_state(state, history, n, n_batches, be)
+    history = state.history
+    if early_stopping is not None and state.early_stopping is not None:
+        early_stopping.load_state(state.early_stopping)
+    best = None if state.best_params is None else be.to_device(state.best_params)
+    step = state.step
+    remaining = 0 if state.finished else max(0, (epochs - state.epoch) * n_batches - state.batch)
+    bar = _progress_bar(remaining, progress)
+    Xb = None
+
+    def guard(value, epoch, b):
+        if not bool(_all_finite(be, value, model)):  # the one host read
+            raise TrainingDiverged(_diagnose(model, loss, value, Xb, step, epoch, b, n_batches))
+
+    def snapshot(epoch, b, order, totals, finished=False):
+        es = None if early_stopping is None else early_stopping.state()
+        return TrainingState(epoch, b, step, order, totals, history, es,
+                             None if best is None else be.to_host(best), finished)
+
     try:
-        for epoch in range(epochs):
-            order = be.rng.permutation(n) if shuffle else np.arange(n)
+        epoch = state.epoch
+        while not state.finished and epoch < epochs:
+            if state.batch and epoch == state.epoch:
+                order, b0 = np.asarray(state.order), state.batch
+                total_loss, total_correct = (_scalar(be, t) for t in state.totals)
+            else:
+                order = be.rng.permutation(n) if shuffle else np.arange(n)
+                b0, total_loss, total_correct = 0, 0, 0
             order_d = be.to_device(order, np.int64)
-            total_loss = total_correct = 0
-            for b in range(n_batches):
+            for b in range(b0, n_batches):
                 idx = order_d[b * batch_size:(b + 1) * batch_size]
                 Xb, Tb = Xd[idx], Td[idx]  # device-side gather
+                if schedule is not None:
+                    opt.lr = float(schedule(step))
                 value, Y = _step(model, loss, opt, Xb, Tb)
+                step += 1
                 total_loss = total_loss + value * idx.shape[0]
                 if loss.classification:
                     total_correct = total_correct + loss.correct(be, Y, Tb)
+                if nan_check_every and step % nan_check_every == 0:
+                    guard(value, epoch, b)
                 if bar is not None:
                     bar.update(1)
+                if checkpoint_every and on_checkpoint is not None and b + 1 < n_batches \
+                        and step % checkpoint_every == 0:
+                    guard(value, epoch, b)
+                    on_checkpoint(snapshot(epoch, b + 1, order, (_host_scalar(be, total_loss),
+                                                                 _host_scalar(be, total_correct))))
+                if on_step is not None:
+                    on_step(step)
             logs = {"epoch": epoch + 1, "loss": float(total_loss) / n}
             if loss.classification:
                 logs["accuracy"] = float(total_correct) / n
+            if (nan_check_every or on_checkpoint is not None) and not np.isfinite(logs["loss"]):
+                raise TrainingDiverged(_diagnose(model, loss, total_loss, Xb, step, epoch,
+                                                 n_batches - 1, n_batches))
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in _evaluate_device(model, loss, *val).items()})
+            if schedule is not None:
+                logs["lr"] = opt.lr
             for k in history:
                 history[k].append(logs[k])
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "epoch"})
+            stop = False
+            if early_stopping is not None:
+                improved, stop = early_stopping.update(epoch + 1, logs)
+                if improved and early_stopping.restore_best:
+                    best = be.xp.array(model.flat_params, copy=True)
             if callback is not None and callback(epoch, logs):
+                stop = True
+            epoch += 1
+            done = stop or epoch >= epochs
+            if done and best is not None:
+                model.flat_params[...] = best  # restore the best epoch's parameters
+            if on_checkpoint is not None:
+                if nan_check_every is None or step % nan_check_every:
+                    guard(value, epoch - 1, n_batches - 1)
+                on_checkpoint(snapshot(epoch, 0, None, None, finished=stop))
+            if stop:
                 break
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+def _start_state(state, history, n, n_batches, be):
+    if state is None:
+        return TrainingState(history=history)
+    if not isinstance(state, TrainingState):
+        raise TypeError(f"state: expected a TrainingState, got {type(state).__name__}")
+    if state.batch:
+        if state.order is None or np.shape(state.order) != (n,) or state.totals is None:
+            raise ValueError(f"state: expected the epoch's order of {n} samples and its running "
+                             f"totals, got order of shape {np.shape(state.order)}")
+        if not 0 < state.batch < n_batches:
+            raise ValueError(f"state: batch {state.batch} is outside the epoch's {n_batches} "
+                             f"batches (another batch size or data set?)")
+    if state.history is not None:
+        if set(state.history) != set(history):
+            raise ValueError(f"state: its history has metrics {sorted(state.history)}, this run "
+                             f"records {sorted(history)} (validation data added or removed?)")
+        history = {k: list(v) for k, v in state.history.items()}
+    return TrainingState(state.epoch, state.batch, state.step, state.order, state.totals, history,
+                         state.early_stopping, state.best_params, state.finished, state.seconds)
+
+
+def _host_scalar(be, x):
+    """A running total as a host 0-d array of its own dtype (int 0 before any batch)."""
+    return np.array(be.to_host(x)) if not isinstance(x, int) else np.array(x)
+
+
+def _scalar(be, a):
+    """A saved running total back as the kind of scalar the loop accumulates into."""
+    a = np.asarray(a)
+    return be.xp.asarray(a) if be.on_gpu else a[()]
+
+
+def _all_finite(be, value, model):
+    xp = be.xp
+    return xp.isfinite(value) & xp.isfinite(model.flat_grads).all() & \
+        xp.isfinite(model.flat_params).all()
+
+
+def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
+    """Where the non-finite values first are: parameters, then the forward pass, then gradients."""
+    be = model.backend
+    xp = be.xp
+    where = None
+    for key, layer in model.param_keys():
+        if not bool(xp.isfinite(layer.W).all() & xp.isfinite(layer.b).all()):
+            where = f"the parameters of layer {key[:-1]} ({layer!r})"
+            break
+    if where is None and Xb is not None:
+        A = Xb
+        for i, layer in enumerate(model.layers):
+            A, _ = layer.forward(A, train=False)
+            if not bool(xp.isfinite(A).all()):
+                where = f"the output of layer {i} ({layer!r})"
+                break
+    if where is None:
+        for key, layer in model.param_keys():
+            if not bool(xp.isfinite(layer.dW).all() & xp.isfinite(layer.db).all()):
+                where = f"the gradients of layer {key[:-1]} ({layer!r})"
+                break
+    value = float(value)
+    what = f"the loss is {value}" if not np.isfinite(value) else "the loss is finite"
+    where = where or "the loss"
+    return (f"training diverged at step {step} (epoch {epoch + 1}, batch {b + 1}/{n_batches}): "
+            f"{what}; first non-finite values in {where}; try a smaller learning rate or "
+            f"gradient clipping")
 
 
 def _progress_bar(total, progress):

@@ -1,0 +1,356 @@
+"""Checkpoints that lose nothing, written so that a crash never leaves a broken one behind.
+
+A checkpoint is one ``.npz`` archive (no pickle) holding, as arrays: the parameters
+(``param/{key}``), the optimizer's buffers (``opt/{name}``), the current epoch's sample order and
+running totals when saved mid-epoch, the best parameters for early stopping and the scaling
+statistics; and, as a JSON string in the array ``meta``: the format version, the architecture,
+the model/loss/optimizer/training configuration, the host RNG state
+(``rng.bit_generator.state``), epoch, batch and step, the history, and a SHA-256 digest of every
+array so that any corruption is caught on load.
+
+Writes are atomic (``atomic_write``): a temporary file in the same folder, flushed and fsynced,
+renamed over the previous file with ``os.replace``, then the folder fsynced. A process killed at
+any moment leaves either the old or the new checkpoint, whole.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import signal
+import tempfile
+
+import numpy as np
+
+from gpubackprop.training import TrainingState
+
+FORMAT = "gpubackprop-checkpoint"
+VERSION = 1
+# Test-only fault injection (the CLI tests set it): "kill-in-checkpoint-write:N" sends SIGKILL to
+# this process after the N-th checkpoint's temporary file is written and fsynced, before the rename.
+FAULT_ENV = "GPUBACKPROP_TEST_FAULT"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+# ---- atomic files -----------------------------------------------------------------------------
+_writes = {"checkpoint": 0}
+
+
+def atomic_write(path, write, binary=True, kind=None):
+    """Write a file through ``write(f)`` so that ``path`` is always either the old or the new file.
+
+    The data goes to a temporary file in the same folder (flushed, fsynced), which then replaces
+    ``path`` (``os.replace``); the folder is fsynced so the rename itself survives a power cut.
+    On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")):
+        try:  # left by a process killed mid-write
+            os.unlink(stale)
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if kind is not None:
+            _writes[kind] = _writes.get(kind, 0) + 1
+            _maybe_fault(f"kill-in-{kind}-write", _writes[kind])
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _maybe_fault(name, count):
+    spec = os.environ.get(FAULT_ENV, "")
+    fault, _, at = spec.partition(":")
+    if fault == name and at.isdigit() and int(at) == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- describing a model -----------------------------------------------------------------------
+def architecture(layer):
+    """A JSON description of a layer tree (types, sizes, activations, inits)."""
+    from gpubackprop.layers import Dense, Residual, Sequential
+
+    if isinstance(layer, Dense):
+        return {"type": "Dense", "n_in": layer.n_in, "n_out": layer.n_out,
+                "activation": layer.activation, "init": layer.init}
+    if isinstance(layer, Residual):
+        return {"type": "Residual", "block": architecture(layer.block)}
+    if isinstance(layer, Sequential):
+        return {"type": "Sequential", "layers": [architecture(x) for x in layer.layers]}
+    raise TypeError(f"layer: expected Dense, Residual or Sequential, got {type(layer).__name__}")
+
+
+def build_layer(desc):
+    """The layer tree that ``architecture`` describes (a Sequential's model options aside)."""
+    from gpubackprop.layers import Dense, Residual, Sequential
+
+    kind = desc.get("type") if isinstance(desc, dict) else None
+    if kind == "Dense":
+        return Dense(desc["n_in"], desc["n_out"], activation=desc["activation"], init=desc["init"])
+    if kind == "Residual":
+        return Residual(build_layer(desc["block"]))
+    if kind == "Sequential":
+        return Sequential([build_layer(x) for x in desc["layers"]])
+    raise CheckpointError(f"architecture: unknown layer description {desc!r}")
+
+
+def describe_architecture(desc):
+    """A short text like ``64-32(relu)-10(identity)``."""
+    if desc.get("type") == "Dense":
+        return f"Dense({desc['n_in']}, {desc['n_out']}, {desc['activation']})"
+    if desc.get("type") == "Residual":
+        return f"Residual({describe_architecture(desc['block'])})"
+    return "[" + ", ".join(describe_architecture(x) for x in desc.get("layers", [])) + "]"
+
+
+# ---- saving -----------------------------------------------------------------------------------
+def _digest(arrays):
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def save_checkpoint(path, model, opt=None, loss=None, state=None, config=None, scaling=None):
+    """Write everything needed to continue (or use) ``model`` to ``path``, atomically.
+
+    ``state`` is a ``TrainingState`` (from ``fit(on_checkpoint=...)``); ``config`` any JSON-able
+    dict (the command line's options); ``scaling`` a ``Dataset.scaling`` dict.
+    """
+    be = model.backend
+    arrays = {f"param/{k}": v for k, v in model.get_params().items()}
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"architecture": architecture(model), "dtype": be.dtype.name,
+                  "seed": model.config["seed"], "device": be.device, "kernels": be.kernels},
+        "loss": None if loss is None else type(loss).__name__,
+        "rng": _jsonable(be.rng.bit_generator.state),
+        "config": _jsonable(config or {}),
+    }
+    if opt is not None:
+        sd = opt.state_dict()
+        arrays.update({f"opt/{k}": v for k, v in sd["buffers"].items()})
+        meta["optimizer"] = {"type": sd["type"], "steps": sd["steps"],
+                             "hyperparams": _jsonable(sd["hyperparams"]),
+                             "buffers": sorted(sd["buffers"])}
+    if state is not None:
+        meta["training"] = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
+                            "finished": state.finished, "seconds": state.seconds,
+                            "history": _jsonable(state.history),
+                            "early_stopping": _jsonable(state.early_stopping)}
+        if state.batch:
+            arrays["state/order"] = np.asarray(state.order, dtype=np.int64)
+            arrays["state/total_loss"] = np.asarray(state.totals[0])
+            arrays["state/total_correct"] = np.asarray(state.totals[1])
+        if state.best_params is not None:
+            arrays["state/best_params"] = np.asarray(state.best_params)
+    if scaling is not None:
+        meta["scaling"] = {k: v for k, v in scaling.items() if not isinstance(v, np.ndarray)}
+        arrays.update({f"scaling/{k}": v for k, v in scaling.items() if isinstance(v, np.ndarray)})
+    for key, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise CheckpointError(f"checkpoint {path}: refusing to save non-finite values in "
+                                  f"{key!r}; the previous checkpoint is kept")
+    meta["digest"] = _digest(arrays)
+    arrays["meta"] = np.array(json.dumps(meta))
+    atomic_write(path, lambda f: np.savez(f, **arrays), kind="checkpoint")
+
+
+class Checkpointer:
+    """``fit(on_checkpoint=Checkpointer(path, model, opt, ...))``: saves each state it is given."""
+
+    def __init__(self, path, model, opt, loss=None, config=None, scaling=None, clock=None,
+                 seconds=0.0):
+        self.path, self.model, self.opt, self.loss = path, model, opt, loss
+        self.config, self.scaling = config, scaling
+        self.clock = clock  # seconds since this process started training, for the total time
+        self.seconds = seconds  # time spent before a resume
+        self.saved = 0
+
+    def __repr__(self):
+        return f"Checkpointer({self.path!r}, saved={self.saved})"
+
+    def __call__(self, state):
+        if self.clock is not None:
+            state.seconds = self.seconds + self.clock()
+        save_checkpoint(self.path, self.model, self.opt, self.loss, state, self.config,
+                        self.scaling)
+        self.saved += 1
+
+
+# ---- loading ----------------------------------------------------------------------------------
+class Checkpoint:
+    """A loaded checkpoint: ``meta`` (dict) and ``arrays``; restores a model, optimizer and run."""
+
+    def __init__(self, path, meta, arrays):
+        self.path, self.meta, self.arrays = path, meta, arrays
+
+    def __repr__(self):
+        t = self.meta.get("training", {})
+        return (f"Checkpoint({self.path!r}, {describe_architecture(self.architecture)}, "
+                f"epoch={t.get('epoch')}, step={t.get('step')})")
+
+    @property
+    def architecture(self):
+        return self.meta["model"]["architecture"]
+
+    @property
+    def config(self):
+        return self.meta.get("config", {})
+
+    @property
+    def params(self):
+        return {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
+
+    @property
+    def scaling(self):
+        if "scaling" not in self.meta:
+            return None
+        s = dict(self.meta["scaling"])
+        s.update({k[len("scaling/"):]: v for k, v in self.arrays.items()
+                  if k.startswith("scaling/")})
+        return s
+
+    def build_model(self, device="auto", kernels="fused"):
+        """A fresh Sequential with this checkpoint's architecture, dtype and parameters."""
+        from gpubackprop.layers import Sequential
+
+        desc, m = self.architecture, self.meta["model"]
+        layers = [build_layer(x) for x in desc["layers"]]
+        model = Sequential(layers, device=device, dtype=m["dtype"], seed=m["seed"],
+                           kernels=kernels)
+        self.restore_model(model)
+        return model
+
+    def check_model(self, model):
+        """Raise ``CheckpointError`` unless ``model`` has this checkpoint's architecture and dtype."""
+        mine = self.architecture
+        theirs = architecture(model)
+        if mine != theirs:
+            raise CheckpointError(f"checkpoint {self.path}: made for the architecture "
+                                  f"{describe_architecture(mine)}, but the model is "
+                                  f"{describe_architecture(theirs)}")
+        dtype = self.meta["model"]["dtype"]
+        if model.dtype.name != dtype:
+            raise CheckpointError(f"checkpoint {self.path}: made for dtype {dtype}, but the model "
+                                  f"is {model.dtype.name}")
+
+    def restore_model(self, model):
+        self.check_model(model)
+        try:
+            model.set_params(self.params)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: {e}") from None
+
+    def restore(self, model, opt=None, loss=None):
+        """Parameters, optimizer state and host RNG state back onto ``model``/``opt``; returns the
+        ``TrainingState`` to pass to ``fit(state=...)`` (None when the checkpoint has none)."""
+        self.restore_model(model)
+        if loss is not None and self.meta.get("loss") not in (None, type(loss).__name__):
+            raise CheckpointError(f"checkpoint {self.path}: made with the loss "
+                                  f"{self.meta['loss']}, not {type(loss).__name__}")
+        if opt is not None:
+            o = self.meta.get("optimizer")
+            if o is None:
+                raise CheckpointError(f"checkpoint {self.path}: has no optimizer state")
+            state = {"type": o["type"], "steps": o["steps"], "hyperparams": o["hyperparams"],
+                     "buffers": {name: self.arrays[f"opt/{name}"] for name in o["buffers"]}}
+            try:
+                opt.load_state_dict(state, model)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {self.path}: {e}") from None
+        try:
+            model.backend.rng.bit_generator.state = self.meta["rng"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: bad RNG state ({e})") from None
+        return self.training_state()
+
+    def training_state(self):
+        t = self.meta.get("training")
+        if t is None:
+            return None
+        a = self.arrays
+        batch = t["batch"]
+        return TrainingState(
+            t["epoch"], batch, t["step"],
+            order=a["state/order"] if batch else None,
+            totals=(a["state/total_loss"], a["state/total_correct"]) if batch else None,
+            history=t["history"], early_stopping=t["early_stopping"],
+            best_params=a.get("state/best_params"), finished=t["finished"], seconds=t["seconds"])
+
+
+def load_checkpoint(path):
+    """Read and verify a checkpoint; ``CheckpointError`` if it is missing, corrupt or truncated."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # not a zip, truncated, CRC error, pickled objects, ...
+        raise CheckpointError(f"checkpoint {path}: not a readable gpubackprop checkpoint "
+                              f"(corrupt or truncated: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception:
+        raise CheckpointError(f"checkpoint {path}: not a gpubackprop checkpoint (no readable "
+                              f"'meta' entry)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a gpubackprop checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {meta.get('version')}, this "
+                              f"gpubackprop reads version {VERSION}")
+    if meta.get("digest") != _digest(arrays):
+        raise CheckpointError(f"checkpoint {path}: corrupt (its arrays do not match its digest)")
+    return Checkpoint(path, meta, arrays)

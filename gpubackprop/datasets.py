@@ -1,0 +1,472 @@
+"""Datasets for the command line: ``digits``, ``mnist:DIR``, ``csv:PATH`` and ``npz:PATH``.
+
+``load_dataset(spec, ...)`` returns a ``Dataset``: host float64 features and int64 class labels for
+a train, an optional validation and a test split, already scaled. Scaling statistics come from
+the training split only and are kept in ``Dataset.scaling`` so that a checkpoint can apply the
+same transform to new data (``apply_scaling``).
+
+Every problem with a file (missing, wrong IDX magic number, mismatched counts, text in a CSV
+feature column, labels out of range) raises ``DatasetError``, a ``ValueError`` whose message names
+the file and what is wrong.
+"""
+
+import csv
+import gzip
+import os
+
+import numpy as np
+
+SCALINGS = ("auto", "standard", "minmax", "none")
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")
+
+# IDX type codes (the third byte of the magic number) and their big-endian dtypes.
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DatasetError(ValueError):
+    """A dataset file or specification that cannot be used; the message says which and why."""
+
+
+class Dataset:
+    """Scaled host arrays: ``X_train`` (n, d) float64, ``y_train`` (n,) int64, same for val/test."""
+
+    def __init__(self, name, X_train, y_train, X_test, y_test, X_val=None, y_val=None,
+                 n_classes=None, scaling=None):
+        self.name = name
+        self.X_train, self.y_train = X_train, y_train
+        self.X_val, self.y_val = X_val, y_val
+        self.X_test, self.y_test = X_test, y_test
+        if n_classes is None:
+            n_classes = int(max(int(y.max()) for y in (y_train, y_test, y_val)
+                                if y is not None and y.size)) + 1
+        self.n_classes = n_classes
+        self.scaling = scaling or {"kind": "none"}
+
+    @property
+    def n_features(self):
+        return int(self.X_train.shape[1])
+
+    def __repr__(self):
+        val = 0 if self.X_val is None else len(self.X_val)
+        return (f"Dataset({self.name!r}: {len(self.X_train)} train, {val} validation, "
+                f"{len(self.X_test)} test, {self.n_features} features, {self.n_classes} classes, "
+                f"scaling {self.scaling['kind']!r})")
+
+    def split(self, name):
+        """(X, y) of the split called "train", "val" or "test"."""
+        if name == "val" and self.X_val is None:
+            raise DatasetError(f"split: the dataset {self.name!r} has no validation split "
+                               f"(train with --val-split > 0)")
+        return {"train": (self.X_train, self.y_train), "val": (self.X_val, self.y_val),
+                "test": (self.X_test, self.y_test)}[name]
+
+
+# ---- the spec ---------------------------------------------------------------------------------
+def parse_spec(spec):
+    """("digits", None) | ("mnist", DIR) | ("csv", PATH) | ("npz", PATH)."""
+    if not isinstance(spec, str) or not spec:
+        raise DatasetError(f"dataset: expected digits, mnist:DIR, csv:PATH or npz:PATH, got {spec!r}")
+    if spec == "digits":
+        return "digits", None
+    kind, sep, where = spec.partition(":")
+    if not sep or kind not in ("mnist", "csv", "npz") or not where:
+        raise DatasetError(f"dataset: expected digits, mnist:DIR, csv:PATH or npz:PATH, got {spec!r}")
+    return kind, where
+
+
+def load_dataset(spec, val_split=0.0, test_split=0.2, seed=0, scale="auto", label_column=None,
+                 scaling=None):
+    """Load, split and scale a dataset by its command-line spec.
+
+    ``test_split`` is used by the sources without a test split of their own (digits, csv);
+    ``val_split`` takes a seeded fraction of the training split for validation. ``scaling``, when
+    given (a ``Dataset.scaling`` dict, e.g. from a checkpoint), is applied instead of fitting a
+    new one.
+    """
+    kind, where = parse_spec(spec)
+    if scale not in SCALINGS:
+        raise DatasetError(f"scale: expected one of {SCALINGS}, got {scale!r}")
+    _fraction(val_split, "val_split")
+    _fraction(test_split, "test_split")
+    if label_column is not None and kind != "csv":
+        raise DatasetError(f"label_column: only csv:PATH datasets have a label column, got "
+                           f"dataset {spec!r}")
+    if kind == "digits":
+        X, y = _digits()
+        X_train, y_train, X_test, y_test = _holdout(X, y, test_split, seed, "test_split")
+        default_scale = ("fixed", 16.0)
+    elif kind == "mnist":
+        X_train, y_train, X_test, y_test = load_mnist(where)
+        default_scale = ("fixed", 255.0)
+    elif kind == "csv":
+        X, y = load_csv(where, label_column)
+        X_train, y_train, X_test, y_test = _holdout(X, y, test_split, seed, "test_split")
+        default_scale = ("standard", None)
+    else:
+        X_train, y_train, X_test, y_test = load_npz(where)
+        default_scale = ("standard", None)
+    X_val = y_val = None
+    if val_split:
+        X_train, y_train, X_val, y_val = _holdout(X_train, y_train, val_split, seed + 1,
+                                                  "val_split")
+    if scaling is None:
+        scaling = fit_scaling(X_train, scale, default_scale)
+    X_train, X_test = apply_scaling(X_train, scaling), apply_scaling(X_test, scaling)
+    if X_val is not None:
+        X_val = apply_scaling(X_val, scaling)
+    return Dataset(spec, X_train, y_train, X_test, y_test, X_val, y_val, scaling=scaling)
+
+
+def _fraction(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise DatasetError(f"{name}: expected a fraction in [0, 1), got {value!r}")
+
+
+def _holdout(X, y, fraction, seed, name):
+    """Seeded split: (X_keep, y_keep, X_held, y_held) with round(fraction·n) samples held out."""
+    n = len(X)
+    n_held = int(round(fraction * n))
+    if n_held == 0:
+        return X, y, X[:0], y[:0]
+    if n_held >= n:
+        raise DatasetError(f"{name}: {fraction} of {n} samples leaves none to train on")
+    order = np.random.default_rng(seed).permutation(n)
+    keep, held = np.sort(order[n_held:]), np.sort(order[:n_held])
+    return X[keep], y[keep], X[held], y[held]
+
+
+# ---- scaling ----------------------------------------------------------------------------------
+def fit_scaling(X_train, scale, default):
+    """The scaling for ``scale`` (auto: ``default``), its statistics from ``X_train`` only."""
+    kind = scale
+    if scale == "auto":
+        kind, divisor = default
+        if kind == "fixed":
+            return {"kind": "fixed", "divisor": divisor}
+    if kind == "none":
+        return {"kind": "none"}
+    if kind == "standard":
+        mean = X_train.mean(axis=0)
+        std = X_train.std(axis=0)
+        std[std == 0] = 1.0  # a constant feature stays 0 rather than becoming NaN
+        return {"kind": "standard", "shift": mean, "scale": std}
+    lo, hi = X_train.min(axis=0), X_train.max(axis=0)
+    span = hi - lo
+    span[span == 0] = 1.0
+    return {"kind": "minmax", "shift": lo, "scale": span}
+
+
+def apply_scaling(X, scaling):
+    """X transformed by a ``fit_scaling`` result: (X − shift) / scale, or X / divisor."""
+    X = np.asarray(X, dtype=np.float64)
+    kind = scaling["kind"]
+    if kind == "none":
+        return X
+    if kind == "fixed":
+        return X / float(scaling["divisor"])
+    shift, scale = np.asarray(scaling["shift"]), np.asarray(scaling["scale"])
+    if X.ndim != 2 or X.shape[1] != shift.shape[0]:
+        raise DatasetError(f"features: expected {shift.shape[0]} features per sample (the "
+                           f"training data's), got shape {X.shape}")
+    return (X - shift) / scale
+
+
+# ---- digits -----------------------------------------------------------------------------------
+def _digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetError("dataset digits: needs scikit-learn (pip install scikit-learn)") from None
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float64), y.astype(np.int64)
+
+
+# ---- MNIST IDX files --------------------------------------------------------------------------
+def read_idx(path):
+    """The array in an IDX file (raw or gzip-compressed), with its magic number and sizes checked."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"{path}: cannot read it ({e})") from None
+    if len(data) < 4:
+        raise DatasetError(f"{path}: not an IDX file (only {len(data)} bytes)")
+    if data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES or data[3] == 0:
+        raise DatasetError(f"{path}: not an IDX file (magic number 0x{data[:4].hex()}, expected "
+                           f"0x0000TTNN with a type code TT and NN dimensions, e.g. 0x00000803)")
+    dtype, ndim = IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated IDX header ({len(data)} bytes, expected {header})")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DatasetError(f"{path}: expected {expected} bytes for an IDX array of shape {dims}, "
+                           f"got {len(data)} (truncated or corrupt)")
+    return np.frombuffer(data, dtype, offset=header).reshape(dims)
+
+
+def _find(directory, stem):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetError(f"mnist:{directory}: missing {stem} (or {stem}.gz)")
+
+
+def load_mnist(directory):
+    """(X_train, y_train, X_test, y_test) from the four MNIST IDX files in ``directory``.
+
+    Images are flattened to rows of raw pixel values (0..255, scaled later); t10k is the test split.
+    """
+    if not os.path.isdir(directory):
+        raise DatasetError(f"mnist:{directory}: no such directory")
+    out = []
+    for split in ("train", "test"):
+        images = read_idx(_find(directory, MNIST_FILES[f"{split}_images"]))
+        labels_path = _find(directory, MNIST_FILES[f"{split}_labels"])
+        labels = read_idx(labels_path)
+        if images.ndim != 3:
+            raise DatasetError(f"mnist:{directory}: {split} images: expected a 3-D IDX array "
+                               f"(count, rows, columns), got shape {images.shape}")
+        if labels.ndim != 1:
+            raise DatasetError(f"{labels_path}: expected a 1-D IDX array of labels, got shape "
+                               f"{labels.shape}")
+        if images.shape[0] != labels.shape[0]:
+            raise DatasetError(f"mnist:{directory}: {split} split has {images.shape[0]} images "
+                               f"but {labels.shape[0]} labels")
+        if images.shape[0] == 0:
+            raise DatasetError(f"mnist:{directory}: {split} split has no images")
+        labels = labels.astype(np.int64)
+        if labels.min() < 0 or labels.max() > 9:
+            bad = labels[(labels < 0) | (labels > 9)][0]
+            raise DatasetError(f"{labels_path}: expected digit labels 0..9, got {bad}")
+        out += [images.reshape(images.shape[0], -1).astype(np.float64), labels]
+    if out[0].shape[1] != out[2].shape[1]:
+        raise DatasetError(f"mnist:{directory}: train images have {out[0].shape[1]} pixels, "
+                           f"test images {out[2].shape[1]}")
+    return tuple(out)
+
+
+def write_idx(path, array):
+    """Write ``array`` (uint8 or another IDX type) as an IDX file; gzip when ``path`` ends in .gz."""
+    array = np.asarray(array)
+    codes = {v.newbyteorder("="): k for k, v in IDX_DTYPES.items()}
+    code = codes.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise DatasetError(f"array: no IDX type for dtype {array.dtype}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    body = array.astype(IDX_DTYPES[code]).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + body)
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+def _is_number(cell):
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def load_csv(path, label_column=None):
+    """(X, y) from a CSV file: one sample a row, integer class labels in ``label_column``.
+
+    ``label_column`` is a column name (needs a header) or an index (negative counts from the
+    end); default: the last column. A first row with any non-numeric cell is a header.
+    """
+    try:
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
+    except FileNotFoundError:
+        raise DatasetError(f"csv:{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"csv:{path}: cannot read it ({e})") from None
+    if not rows:
+        raise DatasetError(f"csv:{path}: the file is empty")
+    header = None
+    first_data_row = 1
+    if not all(_is_number(c) for c in rows[0]):
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+        first_data_row = 2
+    if not rows:
+        raise DatasetError(f"csv:{path}: no data rows after the header")
+    width = len(rows[0])
+    if width < 2:
+        raise DatasetError(f"csv:{path}: expected at least 2 columns (features and a label), "
+                           f"got {width}")
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise DatasetError(f"csv:{path}: row {i + first_data_row} has {len(row)} columns, "
+                               f"expected {width}")
+    label = _label_index(path, label_column, header, width)
+    names = header or [str(j) for j in range(width)]
+    X = np.empty((len(rows), width - 1))
+    y = np.empty(len(rows), dtype=np.int64)
+    feature_cols = [j for j in range(width) if j != label]
+    for i, row in enumerate(rows):
+        line = i + first_data_row
+        for k, j in enumerate(feature_cols):
+            try:
+                X[i, k] = float(row[j])
+            except ValueError:
+                raise DatasetError(f"csv:{path}: row {line}, column {j + 1} ({names[j]!r}): "
+                                   f"expected a number, got {row[j]!r}") from None
+            if not np.isfinite(X[i, k]):
+                raise DatasetError(f"csv:{path}: row {line}, column {j + 1} ({names[j]!r}): "
+                                   f"expected a finite number, got {row[j]!r}")
+        cell = row[label].strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            value = None
+        if value is None or not float(value).is_integer() or value < 0:
+            raise DatasetError(f"csv:{path}: row {line}, label column {label + 1} "
+                               f"({names[label]!r}): expected a class index 0, 1, 2, ..., "
+                               f"got {cell!r}")
+        y[i] = int(value)
+    return X, y
+
+
+def _label_index(path, label_column, header, width):
+    if label_column is None:
+        return width - 1
+    text = str(label_column).strip()
+    try:
+        index = int(text)
+    except ValueError:
+        if header is None:
+            raise DatasetError(f"label_column: {text!r} is a name but csv:{path} has no header; "
+                               f"give a column index") from None
+        if text not in header:
+            raise DatasetError(f"label_column: expected one of the header's names {header} or an "
+                               f"index, got {text!r}") from None
+        return header.index(text)
+    if not -width <= index < width:
+        raise DatasetError(f"label_column: expected an index in [{-width}, {width - 1}] for "
+                           f"{width} columns, got {index}")
+    return index % width
+
+
+# ---- NPZ --------------------------------------------------------------------------------------
+def load_npz(path):
+    """(X_train, y_train, X_test, y_test) from an .npz archive with those four arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in NPZ_KEYS if k not in data.files]
+            if missing:
+                raise DatasetError(f"npz:{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}"
+                                   f", found {data.files}")
+            arrays = {k: data[k] for k in NPZ_KEYS}
+    except FileNotFoundError:
+        raise DatasetError(f"npz:{path}: file not found") from None
+    except DatasetError:
+        raise
+    except Exception as e:  # not a zip, truncated, pickled objects, ...
+        raise DatasetError(f"npz:{path}: not a readable .npz archive ({e})") from None
+    out = []
+    for split in ("train", "test"):
+        X, y = arrays[f"X_{split}"], arrays[f"y_{split}"]
+        if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+            raise DatasetError(f"npz:{path}: X_{split}: expected a 2-D numeric array, got shape "
+                               f"{X.shape} and dtype {X.dtype}")
+        if len(X) == 0:
+            raise DatasetError(f"npz:{path}: X_{split}: expected at least one sample")
+        if not np.isfinite(X.astype(np.float64)).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(X.astype(np.float64)))[0])
+            raise DatasetError(f"npz:{path}: X_{split}: expected finite values, got "
+                               f"{X[bad]} at index {bad}")
+        y = _class_labels(y, f"npz:{path}: y_{split}")
+        if len(y) != len(X):
+            raise DatasetError(f"npz:{path}: X_{split} has {len(X)} samples but y_{split} has "
+                               f"{len(y)} labels")
+        out += [X.astype(np.float64), y]
+    if out[0].shape[1] != out[2].shape[1]:
+        raise DatasetError(f"npz:{path}: X_train has {out[0].shape[1]} features, X_test "
+                           f"{out[2].shape[1]}")
+    return tuple(out)
+
+
+def _class_labels(y, name):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.number):
+        raise DatasetError(f"{name}: expected 1-D integer class labels, got shape {y.shape} and "
+                           f"dtype {y.dtype}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.isfinite(y).all() or not np.all(np.mod(y, 1) == 0):
+            raise DatasetError(f"{name}: expected integer class labels, got non-integer values")
+    if y.size and y.min() < 0:
+        raise DatasetError(f"{name}: expected class labels >= 0, got {y.min()}")
+    return y.astype(np.int64)
+
+
+def load_features(path):
+    """A 2-D float64 feature array from .npy, .npz (X, X_test or the only array) or .csv (no labels)."""
+    lower = str(path).lower()
+    if not os.path.isfile(path):
+        raise DatasetError(f"input {path}: file not found")
+    try:
+        if lower.endswith(".npy"):
+            X = np.load(path, allow_pickle=False)
+        elif lower.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                key = next((k for k in ("X", "X_test") if k in data.files), None)
+                if key is None and len(data.files) == 1:
+                    key = data.files[0]
+                if key is None:
+                    raise DatasetError(f"input {path}: expected an array named X or X_test, found "
+                                       f"{data.files}")
+                X = data[key]
+        elif lower.endswith(".csv"):
+            X = _csv_features(path)
+        else:
+            raise DatasetError(f"input {path}: expected a .npy, .npz or .csv file")
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"input {path}: cannot read it ({e})") from None
+    if X.ndim == 1:
+        X = X.reshape(1, -1)
+    if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
+        raise DatasetError(f"input {path}: expected a 2-D numeric array, got shape {X.shape} and "
+                           f"dtype {X.dtype}")
+    return X.astype(np.float64)
+
+
+def _csv_features(path):
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
+    if rows and not all(_is_number(c) for c in rows[0]):
+        rows, first = rows[1:], 2
+    else:
+        first = 1
+    if not rows:
+        raise DatasetError(f"input {path}: no data rows")
+    X = np.empty((len(rows), len(rows[0])))
+    for i, row in enumerate(rows):
+        if len(row) != X.shape[1]:
+            raise DatasetError(f"input {path}: row {i + first} has {len(row)} columns, expected "
+                               f"{X.shape[1]}")
+        for j, cell in enumerate(row):
+            try:
+                X[i, j] = float(cell)
+            except ValueError:
+                raise DatasetError(f"input {path}: row {i + first}, column {j + 1}: expected a "
+                                   f"number, got {cell!r}") from None
+    return X
