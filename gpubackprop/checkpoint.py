@@ -27,7 +27,8 @@ from gpubackprop.training import TrainingState
 FORMAT = "gpubackprop-checkpoint"
 VERSION = 1
 # Test-only fault injection (the CLI tests set it): "kill-in-checkpoint-write:N" sends SIGKILL to
-# this process after the N-th checkpoint's temporary file is written and fsynced, before the rename.
+# this process after the N-th checkpoint's temporary file is written and fsynced, before the rename;
+# "kill-after-step:K" (checked by the command line) after training step K.
 FAULT_ENV = "GPUBACKPROP_TEST_FAULT"
 
 
@@ -64,7 +65,7 @@ def atomic_write(path, write, binary=True, kind=None):
             os.fsync(f.fileno())
         if kind is not None:
             _writes[kind] = _writes.get(kind, 0) + 1
-            _maybe_fault(f"kill-in-{kind}-write", _writes[kind])
+            fault_point(f"kill-in-{kind}-write", _writes[kind])
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -88,7 +89,8 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _maybe_fault(name, count):
+def fault_point(name, count):
+    """Test-only: SIGKILL this process when GPUBACKPROP_TEST_FAULT is "{name}:{count}"."""
     spec = os.environ.get(FAULT_ENV, "")
     fault, _, at = spec.partition(":")
     if fault == name and at.isdigit() and int(at) == count:
