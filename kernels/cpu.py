@@ -1,0 +1,586 @@
+"""Fused CPU kernel set: each op of ``ReferenceOps`` as one Numba ``njit`` pass over memory.
+
+Every kernel computes in the dtype of its arrays, as the reference does: constants are made with
+``X.dtype.type(c)`` (a bare Python float would promote float32 math to float64), and scalar
+hyperparameters arrive as float64 and are rounded to the array dtype once, which is what NumPy
+does with a Python scalar and a float32 array. Reductions accumulate in float64 (a little more
+accurate than the reference, well within its tolerance) in a fixed order, so results do not depend
+on the thread count. No ``fastmath``: it would let LLVM assume there are no NaNs.
+
+Each op has a serial kernel and a ``parallel=True`` one over fixed chunks; the launcher takes the
+parallel one only above a size where it pays (a parallel region costs several µs to start).
+Kernels compile on first use per dtype and are cached on disk (``cache=True``).
+"""
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from gpubackprop.kernels import checks
+from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE, ReferenceOps
+
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU = range(6)
+ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
+GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
+
+# Element counts from which the parallel kernel pays on this kind of machine (measured on 2 cores:
+# see the module's benchmark notes in the report; transcendental ops pay earlier).
+PAR_MIN_CHEAP = 1 << 17
+PAR_MIN_TRANSCENDENTAL = 1 << 14
+PAR_MIN_BY_ACT = (PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL, PAR_MIN_TRANSCENDENTAL,
+                  PAR_MIN_CHEAP, PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL)
+SQ_CHUNK = 1 << 14  # reduction chunk: the summation order depends on this, not on threads
+
+
+@njit(cache=True, inline="always")
+def _span(c, nchunks, n):
+    """The c-th of nchunks near-equal pieces of range(n)."""
+    return c * n // nchunks, (c + 1) * n // nchunks
+
+
+def _tanh(z):
+    """tanh for the kernels below (the Numba overload picks the implementation by dtype)."""
+    return math.tanh(z)
+
+
+@overload(_tanh, jit_options={"cache": True})
+def _tanh_impl(z):
+    if z == types.float32:
+        # libm's tanhf is a scalar call; in float64, (1 - e)/(1 + e) with e = exp(-2|z|) is faster
+        # and, rounded once to float32, more accurate. Below 1e-4, tanh(z) rounds to z itself
+        # (and 1 - e would cancel). NaN falls through to exp and stays NaN.
+        def impl(z):
+            a = np.float64(abs(z))
+            if a < 1e-4:
+                return z
+            e = math.exp(-2.0 * a)
+            r = np.float32((1.0 - e) / (1.0 + e))
+            return r if z >= 0 else -r
+        return impl
+    return lambda z: math.tanh(z)
+
+
+# ---- forward: Z += b; A = σ(Z) -----------------------------------------------------------------
+@njit(cache=True)
+def _bias_act_rows(Z, b, A, act, r0, r1):
+    n = Z.shape[1]
+    zero = Z.dtype.type(0)
+    one = Z.dtype.type(1)
+    if act == IDENTITY:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = z
+    elif act == SIGMOID:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                # Split at 0 so exp never overflows: e = exp(-|z|) <= 1 on both sides.
+                e = math.exp(-abs(z))
+                A[i, j] = one / (one + e) if z >= zero else e / (one + e)
+    elif act == TANH:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _tanh(z)
+    elif act == RELU:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                # "not z < 0" keeps NaN (as np.maximum does), unlike "z > 0".
+                A[i, j] = zero if z < zero else z
+    elif act == LEAKY_RELU:
+        slope = Z.dtype.type(LEAKY_SLOPE)
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = z if z > zero else z * slope
+    else:  # GELU, tanh approximation
+        half = Z.dtype.type(0.5)
+        c = Z.dtype.type(GELU_C)
+        k = Z.dtype.type(GELU_K)
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                t = _tanh(c * (z + k * (z * z * z)))
+                A[i, j] = half * z * (one + t)
+
+
+@njit(cache=True)
+def _bias_act_serial(Z, b, A, act):
+    _bias_act_rows(Z, b, A, act, 0, Z.shape[0])
+
+
+@njit(cache=True, parallel=True)
+def _bias_act_parallel(Z, b, A, act, nchunks):
+    B = Z.shape[0]
+    for c in prange(nchunks):
+        r0, r1 = _span(c, nchunks, B)
+        _bias_act_rows(Z, b, A, act, r0, r1)
+
+
+# ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
+@njit(cache=True)
+def _act_backward_span(dA, S, dZ, act, i0, i1):
+    zero = dA.dtype.type(0)
+    one = dA.dtype.type(1)
+    if act == IDENTITY:
+        for i in range(i0, i1):
+            dZ[i] = dA[i]
+    elif act == SIGMOID:
+        for i in range(i0, i1):
+            s = S[i]
+            dZ[i] = dA[i] * s * (one - s)
+    elif act == TANH:
+        for i in range(i0, i1):
+            s = S[i]
+            dZ[i] = dA[i] * (one - s * s)
+    elif act == RELU:
+        for i in range(i0, i1):
+            dZ[i] = dA[i] if S[i] > zero else zero
+    elif act == LEAKY_RELU:
+        slope = dA.dtype.type(LEAKY_SLOPE)
+        for i in range(i0, i1):
+            d = dA[i]
+            dZ[i] = d if S[i] > zero else d * slope
+    else:  # GELU: S is Z
+        half = dA.dtype.type(0.5)
+        c = dA.dtype.type(GELU_C)
+        k = dA.dtype.type(GELU_K)
+        k3 = dA.dtype.type(GELU_3K)
+        for i in range(i0, i1):
+            z = S[i]
+            t = _tanh(c * (z + k * (z * z * z)))
+            dZ[i] = dA[i] * (half * (one + t) + half * z * (one - t * t) * c * (one + k3 * z * z))
+
+
+@njit(cache=True)
+def _act_backward_serial(dA, S, dZ, act):
+    n = dA.size
+    _act_backward_span(dA.reshape(n), S.reshape(n), dZ.reshape(n), act, 0, n)
+
+
+@njit(cache=True, parallel=True)
+def _act_backward_parallel(dA, S, dZ, act, nchunks):
+    n = dA.size
+    fa, fs, fz = dA.reshape(n), S.reshape(n), dZ.reshape(n)
+    for c in prange(nchunks):
+        i0, i1 = _span(c, nchunks, n)
+        _act_backward_span(fa, fs, fz, act, i0, i1)
+
+
+# ---- BP1 for softmax + cross-entropy ------------------------------------------------------------
+@njit(cache=True)
+def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1):
+    B, C = logits.shape
+    one = logits.dtype.type(1)
+    fB = logits.dtype.type(B)
+    for i in range(r0, r1):
+        y = labels[i]
+        valid = 0 <= y < C  # labels are checked on the host; this only keeps memory safe
+        zy = logits[i, y] if valid else logits.dtype.type(np.nan)  # read before dlogits may alias
+        # Subtract the row max before exp (log-sum-exp) so exp never overflows; NaN propagates.
+        m = logits[i, 0]
+        for j in range(1, C):
+            v = logits[i, j]
+            if v > m or v != v:
+                m = v
+                if v != v:
+                    break
+        s = 0.0  # float64 accumulator, fixed order
+        for j in range(C):
+            e = math.exp(logits[i, j] - m)
+            dlogits[i, j] = e
+            s += e
+        sf = logits.dtype.type(s)
+        loss_rows[i] = math.log(sf) + m - zy
+        for j in range(C):
+            d = dlogits[i, j] / sf
+            if j == y:
+                d = d - one
+            dlogits[i, j] = d / fB
+
+
+@njit(cache=True)
+def _softmax_ce_serial(logits, labels, dlogits, loss_rows):
+    _softmax_ce_rows(logits, labels, dlogits, loss_rows, 0, logits.shape[0])
+
+
+@njit(cache=True, parallel=True)
+def _softmax_ce_parallel(logits, labels, dlogits, loss_rows, nchunks):
+    B = logits.shape[0]
+    for c in prange(nchunks):
+        r0, r1 = _span(c, nchunks, B)
+        _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1)
+
+
+# ---- BP4: bias gradient, column sums in row order (NumPy's order for axis=0) ---------------------
+@njit(cache=True)
+def _bias_grad_cols(dZ, db, accumulate, j0, j1):
+    B = dZ.shape[0]
+    w = j1 - j0
+    acc = db[j0:j1] if not accumulate else np.empty(w, dZ.dtype)
+    for j in range(w):
+        acc[j] = dZ[0, j0 + j] if B > 0 else dZ.dtype.type(0)
+    for i in range(1, B):
+        for j in range(w):
+            acc[j] += dZ[i, j0 + j]
+    if accumulate:
+        for j in range(w):
+            db[j0 + j] += acc[j]
+
+
+@njit(cache=True)
+def _bias_grad_serial(dZ, db, accumulate):
+    _bias_grad_cols(dZ, db, accumulate, 0, dZ.shape[1])
+
+
+@njit(cache=True, parallel=True)
+def _bias_grad_parallel(dZ, db, accumulate, nchunks):
+    n = dZ.shape[1]
+    for c in prange(nchunks):
+        j0, j1 = _span(c, nchunks, n)
+        _bias_grad_cols(dZ, db, accumulate, j0, j1)
+
+
+# ---- ‖g‖²: float64 partial sums over fixed chunks, added in chunk order ---------------------------
+@njit(cache=True)
+def _sq_chunk(g, i0, i1):
+    # Four independent accumulators (a fixed order) so the loop is not one long dependency chain.
+    a0 = a1 = a2 = a3 = 0.0
+    i = i0
+    while i + 4 <= i1:
+        x0 = np.float64(g[i])
+        x1 = np.float64(g[i + 1])
+        x2 = np.float64(g[i + 2])
+        x3 = np.float64(g[i + 3])
+        a0 += x0 * x0
+        a1 += x1 * x1
+        a2 += x2 * x2
+        a3 += x3 * x3
+        i += 4
+    while i < i1:
+        x = np.float64(g[i])
+        a0 += x * x
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(cache=True)
+def _sq_norm_serial(g, chunk):
+    n = g.size
+    total = 0.0
+    for c in range((n + chunk - 1) // chunk):
+        total += _sq_chunk(g, c * chunk, min(n, (c + 1) * chunk))
+    return total
+
+
+@njit(cache=True, parallel=True)
+def _sq_norm_parallel(g, chunk):
+    n = g.size
+    nchunks = (n + chunk - 1) // chunk
+    partial = np.empty(nchunks)
+    for c in prange(nchunks):
+        partial[c] = _sq_chunk(g, c * chunk, min(n, (c + 1) * chunk))
+    total = 0.0
+    for c in range(nchunks):
+        total += partial[c]
+    return total
+
+
+@njit(cache=True)
+def _write_sq(total, out):
+    out[0] = out.dtype.type(total)
+
+
+@njit(cache=True)
+def _write_clip(total, clip_norm, scale):
+    one = scale.dtype.type(1)
+    norm = math.sqrt(scale.dtype.type(total))
+    x = scale.dtype.type(clip_norm) / (norm + scale.dtype.type(1e-6))
+    scale[0] = one if x > one else x  # min(1, x), keeping NaN as np.minimum does
+
+
+# ---- optimizer updates: one pass over the flat buffers ------------------------------------------
+@njit(cache=True)
+def _sgd_span(p, g, buf, lr, momentum, nesterov, weight_decay, s, i0, i1):
+    t = p.dtype.type
+    lr, mu, wd = t(lr), t(momentum), t(weight_decay)
+    for i in range(i0, i1):
+        d = g[i] * s
+        if weight_decay != 0.0:
+            d = d + wd * p[i]
+        if momentum != 0.0:
+            bi = buf[i] * mu + d
+            buf[i] = bi
+            d = d + mu * bi if nesterov else bi
+        p[i] -= lr * d
+
+
+@njit(cache=True)
+def _sgd_serial(p, g, buf, lr, momentum, nesterov, weight_decay, scale):
+    n = p.size
+    _sgd_span(p.reshape(n), g.reshape(n), buf.reshape(buf.size), lr, momentum, nesterov,
+              weight_decay, scale[0], 0, n)
+
+
+@njit(cache=True, parallel=True)
+def _sgd_parallel(p, g, buf, lr, momentum, nesterov, weight_decay, scale, nchunks):
+    n = p.size
+    fp, fg, fb, s = p.reshape(n), g.reshape(n), buf.reshape(buf.size), scale[0]
+    for c in prange(nchunks):
+        i0, i1 = _span(c, nchunks, n)
+        _sgd_span(fp, fg, fb, lr, momentum, nesterov, weight_decay, s, i0, i1)
+
+
+@njit(cache=True)
+def _rmsprop_span(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, s, i0, i1):
+    t = p.dtype.type
+    lr, a, a1, ep, wd, mu = t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay), t(momentum)
+    for i in range(i0, i1):
+        d = g[i] * s
+        if weight_decay != 0.0:
+            d = d + wd * p[i]
+        v = sq[i] * a + a1 * d * d
+        sq[i] = v
+        step = d / (math.sqrt(v) + ep)
+        if momentum != 0.0:
+            step = buf[i] * mu + step
+            buf[i] = step
+        p[i] -= lr * step
+
+
+@njit(cache=True)
+def _rmsprop_serial(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale):
+    n = p.size
+    _rmsprop_span(p.reshape(n), g.reshape(n), sq.reshape(n), buf.reshape(buf.size), lr, alpha,
+                  eps, weight_decay, momentum, scale[0], 0, n)
+
+
+@njit(cache=True, parallel=True)
+def _rmsprop_parallel(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale, nchunks):
+    n = p.size
+    fp, fg, fs, fb, s = p.reshape(n), g.reshape(n), sq.reshape(n), buf.reshape(buf.size), scale[0]
+    for c in prange(nchunks):
+        i0, i1 = _span(c, nchunks, n)
+        _rmsprop_span(fp, fg, fs, fb, lr, alpha, eps, weight_decay, momentum, s, i0, i1)
+
+
+@njit(cache=True)
+def _adam_span(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, s, i0, i1):
+    # lr_c = lr / (1 - beta1**step), sqrt_bc2 = sqrt(1 - beta2**step) and decay = 1 - lr*wd
+    # (AdamW) are computed in Python as the reference does, then rounded to the array dtype once,
+    # as NumPy rounds a Python scalar that meets a float32 array.
+    t = p.dtype.type
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(1.0 - beta1), t(1.0 - beta2)
+    lr, ep, r2, wd, f = t(lr_c), t(eps), t(sqrt_bc2), t(l2), t(decay)
+    for i in range(i0, i1):
+        d = g[i] * s
+        pi = p[i]
+        if decay != 1.0:
+            pi = pi * f  # AdamW: decoupled decay, before the step
+        if l2 != 0.0:
+            d = d + wd * pi  # Adam: L2 decay added to the gradient
+        mi = m[i] * b1 + c1 * d
+        vi = v[i] * b2 + c2 * d * d
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - lr * mi / (math.sqrt(vi) / r2 + ep)
+
+
+@njit(cache=True)
+def _adam_serial(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale):
+    n = p.size
+    _adam_span(p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n), lr_c, beta1, beta2, eps,
+               l2, decay, sqrt_bc2, scale[0], 0, n)
+
+
+@njit(cache=True, parallel=True)
+def _adam_parallel(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale, nchunks):
+    n = p.size
+    fp, fg, fm, fv, s = p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n), scale[0]
+    for c in prange(nchunks):
+        i0, i1 = _span(c, nchunks, n)
+        _adam_span(fp, fg, fm, fv, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, s, i0, i1)
+
+
+_BA = ("Z", "b", "A")
+_AB = ("dA", "saved", "dZ")
+_SCE = ("logits", "dlogits", "loss_rows")
+_BG = ("dZ", "db")
+_SGD = ("p", "g", "buf", "scale")
+_RMS = ("p", "g", "square_avg", "buf", "scale")
+_ADAM = ("p", "g", "m", "v", "scale")
+
+
+_EMPTY = {checks.F32: np.empty(0, checks.F32), checks.F64: np.empty(0, checks.F64)}
+
+
+def _no_buffer(p):
+    """An empty stand-in for a momentum buffer that is not used (momentum = 0)."""
+    return _EMPTY.get(getattr(p, "dtype", None), p)
+
+
+def _unknown_activation(activation):
+    return ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+class CpuOps(ReferenceOps):
+    """The reference ops as fused Numba CPU kernels (float32 and float64)."""
+
+    name = "fused-cpu"
+
+    def __init__(self, xp=np, num_threads=None):
+        if xp is not np:
+            raise TypeError(f"xp: expected numpy for the fused CPU kernels, got {xp.__name__}")
+        super().__init__(xp)
+        self.nchunks = int(num_threads or numba.get_num_threads())
+        self.parallel = self.nchunks > 1
+
+    def bias_act(self, Z, b, activation, A):
+        """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is gelu."""
+        checks.float_arrays(_BA, Z, b, A)
+        if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
+            checks.check_bias_act(Z, b, A)
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise _unknown_activation(activation)
+        if self.parallel and Z.size >= PAR_MIN_BY_ACT[act]:
+            _bias_act_parallel(Z, b, A, act, self.nchunks)
+        else:
+            _bias_act_serial(Z, b, A, act)
+        return A
+
+    def act_backward(self, dA, saved, activation, dZ):
+        """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for gelu). dZ may be dA."""
+        checks.float_arrays(_AB, dA, saved, dZ)
+        if saved.shape != dA.shape or dZ.shape != dA.shape:
+            checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise _unknown_activation(activation)
+        if self.parallel and dA.size >= PAR_MIN_BY_ACT[act]:
+            _act_backward_parallel(dA, saved, dZ, act, self.nchunks)
+        else:
+            _act_backward_serial(dA, saved, dZ, act)
+        return dZ
+
+    def softmax_ce(self, logits, labels, dlogits, loss_rows):
+        """Per-row loss logsumexp(z) − z[y]; dlogits = (softmax(z) − onehot(y))/B. One pass a row.
+
+        A label outside [0, C) (the host checks them first) gives a NaN loss row, never a stray
+        write. dlogits may be logits itself.
+        """
+        checks.float_arrays(_SCE, logits, dlogits, loss_rows)
+        checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
+        if logits.shape[1] == 0:
+            raise checks.shape_error("logits", "at least one class (column)", logits)
+        if self.parallel and logits.size >= PAR_MIN_TRANSCENDENTAL and logits.shape[0] > 1:
+            _softmax_ce_parallel(logits, labels, dlogits, loss_rows,
+                                 min(self.nchunks, logits.shape[0]))
+        else:
+            _softmax_ce_serial(logits, labels, dlogits, loss_rows)
+        return dlogits, loss_rows
+
+    def bias_grad(self, dZ, db, accumulate=False):
+        """db (+)= Σ_rows dZ, rows added in order (deterministic, the same order as NumPy's)."""
+        checks.float_arrays(_BG, dZ, db)
+        if dZ.ndim != 2 or db.shape != dZ.shape[1:]:
+            checks.check_bias_grad(dZ, db)
+        accumulate = bool(accumulate)
+        n = dZ.shape[1]
+        if self.parallel and dZ.size >= PAR_MIN_CHEAP and n >= 64 * self.nchunks:
+            _bias_grad_parallel(dZ, db, accumulate, self.nchunks)
+        else:
+            _bias_grad_serial(dZ, db, accumulate)
+        return db
+
+    def _sq_total(self, g):
+        if self.parallel and g.size >= PAR_MIN_CHEAP:
+            return _sq_norm_parallel(g, SQ_CHUNK)
+        return _sq_norm_serial(g, SQ_CHUNK)
+
+    def sq_norm(self, g):
+        """‖g‖² as a new 1-element array of g's dtype (float64 partial sums in a fixed order)."""
+        dt = checks.float_arrays(("g",), g)
+        if g.ndim != 1:
+            checks.check_flat("g", g)
+        out = np.empty(1, dt)
+        _write_sq(self._sq_total(g), out)
+        return out
+
+    def clip_scale(self, g, clip_norm, scale):
+        """scale[0] = min(1, clip_norm / (‖g‖₂ + 1e-6)), computed as the reference does."""
+        checks.float_arrays(("g", "scale"), g, scale)
+        if g.ndim != 1 or scale.size != 1:
+            checks.check_flat("g", g)
+            checks.check_scale(scale)
+        _write_clip(self._sq_total(g), float(clip_norm), scale)
+        return scale
+
+    def sgd(self, p, g, buf, lr, momentum, nesterov, weight_decay, scale):
+        """torch.optim.SGD without dampening, scale and weight decay included, in one pass."""
+        momentum = float(momentum)
+        if buf is None and not momentum:
+            buf = _no_buffer(p)
+        checks.float_arrays(_SGD, p, g, buf, scale)
+        if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        args = (p, g, buf, float(lr), momentum, bool(nesterov), float(weight_decay), scale)
+        if self.parallel and p.size >= PAR_MIN_CHEAP:
+            _sgd_parallel(*args, self.nchunks)
+        else:
+            _sgd_serial(*args)
+        return p
+
+    def rmsprop(self, p, g, square_avg, buf, lr, alpha, eps, weight_decay, momentum, scale):
+        """torch.optim.RMSprop (not centered), eps outside the square root, in one pass."""
+        momentum = float(momentum)
+        if buf is None and not momentum:
+            buf = _no_buffer(p)
+        checks.float_arrays(_RMS, p, g, square_avg, buf, scale)
+        if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
+                or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("square_avg", square_avg),
+                            ("buf", buf) if momentum else None)
+        args = (p, g, square_avg, buf, float(lr), float(alpha), float(eps), float(weight_decay),
+                momentum, scale)
+        if self.parallel and p.size >= PAR_MIN_CHEAP:
+            _rmsprop_parallel(*args, self.nchunks)
+        else:
+            _rmsprop_serial(*args)
+        return p
+
+    def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
+        """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, in one pass."""
+        checks.float_arrays(_ADAM, p, g, m, v, scale)
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
+            self._check_opt(p, g, scale, ("m", m), ("v", v))
+        beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
+        lr_c = lr / (1 - beta1**step)
+        sqrt_bc2 = math.sqrt(1 - beta2**step)
+        l2, decay = weight_decay, 1.0
+        if weight_decay and decoupled:
+            l2, decay = 0.0, 1 - lr * weight_decay
+        args = (p, g, m, v, float(lr_c), beta1, beta2, float(eps), l2, float(decay), sqrt_bc2,
+                scale)
+        if self.parallel and p.size >= PAR_MIN_CHEAP:
+            _adam_parallel(*args, self.nchunks)
+        else:
+            _adam_serial(*args)
+        return p
+
+    @staticmethod
+    def _check_opt(p, g, scale, *pairs):
+        checks.check_same_shape("p", p, ("g", g), *(x for x in pairs if x is not None))
+        checks.check_scale(scale)

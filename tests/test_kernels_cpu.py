@@ -1,0 +1,112 @@
+"""The fused Numba CPU kernel set (kernels/cpu.py) against the NumPy reference."""
+
+import numpy as np
+import pytest
+
+import kernel_cases as kc
+from gpubackprop.kernels.cpu import CpuOps
+
+SHAPES = [(1, 1), (7, 13), (33, 257), (128, 1000)]
+
+
+def dev(a):
+    return np.ascontiguousarray(a)
+
+
+# Both the serial kernels and the parallel ones (forced by a zero threshold) are checked.
+@pytest.fixture(params=["serial", "parallel"])
+def ops(request, monkeypatch):
+    from gpubackprop.kernels import cpu
+
+    if request.param == "parallel":
+        for name in ("PAR_MIN_CHEAP", "PAR_MIN_TRANSCENDENTAL"):
+            monkeypatch.setattr(cpu, name, 0)
+        monkeypatch.setattr(cpu, "PAR_MIN_BY_ACT", (0,) * 6)
+        return CpuOps(np, num_threads=3)  # 3 chunks: uneven splits even on 2 cores
+    return CpuOps(np, num_threads=1)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_bias_act(ops, rng, shape, dtype, activation):
+    kc.check_bias_act(ops, dev, rng, shape, dtype, activation)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_act_backward(ops, rng, shape, dtype, activation):
+    kc.check_act_backward(ops, dev, rng, shape, dtype, activation)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_in_place(ops, rng, dtype, activation):
+    if activation != "gelu":  # gelu's backward needs Z, so A cannot overwrite it
+        kc.check_bias_act(ops, dev, rng, (9, 31), dtype, activation, in_place=True)
+    kc.check_act_backward(ops, dev, rng, (9, 31), dtype, activation, in_place=True)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_activation_edges(ops, dtype, activation):
+    kc.check_edges(ops, dev, dtype, activation)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_ce(ops, rng, shape, dtype):
+    kc.check_softmax_ce(ops, dev, rng, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", [(7, 13), (64, 10)])
+def test_softmax_ce_large_logits(ops, rng, shape, dtype):
+    kc.check_softmax_ce(ops, dev, rng, shape, dtype, scale=1e4)
+    kc.check_softmax_ce(ops, dev, rng, shape, dtype, in_place=True)
+
+
+def test_softmax_ce_bad_label_is_memory_safe(ops):
+    logits = np.zeros((2, 3), np.float32)
+    dl, loss = np.empty_like(logits), np.empty(2, np.float32)
+    ops.softmax_ce(logits, np.array([1, 7]), dl, loss)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1])
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(0, 5), (300, 2000)])
+def test_bias_grad(ops, rng, shape, dtype):
+    kc.check_bias_grad(ops, dev, rng, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 1000, 70001])
+def test_sq_norm_clip_scale(ops, rng, n, dtype):
+    kc.check_sq_norm_clip(ops, dev, rng, n, dtype)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("n", [1, 1001, 40000])
+@pytest.mark.parametrize("case", kc.OPTIMIZER_CASES, ids=kc.OPTIMIZER_IDS)
+def test_optimizers(ops, rng, n, dtype, case):
+    kc.check_optimizer(ops, dev, rng, n, dtype, *case)
+
+
+def test_unused_momentum_buffer_may_be_none(ops, rng):
+    p, g = rng.standard_normal(10), rng.standard_normal(10)
+    ref = p - 0.1 * g
+    ops.sgd(p, g, None, 0.1, 0.0, False, 0.0, np.ones(1))
+    np.testing.assert_allclose(p, ref, rtol=1e-15)
+
+
+def test_errors(ops):
+    kc.check_errors(ops, dev)
+    with pytest.raises(TypeError, match="xp: expected numpy"):
+        CpuOps(object)
+
+
+def test_name_and_repr():
+    ops = CpuOps(np)
+    assert ops.name == "fused-cpu"
+    assert repr(ops) == "CpuOps(xp=numpy)"
