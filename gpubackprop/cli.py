@@ -646,7 +646,7 @@ def cmd_predict(args):
         else:
             sys.stdout.write(text)
     if args.output:
-        print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
+        print(f"wrote {len(out)} predictions to {args.output}")
     return 0
 
 
@@ -781,10 +781,12 @@ def cmd_gradcheck(args):
 
 
 def cmd_bench(argv):
+    import importlib
+
     try:
-        from gpubackprop import benchmark
-    except ImportError as e:
-        if getattr(e, "name", None) not in ("gpubackprop.benchmark", None):
+        benchmark = importlib.import_module("gpubackprop.benchmark")
+    except ModuleNotFoundError as e:
+        if e.name != "gpubackprop.benchmark":
             raise
         raise ValueError("bench: gpubackprop.benchmark is not available in this installation"
                          ) from None

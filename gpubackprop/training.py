@@ -261,7 +261,8 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
     value = float(value)
     what = f"the loss is {value}" if not np.isfinite(value) else "the loss is finite"
     where = where or "the loss"
-    return (f"training diverged at step {step} (epoch {epoch + 1}, batch {b + 1}/{n_batches}): "
+    return (f"training diverged: non-finite values found at step {step} (epoch {epoch + 1}, "
+            f"batch {b + 1}/{n_batches}): "
             f"{what}; first non-finite values in {where}; try a smaller learning rate or "
             f"gradient clipping")
 

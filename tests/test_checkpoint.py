@@ -1,0 +1,237 @@
+"""Checkpoints: round trip, exact resume, atomic writes, corrupt files; fit's NaN guard."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
+from gpubackprop.schedules import EarlyStopping, make_schedule
+from gpubackprop.training import TrainingDiverged
+
+
+def data(n=150, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.integers(0, k, n)
+
+
+def make(spec, hidden=12, opt="adam", activation="tanh"):
+    device, kernels = spec
+    model = gb.Sequential([gb.Dense(6, hidden, activation=activation), gb.Dense(hidden, 3)],
+                          device=device, kernels=kernels, seed=3)
+    optimizer = {"adam": lambda: gb.Adam(0.01),
+                 "momentum": lambda: gb.SGD(0.05, momentum=0.9, nesterov=True),
+                 "rmsprop": lambda: gb.RMSprop(0.01, momentum=0.5)}[opt]()
+    return model, gb.SoftmaxCrossEntropy(), optimizer
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("opt", ["adam", "momentum", "rmsprop"])
+@pytest.mark.parametrize("stop_at", [5, 10, 17])  # mid-epoch, an epoch end, mid-epoch later
+def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, backend_spec, opt, stop_at):
+    X, y = data()
+    val = data(40, seed=1)
+    kw = dict(epochs=4, batch_size=32, validation=val, progress=False)
+    sched = make_schedule("cosine", 0.01, steps_per_epoch=5, epochs=4, warmup_steps=3)
+    model, loss, o = make(backend_spec, opt=opt)
+    ref_hist = gb.fit(model, loss, o, X, y, schedule=sched, **kw)
+    ref = model.get_params()
+
+    path = tmp_path / "ck.npz"
+    model, loss, o = make(backend_spec, opt=opt)
+
+    def stop(step):
+        if step == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        gb.fit(model, loss, o, X, y, schedule=sched, on_checkpoint=Checkpointer(path, model, o, loss),
+               checkpoint_every=2, on_step=stop, **kw)
+    ck = load_checkpoint(path)
+    model, loss, o = make(backend_spec, opt=opt)
+    state = ck.restore(model, o, loss)
+    assert stop_at - 2 <= state.step < stop_at
+    hist = gb.fit(model, loss, o, X, y, schedule=sched, state=state, **kw)
+    for k, v in model.get_params().items():
+        assert np.array_equal(v, ref[k]), k
+    assert hist == ref_hist
+
+
+def test_round_trip_contents(tmp_path):
+    model, loss, opt = make(("cpu", "reference"))
+    X, y = data()
+    gb.fit(model, loss, opt, X, y, epochs=1, batch_size=50, progress=False)
+    scaling = {"kind": "standard", "shift": np.arange(6.0), "scale": np.ones(6)}
+    save_checkpoint(tmp_path / "c.npz", model, opt, loss, config={"layers": [12]}, scaling=scaling)
+    ck = load_checkpoint(tmp_path / "c.npz")
+    assert ck.config == {"layers": [12]}
+    np.testing.assert_array_equal(ck.scaling["shift"], np.arange(6.0))
+    assert ck.meta["optimizer"]["steps"] == 3
+    assert ck.meta["rng"] == model.backend.rng.bit_generator.state
+    assert ck.training_state() is None
+    again = ck.build_model(device="cpu", kernels="reference")
+    for k, v in model.get_params().items():
+        np.testing.assert_array_equal(again.get_params()[k], v)
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))
+    # Plain NumPy reads it without pickle: weights by name, metadata as JSON.
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert z["param/0.W"].shape == (12, 6)
+        assert json.loads(str(z["meta"]))["format"] == "gpubackprop-checkpoint"
+
+
+def test_other_architecture_is_a_clear_error(tmp_path):
+    model, loss, opt = make(("cpu", "reference"))
+    save_checkpoint(tmp_path / "c.npz", model, opt, loss)
+    other, _, opt2 = make(("cpu", "reference"), hidden=7)
+    with pytest.raises(CheckpointError, match=r"made for the architecture \[Dense\(6, 12, tanh\)"):
+        load_checkpoint(tmp_path / "c.npz").restore(other, opt2)
+    wrong_opt = gb.SGD(0.1)
+    with pytest.raises(CheckpointError, match="optimizer state: expected type SGD, got 'Adam'"):
+        load_checkpoint(tmp_path / "c.npz").restore(make(("cpu", "reference"))[0], wrong_opt)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_or_truncated_checkpoint(tmp_path, damage):
+    model, loss, opt = make(("cpu", "reference"))
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model, opt, loss)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:len(raw) // 2]
+    elif damage == "flip":
+        raw[len(raw) // 3] ^= 0xFF  # inside an array's data
+    elif damage == "garbage":
+        raw = bytearray(b"hello, not a checkpoint" * 10)
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt|not a readable|not a gpubackprop"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_checkpoint(tmp_path / "none.npz")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    model, loss, opt = make(("cpu", "reference"))
+    save_checkpoint(path, model, opt, loss)
+    before = path.read_bytes()
+    model.flat_params[...] += 1
+
+    def crash(src, dst):
+        raise OSError("disk pulled out")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk pulled out"):
+        save_checkpoint(path, model, opt, loss)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["c.npz"]  # the temporary file is gone too
+    load_checkpoint(path)
+
+
+def test_stale_temporary_file_is_ignored_and_cleaned(tmp_path):
+    path = tmp_path / "c.npz"
+    model, loss, opt = make(("cpu", "reference"))
+    save_checkpoint(path, model, opt, loss)
+    stale = tmp_path / ".c.npz.abc123.tmp"  # what a kill between write and rename leaves
+    stale.write_bytes(path.read_bytes()[:100])
+    load_checkpoint(path)
+    save_checkpoint(path, model, opt, loss)
+    assert not stale.exists()
+
+
+def test_atomic_write_of_text(tmp_path):
+    path = tmp_path / "m.json"
+    atomic_write(path, lambda f: f.write(b'{"a": 1}'))
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_write(tmp_path / "no" / "m.json", lambda f: None)
+
+
+def test_refuses_to_save_non_finite_parameters(tmp_path):
+    model, loss, opt = make(("cpu", "reference"))
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model, opt, loss)
+    before = path.read_bytes()
+    model.flat_params[0] = np.nan
+    with pytest.raises((CheckpointError, ValueError)):
+        save_checkpoint(path, model, opt, loss)
+    assert path.read_bytes() == before
+
+
+# ---- the NaN guard -------------------------------------------------------------------------------
+def test_nan_guard_names_step_and_layer_and_keeps_last_checkpoint(tmp_path, backend_spec):
+    X, y = data()
+    model, loss, _ = make(backend_spec, activation="relu")
+    opt = gb.SGD(lr=1e30)
+    path = tmp_path / "c.npz"
+    saved = []
+
+    def on_checkpoint(state):
+        saved.append(state.step)
+        save_checkpoint(path, model, opt, loss, state)
+
+    with np.errstate(all="ignore"), \
+            pytest.raises(TrainingDiverged, match=r"step (\d+) .*first non-finite values in .*layer"):
+        gb.fit(model, loss, opt, X, y, epochs=3, batch_size=10, progress=False,
+               nan_check_every=1, on_checkpoint=on_checkpoint, checkpoint_every=1)
+    assert saved  # checkpoints before the divergence ...
+    ck = load_checkpoint(path)  # ... and the last one is whole and finite
+    assert all(np.isfinite(v).all() for v in ck.params.values())
+
+
+def test_nan_guard_checks_only_every_n_steps(backend_spec):
+    X, y = data()
+    model, loss, _ = make(backend_spec, activation="relu")
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=r"at step (5|10|15) "):
+        gb.fit(model, loss, gb.SGD(lr=1e30), X, y, epochs=3, batch_size=10, progress=False,
+               nan_check_every=5)
+
+
+def test_without_guard_fit_keeps_its_old_behaviour():
+    X, y = data()
+    model, loss, _ = make(("cpu", "reference"))
+    with np.errstate(all="ignore"):
+        h = gb.fit(model, loss, gb.SGD(lr=1e30), X, y, epochs=1, batch_size=10, progress=False)
+    assert len(h["loss"]) == 1
+
+
+def test_early_stopping_state_survives_resume(tmp_path):
+    X, y = data()
+    val = data(40, seed=5)
+    kw = dict(epochs=12, batch_size=50, validation=val, progress=False)
+    model, loss, opt = make(("cpu", "reference"))
+    h_ref = gb.fit(model, loss, opt, X, y, early_stopping=EarlyStopping(patience=2), **kw)
+    ref = model.get_params()
+
+    path = tmp_path / "c.npz"
+    model, loss, opt = make(("cpu", "reference"))
+
+    def stop(step):
+        if step == 13:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        gb.fit(model, loss, opt, X, y, early_stopping=EarlyStopping(patience=2),
+               on_checkpoint=Checkpointer(path, model, opt, loss), on_step=stop, **kw)
+    model, loss, opt = make(("cpu", "reference"))
+    state = load_checkpoint(path).restore(model, opt, loss)
+    h = gb.fit(model, loss, opt, X, y, early_stopping=EarlyStopping(patience=2), state=state, **kw)
+    assert h == h_ref
+    for k, v in model.get_params().items():
+        assert np.array_equal(v, ref[k])
