@@ -1,0 +1,372 @@
+"""The command line, run as a user would: ``python -m gpubackprop ...`` in a subprocess.
+
+Small data sets written by the tests (MNIST-like IDX files, npz, csv), so a fresh clone needs no
+downloads. Covers every command, exact resume after SIGKILL, a kill during a checkpoint write,
+and a table of bad inputs (one line on stderr, exit status 2, no traceback, files unchanged).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpubackprop.datasets import MNIST_FILES, write_idx
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+ENV.pop("GPUBACKPROP_TEST_FAULT", None)
+ENV.pop("GPUBACKPROP_DEBUG", None)
+FAST = ["--kernels", "reference", "--device", "cpu"]
+
+
+def run(*args, env=None, cwd=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "gpubackprop", *map(str, args)],
+                          capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd,
+                          timeout=timeout)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def blobs(n, seed, d=8, k=3):
+    """Separable Gaussian blobs: class c is centred at 3·e_c."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d))
+    X[np.arange(n), y] += 3.0
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    X, y = blobs(240, 0)
+    Xt, yt = blobs(60, 1)
+    np.savez(root / "blobs.npz", X_train=X, y_train=y, X_test=Xt, y_test=yt)
+    return root
+
+
+def write_mnist(folder, gz, n_train=300, n_test=100):
+    """A learnable MNIST in miniature: 6×6 images, class k lights up row k//2 (half 0, half 1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 6, 6)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            r, half = divmod(int(k), 2)
+            images[i, r, half * 3:half * 3 + 3] = 250
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    for key, stem in MNIST_FILES.items():
+        write_idx(folder / (stem + (".gz" if gz else "")), arrays[key])
+    return folder
+
+
+def train_args(files, *extra):
+    return ["train", "--dataset", f"npz:{files / 'blobs.npz'}", "--layers", "16", "--epochs", "3",
+            "--batch-size", "32", "--lr", "0.01", *FAST, *extra]
+
+
+# ---- help and the small commands -------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["info"],
+                                     ["gradcheck"]])
+def test_help(command):
+    r = ok(run(*command, "--help"))
+    assert "usage: gpubackprop" in r.stdout
+    if not command:
+        for name in ("train", "evaluate", "predict", "bench", "info", "gradcheck", "mnist:DIR"):
+            assert name in r.stdout
+    if command == ["train"]:
+        for flag in ("--dataset", "--layers", "--resume", "--metrics-json", "--plot",
+                     "--checkpoint-every", "--nan-check-every", "--val-split", "--schedule"):
+            assert flag in r.stdout
+
+
+def test_no_command_is_a_usage_error():
+    r = run()
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("gpubackprop: error: expected a command")
+
+
+def test_info():
+    r = ok(run("info"))
+    for word in ("python", "numpy", "numba", "numba-cuda", "cupy", "GPU:", "kernel set: fused",
+                 "first-use compile time"):
+        assert word in r.stdout
+    assert "Numba CPU" in r.stdout or "Numba CUDA" in r.stdout
+
+
+def test_gradcheck():
+    r = ok(run("gradcheck", "--layers", "5", "--activation", "sigmoid", *FAST))
+    assert "max relative error" in r.stdout and "ok" in r.stdout
+    err = float(r.stdout.split("max relative error ")[1].split()[0])
+    assert err < 1e-6
+
+
+def test_bench_calls_the_benchmark_module(tmp_path):
+    # A stand-in gpubackprop.benchmark earlier on the path records the argv it is given.
+    pkg = tmp_path / "gpubackprop"
+    pkg.mkdir()
+    import gpubackprop
+
+    real = os.path.dirname(gpubackprop.__file__)
+    (pkg / "__init__.py").write_text(
+        f"__path__.append({real!r})\nexec(open({os.path.join(real, '__init__.py')!r}).read())\n")
+    (pkg / "benchmark.py").write_text(
+        "def main(argv):\n    print('BENCH', argv)\n    return 0\n")
+    r = ok(run("bench", "--sizes", "64", "--quick", env={"PYTHONPATH": str(tmp_path)},
+               cwd=tmp_path))
+    assert "BENCH ['--sizes', '64', '--quick']" in r.stdout
+
+
+# ---- train, evaluate, predict ---------------------------------------------------------------------
+def test_train_metrics_plot_evaluate_predict(files, tmp_path):
+    ck, metrics, plot = tmp_path / "ck.npz", tmp_path / "m.json", tmp_path / "curves.png"
+    r = ok(run(*train_args(files, "--val-split", "0.2", "--checkpoint", ck, "--metrics-json",
+                           metrics, "--plot", plot)))
+    assert "epoch 3/3" in r.stdout and "test accuracy" in r.stdout
+    m = json.loads(metrics.read_text())
+    assert set(m) == {"test_accuracy", "test_loss", "epochs", "seconds"}
+    assert isinstance(m["test_accuracy"], float) and m["test_accuracy"] > 0.75
+    assert isinstance(m["test_loss"], float) and m["seconds"] > 0
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2, 3]
+    for e in m["epochs"]:
+        assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(e)
+        assert isinstance(e["train_loss"], float)
+    # The plot is a real PNG of the size drawn, with coloured curves on it.
+    raw = plot.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(plot)
+    assert img.shape[:2] == (400, 1000)
+    rgb = img[..., :3]
+    assert (rgb.max(axis=2) - rgb.min(axis=2) > 0.3).sum() > 500  # coloured pixels: the curves
+
+    r = ok(run("evaluate", "--checkpoint", ck, "--dataset", f"npz:{files / 'blobs.npz'}",
+               "--json", *FAST))
+    ev = json.loads(r.stdout)
+    assert ev["samples"] == 60
+    assert ev["accuracy"] == pytest.approx(m["test_accuracy"])
+    assert ev["loss"] == pytest.approx(m["test_loss"], rel=1e-5)
+
+    out = tmp_path / "pred.npy"
+    ok(run("predict", "--checkpoint", ck, "--dataset", f"npz:{files / 'blobs.npz'}", "--output",
+           out, *FAST))
+    pred = np.load(out)
+    _, yt = blobs(60, 1)
+    assert pred.shape == (60,) and (pred == yt).mean() == pytest.approx(m["test_accuracy"])
+    # Raw features from a CSV file: scaled with the training statistics inside the checkpoint.
+    Xt, _ = blobs(60, 1)
+    csv_in = tmp_path / "new.csv"
+    csv_in.write_text("\n".join(",".join(f"{v:.17g}" for v in row) for row in Xt) + "\n")
+    out_csv = tmp_path / "pred.csv"
+    ok(run("predict", "--checkpoint", ck, "--input", csv_in, "--output", out_csv,
+           "--probabilities", *FAST))
+    lines = out_csv.read_text().splitlines()
+    assert lines[0] == "p0,p1,p2" and len(lines) == 61
+    probs = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-4)
+    np.testing.assert_array_equal(probs.argmax(axis=1), pred)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_train_on_mnist_idx_files(tmp_path, gz):
+    folder = write_mnist(tmp_path / "mnist", gz)
+    metrics = tmp_path / "m.json"
+    r = ok(run("train", "--dataset", f"mnist:{folder}", "--layers", "32", "--epochs", "8",
+               "--batch-size", "32", "--lr", "0.01", "--metrics-json", metrics, *FAST))
+    assert "300 train / 0 validation / 100 test samples, 36 features, 10 classes" in r.stdout
+    assert json.loads(metrics.read_text())["test_accuracy"] > 0.8
+
+
+def test_csv_dataset_with_named_label_column(tmp_path):
+    X, y = blobs(120, 3, d=3)
+    path = tmp_path / "d.csv"
+    lines = ["kind,a,b,c"] + [f"{k},{a:.6f},{b:.6f},{c:.6f}" for k, (a, b, c) in zip(y, X,
+                                                                                      strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    r = ok(run("train", "--dataset", f"csv:{path}", "--label-column", "kind", "--layers", "8",
+               "--epochs", "5", "--lr", "0.02", "--batch-size", "16", *FAST))
+    assert "96 train / 0 validation / 24 test samples, 3 features, 3 classes" in r.stdout
+
+
+def test_digits_with_schedule_and_early_stopping(tmp_path):
+    metrics = tmp_path / "m.json"
+    r = ok(run("train", "--dataset", "digits", "--layers", "32", "--epochs", "4", "--batch-size",
+               "64", "--lr", "0.005", "--val-split", "0.1", "--schedule", "cosine",
+               "--warmup-steps", "5", "--early-stopping", "3", "--metrics-json", metrics,
+               "--device", "cpu"))
+    assert "lr " in r.stdout
+    m = json.loads(metrics.read_text())
+    assert m["test_accuracy"] > 0.7 and len(m["epochs"]) == 4
+
+
+# ---- checkpoints: kill, resume, bit for bit --------------------------------------------------------
+def params_of(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k.startswith(("param/", "opt/"))}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_sigkill_then_resume_equals_uninterrupted_run(files, tmp_path, kernels):
+    args = ["train", "--dataset", f"npz:{files / 'blobs.npz'}", "--layers", "16,8", "--epochs",
+            "4", "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.02", "--schedule",
+            "step", "--step-size", "2", "--val-split", "0.1", "--device", "cpu", "--kernels",
+            kernels]
+    full, part = tmp_path / "full.npz", tmp_path / "part.npz"
+    m_full, m_part = tmp_path / "full.json", tmp_path / "part.json"
+    ok(run(*args, "--checkpoint", full, "--metrics-json", m_full))
+    # 7 steps an epoch: killed at step 19, in epoch 3, after the step-15 checkpoint.
+    r = run(*args, "--checkpoint", part, "--checkpoint-every", "5",
+            env={"GPUBACKPROP_TEST_FAULT": "kill-after-step:19"})
+    assert r.returncode == -signal.SIGKILL
+    with np.load(part, allow_pickle=False) as z:
+        assert json.loads(str(z["meta"]))["training"]["step"] == 15
+    r = ok(run("train", "--resume", "--checkpoint", part, "--metrics-json", m_part, "--kernels",
+               kernels))
+    assert "resuming" in r.stdout
+    assert_same(params_of(full), params_of(part))
+    a, b = json.loads(m_full.read_text()), json.loads(m_part.read_text())
+    assert a["epochs"] == b["epochs"] and a["test_loss"] == b["test_loss"]
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(files, tmp_path):
+    full, part = tmp_path / "full.npz", tmp_path / "part.npz"
+    ok(run(*train_args(files, "--checkpoint", full)))
+    r = run(*train_args(files, "--checkpoint", part),
+            env={"GPUBACKPROP_TEST_FAULT": "kill-in-checkpoint-write:2"})
+    assert r.returncode == -signal.SIGKILL
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".part.npz.")]
+    assert len(leftovers) == 1  # the temporary file of the interrupted write
+    with np.load(part, allow_pickle=False) as z:  # the epoch-1 checkpoint, whole
+        assert json.loads(str(z["meta"]))["training"]["epoch"] == 1
+    ok(run("train", "--resume", "--checkpoint", part))
+    assert_same(params_of(full), params_of(part))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".part.npz.")]
+
+
+def test_resume_of_a_finished_run_can_extend_it(files, tmp_path):
+    ck = tmp_path / "ck.npz"
+    ok(run(*train_args(files, "--checkpoint", ck, "--epochs", "2")))
+    r = ok(run("train", "--resume", "--checkpoint", ck, "--epochs", "3"))
+    assert "epoch 3/3" in r.stdout and "epoch 2/3" not in r.stdout
+    full = tmp_path / "full.npz"
+    ok(run(*train_args(files, "--checkpoint", full, "--epochs", "3")))
+    assert_same(params_of(full), params_of(ck))
+
+
+# ---- bad inputs: one line, exit 2, no traceback, nothing touched -----------------------------------
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, files):
+    root = tmp_path_factory.mktemp("bad")
+    ok(run(*train_args(files, "--checkpoint", root / "ck.npz", "--epochs", "1")))
+    (root / "metrics.json").write_text('{"keep": "me"}\n')
+    good = write_mnist(root / "mnist_good", gz=False, n_train=20, n_test=10)
+    magic = write_mnist(root / "mnist_magic", gz=True, n_train=20, n_test=10)
+    raw = bytearray((magic / (MNIST_FILES["train_images"] + ".gz")).read_bytes())
+    import gzip
+
+    data = bytearray(gzip.decompress(bytes(raw)))
+    data[2] = 0x42  # an unknown type code
+    (magic / (MNIST_FILES["train_images"] + ".gz")).write_bytes(gzip.compress(bytes(data)))
+    counts = write_mnist(root / "mnist_counts", gz=False, n_train=20, n_test=10)
+    write_idx(counts / MNIST_FILES["test_labels"], np.zeros(9, np.uint8))
+    (root / "text.csv").write_text("a,b,label\n1,2,0\n3,abc,1\n5,6,0\n")
+    (root / "neg.csv").write_text("1,2,0\n3,4,-2\n5,6,1\n")
+    X, _ = blobs(20, 4)
+    np.savez(root / "labels5.npz", X_train=X, y_train=np.arange(20) % 6, X_test=X[:5],
+             y_test=np.arange(5))
+    trunc = (root / "ck.npz").read_bytes()
+    (root / "truncated.npz").write_bytes(trunc[:len(trunc) // 2])
+    assert good.exists()
+    return root
+
+
+BLOBS = "npz:{files}/blobs.npz"
+CASES = {
+    "missing npz": ["train", "--dataset", "npz:{root}/nope.npz"],
+    "missing mnist dir": ["train", "--dataset", "mnist:{root}/no_such_dir"],
+    "missing mnist file": ["train", "--dataset", "mnist:{root}"],
+    "wrong IDX magic": ["train", "--dataset", "mnist:{root}/mnist_magic"],
+    "mismatched counts": ["train", "--dataset", "mnist:{root}/mnist_counts"],
+    "text in a CSV feature": ["train", "--dataset", "csv:{root}/text.csv"],
+    "negative CSV label": ["train", "--dataset", "csv:{root}/neg.csv"],
+    "labels out of range": ["evaluate", "--checkpoint", "{root}/ck.npz", "--dataset",
+                            "npz:{root}/labels5.npz"],
+    "other architecture": ["train", "--dataset", BLOBS, "--checkpoint", "{root}/ck.npz",
+                           "--resume", "--layers", "7"],
+    "truncated checkpoint": ["evaluate", "--checkpoint", "{root}/truncated.npz", "--dataset",
+                             BLOBS],
+    "not a checkpoint": ["train", "--checkpoint", "{root}/metrics.json", "--resume"],
+    "negative epochs": ["train", "--dataset", BLOBS, "--epochs", "-1"],
+    "unknown optimizer": ["train", "--dataset", BLOBS, "--optimizer", "adagrad"],
+    "NaN-producing lr": ["train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
+                         "--checkpoint", "{root}/ck.npz", "--overwrite", "--nan-check-every", "1",
+                         "--batch-size", "8"],
+    "unknown dataset kind": ["train", "--dataset", "parquet:{root}/x"],
+    "existing checkpoint": ["train", "--dataset", BLOBS, "--checkpoint", "{root}/ck.npz"],
+    "bad layers": ["train", "--dataset", BLOBS, "--layers", "16,x"],
+    "zero batch size": ["train", "--dataset", BLOBS, "--batch-size", "0"],
+    "no such output folder": ["train", "--dataset", BLOBS, "--plot", "{root}/no/dir/p.png"],
+    "unknown command": ["fly"],
+    "early stopping without validation": ["train", "--dataset", BLOBS, "--early-stopping", "2"],
+    "cuda without a GPU": ["info", "--device", "cuda", "--no-compile"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_one_line_exit_2_files_unchanged(bad, files, case):
+    if case == "cuda without a GPU":
+        from gpubackprop.backend import cuda_available
+
+        if cuda_available():
+            pytest.skip("this machine has CUDA")
+    args = [a.format(root=bad, files=files) for a in CASES[case]]
+    if args[0] == "train":
+        args += ["--metrics-json", str(bad / "metrics.json"), *FAST]
+        if "--epochs" not in args:
+            args += ["--epochs", "2"]
+    watched = [bad / "ck.npz", bad / "metrics.json", bad / "truncated.npz"]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched}
+    entries = sorted(os.listdir(bad))
+    r = run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("gpubackprop: error: ")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched} == before
+    assert sorted(os.listdir(bad)) == entries  # no new (temporary) files either
+
+
+def test_error_messages_name_the_problem(bad, files):
+    def err(*args):
+        r = run(*[a.format(root=bad, files=files) for a in args], *FAST)
+        return r.stderr
+
+    assert "row 3, column 2 ('b'): expected a number, got 'abc'" in err(
+        "train", "--dataset", "csv:{root}/text.csv")
+    assert "10 images but 9 labels" in err("train", "--dataset", "mnist:{root}/mnist_counts")
+    assert "magic number 0x00004203" in err("train", "--dataset", "mnist:{root}/mnist_magic")
+    assert "label 3 is out of range" in err("evaluate", "--checkpoint", "{root}/ck.npz",
+                                            "--dataset", "npz:{root}/labels5.npz")
+    assert "made with --layers 16, not 7" in err("train", "--checkpoint", "{root}/ck.npz",
+                                                 "--resume", "--layers", "7")
+    e = err("train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
+            "--nan-check-every", "1", "--batch-size", "8")
+    assert "training diverged" in e and "step" in e and "layer" in e
