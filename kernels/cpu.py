@@ -31,8 +31,6 @@ GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
 # see the module's benchmark notes in the report; transcendental ops pay earlier).
 PAR_MIN_CHEAP = 1 << 17
 PAR_MIN_TRANSCENDENTAL = 1 << 14
-PAR_MIN_BY_ACT = (PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL, PAR_MIN_TRANSCENDENTAL,
-                  PAR_MIN_CHEAP, PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL)
 SQ_CHUNK = 1 << 14  # reduction chunk: the summation order depends on this, not on threads
 
 
@@ -440,12 +438,21 @@ class CpuOps(ReferenceOps):
 
     name = "fused-cpu"
 
-    def __init__(self, xp=np, num_threads=None):
+    def __init__(self, xp=np, num_threads=None, parallel_min=None):
+        """``num_threads``: chunks of a parallel kernel (default: Numba's thread count);
+        ``parallel_min``: element count from which parallel kernels run (default: measured
+        thresholds; 0 forces them, as the tests and ``warm_up`` do)."""
         if xp is not np:
             raise TypeError(f"xp: expected numpy for the fused CPU kernels, got {xp.__name__}")
         super().__init__(xp)
         self.nchunks = int(num_threads or numba.get_num_threads())
-        self.parallel = self.nchunks > 1
+        self.parallel = self.nchunks > 1 or parallel_min == 0
+        if parallel_min is None:
+            self.par_cheap, self.par_transcendental = PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL
+        else:
+            self.par_cheap = self.par_transcendental = int(parallel_min)
+        self.par_by_act = tuple(self.par_transcendental if a in (SIGMOID, TANH, GELU)
+                                else self.par_cheap for a in range(len(ACTIVATIONS)))
 
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is gelu."""
@@ -455,7 +462,7 @@ class CpuOps(ReferenceOps):
         act = ACT_CODE.get(activation)
         if act is None:
             raise _unknown_activation(activation)
-        if self.parallel and Z.size >= PAR_MIN_BY_ACT[act]:
+        if self.parallel and Z.size >= self.par_by_act[act]:
             _bias_act_parallel(Z, b, A, act, self.nchunks)
         else:
             _bias_act_serial(Z, b, A, act)
@@ -469,7 +476,7 @@ class CpuOps(ReferenceOps):
         act = ACT_CODE.get(activation)
         if act is None:
             raise _unknown_activation(activation)
-        if self.parallel and dA.size >= PAR_MIN_BY_ACT[act]:
+        if self.parallel and dA.size >= self.par_by_act[act]:
             _act_backward_parallel(dA, saved, dZ, act, self.nchunks)
         else:
             _act_backward_serial(dA, saved, dZ, act)
@@ -485,7 +492,7 @@ class CpuOps(ReferenceOps):
         checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
         if logits.shape[1] == 0:
             raise checks.shape_error("logits", "at least one class (column)", logits)
-        if self.parallel and logits.size >= PAR_MIN_TRANSCENDENTAL and logits.shape[0] > 1:
+        if self.parallel and logits.size >= self.par_transcendental and logits.shape[0] > 1:
             _softmax_ce_parallel(logits, labels, dlogits, loss_rows,
                                  min(self.nchunks, logits.shape[0]))
         else:
@@ -499,14 +506,14 @@ class CpuOps(ReferenceOps):
             checks.check_bias_grad(dZ, db)
         accumulate = bool(accumulate)
         n = dZ.shape[1]
-        if self.parallel and dZ.size >= PAR_MIN_CHEAP and n >= 64 * self.nchunks:
+        if self.parallel and dZ.size >= self.par_cheap and n >= 2 * self.nchunks:
             _bias_grad_parallel(dZ, db, accumulate, self.nchunks)
         else:
             _bias_grad_serial(dZ, db, accumulate)
         return db
 
     def _sq_total(self, g):
-        if self.parallel and g.size >= PAR_MIN_CHEAP:
+        if self.parallel and g.size >= self.par_cheap:
             return _sq_norm_parallel(g, SQ_CHUNK)
         return _sq_norm_serial(g, SQ_CHUNK)
 
@@ -537,7 +544,7 @@ class CpuOps(ReferenceOps):
         if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
         args = (p, g, buf, float(lr), momentum, bool(nesterov), float(weight_decay), scale)
-        if self.parallel and p.size >= PAR_MIN_CHEAP:
+        if self.parallel and p.size >= self.par_cheap:
             _sgd_parallel(*args, self.nchunks)
         else:
             _sgd_serial(*args)
@@ -555,7 +562,7 @@ class CpuOps(ReferenceOps):
                             ("buf", buf) if momentum else None)
         args = (p, g, square_avg, buf, float(lr), float(alpha), float(eps), float(weight_decay),
                 momentum, scale)
-        if self.parallel and p.size >= PAR_MIN_CHEAP:
+        if self.parallel and p.size >= self.par_cheap:
             _rmsprop_parallel(*args, self.nchunks)
         else:
             _rmsprop_serial(*args)
@@ -574,7 +581,7 @@ class CpuOps(ReferenceOps):
             l2, decay = 0.0, 1 - lr * weight_decay
         args = (p, g, m, v, float(lr_c), beta1, beta2, float(eps), l2, float(decay), sqrt_bc2,
                 scale)
-        if self.parallel and p.size >= PAR_MIN_CHEAP:
+        if self.parallel and p.size >= self.par_cheap:
             _adam_parallel(*args, self.nchunks)
         else:
             _adam_serial(*args)
@@ -584,3 +591,10 @@ class CpuOps(ReferenceOps):
     def _check_opt(p, g, scale, *pairs):
         checks.check_same_shape("p", p, ("g", g), *(x for x in pairs if x is not None))
         checks.check_scale(scale)
+
+    def warm_up(self, dtype="float32"):
+        """Compile (or load from Numba's cache) every kernel, serial and parallel, for ``dtype``."""
+        from gpubackprop.kernels.info import run_every_op
+
+        run_every_op(self, dtype)
+        run_every_op(CpuOps(np, num_threads=2, parallel_min=0), dtype)

@@ -15,14 +15,9 @@ def dev(a):
 
 # Both the serial kernels and the parallel ones (forced by a zero threshold) are checked.
 @pytest.fixture(params=["serial", "parallel"])
-def ops(request, monkeypatch):
-    from gpubackprop.kernels import cpu
-
+def ops(request):
     if request.param == "parallel":
-        for name in ("PAR_MIN_CHEAP", "PAR_MIN_TRANSCENDENTAL"):
-            monkeypatch.setattr(cpu, name, 0)
-        monkeypatch.setattr(cpu, "PAR_MIN_BY_ACT", (0,) * 6)
-        return CpuOps(np, num_threads=3)  # 3 chunks: uneven splits even on 2 cores
+        return CpuOps(np, num_threads=3, parallel_min=0)  # 3 chunks: uneven splits on any machine
     return CpuOps(np, num_threads=1)
 
 
@@ -110,3 +105,13 @@ def test_name_and_repr():
     ops = CpuOps(np)
     assert ops.name == "fused-cpu"
     assert repr(ops) == "CpuOps(xp=numpy)"
+
+
+def test_info_describe_and_compile_time():
+    from gpubackprop.kernels.info import compile_time, describe
+
+    assert describe("cpu", "fused")["set"] == "fused-cpu"
+    assert describe("cpu", "reference")["set"] == "reference"
+    assert describe("cuda", "fused")["set"] == "fused-cuda"
+    seconds = compile_time("cpu", "float64")
+    assert 0 < seconds < 600
