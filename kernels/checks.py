@@ -36,7 +36,7 @@ def float_arrays(names, *arrays):
 def _raise_float_arrays(names, arrays):
     first = names[0]
     dt = None
-    for name, a in zip(names, arrays):
+    for name, a in zip(names, arrays, strict=True):
         if not hasattr(a, "dtype") or not hasattr(a, "flags"):
             raise TypeError(f"{name}: expected a float32 or float64 array, got {type(a).__name__}")
         if dt is None:

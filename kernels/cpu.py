@@ -27,10 +27,12 @@ ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
 GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
 
-# Element counts from which the parallel kernel pays on this kind of machine (measured on 2 cores:
-# see the module's benchmark notes in the report; transcendental ops pay earlier).
-PAR_MIN_CHEAP = 1 << 17
-PAR_MIN_TRANSCENDENTAL = 1 << 14
+# Element counts from which a parallel kernel runs. Measured on 2 busy cores: a parallel region
+# costs ~10 µs when cores are free and can stall for milliseconds when another process holds them,
+# while a memory-bound op (relu, SGD) gains < 2x; exp/tanh-bound ops gain most. Conservative on
+# purpose; ``CpuOps(parallel_min=...)`` overrides both, NUMBA_NUM_THREADS=1 switches them off.
+PAR_MIN_CHEAP = 1 << 20
+PAR_MIN_TRANSCENDENTAL = 1 << 16
 SQ_CHUNK = 1 << 14  # reduction chunk: the summation order depends on this, not on threads
 
 

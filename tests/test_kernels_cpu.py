@@ -1,9 +1,9 @@
 """The fused Numba CPU kernel set (kernels/cpu.py) against the NumPy reference."""
 
+import kernel_cases as kc
 import numpy as np
 import pytest
 
-import kernel_cases as kc
 from gpubackprop.kernels.cpu import CpuOps
 
 SHAPES = [(1, 1), (7, 13), (33, 257), (128, 1000)]

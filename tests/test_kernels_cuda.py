@@ -18,6 +18,7 @@ if not (is_cudasim() or has_cupy_gpu()):
                 allow_module_level=True)
 
 import kernel_cases as kc  # noqa: E402
+
 from gpubackprop.backend import cupy_module  # noqa: E402
 from gpubackprop.kernels.cuda import THREADS, CudaOps  # noqa: E402
 
