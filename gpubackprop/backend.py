@@ -37,6 +37,10 @@ def cupy_module():
 @functools.lru_cache(maxsize=None)
 def numba_cuda():
     """The numba.cuda module, or None when Numba's CUDA target cannot be imported."""
+    # Kernels are launched on CuPy's current stream, which already orders them after the work
+    # that produced their inputs: Numba's per-launch synchronisation of every CuPy argument
+    # would only stall the host (it reads this setting when numba.cuda is first imported).
+    os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
     try:
         from numba import cuda
     except Exception:
