@@ -25,7 +25,6 @@ How it measures (the same on every device):
 import argparse
 import functools
 import gc
-import math
 import os
 import platform
 import statistics
@@ -57,13 +56,13 @@ SCALING_BASE = "S"  # batch sweep on S's sizes; width sweep: 784-w-w-10 at S's b
 # ---- counts ---------------------------------------------------------------------------------------
 def step_flops(sizes, batch):
     """FLOPs of one training step of an MLP: 6·B·Σ n_in·n_out (three GEMMs a layer)."""
-    return 6 * int(batch) * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 6 * int(batch) * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
 
 
 def step_gemms(sizes, batch):
     """The step's GEMMs as (m, k, n) = (rows, inner, columns), three a layer, in step order."""
     out = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
         out.append((batch, n_in, n_out))   # forward:          Z = X Wᵀ       (B×n_in)(n_in×n_out)
         out.append((n_out, batch, n_in))   # weight gradient:  dW = Δᵀ X      (n_out×B)(B×n_in)
         out.append((batch, n_out, n_in))   # input gradient:   dX = Δ W       (B×n_out)(n_out×n_in)
@@ -181,7 +180,7 @@ def median(xs):
 
 def ratio_median(num, den):
     """Median over rounds of num[r]/den[r] (both lists of seconds: den/num in throughput terms)."""
-    return median([d / n for n, d in zip(num, den)])
+    return median([d / n for n, d in zip(num, den, strict=False)])
 
 
 # ---- contenders -----------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def mlp_layers(sizes):
 
     last = len(sizes) - 2
     return [Dense(a, b, activation="identity" if i == last else "relu")
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False))]
 
 
 def gpubackprop_contender(sizes, batch, device="cpu", kernels="fused", dtype="float32"):
@@ -232,7 +231,7 @@ def torch_contender(sizes, batch, device="cpu"):
     torch = torch_module()
     torch.manual_seed(0)
     mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         mods.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
             mods.append(torch.nn.ReLU())
@@ -291,7 +290,7 @@ def gemm_contender(sizes, batch, device="cpu", library="gpubackprop"):
             return xp.asarray(rng.standard_normal(shape).astype(np.float32))
         sync = _sync_for(device)
     bufs = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
         bufs.append((empty(batch, n_in), empty(n_out, n_in), empty(batch, n_out),
                      empty(batch, n_out), empty(n_out, n_in), empty(batch, n_in)))
 
@@ -374,7 +373,7 @@ def gemm_section(timer, devices, shapes, log=print):
     for dev in devices:
         xp = _xp(dev)
         shapes_seen = []
-        for key, (sizes, batch) in shapes.items():
+        for _key, (sizes, batch) in shapes.items():
             for (m, k, n) in step_gemms(sizes, batch):
                 if (m, k, n) not in shapes_seen:
                     shapes_seen.append((m, k, n))
@@ -388,7 +387,7 @@ def gemm_section(timer, devices, shapes, log=print):
                                 _sync_for(dev), 1, "gpubackprop", dev))
         times = Timer(rounds=max(3, timer.rounds // 2), block_s=timer.block_s / 2,
                       warmup_s=timer.warmup_s / 3, quiesce_s=0).run(cs)
-        for (m, k, n), c in zip(shapes_seen, cs):
+        for (m, k, n), c in zip(shapes_seen, cs, strict=False):
             t = median(times[c.name])
             rows.append({"device": dev, "m": m, "k": k, "n": n,
                          "gflops": gemm_flops(m, k, n) / t / 1e9, "us": t * 1e6})
