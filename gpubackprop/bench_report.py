@@ -35,6 +35,13 @@ def markdown(results):
                f"throughputs are medians over rounds, ratios medians of per-round ratios."
                + (" **Quick mode: tiny sizes, numbers meaningless.**" if results.get("quick")
                   else ""))
+    busy = m.get("busy_before_blocks")
+    if busy and busy.get("blocks"):
+        out.append("")
+        out.append(f"Shared machine: before each CPU block the runner waits (up to a few seconds) "
+                   f"until the CPUs are at most {busy['threshold']:.0%} busy; "
+                   f"{busy['over_threshold']} of {busy['blocks']} blocks still started above that "
+                   f"(median busy {busy['median']:.0%}, max {busy['max']:.0%}).")
     if "throughput" in results:
         out += ["", "## Training step throughput", ""]
         out += _throughput_table(results["throughput"], results["shapes"])

@@ -129,12 +129,16 @@ class Timer:
     quiesce_s: sleep before every block (lets other thread pools stop spinning; CPU only).
     """
 
-    def __init__(self, rounds=9, block_s=0.1, warmup_s=0.3, quiesce_s=0.15, max_calls=100000):
+    def __init__(self, rounds=9, block_s=0.1, warmup_s=0.3, quiesce_s=0.15, max_calls=100000,
+                 max_busy=0.15, max_wait_s=3.0):
         self.rounds = rounds
         self.block_s = block_s
         self.warmup_s = warmup_s
         self.quiesce_s = quiesce_s
         self.max_calls = max_calls
+        self.max_busy = max_busy
+        self.max_wait_s = max_wait_s
+        self.busy = []  # the machine's busy fraction seen in each pause (other processes)
 
     def run(self, contenders):
         """{name: [seconds per call, one per round]} for every contender, timed interleaved."""
@@ -147,7 +151,7 @@ class Timer:
             for c in order:
                 n = calls[c.name]
                 if self.quiesce_s and c.device == "cpu":
-                    time.sleep(self.quiesce_s)
+                    self.busy.append(self._quiesce())
                 c.sync()
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -155,6 +159,21 @@ class Timer:
                 c.sync()
                 times[c.name].append((time.perf_counter() - t0) / n)
         return times
+
+    def _quiesce(self):
+        """Sleep quiesce_s, longer (up to max_wait_s) while other processes keep the CPUs busy.
+
+        On a shared machine another process's burst would take a core from a multi-threaded
+        block; waiting for a quiet moment keeps such rounds out. Returns the last busy fraction.
+        """
+        waited = 0.0
+        while True:
+            before = _cpu_times()
+            time.sleep(self.quiesce_s)
+            waited += self.quiesce_s
+            busy = _busy_fraction(before, _cpu_times())
+            if busy is None or busy <= self.max_busy or waited >= self.max_wait_s:
+                return busy
 
     def _warm_up(self, c):
         """Run ``c`` for warmup_s (at least 3 calls); return the calls in one block."""
@@ -172,6 +191,23 @@ class Timer:
                     break
         per_call = el / n
         return int(min(self.max_calls, max(1, round(self.block_s / max(per_call, 1e-9)))))
+
+
+def _cpu_times():
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_fraction(before, after):
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def median(xs):
@@ -743,6 +779,12 @@ def run(args, log=print):
     if "memory" in sections:
         log("memory:")
         results["memory"] = memory_section(devices, shapes, growth, tuple(shapes), log)
+    busy = [b for t in (timer, locals().get("scale_timer")) if t is not None for b in t.busy
+            if b is not None]
+    results["method"]["busy_before_blocks"] = {
+        "median": median(busy) if busy else None, "max": max(busy) if busy else None,
+        "over_threshold": sum(b > timer.max_busy for b in busy), "blocks": len(busy),
+        "threshold": timer.max_busy}
     results["seconds"] = time.perf_counter() - t_start
     results["markdown"] = bench_report.markdown(results)
     return results

@@ -15,8 +15,7 @@ import numpy as np
 
 from gpubackprop.backend import Backend
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
-from gpubackprop.validation import (check_choice, check_finite, describe, features, host_array,
-                                    positive_int)
+from gpubackprop.validation import check_choice, check_finite, describe, features, host_array, positive_int
 
 INITS = ("he", "xavier", "lecun", "normal")
 
@@ -36,7 +35,7 @@ def init_weights(scheme, n_in, n_out, rng):
 class _Workspace:
     """Buffers a Dense layer reuses for one batch size."""
 
-    __slots__ = ("Z", "A", "dZ", "dX")
+    __slots__ = ("Z", "A", "dZ", "dX", "_dW", "_be", "_wshape")
 
     def __init__(self, be, B, n_in, n_out, activation):
         self.Z = be.empty((B, n_out))
@@ -44,6 +43,13 @@ class _Workspace:
         self.A = be.empty((B, n_out)) if saves_input(activation) else self.Z
         self.dZ = be.empty((B, n_out))
         self.dX = be.empty((B, n_in))
+        self._dW = None  # made on first need: only a layer used twice in one step accumulates
+        self._be, self._wshape = be, (n_out, n_in)
+
+    def dW_tmp(self):
+        if self._dW is None:
+            self._dW = self._be.empty(self._wshape)
+        return self._dW
 
 
 class Dense:
@@ -80,6 +86,12 @@ class Dense:
         self.dW = grads[:nw].reshape(self.n_out, self.n_in)
         self.db = grads[nw:]
         self._workspaces = {}
+        # Hot-path constants: the transposed view the forward GEMM reads (no copy: numpy passes
+        # it to sgemm as a transposed operand), the dtype, and the kernel entry points.
+        self._WT = self.W.T
+        self._dtype = backend.dtype
+        self._matmul = backend.xp.matmul
+        self._saves_input = saves_input(self.activation)
 
     def initial_params(self, rng):
         """Host float64 (W, b) for a fresh model; biases start at zero."""
@@ -98,40 +110,53 @@ class Dense:
         return ws
 
     def forward(self, X, train=False, input_grad=True):
-        be = self.backend
         if X.ndim != 2 or X.shape[1] != self.n_in:
             raise ValueError(f"Dense({self.n_in}, {self.n_out}) input: expected shape (batch, "
                              f"{self.n_in}), got {tuple(X.shape)}")
-        if X.dtype != be.dtype:
-            raise TypeError(f"Dense input: expected dtype {be.dtype}, got {X.dtype}")
-        act, ops, xp = self.activation, be.ops, be.xp
-        if train:
-            ws = self._workspace(X.shape[0])
-            Z, A = ws.Z, ws.A
-        else:
-            Z = be.empty((X.shape[0], self.n_out))
-            A = be.empty(Z.shape) if saves_input(act) else Z
-        xp.matmul(X, self.W.T, out=Z)  # forward GEMM: Z = X Wᵀ
+        if X.dtype != self._dtype:
+            raise TypeError(f"Dense input: expected dtype {self._dtype}, got {X.dtype}")
+        if not train:
+            return self._infer(X), _no_backprop
+        # Training: everything lives in this batch size's workspace, so a step allocates nothing.
+        ws = self._workspaces.get(X.shape[0]) or self._workspace(X.shape[0])
+        Z, A = ws.Z, ws.A
+        self._matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
+        ops = self.backend.ops
+        act = self.activation
         ops.bias_act(Z, self.b, act, A)  # Z += b; A = σ(Z), one pass
-        saved = Z if saves_input(act) else A
+        saved = Z if self._saves_input else A
+        matmul, dW, db, W, dZbuf, dX = self._matmul, self.dW, self.db, self.W, ws.dZ, ws.dX
+        identity = act == "identity"
 
         def backprop(dA):
             # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z), one fused pass (identity: Δ = dA).
-            dZ = dA if act == "identity" else ops.act_backward(dA, saved, act, ws.dZ)
-            # BP3: ∂C/∂W = Δᵀ A_prev, a GEMM straight into the flat gradient buffer.
+            dZ = dA if identity else ops.act_backward(dA, saved, act, dZbuf)
             if self._accumulate:
-                self.dW += dZ.T @ X
+                # BP3 (accumulating): ∂C/∂W += Δᵀ A_prev, through the workspace (no temporary).
+                tmp = ws.dW_tmp()
+                matmul(dZ.T, X, out=tmp)
+                self.dW += tmp
+                ops.bias_grad(dZ, db, accumulate=True)  # BP4
             else:
-                xp.matmul(dZ.T, X, out=self.dW)
-            # BP4: ∂C/∂b = Σ_rows Δ.
-            ops.bias_grad(dZ, self.db, accumulate=self._accumulate)
-            self._accumulate = True
+                # BP3: ∂C/∂W = Δᵀ A_prev, a GEMM straight into the flat gradient buffer; Δᵀ is a
+                # transposed view, so sgemm reads it in place.
+                matmul(dZ.T, X, out=dW)
+                ops.bias_grad(dZ, db, accumulate=False)  # BP4: ∂C/∂b = Σ_rows Δ
+                self._accumulate = True
             if not input_grad:
                 return None
             # BP2, the GEMM part: the error sent to the layer below is Δ W (its σ' is applied there).
-            return xp.matmul(dZ, self.W, out=ws.dX)
+            return matmul(dZ, W, out=dX)
 
-        return A, (backprop if train else _no_backprop)
+        return A, backprop
+
+    def _infer(self, X):
+        be = self.backend
+        Z = be.empty((X.shape[0], self.n_out))
+        A = be.empty(Z.shape) if self._saves_input else Z
+        self._matmul(X, self._WT, out=Z)
+        be.ops.bias_act(Z, self.b, self.activation, A)
+        return A
 
 
 class Residual:
@@ -250,6 +275,7 @@ class Sequential:
             layer.attach(be, self.flat_params[offset:offset + n], self.flat_grads[offset:offset + n])
             offset += n
         self._attach_backend(be)
+        self._dense = None  # zero_grads lists the Dense layers again
         self._backend = be
 
     def _attach_backend(self, be):
@@ -275,19 +301,28 @@ class Sequential:
 
     def zero_grads(self):
         """Start a new gradient: the next backprop writes the gradients instead of adding to them."""
-        for layer in self.dense_layers():
+        dense = self.__dict__.get("_dense")  # the Dense layers, listed once per build
+        if dense is None:
+            dense = self._dense = self.dense_layers()
+        for layer in dense:
             layer.zero_grads()
 
     # ---- the layer protocol ----------------------------------------------------------------------
     def forward(self, X, train=False, input_grad=True):
-        self.backend  # noqa: B018 (build on first use)
+        if self._backend is None:
+            self._build()
+        if not train:
+            for layer in self.layers:
+                X, _ = layer.forward(X, False)
+            return X, _no_backprop
         callbacks = []
         for i, layer in enumerate(self.layers):
-            X, bp = layer.forward(X, train, input_grad or i > 0)
+            X, bp = layer.forward(X, True, input_grad or i > 0)
             callbacks.append(bp)
+        callbacks.reverse()
 
         def backprop(dY):
-            for bp in reversed(callbacks):
+            for bp in callbacks:
                 dY = bp(dY)
             return dY
 

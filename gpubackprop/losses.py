@@ -89,10 +89,15 @@ class SoftmaxCrossEntropy(Loss):
         return h.astype(np.int64)
 
     def loss_and_grad(self, be, Y, T):
-        self.check_outputs(Y, T)
         B = Y.shape[0]
-        dY = self._buffer(be, "dY", Y.shape)
-        rows = self._buffer(be, "rows", (B,))
+        if T.shape[0] != B:
+            self.check_outputs(Y, T)
+        bufs = self._buffers.get(Y.shape)  # (dY, per-row losses), reused at this shape
+        if bufs is None or bufs[0].dtype != Y.dtype or type(bufs[0]) is not type(Y):
+            if len(self._buffers) > 8:
+                self._buffers.clear()
+            bufs = self._buffers[Y.shape] = (be.empty(Y.shape, Y.dtype), be.empty((B,), Y.dtype))
+        dY, rows = bufs
         # BP1 for softmax + CE: Δᴸ = (softmax(Z) − onehot(y)) / B, in one fused kernel.
         be.ops.softmax_ce(Y, T, dY, rows)
         return rows.sum() / B, dY

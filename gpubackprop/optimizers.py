@@ -35,6 +35,7 @@ class Optimizer:
         self.steps = 0
         self.buffers = None  # {name: device array like the flat parameters}, made on first step
         self._scale = None  # 1-element device array: the clip factor (1 without clipping)
+        self._prepared_for = None  # the flat parameter buffer the state was last checked against
 
     def hyperparams(self):
         return {"lr": self.lr, "weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
@@ -44,7 +45,15 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
     def _prepare(self, model):
-        be, p = model.backend, model.flat_params
+        p = model.flat_params
+        # The hot path: the state was made and checked for this very buffer.
+        if p is self._prepared_for and self.buffers is not None:
+            be = model._backend
+            if self.clip_norm is not None:
+                be.ops.clip_scale(model.flat_grads, self.clip_norm, self._scale)
+            return be.ops, p, model.flat_grads
+        self._prepared_for = None
+        be = model.backend
         if self.buffers is None:
             self.buffers = {name: be.zeros(p.shape) for name in self.buffer_names}
         elif self.buffers and next(iter(self.buffers.values())).shape != p.shape:
@@ -54,6 +63,7 @@ class Optimizer:
             self._scale = be.xp.ones(1, dtype=p.dtype)
         if self.clip_norm is not None:
             be.ops.clip_scale(model.flat_grads, self.clip_norm, self._scale)
+        self._prepared_for = p
         return be.ops, p, model.flat_grads
 
     def step(self, model):
@@ -88,6 +98,7 @@ class Optimizer:
                                  f"{np.shape(arr)}")
         be = model.backend
         self.buffers = {k: be.to_device(np.asarray(v)) for k, v in buffers.items()} or None
+        self._prepared_for = None
         self.steps = int(state.get("steps", 0))
 
 
