@@ -16,8 +16,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE, ReferenceOps
@@ -27,12 +28,14 @@ ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
 GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
 
-# Element counts from which a parallel kernel runs. Measured on 2 busy cores: a parallel region
-# costs ~10 µs when cores are free and can stall for milliseconds when another process holds them,
-# while a memory-bound op (relu, SGD) gains < 2x; exp/tanh-bound ops gain most. Conservative on
-# purpose; ``CpuOps(parallel_min=...)`` overrides both, NUMBA_NUM_THREADS=1 switches them off.
-PAR_MIN_CHEAP = 1 << 20
-PAR_MIN_TRANSCENDENTAL = 1 << 16
+# Element counts from which a parallel kernel runs. In a training step these ops sit between GEMMs,
+# and BLAS's threads keep spinning on the cores for a while after each GEMM: a parallel region
+# there fights them (measured: a parallel SGD update made the whole L step, 784-1024-1024-10 at
+# B=256, 1.34x slower on 2 cores), while a memory-bound op gains < 2x even on free cores. So the
+# parallel kernels are for very large arrays only; ``CpuOps(parallel_min=...)`` overrides both,
+# NUMBA_NUM_THREADS=1 switches them off.
+PAR_MIN_CHEAP = 1 << 24
+PAR_MIN_TRANSCENDENTAL = 1 << 22
 SQ_CHUNK = 1 << 14  # reduction chunk: the summation order depends on this, not on threads
 
 
@@ -117,16 +120,65 @@ def _bias_act_rows(Z, b, A, act, r0, r1):
 
 
 @njit(cache=True)
-def _bias_act_serial(Z, b, A, act):
-    _bias_act_rows(Z, b, A, act, 0, Z.shape[0])
+def _bias_act_rows_inplace(Z, b, act, r0, r1):
+    # The common case, A is Z, as its own one-array loop: with two names for one buffer LLVM's
+    # runtime alias check fails and the loop runs scalar (about 4x slower for relu).
+    n = Z.shape[1]
+    zero = Z.dtype.type(0)
+    one = Z.dtype.type(1)
+    if act == IDENTITY:
+        for i in range(r0, r1):
+            for j in range(n):
+                Z[i, j] = Z[i, j] + b[j]
+    elif act == SIGMOID:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                e = math.exp(-abs(z))
+                Z[i, j] = one / (one + e) if z >= zero else e / (one + e)
+    elif act == TANH:
+        for i in range(r0, r1):
+            for j in range(n):
+                Z[i, j] = math.tanh(Z[i, j] + b[j])
+    elif act == RELU:
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = zero if z < zero else z
+    elif act == LEAKY_RELU:
+        slope = Z.dtype.type(LEAKY_SLOPE)
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z if z > zero else z * slope
+    else:  # GELU in place (a caller that keeps Z for the derivative passes a separate A)
+        half = Z.dtype.type(0.5)
+        c = Z.dtype.type(GELU_C)
+        k = Z.dtype.type(GELU_K)
+        for i in range(r0, r1):
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                t = math.tanh(c * (z + k * (z * z * z)))
+                Z[i, j] = half * z * (one + t)
+
+
+@njit(cache=True)
+def _bias_act_serial(Z, b, A, act, inplace):
+    if inplace:
+        _bias_act_rows_inplace(Z, b, act, 0, Z.shape[0])
+    else:
+        _bias_act_rows(Z, b, A, act, 0, Z.shape[0])
 
 
 @njit(cache=True, parallel=True)
-def _bias_act_parallel(Z, b, A, act, nchunks):
+def _bias_act_parallel(Z, b, A, act, inplace, nchunks):
     B = Z.shape[0]
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, B)
-        _bias_act_rows(Z, b, A, act, r0, r1)
+        if inplace:
+            _bias_act_rows_inplace(Z, b, act, r0, r1)
+        else:
+            _bias_act_rows(Z, b, A, act, r0, r1)
 
 
 # ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
@@ -180,8 +232,88 @@ def _act_backward_parallel(dA, S, dZ, act, nchunks):
 
 
 # ---- BP1 for softmax + cross-entropy ------------------------------------------------------------
+@intrinsic
+def _as_float32(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a free bitcast that vectorizes)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _bits_of(typingctx, x):
+    """The IEEE bits of the float32 ``x`` as an int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# exp in float32 arithmetic (Cephes' expf: Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2, and
+# a degree-7 polynomial, peak relative error ~1 ulp), 2^n written straight into the exponent bits.
+# Unlike a call to libm's expf per element this is straight-line arithmetic on 8 float32 lanes:
+# no float→int conversion either, as n is read from the low mantissa bits of n + 1.5·2^23.
+_F = np.float32
+LOG2E_F = _F(1.44269504088896341)
+LN2_HI_F = _F(0.693359375)  # ln 2 split so that n·LN2_HI_F is exact
+LN2_LO_F = _F(-2.12194440e-4)
+ROUND_MAGIC_F = _F(12582912.0)  # 1.5·2^23
+EXP_MIN_F = _F(-87.33654)  # below: e^x is under the smallest normal float32; the result is 0
+EXP_MAX_F = _F(88.72283)  # above: inf
+P0, P1, P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
+P3, P4, P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
+
+
+@njit(cache=True, inline="always")
+def _expf(x):
+    one = _F(1.0)
+    xc = x
+    if xc < EXP_MIN_F:  # "x < lo" is False for NaN, so NaN stays
+        xc = EXP_MIN_F
+    if xc > EXP_MAX_F:
+        xc = EXP_MAX_F
+    t = xc * LOG2E_F + ROUND_MAGIC_F  # round(x·log2 e) in the low bits of t
+    n = t - ROUND_MAGIC_F
+    r = (xc - n * LN2_HI_F) - n * LN2_LO_F
+    z = r * r
+    p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * z + r + one
+    k = _bits_of(t) - _bits_of(ROUND_MAGIC_F)  # n as an int32
+    y = p * _as_float32((k + np.int32(127)) << np.int32(23))
+    if x < EXP_MIN_F:
+        y = _F(0.0)
+    if x > EXP_MAX_F:
+        y = _F(np.inf)
+    return y
+
+
 @njit(cache=True)
-def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1):
+def _exp_row(logits, dlogits, i, m, fast):
+    """dlogits[i] = exp(logits[i] − m); returns the row sum, added in float64 in a fixed order."""
+    C = logits.shape[1]
+    if fast:
+        for j in range(C):
+            dlogits[i, j] = _expf(logits[i, j] - m)
+    else:
+        for j in range(C):
+            dlogits[i, j] = math.exp(logits[i, j] - m)
+    # Four interleaved accumulators: a fixed order (deterministic) without one long add chain.
+    s0 = s1 = s2 = s3 = 0.0
+    j = 0
+    while j + 4 <= C:
+        s0 += dlogits[i, j]
+        s1 += dlogits[i, j + 1]
+        s2 += dlogits[i, j + 2]
+        s3 += dlogits[i, j + 3]
+        j += 4
+    while j < C:
+        s0 += dlogits[i, j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True)
+def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast):
     B, C = logits.shape
     one = logits.dtype.type(1)
     fB = logits.dtype.type(B)
@@ -189,39 +321,34 @@ def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1):
         y = labels[i]
         valid = 0 <= y < C  # labels are checked on the host; this only keeps memory safe
         zy = logits[i, y] if valid else logits.dtype.type(np.nan)  # read before dlogits may alias
-        # Subtract the row max before exp (log-sum-exp) so exp never overflows; NaN propagates.
+        # Subtract the row max before exp (log-sum-exp) so exp never overflows. A NaN in the row
+        # needs no test here: its exp makes the row's sum, loss and gradient NaN.
         m = logits[i, 0]
         for j in range(1, C):
             v = logits[i, j]
-            if v > m or v != v:
+            if v > m:
                 m = v
-                if v != v:
-                    break
-        s = 0.0  # float64 accumulator, fixed order
-        for j in range(C):
-            e = math.exp(logits[i, j] - m)
-            dlogits[i, j] = e
-            s += e
-        sf = logits.dtype.type(s)
+        sf = logits.dtype.type(_exp_row(logits, dlogits, i, m, fast))
         loss_rows[i] = math.log(sf) + m - zy
-        for j in range(C):
-            d = dlogits[i, j] / sf
-            if j == y:
-                d = d - one
-            dlogits[i, j] = d / fB
+        ey = dlogits[i, y] if valid else zy
+        inv = one / (sf * fB)  # one division a row; differs from (e/s)/B by at most an ulp
+        for j in range(C):  # (softmax − onehot)/B, the one-hot entry mended after the loop
+            dlogits[i, j] = dlogits[i, j] * inv
+        if valid:
+            dlogits[i, y] = (ey / sf - one) / fB
 
 
 @njit(cache=True)
-def _softmax_ce_serial(logits, labels, dlogits, loss_rows):
-    _softmax_ce_rows(logits, labels, dlogits, loss_rows, 0, logits.shape[0])
+def _softmax_ce_serial(logits, labels, dlogits, loss_rows, fast):
+    _softmax_ce_rows(logits, labels, dlogits, loss_rows, 0, logits.shape[0], fast)
 
 
 @njit(cache=True, parallel=True)
-def _softmax_ce_parallel(logits, labels, dlogits, loss_rows, nchunks):
+def _softmax_ce_parallel(logits, labels, dlogits, loss_rows, fast, nchunks):
     B = logits.shape[0]
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, B)
-        _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1)
+        _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast)
 
 
 # ---- BP4: bias gradient, column sums in row order (NumPy's order for axis=0) ---------------------
@@ -464,10 +591,11 @@ class CpuOps(ReferenceOps):
         act = ACT_CODE.get(activation)
         if act is None:
             raise _unknown_activation(activation)
+        inplace = A is Z
         if self.parallel and Z.size >= self.par_by_act[act]:
-            _bias_act_parallel(Z, b, A, act, self.nchunks)
+            _bias_act_parallel(Z, b, A, act, inplace, self.nchunks)
         else:
-            _bias_act_serial(Z, b, A, act)
+            _bias_act_serial(Z, b, A, act, inplace)
         return A
 
     def act_backward(self, dA, saved, activation, dZ):
@@ -494,11 +622,12 @@ class CpuOps(ReferenceOps):
         checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
         if logits.shape[1] == 0:
             raise checks.shape_error("logits", "at least one class (column)", logits)
+        fast = logits.dtype is checks.F32  # float64 keeps libm's exp (1e-12 agreement)
         if self.parallel and logits.size >= self.par_transcendental and logits.shape[0] > 1:
-            _softmax_ce_parallel(logits, labels, dlogits, loss_rows,
+            _softmax_ce_parallel(logits, labels, dlogits, loss_rows, fast,
                                  min(self.nchunks, logits.shape[0]))
         else:
-            _softmax_ce_serial(logits, labels, dlogits, loss_rows)
+            _softmax_ce_serial(logits, labels, dlogits, loss_rows, fast)
         return dlogits, loss_rows
 
     def bias_grad(self, dZ, db, accumulate=False):
