@@ -40,7 +40,8 @@ def host_array(a, name):
     try:
         h = to_numpy(a)
     except Exception as e:  # ragged lists and the like
-        raise TypeError(f"{name}: expected an array-like of numbers, got {type(a).__name__} ({e})")
+        raise TypeError(f"{name}: expected an array-like of numbers, got {type(a).__name__} "
+                        f"({e})") from None
     if h.dtype == object or not (np.issubdtype(h.dtype, np.number) or h.dtype == bool) \
             or np.issubdtype(h.dtype, np.complexfloating):
         raise TypeError(f"{name}: expected real numbers (an integer or float dtype), "

@@ -12,7 +12,9 @@ GPU_BACKENDS = [("cuda", "reference"), ("cuda", "fused")]
 
 def backend_params():
     params = [pytest.param(b, id="-".join(b)) for b in BACKENDS]
-    reason = "needs a CUDA GPU with CuPy" + (" (the simulator runs the cudasim tests)" if is_cudasim() else "")
+    reason = "needs a CUDA GPU with CuPy"
+    if is_cudasim():
+        reason += " (the simulator runs the cudasim tests)"
     for b in GPU_BACKENDS:
         marks = [] if has_cupy_gpu() else [pytest.mark.skip(reason=reason)]
         params.append(pytest.param(b, id="-".join(b), marks=marks))

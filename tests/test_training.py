@@ -25,7 +25,7 @@ def numpy_trajectory(params, X, y, steps, lr, momentum):
         D2 = (P - np.eye(Z2.shape[1])[y]) / B           # BP1
         D1 = (D2 @ W2) * (1 - A1**2)                     # BP2
         grads = [D1.T @ X, D1.sum(0), D2.T @ A1, D2.sum(0)]  # BP3, BP4
-        for p, v, g in zip((W1, b1, W2, b2), vel, grads):
+        for p, v, g in zip((W1, b1, W2, b2), vel, grads, strict=True):
             v *= momentum
             v += g
             p -= lr * v
