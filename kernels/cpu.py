@@ -297,19 +297,55 @@ def _exp_row(logits, dlogits, i, m, fast):
     else:
         for j in range(C):
             dlogits[i, j] = math.exp(logits[i, j] - m)
-    # Four interleaved accumulators: a fixed order (deterministic) without one long add chain.
-    s0 = s1 = s2 = s3 = 0.0
+    # Eight interleaved float64 accumulators: a fixed order (deterministic) that the SLP
+    # vectorizer packs into vector adds, instead of one long dependent add chain.
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     j = 0
-    while j + 4 <= C:
+    while j + 8 <= C:
         s0 += dlogits[i, j]
         s1 += dlogits[i, j + 1]
         s2 += dlogits[i, j + 2]
         s3 += dlogits[i, j + 3]
-        j += 4
+        s4 += dlogits[i, j + 4]
+        s5 += dlogits[i, j + 5]
+        s6 += dlogits[i, j + 6]
+        s7 += dlogits[i, j + 7]
+        j += 8
     while j < C:
         s0 += dlogits[i, j]
         j += 1
-    return (s0 + s1) + (s2 + s3)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, inline="always")
+def _row_max(logits, i):
+    """max(logits[i]) over eight interleaved lanes (vectorizes; a NaN is caught by the sum)."""
+    C = logits.shape[1]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = logits[i, 0]
+    j = 0
+    while j + 8 <= C:
+        v0, v1, v2, v3 = logits[i, j], logits[i, j + 1], logits[i, j + 2], logits[i, j + 3]
+        v4, v5, v6, v7 = logits[i, j + 4], logits[i, j + 5], logits[i, j + 6], logits[i, j + 7]
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        m4 = v4 if v4 > m4 else m4
+        m5 = v5 if v5 > m5 else m5
+        m6 = v6 if v6 > m6 else m6
+        m7 = v7 if v7 > m7 else m7
+        j += 8
+    while j < C:
+        v = logits[i, j]
+        m0 = v if v > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
 
 
 @njit(cache=True)
@@ -323,11 +359,7 @@ def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast):
         zy = logits[i, y] if valid else logits.dtype.type(np.nan)  # read before dlogits may alias
         # Subtract the row max before exp (log-sum-exp) so exp never overflows. A NaN in the row
         # needs no test here: its exp makes the row's sum, loss and gradient NaN.
-        m = logits[i, 0]
-        for j in range(1, C):
-            v = logits[i, j]
-            if v > m:
-                m = v
+        m = _row_max(logits, i)
         sf = logits.dtype.type(_exp_row(logits, dlogits, i, m, fast))
         loss_rows[i] = math.log(sf) + m - zy
         ey = dlogits[i, y] if valid else zy

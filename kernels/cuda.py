@@ -261,7 +261,9 @@ def kernel(body, dtype, label_dtype=None):
     k = _KERNELS.get(key)
     if k is None:
         sig = _SIGNATURES[body].format(t=dtype.name, l=label_dtype.name if label_dtype else "")
-        k = _KERNELS[key] = cuda.jit(sig)(body)
+        # On a GPU the compiled kernel is cached on disk (the simulator compiles nothing).
+        options = {} if SIMULATOR else {"cache": True}
+        k = _KERNELS[key] = cuda.jit(sig, **options)(body)
     return k
 
 
