@@ -45,26 +45,22 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
     def _prepare(self, model):
-        p = model.flat_params
-        # The hot path: the state was made and checked for this very buffer.
-        if p is self._prepared_for and self.buffers is not None:
-            be = model._backend
-            if self.clip_norm is not None:
-                be.ops.clip_scale(model.flat_grads, self.clip_norm, self._scale)
-            return be.ops, p, model.flat_grads
-        self._prepared_for = None
-        be = model.backend
-        if self.buffers is None:
-            self.buffers = {name: be.zeros(p.shape) for name in self.buffer_names}
-        elif self.buffers and next(iter(self.buffers.values())).shape != p.shape:
-            raise ValueError(f"optimizer state: made for {next(iter(self.buffers.values())).size}"
-                             f" parameters, the model has {p.size}; use a new optimizer")
-        if self._scale is None or self._scale.dtype != p.dtype or not _same_module(self._scale, p):
-            self._scale = be.xp.ones(1, dtype=p.dtype)
+        p, be = model.flat_params, model.backend
+        if p is not self._prepared_for:  # once per parameter buffer, not on every step
+            self._make_state(be, p)
+            self._prepared_for = p
         if self.clip_norm is not None:
             be.ops.clip_scale(model.flat_grads, self.clip_norm, self._scale)
-        self._prepared_for = p
         return be.ops, p, model.flat_grads
+
+    def _make_state(self, be, p):
+        if self.buffers is None:
+            self.buffers = {name: be.zeros(p.shape) for name in self.buffer_names}
+        for buf in self.buffers.values():
+            if buf.shape != p.shape:
+                raise ValueError(f"optimizer state: made for {buf.size} parameters, the model has "
+                                 f"{p.size}; use a new optimizer")
+        self._scale = be.xp.ones(1, dtype=p.dtype)
 
     def step(self, model):
         """One update of ``model.flat_params`` from ``model.flat_grads``."""
@@ -100,10 +96,6 @@ class Optimizer:
         self.buffers = {k: be.to_device(np.asarray(v)) for k, v in buffers.items()} or None
         self._prepared_for = None
         self.steps = int(state.get("steps", 0))
-
-
-def _same_module(a, b):
-    return type(a).__module__.split(".")[0] == type(b).__module__.split(".")[0]
 
 
 class SGD(Optimizer):
