@@ -30,6 +30,12 @@ def test_gradcheck_every_activation_and_loss(backend_spec, activation, loss_name
     assert err < 1e-6, f"{activation} × {loss_name}: relative error {err:.2e}"
 
 
+def test_gradcheck_with_a_single_sample(backend_spec, rng):
+    model = model_for(backend_spec, [gb.Dense(5, 4, activation="sigmoid"), gb.Dense(4, 3)])
+    err = gb.gradcheck(model, gb.SoftmaxCrossEntropy(), rng.normal(size=(1, 5)), [2])
+    assert err < 1e-6
+
+
 def test_gradcheck_detects_a_wrong_gradient(backend_spec, rng):
     # The check must be able to fail: corrupt BP4 (bias gradient) and expect a large error.
     model = model_for(backend_spec, [gb.Dense(4, 5, activation="tanh"), gb.Dense(5, 3)])
@@ -146,11 +152,12 @@ def test_training_buffers_are_reused_and_inference_is_fresh(backend_spec, rng):
         bp(Y3)
 
 
-def test_backprop_accumulates_until_zero_grads(backend_spec, rng):
+@pytest.mark.parametrize("batch", [1, 4])  # one sample: BP3 is an outer product, its own path
+def test_backprop_accumulates_until_zero_grads(backend_spec, rng, batch):
     model = model_for(backend_spec, [gb.Dense(3, 2, activation="tanh")])
     be = model.backend
-    X = be.to_device(rng.normal(size=(4, 3)))
-    dY = be.to_device(rng.normal(size=(4, 2)))
+    X = be.to_device(rng.normal(size=(batch, 3)))
+    dY = be.to_device(rng.normal(size=(batch, 2)))
     model.zero_grads()
     _, bp = model.forward(X, train=True)
     bp(dY)
