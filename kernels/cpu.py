@@ -5,7 +5,11 @@ Every kernel computes in the dtype of its arrays, as the reference does: constan
 hyperparameters arrive as float64 and are rounded to the array dtype once, which is what NumPy
 does with a Python scalar and a float32 array. Reductions accumulate in float64 (a little more
 accurate than the reference, well within its tolerance) in a fixed order, so results do not depend
-on the thread count. No ``fastmath``: it would let LLVM assume there are no NaNs.
+on the thread count. No ``fastmath``: it would let LLVM assume there are no NaNs. Every kernel
+uses ``error_model="numpy"``: with Python's error model each float division carries a
+ZeroDivisionError check that keeps LLVM from vectorizing the loop (Adam's update ran 8x slower).
+In float32, exp and tanh are straight-line polynomial code (``_expf``, ``_tanh``) rather than
+libm's scalar calls, for the same reason.
 
 Each op has a serial kernel and a ``parallel=True`` one over fixed chunks; the launcher takes the
 parallel one only above a size where it pays (a parallel region costs several µs to start).
@@ -39,10 +43,77 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 SQ_CHUNK = 1 << 14  # reduction chunk: the summation order depends on this, not on threads
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _span(c, nchunks, n):
     """The c-th of nchunks near-equal pieces of range(n)."""
     return c * n // nchunks, (c + 1) * n // nchunks
+
+
+@intrinsic
+def _as_float32(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a free bitcast that vectorizes)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _bits_of(typingctx, x):
+    """The IEEE bits of the float32 ``x`` as an int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# exp in float32 arithmetic (Cephes' expf: Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2, and
+# a degree-7 polynomial, peak relative error ~1 ulp), 2^n written straight into the exponent bits.
+# Unlike a call to libm's expf per element this is straight-line arithmetic on 8 float32 lanes:
+# no float→int conversion either, as n is read from the low mantissa bits of n + 1.5·2^23.
+_F = np.float32
+LOG2E_F = _F(1.44269504088896341)
+LN2_HI_F = _F(0.693359375)  # ln 2 split so that n·LN2_HI_F is exact
+LN2_LO_F = _F(-2.12194440e-4)
+ROUND_MAGIC_F = _F(12582912.0)  # 1.5·2^23
+EXP_MIN_F = _F(-87.33654)  # below: e^x is under the smallest normal float32; the result is 0
+EXP_MAX_F = _F(88.72283)  # above: inf
+P0, P1, P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
+P3, P4, P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _expf(x):
+    one = _F(1.0)
+    xc = x
+    if xc < EXP_MIN_F:  # "x < lo" is False for NaN, so NaN stays
+        xc = EXP_MIN_F
+    if xc > EXP_MAX_F:
+        xc = EXP_MAX_F
+    t = xc * LOG2E_F + ROUND_MAGIC_F  # round(x·log2 e) in the low bits of t
+    n = t - ROUND_MAGIC_F
+    r = (xc - n * LN2_HI_F) - n * LN2_LO_F
+    z = r * r
+    p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * z + r + one
+    k = _bits_of(t) - _bits_of(ROUND_MAGIC_F)  # n as an int32
+    y = p * _as_float32((k + np.int32(127)) << np.int32(23))
+    if x < EXP_MIN_F:
+        y = _F(0.0)
+    if x > EXP_MAX_F:
+        y = _F(np.inf)
+    return y
+
+
+def _exp(x):
+    """exp for the kernels below: the vectorizable ``_expf`` for float32, libm's for float64."""
+    return math.exp(x)
+
+
+@overload(_exp, jit_options={"cache": True, "error_model": "numpy"})
+def _exp_impl(x):
+    if x == types.float32:
+        return lambda x: _expf(x)
+    return lambda x: math.exp(x)
 
 
 def _tanh(z):
@@ -50,49 +121,55 @@ def _tanh(z):
     return math.tanh(z)
 
 
-@overload(_tanh, jit_options={"cache": True})
+@overload(_tanh, jit_options={"cache": True, "error_model": "numpy"})
 def _tanh_impl(z):
     if z == types.float32:
-        # libm's tanhf is a scalar call; in float64, (1 - e)/(1 + e) with e = exp(-2|z|) is faster
-        # and, rounded once to float32, more accurate. Below 1e-4, tanh(z) rounds to z itself
-        # (and 1 - e would cancel). NaN falls through to exp and stays NaN.
+        # libm's tanhf is a scalar call per element. Instead, two branch-free float32 formulas and
+        # a select, so that a loop over them vectorizes: below |z| = 0.35 the odd Taylor series
+        # (the first term left out is < 2e-8 relative), above it (1 − e)/(1 + e) with
+        # e = exp(−2|z|) <= 0.5, where 1 − e no longer cancels. NaN goes through exp and stays NaN.
         def impl(z):
-            a = np.float64(abs(z))
-            if a < 1e-4:
-                return z
-            e = math.exp(-2.0 * a)
-            r = np.float32((1.0 - e) / (1.0 + e))
-            return r if z >= 0 else -r
+            a = abs(z)
+            z2 = z * z
+            small = z * (T1 + z2 * (T3 + z2 * (T5 + z2 * (T7 + z2 * (T9 + z2 * T11)))))
+            e = _expf(_F(-2.0) * a)
+            large = (_F(1.0) - e) / (_F(1.0) + e)
+            large = large if z >= _F(0.0) else -large
+            return small if a < _F(0.35) else large
         return impl
     return lambda z: math.tanh(z)
+
+
+T1, T3, T5 = _F(1.0), _F(-1.0 / 3.0), _F(2.0 / 15.0)
+T7, T9, T11 = _F(-17.0 / 315.0), _F(62.0 / 2835.0), _F(-1382.0 / 155925.0)
 
 
 # ---- forward: Z += b; A = σ(Z) -----------------------------------------------------------------
 # The activations as scalar functions, inlined into each loop below. Each loop runs one activation
 # (the branch on ``act`` sits outside it) so that LLVM can vectorize it.
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _sigmoid(z, zero, one):
     # Split at 0 so exp never overflows: e = exp(-|z|) <= 1 on both sides.
-    e = math.exp(-abs(z))
+    e = _exp(-abs(z))
     return one / (one + e) if z >= zero else e / (one + e)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _relu(z, zero):
     return zero if z < zero else z  # "z < 0 gives 0" keeps NaN, as np.maximum does
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _leaky_relu(z, zero, slope):
     return z if z > zero else z * slope
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _gelu(z, half, one, c, k):
     return half * z * (one + _tanh(c * (z + k * (z * z * z))))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bias_act_rows(Z, b, A, act, r0, r1):
     """Z += b, A = σ(Z) for rows r0..r1, A a buffer of its own."""
     n = Z.shape[1]
@@ -132,7 +209,7 @@ def _bias_act_rows(Z, b, A, act, r0, r1):
                 A[i, j] = _gelu(z, half, one, c, k)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bias_act_rows_inplace(Z, b, act, r0, r1):
     """Z = σ(Z + b) for rows r0..r1: the common case, A is Z, as a one-array loop (with two names
     for one buffer LLVM's runtime alias check fails and the loop runs scalar, ~4x slower)."""
@@ -161,7 +238,7 @@ def _bias_act_rows_inplace(Z, b, act, r0, r1):
                 Z[i, j] = _gelu(Z[i, j] + b[j], half, one, c, k)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bias_act_serial(Z, b, A, act, inplace):
     if inplace:
         _bias_act_rows_inplace(Z, b, act, 0, Z.shape[0])
@@ -169,7 +246,7 @@ def _bias_act_serial(Z, b, A, act, inplace):
         _bias_act_rows(Z, b, A, act, 0, Z.shape[0])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _bias_act_parallel(Z, b, A, act, inplace, nchunks):
     B = Z.shape[0]
     for c in prange(nchunks):
@@ -181,7 +258,7 @@ def _bias_act_parallel(Z, b, A, act, inplace, nchunks):
 
 
 # ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _act_backward_span(dA, S, dZ, act, i0, i1):
     zero = dA.dtype.type(0)
     one = dA.dtype.type(1)
@@ -215,13 +292,13 @@ def _act_backward_span(dA, S, dZ, act, i0, i1):
             dZ[i] = dA[i] * (half * (one + t) + half * z * (one - t * t) * c * (one + k3 * z * z))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _act_backward_serial(dA, S, dZ, act):
     n = dA.size
     _act_backward_span(dA.reshape(n), S.reshape(n), dZ.reshape(n), act, 0, n)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _act_backward_parallel(dA, S, dZ, act, nchunks):
     n = dA.size
     fa, fs, fz = dA.reshape(n), S.reshape(n), dZ.reshape(n)
@@ -231,71 +308,12 @@ def _act_backward_parallel(dA, S, dZ, act, nchunks):
 
 
 # ---- BP1 for softmax + cross-entropy ------------------------------------------------------------
-@intrinsic
-def _as_float32(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 ``bits`` (a free bitcast that vectorizes)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _bits_of(typingctx, x):
-    """The IEEE bits of the float32 ``x`` as an int32."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-# exp in float32 arithmetic (Cephes' expf: Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2, and
-# a degree-7 polynomial, peak relative error ~1 ulp), 2^n written straight into the exponent bits.
-# Unlike a call to libm's expf per element this is straight-line arithmetic on 8 float32 lanes:
-# no float→int conversion either, as n is read from the low mantissa bits of n + 1.5·2^23.
-_F = np.float32
-LOG2E_F = _F(1.44269504088896341)
-LN2_HI_F = _F(0.693359375)  # ln 2 split so that n·LN2_HI_F is exact
-LN2_LO_F = _F(-2.12194440e-4)
-ROUND_MAGIC_F = _F(12582912.0)  # 1.5·2^23
-EXP_MIN_F = _F(-87.33654)  # below: e^x is under the smallest normal float32; the result is 0
-EXP_MAX_F = _F(88.72283)  # above: inf
-P0, P1, P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
-P3, P4, P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
-
-
-@njit(cache=True, inline="always")
-def _expf(x):
-    one = _F(1.0)
-    xc = x
-    if xc < EXP_MIN_F:  # "x < lo" is False for NaN, so NaN stays
-        xc = EXP_MIN_F
-    if xc > EXP_MAX_F:
-        xc = EXP_MAX_F
-    t = xc * LOG2E_F + ROUND_MAGIC_F  # round(x·log2 e) in the low bits of t
-    n = t - ROUND_MAGIC_F
-    r = (xc - n * LN2_HI_F) - n * LN2_LO_F
-    z = r * r
-    p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * z + r + one
-    k = _bits_of(t) - _bits_of(ROUND_MAGIC_F)  # n as an int32
-    y = p * _as_float32((k + np.int32(127)) << np.int32(23))
-    if x < EXP_MIN_F:
-        y = _F(0.0)
-    if x > EXP_MAX_F:
-        y = _F(np.inf)
-    return y
-
-
-@njit(cache=True)
-def _exp_row(logits, dlogits, i, m, fast):
+@njit(cache=True, error_model="numpy")
+def _exp_row(logits, dlogits, i, m):
     """dlogits[i] = exp(logits[i] − m); returns the row sum, added in float64 in a fixed order."""
     C = logits.shape[1]
-    if fast:
-        for j in range(C):
-            dlogits[i, j] = _expf(logits[i, j] - m)
-    else:
-        for j in range(C):
-            dlogits[i, j] = math.exp(logits[i, j] - m)
+    for j in range(C):
+        dlogits[i, j] = _exp(logits[i, j] - m)
     # Eight interleaved float64 accumulators: a fixed order (deterministic) that the SLP
     # vectorizer packs into vector adds, instead of one long dependent add chain.
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
@@ -316,7 +334,7 @@ def _exp_row(logits, dlogits, i, m, fast):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _row_max(logits, i):
     """max(logits[i]) over eight interleaved lanes (vectorizes; a NaN is caught by the sum)."""
     C = logits.shape[1]
@@ -347,8 +365,8 @@ def _row_max(logits, i):
     return m4 if m4 > m0 else m0
 
 
-@njit(cache=True)
-def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast):
+@njit(cache=True, error_model="numpy")
+def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1):
     B, C = logits.shape
     one = logits.dtype.type(1)
     fB = logits.dtype.type(B)
@@ -359,7 +377,7 @@ def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast):
         # Subtract the row max before exp (log-sum-exp) so exp never overflows. A NaN in the row
         # needs no test here: its exp makes the row's sum, loss and gradient NaN.
         m = _row_max(logits, i)
-        sf = logits.dtype.type(_exp_row(logits, dlogits, i, m, fast))
+        sf = logits.dtype.type(_exp_row(logits, dlogits, i, m))
         loss_rows[i] = math.log(sf) + m - zy
         ey = dlogits[i, y] if valid else zy
         inv = one / (sf * fB)  # one division a row; differs from (e/s)/B by at most an ulp
@@ -369,21 +387,21 @@ def _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast):
             dlogits[i, y] = (ey / sf - one) / fB
 
 
-@njit(cache=True)
-def _softmax_ce_serial(logits, labels, dlogits, loss_rows, fast):
-    _softmax_ce_rows(logits, labels, dlogits, loss_rows, 0, logits.shape[0], fast)
+@njit(cache=True, error_model="numpy")
+def _softmax_ce_serial(logits, labels, dlogits, loss_rows):
+    _softmax_ce_rows(logits, labels, dlogits, loss_rows, 0, logits.shape[0])
 
 
-@njit(cache=True, parallel=True)
-def _softmax_ce_parallel(logits, labels, dlogits, loss_rows, fast, nchunks):
+@njit(cache=True, error_model="numpy", parallel=True)
+def _softmax_ce_parallel(logits, labels, dlogits, loss_rows, nchunks):
     B = logits.shape[0]
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, B)
-        _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1, fast)
+        _softmax_ce_rows(logits, labels, dlogits, loss_rows, r0, r1)
 
 
 # ---- BP4: bias gradient, column sums in row order (NumPy's order for axis=0) ---------------------
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bias_grad_cols(dZ, db, accumulate, j0, j1):
     B = dZ.shape[0]
     w = j1 - j0
@@ -398,12 +416,12 @@ def _bias_grad_cols(dZ, db, accumulate, j0, j1):
             db[j0 + j] += acc[j]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bias_grad_serial(dZ, db, accumulate):
     _bias_grad_cols(dZ, db, accumulate, 0, dZ.shape[1])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _bias_grad_parallel(dZ, db, accumulate, nchunks):
     n = dZ.shape[1]
     for c in prange(nchunks):
@@ -412,7 +430,7 @@ def _bias_grad_parallel(dZ, db, accumulate, nchunks):
 
 
 # ---- ‖g‖²: float64 partial sums over fixed chunks, added in chunk order ---------------------------
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sq_chunk(g, i0, i1):
     # Four independent accumulators (a fixed order) so the loop is not one long dependency chain.
     a0 = a1 = a2 = a3 = 0.0
@@ -434,7 +452,7 @@ def _sq_chunk(g, i0, i1):
     return (a0 + a1) + (a2 + a3)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sq_norm_serial(g, chunk):
     n = g.size
     total = 0.0
@@ -443,7 +461,7 @@ def _sq_norm_serial(g, chunk):
     return total
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _sq_norm_parallel(g, chunk):
     n = g.size
     nchunks = (n + chunk - 1) // chunk
@@ -456,12 +474,12 @@ def _sq_norm_parallel(g, chunk):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _write_sq(total, out):
     out[0] = out.dtype.type(total)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _write_clip(total, clip_norm, scale):
     one = scale.dtype.type(1)
     norm = math.sqrt(scale.dtype.type(total))
@@ -470,7 +488,7 @@ def _write_clip(total, clip_norm, scale):
 
 
 # ---- optimizer updates: one pass over the flat buffers ------------------------------------------
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sgd_span(p, g, buf, lr, momentum, nesterov, weight_decay, s, i0, i1):
     t = p.dtype.type
     lr, mu, wd = t(lr), t(momentum), t(weight_decay)
@@ -485,14 +503,14 @@ def _sgd_span(p, g, buf, lr, momentum, nesterov, weight_decay, s, i0, i1):
         p[i] -= lr * d
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sgd_serial(p, g, buf, lr, momentum, nesterov, weight_decay, scale):
     n = p.size
     _sgd_span(p.reshape(n), g.reshape(n), buf.reshape(buf.size), lr, momentum, nesterov,
               weight_decay, scale[0], 0, n)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _sgd_parallel(p, g, buf, lr, momentum, nesterov, weight_decay, scale, nchunks):
     n = p.size
     fp, fg, fb, s = p.reshape(n), g.reshape(n), buf.reshape(buf.size), scale[0]
@@ -501,7 +519,7 @@ def _sgd_parallel(p, g, buf, lr, momentum, nesterov, weight_decay, scale, nchunk
         _sgd_span(fp, fg, fb, lr, momentum, nesterov, weight_decay, s, i0, i1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rmsprop_span(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, s, i0, i1):
     t = p.dtype.type
     lr, a, a1, ep, wd, mu = t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay), t(momentum)
@@ -518,14 +536,14 @@ def _rmsprop_span(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, s, i0, 
         p[i] -= lr * step
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rmsprop_serial(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale):
     n = p.size
     _rmsprop_span(p.reshape(n), g.reshape(n), sq.reshape(n), buf.reshape(buf.size), lr, alpha,
                   eps, weight_decay, momentum, scale[0], 0, n)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _rmsprop_parallel(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale, nchunks):
     n = p.size
     fp, fg, fs, fb, s = p.reshape(n), g.reshape(n), sq.reshape(n), buf.reshape(buf.size), scale[0]
@@ -534,7 +552,7 @@ def _rmsprop_parallel(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, sca
         _rmsprop_span(fp, fg, fs, fb, lr, alpha, eps, weight_decay, momentum, s, i0, i1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _adam_span(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, s, i0, i1):
     # lr_c = lr / (1 - beta1**step), sqrt_bc2 = sqrt(1 - beta2**step) and decay = 1 - lr*wd
     # (AdamW) are computed in Python as the reference does, then rounded to the array dtype once,
@@ -556,14 +574,14 @@ def _adam_span(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, s, i0, 
         p[i] = pi - lr * mi / (math.sqrt(vi) / r2 + ep)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _adam_serial(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale):
     n = p.size
     _adam_span(p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n), lr_c, beta1, beta2, eps,
                l2, decay, sqrt_bc2, scale[0], 0, n)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _adam_parallel(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale, nchunks):
     n = p.size
     fp, fg, fm, fv, s = p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n), scale[0]
@@ -653,12 +671,11 @@ class CpuOps(ReferenceOps):
         checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
         if logits.shape[1] == 0:
             raise checks.shape_error("logits", "at least one class (column)", logits)
-        fast = logits.dtype is checks.F32  # float64 keeps libm's exp (1e-12 agreement)
         if self.parallel and logits.size >= self.par_transcendental and logits.shape[0] > 1:
-            _softmax_ce_parallel(logits, labels, dlogits, loss_rows, fast,
+            _softmax_ce_parallel(logits, labels, dlogits, loss_rows,
                                  min(self.nchunks, logits.shape[0]))
         else:
-            _softmax_ce_serial(logits, labels, dlogits, loss_rows, fast)
+            _softmax_ce_serial(logits, labels, dlogits, loss_rows)
         return dlogits, loss_rows
 
     def bias_grad(self, dZ, db, accumulate=False):
