@@ -24,7 +24,14 @@ import numpy as np
 
 from gpubackprop.backend import cupy_module, is_cudasim, numba_cuda
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE, ReferenceOps
+from gpubackprop.kernels.reference import (
+    ACTIVATIONS,
+    GELU_C,
+    GELU_K,
+    LEAKY_SLOPE,
+    ReferenceOps,
+    adam_coefficients,
+)
 
 cuda = numba_cuda()
 if cuda is None:
@@ -471,12 +478,9 @@ class CudaOps(ReferenceOps):
         dt = checks.float_arrays(_ADAM, p, g, m, v, scale)
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
             self._check_opt(p, g, scale, ("m", m), ("v", v))
-        beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
-        lr_c = lr / (1 - beta1**step)
-        sqrt_bc2 = math.sqrt(1 - beta2**step)
-        l2, decay = weight_decay, 1.0
-        if weight_decay and decoupled:
-            l2, decay = 0.0, 1 - lr * weight_decay
+        beta1, beta2 = float(beta1), float(beta2)
+        lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
+                                                      decoupled, step)
         self._launch(_adam, p.size, dt, _as_1d(p), _as_1d(g), _as_1d(m), _as_1d(v), float(lr_c),
                      beta1, beta2, float(eps), l2, float(decay), sqrt_bc2, _as_1d(scale))
         return p

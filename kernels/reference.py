@@ -20,6 +20,19 @@ GELU_C = math.sqrt(2.0 / math.pi)  # GELU, tanh approximation (PyTorch approxima
 GELU_K = 0.044715
 
 
+def adam_coefficients(lr, beta1, beta2, weight_decay, decoupled, step):
+    """The per-step scalars a fused Adam kernel takes, computed in float64 as the reference does.
+
+    Returns (lr / (1 − β1^t), √(1 − β2^t), the L2 decay added to g, the factor 1 − lr·wd that
+    AdamW's decoupled decay multiplies p by).
+    """
+    lr_c = lr / (1 - beta1**step)
+    sqrt_bc2 = math.sqrt(1 - beta2**step)
+    if weight_decay and decoupled:
+        return lr_c, sqrt_bc2, 0.0, 1 - lr * weight_decay
+    return lr_c, sqrt_bc2, weight_decay, 1.0
+
+
 def saves_input(activation):
     """True when the activation's derivative needs Z (so A cannot overwrite Z in the forward)."""
     return activation == "gelu"
