@@ -8,9 +8,24 @@ built when a check fails. Every failure names the argument, what was expected an
 
 import numpy as np
 
+from gpubackprop.kernels.reference import ACTIVATIONS
+
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 FLOAT_DTYPES = (F32, F64)
+
+# The launchers' argument names, in the order their arrays are passed to ``float_arrays``.
+NAMES_BIAS_ACT = ("Z", "b", "A")
+NAMES_ACT_BACKWARD = ("dA", "saved", "dZ")
+NAMES_SOFTMAX_CE = ("logits", "dlogits", "loss_rows")
+NAMES_BIAS_GRAD = ("dZ", "db")
+NAMES_SGD = ("p", "g", "buf", "scale")
+NAMES_RMSPROP = ("p", "g", "square_avg", "buf", "scale")
+NAMES_ADAM = ("p", "g", "m", "v", "scale")
+
+
+def unknown_activation(activation):
+    return ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
 def float_arrays(names, *arrays):

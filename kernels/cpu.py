@@ -597,25 +597,12 @@ def _adam_parallel(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, sca
         _adam_span(fp, fg, fm, fv, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, s, i0, i1)
 
 
-_BA = ("Z", "b", "A")
-_AB = ("dA", "saved", "dZ")
-_SCE = ("logits", "dlogits", "loss_rows")
-_BG = ("dZ", "db")
-_SGD = ("p", "g", "buf", "scale")
-_RMS = ("p", "g", "square_avg", "buf", "scale")
-_ADAM = ("p", "g", "m", "v", "scale")
-
-
 _EMPTY = {checks.F32: np.empty(0, checks.F32), checks.F64: np.empty(0, checks.F64)}
 
 
 def _no_buffer(p):
     """An empty stand-in for a momentum buffer that is not used (momentum = 0)."""
     return _EMPTY.get(getattr(p, "dtype", None), p)
-
-
-def _unknown_activation(activation):
-    return ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
 class CpuOps(ReferenceOps):
@@ -641,12 +628,12 @@ class CpuOps(ReferenceOps):
 
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is gelu."""
-        checks.float_arrays(_BA, Z, b, A)
+        checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
             checks.check_bias_act(Z, b, A)
         act = ACT_CODE.get(activation)
         if act is None:
-            raise _unknown_activation(activation)
+            raise checks.unknown_activation(activation)
         inplace = A is Z
         if self.parallel and Z.size >= self.par_by_act[act]:
             _bias_act_parallel(Z, b, A, act, inplace, self.nchunks)
@@ -656,12 +643,12 @@ class CpuOps(ReferenceOps):
 
     def act_backward(self, dA, saved, activation, dZ):
         """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for gelu). dZ may be dA."""
-        checks.float_arrays(_AB, dA, saved, dZ)
+        checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
         if saved.shape != dA.shape or dZ.shape != dA.shape:
             checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))
         act = ACT_CODE.get(activation)
         if act is None:
-            raise _unknown_activation(activation)
+            raise checks.unknown_activation(activation)
         if self.parallel and dA.size >= self.par_by_act[act]:
             _act_backward_parallel(dA, saved, dZ, act, self.nchunks)
         else:
@@ -674,7 +661,7 @@ class CpuOps(ReferenceOps):
         A label outside [0, C) (the host checks them first) gives a NaN loss row, never a stray
         write. dlogits may be logits itself.
         """
-        checks.float_arrays(_SCE, logits, dlogits, loss_rows)
+        checks.float_arrays(checks.NAMES_SOFTMAX_CE, logits, dlogits, loss_rows)
         checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
         if logits.shape[1] == 0:
             raise checks.shape_error("logits", "at least one class (column)", logits)
@@ -687,7 +674,7 @@ class CpuOps(ReferenceOps):
 
     def bias_grad(self, dZ, db, accumulate=False):
         """db (+)= Σ_rows dZ, rows added in order (deterministic, the same order as NumPy's)."""
-        checks.float_arrays(_BG, dZ, db)
+        checks.float_arrays(checks.NAMES_BIAS_GRAD, dZ, db)
         if dZ.ndim != 2 or db.shape != dZ.shape[1:]:
             checks.check_bias_grad(dZ, db)
         accumulate = bool(accumulate)
@@ -726,7 +713,7 @@ class CpuOps(ReferenceOps):
         momentum = float(momentum)
         if buf is None and not momentum:
             buf = _no_buffer(p)
-        checks.float_arrays(_SGD, p, g, buf, scale)
+        checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
         if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
         args = (p, g, buf, float(lr), momentum, bool(nesterov), float(weight_decay), scale)
@@ -741,7 +728,7 @@ class CpuOps(ReferenceOps):
         momentum = float(momentum)
         if buf is None and not momentum:
             buf = _no_buffer(p)
-        checks.float_arrays(_RMS, p, g, square_avg, buf, scale)
+        checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
         if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
                 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("square_avg", square_avg),
@@ -756,7 +743,7 @@ class CpuOps(ReferenceOps):
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, in one pass."""
-        checks.float_arrays(_ADAM, p, g, m, v, scale)
+        checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
             self._check_opt(p, g, scale, ("m", m), ("v", v))
         beta1, beta2 = float(beta1), float(beta2)

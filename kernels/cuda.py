@@ -291,19 +291,6 @@ def _cai_sync_off():
             config.CUDA_ARRAY_INTERFACE_SYNC = 0
 
 
-_BA = ("Z", "b", "A")
-_AB = ("dA", "saved", "dZ")
-_SCE = ("logits", "dlogits", "loss_rows")
-_BG = ("dZ", "db")
-_SGD = ("p", "g", "buf", "scale")
-_RMS = ("p", "g", "square_avg", "buf", "scale")
-_ADAM = ("p", "g", "m", "v", "scale")
-
-
-def _unknown_activation(activation):
-    return ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-
-
 def _as_2d(a):
     return a if a.ndim == 2 else a.reshape(1, -1)
 
@@ -374,23 +361,23 @@ class CudaOps(ReferenceOps):
     # ---- ops ------------------------------------------------------------------------------------
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z), one kernel. A may be Z unless the activation is gelu."""
-        dt = checks.float_arrays(_BA, Z, b, A)
+        dt = checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
             checks.check_bias_act(Z, b, A)
         act = ACT_CODE.get(activation)
         if act is None:
-            raise _unknown_activation(activation)
+            raise checks.unknown_activation(activation)
         self._launch(_bias_act, Z.size, dt, Z, b, A, act)
         return A
 
     def act_backward(self, dA, saved, activation, dZ):
         """dZ = dA ⊙ σ'(saved), one kernel (saved is A, or Z for gelu). dZ may be dA."""
-        dt = checks.float_arrays(_AB, dA, saved, dZ)
+        dt = checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
         if saved.shape != dA.shape or dZ.shape != dA.shape:
             checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))
         act = ACT_CODE.get(activation)
         if act is None:
-            raise _unknown_activation(activation)
+            raise checks.unknown_activation(activation)
         self._launch(_act_backward, dA.size, dt, _as_2d(dA), _as_2d(saved), _as_2d(dZ), act)
         return dZ
 
@@ -400,7 +387,7 @@ class CudaOps(ReferenceOps):
         A label outside [0, C) (the host checks them first) gives a NaN loss row, never a stray
         write. dlogits may be logits itself.
         """
-        dt = checks.float_arrays(_SCE, logits, dlogits, loss_rows)
+        dt = checks.float_arrays(checks.NAMES_SOFTMAX_CE, logits, dlogits, loss_rows)
         checks.check_softmax_ce(logits, labels, dlogits, loss_rows)
         if logits.shape[1] == 0:
             raise checks.shape_error("logits", "at least one class (column)", logits)
@@ -410,7 +397,7 @@ class CudaOps(ReferenceOps):
 
     def bias_grad(self, dZ, db, accumulate=False):
         """db (+)= Σ_rows dZ: a thread a column, rows in order (deterministic, no atomics)."""
-        dt = checks.float_arrays(_BG, dZ, db)
+        dt = checks.float_arrays(checks.NAMES_BIAS_GRAD, dZ, db)
         if dZ.ndim != 2 or db.shape != dZ.shape[1:]:
             checks.check_bias_grad(dZ, db)
         self._launch(_bias_grad, dZ.shape[1], dt, dZ, db, bool(accumulate))
@@ -451,7 +438,7 @@ class CudaOps(ReferenceOps):
         momentum = float(momentum)
         if buf is None and not momentum and hasattr(p, "dtype"):
             buf = self._no_buffer(p.dtype)
-        dt = checks.float_arrays(_SGD, p, g, buf, scale)
+        dt = checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
         if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
         self._launch(_sgd, p.size, dt, _as_1d(p), _as_1d(g), _as_1d(buf), float(lr), momentum,
@@ -463,7 +450,7 @@ class CudaOps(ReferenceOps):
         momentum = float(momentum)
         if buf is None and not momentum and hasattr(p, "dtype"):
             buf = self._no_buffer(p.dtype)
-        dt = checks.float_arrays(_RMS, p, g, square_avg, buf, scale)
+        dt = checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
         if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
                 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("square_avg", square_avg),
@@ -475,7 +462,7 @@ class CudaOps(ReferenceOps):
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, one kernel."""
-        dt = checks.float_arrays(_ADAM, p, g, m, v, scale)
+        dt = checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
             self._check_opt(p, g, scale, ("m", m), ("v", v))
         beta1, beta2 = float(beta1), float(beta2)
