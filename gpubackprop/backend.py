@@ -9,6 +9,7 @@ The GPU stack is imported lazily (``cupy_module()``, ``numba_cuda()``) so that
 """
 
 import functools
+import importlib
 import os
 import sys
 
@@ -36,15 +37,25 @@ def cupy_module():
 
 @functools.lru_cache(maxsize=None)
 def numba_cuda():
-    """The numba.cuda module, or None when Numba's CUDA target cannot be imported."""
-    # Kernels are launched on CuPy's current stream, which already orders them after the work
-    # that produced their inputs: Numba's per-launch synchronisation of every CuPy argument
-    # would only stall the host (it reads this setting when numba.cuda is first imported).
-    os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+    """The numba.cuda module, or None when Numba's CUDA target cannot be imported.
+
+    This is the one place that switches off Numba's per-launch synchronisation of CUDA-array-
+    interface arguments: every kernel is launched on CuPy's current stream, which already orders
+    it after the work that produced its inputs, so that sync would only stall the host. Numba reads
+    the setting from its config at each launch (``numba.cuda.core.config`` in numba-cuda, or
+    ``numba.core.config`` in older Numba), so it is set there, whenever numba.cuda was imported.
+    """
     try:
         from numba import cuda
     except Exception:
         return None
+    for name in ("numba.cuda.core.config", "numba.core.config"):
+        try:
+            config = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(config, "CUDA_ARRAY_INTERFACE_SYNC"):
+            config.CUDA_ARRAY_INTERFACE_SYNC = 0
     return cuda
 
 
@@ -92,7 +103,7 @@ def resolve_device(device):
 def check_dtype(dtype):
     name = np.dtype(dtype).name if _is_dtype_like(dtype) else None
     if name not in DTYPES:
-        raise TypeError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
     return np.dtype(name)
 
 

@@ -10,10 +10,11 @@ of the same batch size, so a step allocates nothing; in inference mode every out
 """
 
 import math
+import numbers
 
 import numpy as np
 
-from gpubackprop.backend import Backend
+from gpubackprop.backend import KERNEL_SETS, Backend, check_dtype, resolve_device
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
 from gpubackprop.validation import check_choice, check_finite, describe, features, host_array, positive_int
 
@@ -235,6 +236,13 @@ class Sequential:
                                  f"(layers[{i - 1}] gives {layers[i - 1].n_out}), got "
                                  f"{layers[i].n_in}")
         self.layers = layers
+        # Bad configuration fails here, at construction, not at first use: each is checked (and
+        # "cuda" without a usable GPU refused) as the backend will take it.
+        resolve_device(device)
+        check_dtype(dtype)
+        check_choice(kernels, KERNEL_SETS, "kernels")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.config = {"device": device, "dtype": dtype, "seed": seed, "kernels": kernels}
         self._backend = None
         self._nested = False  # set when another Sequential owns this one

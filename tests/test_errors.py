@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
+from gpubackprop.backend import cuda_available
 
 
 @pytest.fixture
@@ -81,12 +82,17 @@ def test_bad_training_arguments(setup):
     (lambda: gb.Sequential(["dense"]), TypeError, r"layers\[0\]: expected a layer .*got str"),
     (lambda: gb.Residual(gb.Dense(3, 4)), ValueError,
      r"Residual block: expected it to map n features to n, got 3 -> 4"),
-    (lambda: gb.Sequential([gb.Dense(3, 4)], device="tpu").backend, ValueError,
+    # Bad model configuration fails at construction, not at first use.
+    (lambda: gb.Sequential([gb.Dense(3, 4)], device="tpu"), ValueError,
      r"device: expected one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
-    (lambda: gb.Sequential([gb.Dense(3, 4)], dtype="float16").backend, TypeError,
+    (lambda: gb.Sequential([gb.Dense(3, 4)], dtype="float16"), ValueError,
      r"dtype: expected one of \('float32', 'float64'\), got 'float16'"),
-    (lambda: gb.Sequential([gb.Dense(3, 4)], kernels="fast").backend, ValueError,
+    (lambda: gb.Sequential([gb.Dense(3, 4)], dtype="half-ish"), ValueError,
+     r"dtype: expected one of \('float32', 'float64'\), got 'half-ish'"),
+    (lambda: gb.Sequential([gb.Dense(3, 4)], kernels="fast"), ValueError,
      r"kernels: expected one of \('fused', 'reference'\), got 'fast'"),
+    (lambda: gb.Sequential([gb.Dense(3, 4)], seed=-1), ValueError,
+     r"seed: expected an integer >= 0, got -1"),
     (lambda: gb.SGD(lr=-0.1), ValueError, r"lr: expected a finite number >= 0, got -0.1"),
     (lambda: gb.SGD(lr=float("nan")), ValueError, r"lr: expected a finite number >= 0, got nan"),
     (lambda: gb.SGD(lr=0.1, momentum=1.5), ValueError, r"momentum: expected a number in \[0, 1\)"),
@@ -98,6 +104,12 @@ def test_bad_training_arguments(setup):
 def test_bad_configuration(make, error, pattern):
     with pytest.raises(error, match=pattern):
         make()
+
+
+@pytest.mark.skipif(cuda_available(), reason="a CUDA device (or the simulator) is usable here")
+def test_cuda_without_a_gpu_fails_at_construction():
+    with pytest.raises(RuntimeError, match=r"device: 'cuda' was requested but no CUDA GPU is usable"):
+        gb.Sequential([gb.Dense(3, 4)], device="cuda")
 
 
 def test_unknown_optimizer_and_loss_names():

@@ -1,0 +1,253 @@
+"""CPU dense-layer ops: bias + activation forward, the σ' Hadamard product (BP1/BP2), BP4."""
+
+import numpy as np
+from numba import njit, prange
+
+from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu.numerics import _exp, _span, _tanh
+from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
+
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU = range(6)
+ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
+GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
+
+
+# ---- forward: Z += b; A = σ(Z) -----------------------------------------------------------------
+# The activations as scalar functions, inlined into each loop below. Each loop runs one activation
+# (the branch on ``act`` sits outside it) so that LLVM can vectorize it.
+@njit(cache=True, error_model="numpy", inline="always")
+def _sigmoid(z, zero, one):
+    # Split at 0 so exp never overflows: e = exp(-|z|) <= 1 on both sides.
+    e = _exp(-abs(z))
+    return one / (one + e) if z >= zero else e / (one + e)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _relu(z, zero):
+    return zero if z < zero else z  # "z < 0 gives 0" keeps NaN, as np.maximum does
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _leaky_relu(z, zero, slope):
+    return z if z > zero else z * slope
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _gelu(z, half, one, c, k):
+    return half * z * (one + _tanh(c * (z + k * (z * z * z))))
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_act_rows(Z, b, A, act, r0, r1):
+    """Z += b, A = σ(Z) for rows r0..r1, A a buffer of its own."""
+    n = Z.shape[1]
+    t = Z.dtype.type
+    zero, one, half = t(0), t(1), t(0.5)
+    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    for i in range(r0, r1):
+        if act == IDENTITY:
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = z
+        elif act == SIGMOID:
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _sigmoid(z, zero, one)
+        elif act == TANH:
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _tanh(z)
+        elif act == RELU:
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _relu(z, zero)
+        elif act == LEAKY_RELU:
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _leaky_relu(z, zero, slope)
+        else:  # GELU, tanh approximation
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _gelu(z, half, one, c, k)
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_act_rows_inplace(Z, b, act, r0, r1):
+    """Z = σ(Z + b) for rows r0..r1: the common case, A is Z, as a one-array loop (with two names
+    for one buffer LLVM's runtime alias check fails and the loop runs scalar, ~4x slower)."""
+    n = Z.shape[1]
+    t = Z.dtype.type
+    zero, one, half = t(0), t(1), t(0.5)
+    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    for i in range(r0, r1):
+        if act == IDENTITY:
+            for j in range(n):
+                Z[i, j] = Z[i, j] + b[j]
+        elif act == SIGMOID:
+            for j in range(n):
+                Z[i, j] = _sigmoid(Z[i, j] + b[j], zero, one)
+        elif act == TANH:
+            for j in range(n):
+                Z[i, j] = _tanh(Z[i, j] + b[j])
+        elif act == RELU:
+            for j in range(n):
+                Z[i, j] = _relu(Z[i, j] + b[j], zero)
+        elif act == LEAKY_RELU:
+            for j in range(n):
+                Z[i, j] = _leaky_relu(Z[i, j] + b[j], zero, slope)
+        else:  # GELU in place (a caller that keeps Z for the derivative passes a separate A)
+            for j in range(n):
+                Z[i, j] = _gelu(Z[i, j] + b[j], half, one, c, k)
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_act_serial(Z, b, A, act, inplace):
+    if inplace:
+        _bias_act_rows_inplace(Z, b, act, 0, Z.shape[0])
+    else:
+        _bias_act_rows(Z, b, A, act, 0, Z.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _bias_act_parallel(Z, b, A, act, inplace, nchunks):
+    B = Z.shape[0]
+    for c in prange(nchunks):
+        r0, r1 = _span(c, nchunks, B)
+        if inplace:
+            _bias_act_rows_inplace(Z, b, act, r0, r1)
+        else:
+            _bias_act_rows(Z, b, A, act, r0, r1)
+
+
+# ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
+@njit(cache=True, error_model="numpy")
+def _act_backward_span(dA, S, dZ, act, i0, i1):
+    zero = dA.dtype.type(0)
+    one = dA.dtype.type(1)
+    if act == IDENTITY:
+        for i in range(i0, i1):
+            dZ[i] = dA[i]
+    elif act == SIGMOID:
+        for i in range(i0, i1):
+            s = S[i]
+            dZ[i] = dA[i] * s * (one - s)
+    elif act == TANH:
+        for i in range(i0, i1):
+            s = S[i]
+            dZ[i] = dA[i] * (one - s * s)
+    elif act == RELU:
+        for i in range(i0, i1):
+            dZ[i] = dA[i] if S[i] > zero else zero
+    elif act == LEAKY_RELU:
+        slope = dA.dtype.type(LEAKY_SLOPE)
+        for i in range(i0, i1):
+            d = dA[i]
+            dZ[i] = d if S[i] > zero else d * slope
+    else:  # GELU: S is Z
+        half = dA.dtype.type(0.5)
+        c = dA.dtype.type(GELU_C)
+        k = dA.dtype.type(GELU_K)
+        k3 = dA.dtype.type(GELU_3K)
+        for i in range(i0, i1):
+            z = S[i]
+            t = _tanh(c * (z + k * (z * z * z)))
+            dZ[i] = dA[i] * (half * (one + t) + half * z * (one - t * t) * c * (one + k3 * z * z))
+
+
+@njit(cache=True, error_model="numpy")
+def _act_backward_serial(dA, S, dZ, act):
+    n = dA.size
+    _act_backward_span(dA.reshape(n), S.reshape(n), dZ.reshape(n), act, 0, n)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _act_backward_parallel(dA, S, dZ, act, nchunks):
+    n = dA.size
+    fa, fs, fz = dA.reshape(n), S.reshape(n), dZ.reshape(n)
+    for c in prange(nchunks):
+        i0, i1 = _span(c, nchunks, n)
+        _act_backward_span(fa, fs, fz, act, i0, i1)
+
+
+
+# ---- BP4: bias gradient, column sums in row order (NumPy's order for axis=0) ---------------------
+@njit(cache=True, error_model="numpy")
+def _bias_grad_cols(dZ, db, accumulate, j0, j1):
+    B = dZ.shape[0]
+    w = j1 - j0
+    acc = db[j0:j1] if not accumulate else np.empty(w, dZ.dtype)
+    for j in range(w):
+        acc[j] = dZ[0, j0 + j] if B > 0 else dZ.dtype.type(0)
+    for i in range(1, B):
+        for j in range(w):
+            acc[j] += dZ[i, j0 + j]
+    if accumulate:
+        for j in range(w):
+            db[j0 + j] += acc[j]
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_grad_serial(dZ, db, accumulate):
+    _bias_grad_cols(dZ, db, accumulate, 0, dZ.shape[1])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _bias_grad_parallel(dZ, db, accumulate, nchunks):
+    n = dZ.shape[1]
+    for c in prange(nchunks):
+        j0, j1 = _span(c, nchunks, n)
+        _bias_grad_cols(dZ, db, accumulate, j0, j1)
+
+
+
+class DenseOps:
+    """Fused dense-layer ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
+
+    def bias_act(self, Z, b, activation, A):
+        """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is gelu."""
+        checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
+        if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
+            checks.check_bias_act(Z, b, A)
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise checks.unknown_activation(activation)
+        inplace = A is Z
+        if self.parallel and Z.size >= self.par_by_act[act]:
+            _bias_act_parallel(Z, b, A, act, inplace, self.nchunks)
+        else:
+            _bias_act_serial(Z, b, A, act, inplace)
+        return A
+
+    def act_backward(self, dA, saved, activation, dZ):
+        """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for gelu). dZ may be dA."""
+        checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
+        if saved.shape != dA.shape or dZ.shape != dA.shape:
+            checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise checks.unknown_activation(activation)
+        if self.parallel and dA.size >= self.par_by_act[act]:
+            _act_backward_parallel(dA, saved, dZ, act, self.nchunks)
+        else:
+            _act_backward_serial(dA, saved, dZ, act)
+        return dZ
+
+    def bias_grad(self, dZ, db, accumulate=False):
+        """db (+)= Σ_rows dZ, rows added in order (deterministic, the same order as NumPy's)."""
+        checks.float_arrays(checks.NAMES_BIAS_GRAD, dZ, db)
+        if dZ.ndim != 2 or db.shape != dZ.shape[1:]:
+            checks.check_bias_grad(dZ, db)
+        accumulate = bool(accumulate)
+        n = dZ.shape[1]
+        if self.parallel and dZ.size >= self.par_cheap and n >= 2 * self.nchunks:
+            _bias_grad_parallel(dZ, db, accumulate, self.nchunks)
+        else:
+            _bias_grad_serial(dZ, db, accumulate)
+        return db

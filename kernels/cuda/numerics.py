@@ -1,0 +1,15 @@
+"""Device helpers shared by the CUDA kernels.
+
+NVVM contracts ``a * b + c`` into one fused multiply-add. Where the reference rounds the product
+first and the formula can cancel (the optimizers, gelu, tanh'), ``mul`` keeps the product rounded
+on its own (an fma with a -0.0 addend, which NVVM cannot fuse further), so the GPU rounds as the
+reference does.
+"""
+
+from gpubackprop.kernels.cuda.launch import cuda, device_function
+
+
+@device_function
+def mul(x, y, nz):
+    """x * y rounded on its own: NVVM cannot contract it into a following add (nz is -0.0)."""
+    return cuda.fma(x, y, nz)

@@ -1,0 +1,188 @@
+"""CUDA optimizer ops: global norm, clipping, SGD, RMSprop and Adam, one pass over the flat buffers."""
+
+import math
+
+import numpy as np
+
+from gpubackprop.kernels import checks
+from gpubackprop.kernels.cuda.launch import REDUCE_BLOCKS, THREADS, as_1d, cuda, kernel_body
+from gpubackprop.kernels.cuda.numerics import mul
+from gpubackprop.kernels.reference import adam_coefficients
+
+
+# ---- ‖g‖²: per-block tree reductions into float64 partials, then one thread adds them in order ---
+@kernel_body("void({t}[::1], float64[::1])")
+def _sq_partial(g, partial):
+    acc = cuda.shared.array(THREADS, np.float64)
+    tid = cuda.threadIdx.x
+    s = 0.0
+    for i in range(cuda.grid(1), g.size, cuda.gridsize(1)):
+        x = np.float64(g[i])
+        s += x * x
+    acc[tid] = s
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            acc[tid] += acc[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    if tid == 0:
+        partial[cuda.blockIdx.x] = acc[0]
+
+
+@kernel_body("void(float64[::1], int64, {t}[::1])")
+def _sq_finish(partial, nparts, out):
+    if cuda.grid(1) == 0:
+        total = 0.0
+        for c in range(nparts):
+            total += partial[c]
+        out[0] = out.dtype.type(total)
+
+
+@kernel_body("void(float64[::1], int64, float64, {t}[::1])")
+def _clip_finish(partial, nparts, clip_norm, scale):
+    if cuda.grid(1) == 0:
+        total = 0.0
+        for c in range(nparts):
+            total += partial[c]
+        one = scale.dtype.type(1)
+        norm = math.sqrt(scale.dtype.type(total))
+        x = scale.dtype.type(clip_norm) / (norm + scale.dtype.type(1e-6))
+        scale[0] = one if x > one else x  # min(1, x), keeping NaN as np.minimum does
+
+
+# ---- optimizer updates: one grid-stride pass over the flat buffers -------------------------------
+@kernel_body("void({t}[::1], {t}[::1], {t}[::1], float64, float64, boolean, float64, {t}[::1])")
+def _sgd(p, g, buf, lr, momentum, nesterov, weight_decay, scale):
+    t = p.dtype.type
+    lr_, mu, wd, nz, s = t(lr), t(momentum), t(weight_decay), t(-0.0), scale[0]
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = mul(g[i], s, nz)
+        if weight_decay != 0.0:
+            d = d + mul(wd, p[i], nz)
+        if momentum != 0.0:
+            bi = mul(buf[i], mu, nz) + d
+            buf[i] = bi
+            d = d + mul(mu, bi, nz) if nesterov else bi
+        p[i] = p[i] - mul(lr_, d, nz)
+
+
+@kernel_body("void({t}[::1], {t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, "
+                "float64, {t}[::1])")
+def _rmsprop(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale):
+    t = p.dtype.type
+    lr_, a, a1, ep = t(lr), t(alpha), t(1.0 - alpha), t(eps)
+    wd, mu, nz, s = t(weight_decay), t(momentum), t(-0.0), scale[0]
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = mul(g[i], s, nz)
+        if weight_decay != 0.0:
+            d = d + mul(wd, p[i], nz)
+        v = mul(sq[i], a, nz) + mul(a1 * d, d, nz)
+        sq[i] = v
+        step = d / (math.sqrt(v) + ep)
+        if momentum != 0.0:
+            step = mul(buf[i], mu, nz) + step
+            buf[i] = step
+        p[i] = p[i] - mul(lr_, step, nz)
+
+
+@kernel_body("void({t}[::1], {t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, "
+                "float64, float64, float64, {t}[::1])")
+def _adam(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale):
+    # lr_c = lr / (1 - beta1**step), sqrt_bc2 = sqrt(1 - beta2**step), decay = 1 - lr*wd (AdamW),
+    # computed on the host as the reference does and rounded to the array dtype here.
+    t = p.dtype.type
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(1.0 - beta1), t(1.0 - beta2)
+    lr_, ep, r2, wd, f = t(lr_c), t(eps), t(sqrt_bc2), t(l2), t(decay)
+    nz, s = t(-0.0), scale[0]
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = mul(g[i], s, nz)
+        pi = p[i]
+        if decay != 1.0:
+            pi = pi * f  # AdamW: decoupled decay, before the step
+        if l2 != 0.0:
+            d = d + mul(wd, pi, nz)  # Adam: L2 decay added to the gradient
+        mi = mul(m[i], b1, nz) + mul(c1, d, nz)
+        vi = mul(v[i], b2, nz) + mul(c2 * d, d, nz)
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - (lr_ * mi) / (math.sqrt(vi) / r2 + ep)
+
+
+class OptimizerOps:
+    """Fused optimizer updates (a mixin of ``CudaOps``)."""
+
+    def _sq_partials(self, g, dt):
+        n = g.size
+        blocks = min(REDUCE_BLOCKS, -(-n // THREADS))
+        partial = self.scratch("sq_partials", (REDUCE_BLOCKS,), np.float64)
+        if blocks == 0:
+            partial[:1] = 0
+            return partial, 1
+        self.launch(_sq_partial, n, dt, g, partial, blocks=blocks)
+        return partial, blocks
+
+    def sq_norm(self, g):
+        """‖g‖² as a new 1-element device array of g's dtype (deterministic; no host sync)."""
+        dt = checks.float_arrays(("g",), g)
+        if g.ndim != 1:
+            checks.check_flat("g", g)
+        out = self.xp.empty(1, dt)
+        partial, nparts = self._sq_partials(g, dt)
+        self.launch(_sq_finish, 1, dt, partial, nparts, out)
+        return out
+
+    def clip_scale(self, g, clip_norm, scale):
+        """scale[0] = min(1, clip_norm / (‖g‖₂ + 1e-6)), computed on the device."""
+        dt = checks.float_arrays(("g", "scale"), g, scale)
+        if g.ndim != 1 or scale.size != 1:
+            checks.check_flat("g", g)
+            checks.check_scale(scale)
+        partial, nparts = self._sq_partials(g, dt)
+        self.launch(_clip_finish, 1, dt, partial, nparts, float(clip_norm), as_1d(scale))
+        return scale
+
+    def sgd(self, p, g, buf, lr, momentum, nesterov, weight_decay, scale):
+        """torch.optim.SGD without dampening, scale and weight decay included, one kernel."""
+        momentum = float(momentum)
+        if buf is None and not momentum and hasattr(p, "dtype"):
+            buf = self.scratch("no_buffer", (0,), p.dtype)
+        dt = checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
+        if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        self.launch(_sgd, p.size, dt, as_1d(p), as_1d(g), as_1d(buf), float(lr), momentum,
+                     bool(nesterov), float(weight_decay), as_1d(scale))
+        return p
+
+    def rmsprop(self, p, g, square_avg, buf, lr, alpha, eps, weight_decay, momentum, scale):
+        """torch.optim.RMSprop (not centered), eps outside the square root, one kernel."""
+        momentum = float(momentum)
+        if buf is None and not momentum and hasattr(p, "dtype"):
+            buf = self.scratch("no_buffer", (0,), p.dtype)
+        dt = checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
+        if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
+                or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("square_avg", square_avg),
+                            ("buf", buf) if momentum else None)
+        self.launch(_rmsprop, p.size, dt, as_1d(p), as_1d(g), as_1d(square_avg),
+                     as_1d(buf), float(lr), float(alpha), float(eps), float(weight_decay),
+                     momentum, as_1d(scale))
+        return p
+
+    def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
+        """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, one kernel."""
+        dt = checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
+            self._check_opt(p, g, scale, ("m", m), ("v", v))
+        beta1, beta2 = float(beta1), float(beta2)
+        lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
+                                                      decoupled, step)
+        self.launch(_adam, p.size, dt, as_1d(p), as_1d(g), as_1d(m), as_1d(v), float(lr_c),
+                     beta1, beta2, float(eps), l2, float(decay), sqrt_bc2, as_1d(scale))
+        return p
+
+    @staticmethod
+    def _check_opt(p, g, scale, *pairs):
+        checks.check_same_shape("p", p, ("g", g), *(x for x in pairs if x is not None))
+        checks.check_scale(scale)

@@ -1,0 +1,77 @@
+"""Reference optimizer ops over the flat parameter buffer: global norm, clipping, SGD, RMSprop, Adam."""
+
+import math
+
+
+def adam_coefficients(lr, beta1, beta2, weight_decay, decoupled, step):
+    """The per-step scalars a fused Adam kernel takes, computed in float64 as the reference does.
+
+    Returns (lr / (1 − β1^t), √(1 − β2^t), the L2 decay added to g, the factor 1 − lr·wd that
+    AdamW's decoupled decay multiplies p by).
+    """
+    lr_c = lr / (1 - beta1**step)
+    sqrt_bc2 = math.sqrt(1 - beta2**step)
+    if weight_decay and decoupled:
+        return lr_c, sqrt_bc2, 0.0, 1 - lr * weight_decay
+    return lr_c, sqrt_bc2, weight_decay, 1.0
+
+
+class OptimizerOps:
+    """Plain-xp optimizer updates (a mixin of ``ReferenceOps``: uses ``self.xp``)."""
+
+    # ---- optimizer updates over the flat parameter buffer ---------------------------------------
+    def sq_norm(self, g):
+        """‖g‖² as a 1-element device array (stays on the device; no host read)."""
+        return self.xp.dot(g, g).reshape(1)
+
+    def clip_scale(self, g, clip_norm, scale):
+        """scale[0] = min(1, clip_norm / (‖g‖₂ + 1e-6)), on the device."""
+        xp = self.xp
+        norm = xp.sqrt(self.sq_norm(g))
+        scale[...] = xp.minimum(1, clip_norm / (norm + 1e-6))
+        return scale
+
+    def sgd(self, p, g, buf, lr, momentum, nesterov, weight_decay, scale):
+        """torch.optim.SGD without dampening; ``buf`` is the momentum buffer (unused if momentum=0)."""
+        d = g * scale
+        if weight_decay:
+            d = d + weight_decay * p
+        if momentum:
+            buf *= momentum
+            buf += d
+            d = d + momentum * buf if nesterov else buf
+        p -= lr * d
+        return p
+
+    def rmsprop(self, p, g, square_avg, buf, lr, alpha, eps, weight_decay, momentum, scale):
+        """torch.optim.RMSprop (not centered): eps outside the square root."""
+        xp = self.xp
+        d = g * scale
+        if weight_decay:
+            d = d + weight_decay * p
+        square_avg *= alpha
+        square_avg += (1 - alpha) * d * d
+        step = d / (xp.sqrt(square_avg) + eps)
+        if momentum:
+            buf *= momentum
+            buf += step
+            step = buf
+        p -= lr * step
+        return p
+
+    def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
+        """torch.optim.Adam (L2 decay added to g) or AdamW (decoupled decay), bias-corrected."""
+        xp = self.xp
+        d = g * scale
+        if weight_decay and decoupled:
+            p *= 1 - lr * weight_decay
+        elif weight_decay:
+            d = d + weight_decay * p
+        m *= beta1
+        m += (1 - beta1) * d
+        v *= beta2
+        v += (1 - beta2) * d * d
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
+        p -= (lr / bc1) * m / (xp.sqrt(v) / math.sqrt(bc2) + eps)
+        return p
