@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-cpu test-cudasim demo bench lint clean
+.PHONY: test test-cpu test-cudasim demo bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 test: test-cpu test-cudasim
 
+# GPUBACKPROP_REQUIRE_PTXAS: the CUDA compile check fails, rather than skips, without NVVM/ptxas.
 test-cpu: $(STAMP)
-	$(PY) -m pytest -q -m "not cudasim" tests
+	GPUBACKPROP_REQUIRE_PTXAS=1 $(PY) -m pytest -q -m "not cudasim" tests
 
 # Numba's CUDA simulator must be switched on before Numba is imported: its own process.
 test-cudasim: $(STAMP)
@@ -27,6 +28,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will say so"
 	$(PY) -m bench
+
+# On a machine with an NVIDIA GPU: every test on the device, the demo on cuda, a host-sync count,
+# and the benchmarks (against PyTorch CUDA if it is installed); results in bench/results/gpu-check-<gpu>.json and .md.
+gpu-check: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[gpu,test,bench]"
+	$(PY) -m bench.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gpubackprop kernels tests bench

@@ -73,6 +73,17 @@ def has_cupy_gpu():
         return False
 
 
+def tf32_enabled():
+    """True when float32 GEMMs on the GPU may use TF32 tensor cores (10-bit mantissa inputs).
+
+    CuPy uses TF32 for float32 matmul only when CUPY_TF32 > 0 (read at its first float32 GEMM;
+    off by default), and NVIDIA_TF32_OVERRIDE=1 forces it in cuBLAS for every library. Neither is
+    set by gpubackprop: float32 training is full float32 unless the user asks otherwise.
+    """
+    return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0") or \
+        os.environ.get("NVIDIA_TF32_OVERRIDE", "").strip() == "1"
+
+
 def cuda_available():
     """True when ``device="cuda"`` can run: a real GPU, or Numba's CUDA simulator."""
     return has_cupy_gpu() or (is_cudasim() and numba_cuda() is not None)

@@ -48,3 +48,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Registers per thread of every CUDA kernel, when the compile check ran in this process.
+    import sys
+
+    module = sys.modules.get("test_cuda_compile")
+    if module is not None and module.REPORTS:
+        from gpubackprop.kernels.cuda.ptx import register_table
+
+        terminalreporter.section("CUDA kernels: registers per thread (ptxas -v)")
+        terminalreporter.write_line(register_table(module.REPORTS))

@@ -13,6 +13,8 @@ from gpubackprop.kernels.reference import adam_coefficients
 # ---- ‖g‖²: per-block tree reductions into float64 partials, then one thread adds them in order ---
 @kernel_body("void({t}[::1], float64[::1])")
 def _sq_partial(g, partial):
+    """Deliberate float64: squares are summed in float64 (``s``, ``acc``), so the norm of a large
+    float32 buffer does not depend on the summation order's rounding."""
     acc = cuda.shared.array(THREADS, np.float64)
     tid = cuda.threadIdx.x
     s = 0.0
@@ -33,6 +35,7 @@ def _sq_partial(g, partial):
 
 @kernel_body("void(float64[::1], int64, {t}[::1])")
 def _sq_finish(partial, nparts, out):
+    """Deliberate float64: the block partials are added in float64, in block order."""
     if cuda.grid(1) == 0:
         total = 0.0
         for c in range(nparts):
@@ -42,6 +45,8 @@ def _sq_finish(partial, nparts, out):
 
 @kernel_body("void(float64[::1], int64, float64, {t}[::1])")
 def _clip_finish(partial, nparts, clip_norm, scale):
+    """Deliberate float64: the block partials are added in float64, in block order; the factor
+    itself is computed in the array dtype, as the reference does."""
     if cuda.grid(1) == 0:
         total = 0.0
         for c in range(nparts):
@@ -69,10 +74,12 @@ def _sgd(p, g, buf, lr, momentum, nesterov, weight_decay, scale):
 
 
 @kernel_body("void({t}[::1], {t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, "
-                "float64, {t}[::1])")
-def _rmsprop(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale):
+             "float64, float64, {t}[::1])")
+def _rmsprop(p, g, sq, buf, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, scale):
+    # 1 − alpha arrives computed on the host, as the reference computes it: in the kernel it would
+    # be float64 arithmetic in every thread of a float32 kernel.
     t = p.dtype.type
-    lr_, a, a1, ep = t(lr), t(alpha), t(1.0 - alpha), t(eps)
+    lr_, a, a1, ep = t(lr), t(alpha), t(one_minus_alpha), t(eps)
     wd, mu, nz, s = t(weight_decay), t(momentum), t(-0.0), scale[0]
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         d = mul(g[i], s, nz)
@@ -88,12 +95,14 @@ def _rmsprop(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum, scale):
 
 
 @kernel_body("void({t}[::1], {t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, "
-                "float64, float64, float64, {t}[::1])")
-def _adam(p, g, m, v, lr_c, beta1, beta2, eps, l2, decay, sqrt_bc2, scale):
+             "float64, float64, float64, float64, float64, {t}[::1])")
+def _adam(p, g, m, v, lr_c, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, decay, sqrt_bc2,
+          scale):
     # lr_c = lr / (1 - beta1**step), sqrt_bc2 = sqrt(1 - beta2**step), decay = 1 - lr*wd (AdamW),
-    # computed on the host as the reference does and rounded to the array dtype here.
+    # 1 - beta1 and 1 - beta2: computed on the host as the reference does (in the kernel they would
+    # be float64 arithmetic in every thread), rounded to the array dtype here.
     t = p.dtype.type
-    b1, b2, c1, c2 = t(beta1), t(beta2), t(1.0 - beta1), t(1.0 - beta2)
+    b1, b2, c1, c2 = t(beta1), t(beta2), t(one_minus_beta1), t(one_minus_beta2)
     lr_, ep, r2, wd, f = t(lr_c), t(eps), t(sqrt_bc2), t(l2), t(decay)
     nz, s = t(-0.0), scale[0]
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
@@ -166,7 +175,7 @@ class OptimizerOps:
             self._check_opt(p, g, scale, ("square_avg", square_avg),
                             ("buf", buf) if momentum else None)
         self.launch(_rmsprop, p.size, dt, as_1d(p), as_1d(g), as_1d(square_avg),
-                     as_1d(buf), float(lr), float(alpha), float(eps), float(weight_decay),
+                     as_1d(buf), float(lr), float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay),
                      momentum, as_1d(scale))
         return p
 
@@ -179,7 +188,8 @@ class OptimizerOps:
         lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
                                                       decoupled, step)
         self.launch(_adam, p.size, dt, as_1d(p), as_1d(g), as_1d(m), as_1d(v), float(lr_c),
-                     beta1, beta2, float(eps), l2, float(decay), sqrt_bc2, as_1d(scale))
+                     beta1, beta2, 1.0 - beta1, 1.0 - beta2, float(eps), l2, float(decay), sqrt_bc2,
+                    as_1d(scale))
         return p
 
     @staticmethod

@@ -1,0 +1,174 @@
+"""``make gpu-check``: everything that needs a real NVIDIA GPU, in one command, with one results file.
+
+1. the whole test suite on the GPU: the ``gpu``-marked tests, the cuda backends of every
+   parametrized test, and the CUDA-simulator test files' assertions on the real device (they run
+   against CuPy arrays when a GPU is present and the simulator is off);
+2. the digits demo trained on ``cuda`` (must reach >= 0.97 test accuracy);
+3. host synchronisation inside a training step, counted: steps are queued behind a GPU kernel
+   that spins for SPIN_SECONDS; a step that synchronised the host (``.item()``, ``float()``,
+   ``asnumpy``, a ``bool()`` of a device array, a blocking copy) cannot return before the spin ends;
+4. the benchmarks (``python -m bench``, what ``make bench`` runs) on the GPU, against PyTorch
+   CUDA when it is installed (``make bench`` itself would install the CPU build of PyTorch).
+
+Writes bench/results/gpu-check-<gpu>.json and .md. Exit status 1 if any check fails.
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+SPIN_SECONDS = 1.0
+STEPS = 8
+
+
+def gpu_name():
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def run_tests():
+    """pytest over tests/ with the simulator off: on a GPU the cuda and cudasim-marked tests use it."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["GPUBACKPROP_REQUIRE_PTXAS"] = "1"
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
+    return {"ok": done.returncode == 0, "summary": tail, "counts": counts,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "failures": [line for line in done.stdout.splitlines() if line.startswith("FAILED")][:50]}
+
+
+def run_demo():
+    from gpubackprop.demo import main
+
+    t0 = time.perf_counter()
+    metrics = main(device="cuda")
+    return {"ok": metrics["accuracy"] >= 0.97, "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _spin_kernel():
+    import cupy as cp
+
+    return cp.RawKernel(r'''
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}''', "spin")
+
+
+def count_host_syncs():
+    """Training steps queued behind a spinning kernel: how many had to wait for the device."""
+    import cupy as cp
+    import numpy as np
+
+    import gpubackprop as gb
+    from gpubackprop.training import _step
+
+    rng = np.random.default_rng(0)
+    model = gb.Sequential([gb.Dense(784, 256, activation="relu"), gb.Dense(256, 10)],
+                          device="cuda", seed=0)
+    loss, opt = gb.SoftmaxCrossEntropy(), gb.Adam(lr=1e-3, clip_norm=1.0)
+    be = model.backend
+    X = be.to_device(rng.normal(size=(128, 784)))
+    y = be.to_device(rng.integers(0, 10, 128), np.int64)
+    _step(model, loss, opt, X, y)  # compile and allocate first
+    be.synchronize()
+
+    spin = _spin_kernel()
+    clock_hz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"] * 1e3
+    stream = cp.cuda.get_current_stream()
+    t0 = time.perf_counter()
+    spin((1,), (1,), (np.int64(SPIN_SECONDS * clock_hz),), stream=stream)
+    returned = []
+    for _ in range(STEPS):
+        _step(model, loss, opt, X, y)
+        returned.append(time.perf_counter() - t0)
+    be.synchronize()
+    spin_end = time.perf_counter() - t0
+    # A step that returned after half the spin waited for the device: a host sync in the step.
+    waited = sum(1 for t in returned if t > 0.5 * spin_end)
+    return {"ok": waited == 0, "steps": STEPS, "steps_that_waited_for_the_device": waited,
+            "host_seconds_for_all_steps": round(returned[-1], 4),
+            "device_seconds_spin_and_steps": round(spin_end, 4)}
+
+
+def kernel_registers():
+    """Registers per thread of the kernels as the driver loaded them for this GPU."""
+    import numpy as np
+
+    from gpubackprop.kernels.cuda.launch import _KERNELS
+
+    out = {}
+    for (body, dtype, label_dtype), k in _KERNELS.items():
+        try:
+            regs = k.get_regs_per_thread()
+        except Exception:
+            continue
+        key = f"{body.__name__}[{np.dtype(dtype).name}{'/' + label_dtype.name if label_dtype else ''}]"
+        out[key] = regs if isinstance(regs, int) else dict(regs)
+    return out
+
+
+def run_bench():
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, capture_output=True, text=True)
+    return {"ok": done.returncode == 0, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": done.stdout[-2000:] + done.stderr[-1000:]}
+
+
+def write(results, name):
+    os.makedirs(RESULTS, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    base = os.path.join(RESULTS, f"gpu-check-{slug}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [f"# gpu-check on {name}", "", f"date: {results['date']}", "",
+             "| check | ok | detail |", "| --- | --- | --- |"]
+    for key in ("tests", "demo", "host_sync", "bench"):
+        r = results.get(key, {})
+        detail = {k: v for k, v in r.items() if k not in ("ok", "tail", "failures")}
+        lines.append(f"| {key} | {'yes' if r.get('ok') else 'NO'} | {json.dumps(detail)} |")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return base
+
+
+def main():
+    from gpubackprop.backend import has_cupy_gpu, is_cudasim
+
+    if is_cudasim() or not has_cupy_gpu():
+        print("gpu-check: no CUDA GPU seen by CuPy and Numba (or the simulator is on); nothing to "
+              "check here. Run it on a machine with an NVIDIA GPU and a CUDA 12 driver.",
+              file=sys.stderr)
+        return 2
+    name = gpu_name()
+    results = {"gpu": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "python": platform.python_version()}
+    print(f"gpu-check on {name}", flush=True)
+    results["tests"] = run_tests()
+    print(f"tests: {results['tests']['summary']}", flush=True)
+    results["demo"] = run_demo()
+    results["host_sync"] = count_host_syncs()
+    print(f"host sync: {results['host_sync']}", flush=True)
+    results["registers"] = kernel_registers()
+    results["bench"] = run_bench()
+    base = write(results, name)
+    ok = all(results[k]["ok"] for k in ("tests", "demo", "host_sync", "bench"))
+    print(f"gpu-check: {'all checks passed' if ok else 'FAILED'}; results in {base}.json / .md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
