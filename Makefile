@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,demo,bench,lint]"
+	$(PY) -m pip install --quiet -e ".[test,demo,bench,lint,mpi]"
 	touch $(STAMP)
 
 test: test-cpu test-cudasim
 
-# GPUBACKPROP_REQUIRE_PTXAS: the CUDA compile check fails, rather than skips, without NVVM/ptxas.
+# GPUBACKPROP_REQUIRE_*: the CUDA compile check and the multi-process tests fail, rather than skip,
+# without NVVM/ptxas or mpiexec (both installed above).
 test-cpu: $(STAMP)
-	GPUBACKPROP_REQUIRE_PTXAS=1 $(PY) -m pytest -q -m "not cudasim" tests
+	GPUBACKPROP_REQUIRE_PTXAS=1 GPUBACKPROP_REQUIRE_MPI=1 $(PY) -m pytest -q -m "not cudasim" tests
 
 # Numba's CUDA simulator must be switched on before Numba is imported: its own process.
 test-cudasim: $(STAMP)
@@ -28,6 +29,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will say so"
 	$(PY) -m bench
+	$(PY) -m bench.mpi_scaling
 
 # On a machine with an NVIDIA GPU: every test on the device, the demo on cuda, a host-sync count,
 # and the benchmarks (against PyTorch CUDA if it is installed); results in bench/results/gpu-check-<gpu>.json and .md.

@@ -2,7 +2,25 @@
 
 from gpubackprop.backend import Backend
 from gpubackprop.gradcheck import gradcheck
-from gpubackprop.layers import Dense, Residual, Sequential
+from gpubackprop.layers import (
+    GRU,
+    LSTM,
+    RNN,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    LastStep,
+    LayerNorm,
+    MaxPool2d,
+    Reshape,
+    Residual,
+    Sequential,
+)
 from gpubackprop.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
 from gpubackprop.optimizers import SGD, Adam, AdamW, RMSprop
 from gpubackprop.training import evaluate, fit, predict, train_step
@@ -10,7 +28,9 @@ from gpubackprop.training import evaluate, fit, predict, train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "Dense", "Residual", "Sequential", "MSE", "SoftmaxCrossEntropy",
-    "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step", "fit", "evaluate",
-    "predict", "gradcheck", "__version__",
+    "Backend", "Dense", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
+    "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Dropout", "RNN", "LSTM", "GRU", "LastStep",
+    "Reshape", "Residual", "Sequential", "MSE",
+    "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step",
+    "fit", "evaluate", "predict", "gradcheck", "__version__",
 ]

@@ -92,14 +92,18 @@ def cuda_available():
 _announced = set()
 
 
-def resolve_device(device):
-    """Turn ``auto`` into ``cpu`` or ``cuda``; raise if ``cuda`` is asked for and absent."""
+def resolve_device(device, announce=True):
+    """Turn ``auto`` into ``cpu`` or ``cuda``; raise if ``cuda`` is asked for and absent.
+
+    ``announce``: say once, on stderr, when ``auto`` falls back to the CPU (a model's backend
+    does; a configuration check at construction does not).
+    """
     if device not in DEVICES:
         raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
     if device == "auto":
         if has_cupy_gpu():
             return "cuda"
-        if "auto" not in _announced:
+        if announce and "auto" not in _announced:
             _announced.add("auto")
             print("gpubackprop: no CUDA GPU found (CuPy + Numba), using the CPU", file=sys.stderr)
         return "cpu"

@@ -45,6 +45,9 @@ def markdown(results):
     if "throughput" in results:
         out += ["", "## Training step throughput", ""]
         out += _throughput_table(results["throughput"], results["shapes"])
+    if "lenet5" in results:
+        out += ["", "## LeNet-5", ""]
+        out += _lenet_tables(results["lenet5"])
     if "gemm" in results:
         out += ["", "## GEMM rates of the step's shapes (xp.matmul, out=)", ""]
         out.append("| device | m×k×n | GFLOP/s | µs |")
@@ -98,6 +101,46 @@ def _throughput_table(rows, shapes):
                "out=) over the step's time, each library against its own GEMMs (NumPy/CuPy for "
                "gpubackprop, torch.mm for PyTorch), median of per-round ratios. A step skips the "
                "first layer's input gradient, so it can exceed 1.")
+    return out
+
+
+def _lenet_tables(r):
+    shape = "x".join(map(str, r["input_shape"]))
+    out = [f"`--model lenet5` on {shape} inputs, batch {r['batch']}: {r['summary']}.", "",
+           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step.", "",
+           "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch | of GEMM limit | "
+           "of peak sgemm |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if row.get("samples_per_s") is None:
+            out.append(f"| {row['device']} | {row['contender']} | {row.get('note', '')} | | | | | |")
+            continue
+        gemm_only = row["contender"].startswith("GEMMs only")
+        frac = row.get("gemm_fraction")
+        out.append(f"| {row['device']} | {row['contender']} | {row['samples_per_s']:.0f} | "
+                   f"{row['step_ms']:.2f} | {row['gflops']:.1f} | "
+                   f"{_fmt(row.get('ratio_to_pytorch'), '.2f')} | "
+                   f"{'' if gemm_only or frac is None else f'{frac:.2f}'} | "
+                   f"{row['peak_fraction']:.2f} |")
+    peaks = ", ".join(f"{p['device']} {p['gflops']:.0f} GFLOP/s ({p['n']}³ sgemm)"
+                      for p in r.get("peak", []))
+    out += ["", "Of GEMM limit: t(the step's conv and dense GEMMs alone, in the layers' layouts) / "
+            "t(step), median of per-round ratios, each library against its own GEMMs. Of peak "
+            f"sgemm: step FLOPs / peak rate / t(step); peak: {peaks}."]
+    if r.get("split"):
+        cats = list(r["split"][0]["ms"])
+        out += ["", "Conv layers' time split (ms a step, share of the step), from an instrumented "
+                "run that clocks each call:", "",
+                "| device | contender | step ms | " + " | ".join(cats) + " | rest |",
+                "| --- | --- | ---: | " + " | ".join("---:" for _ in cats) + " | ---: |"]
+        for sp in r["split"]:
+            rest = 1 - sum(sp["fraction"].values())
+            out.append(f"| {sp['device']} | {sp['contender']} | {sp['step_ms']:.2f} | "
+                       + " | ".join(f"{sp['ms'][c]:.2f} ({sp['fraction'][c]:.0%})" for c in cats)
+                       + f" | {rest:.0%} |")
+        out += ["", "bias+activation: channel_bias_act, its derivative (act_backward) and the bias "
+                "gradient of the conv layers; GEMM: the conv layers' GEMMs (forward, weight and "
+                "input gradient); rest: dense layers, loss, optimizer, transposes, Python."]
     return out
 
 

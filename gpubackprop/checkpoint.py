@@ -1,12 +1,13 @@
 """Checkpoints that lose nothing, written so that a crash never leaves a broken one behind.
 
 A checkpoint is one ``.npz`` archive (no pickle) holding, as arrays: the parameters
-(``param/{key}``), the optimizer's buffers (``opt/{name}``), the current epoch's sample order and
-running totals when saved mid-epoch, the best parameters for early stopping and the scaling
-statistics; and, as a JSON string in the array ``meta``: the format version, the architecture,
-the model/loss/optimizer/training configuration, the host RNG state
-(``rng.bit_generator.state``), epoch, batch and step, the history, and a SHA-256 digest of every
-array so that any corruption is caught on load.
+(``param/{key}``), the model's non-trained state and step counter (``buffer/{key}``, from
+``model.get_state()``; absent in checkpoints of older versions), the optimizer's buffers
+(``opt/{name}``), the current epoch's sample order and running totals when saved mid-epoch, the
+best parameters for early stopping and the scaling statistics; and, as a JSON string in the
+array ``meta``: the format version, the architecture, the model/loss/optimizer/training
+configuration, the host RNG state (``rng.bit_generator.state``), epoch, batch and step, the
+history, and a SHA-256 digest of every array so that any corruption is caught on load.
 
 Writes are atomic (``atomic_write``): a temporary file in the same folder, flushed and fsynced,
 renamed over the previous file with ``os.replace``, then the folder fsynced. A process killed at
@@ -99,40 +100,59 @@ def fault_point(name, count):
 
 # ---- describing a model -----------------------------------------------------------------------
 def architecture(layer):
-    """A JSON description of a layer tree (types, sizes, activations, inits)."""
-    from gpubackprop.layers import Dense, Residual, Sequential
+    """A JSON description of a layer tree: {"type": class name, **layer.config()}, recursively."""
+    from gpubackprop.layers import LAYER_TYPES, Residual, Sequential
 
-    if isinstance(layer, Dense):
-        return {"type": "Dense", "n_in": layer.n_in, "n_out": layer.n_out,
-                "activation": layer.activation, "init": layer.init}
     if isinstance(layer, Residual):
         return {"type": "Residual", "block": architecture(layer.block)}
     if isinstance(layer, Sequential):
-        return {"type": "Sequential", "layers": [architecture(x) for x in layer.layers]}
-    raise TypeError(f"layer: expected Dense, Residual or Sequential, got {type(layer).__name__}")
+        desc = {"type": "Sequential", "layers": [architecture(x) for x in layer.layers]}
+        if layer.explicit_input_shape is not None:
+            desc["input_shape"] = list(layer.explicit_input_shape)
+        return desc
+    name = type(layer).__name__
+    if LAYER_TYPES.get(name) is not type(layer):
+        raise TypeError(f"layer: expected one of the layers in gpubackprop.layers.LAYER_TYPES "
+                        f"({', '.join(LAYER_TYPES)}), got {name}")
+    return {"type": name, **layer.config()}
 
 
 def build_layer(desc):
     """The layer tree that ``architecture`` describes (a Sequential's model options aside)."""
-    from gpubackprop.layers import Dense, Residual, Sequential
+    from gpubackprop.layers import LAYER_TYPES
 
     kind = desc.get("type") if isinstance(desc, dict) else None
-    if kind == "Dense":
-        return Dense(desc["n_in"], desc["n_out"], activation=desc["activation"], init=desc["init"])
-    if kind == "Residual":
-        return Residual(build_layer(desc["block"]))
-    if kind == "Sequential":
-        return Sequential([build_layer(x) for x in desc["layers"]])
-    raise CheckpointError(f"architecture: unknown layer description {desc!r}")
+    cls = LAYER_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise CheckpointError(f"architecture: unknown layer description {desc!r}")
+    config = {k: v for k, v in desc.items() if k != "type"}
+    try:
+        if kind == "Residual":
+            return cls(build_layer(config["block"]))
+        if kind == "Sequential":
+            return cls([build_layer(x) for x in config["layers"]],
+                       input_shape=config.get("input_shape"))
+        return cls.from_config(config)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"architecture: bad layer description {desc!r} "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def describe_architecture(desc):
-    """A short text like ``64-32(relu)-10(identity)``."""
-    if desc.get("type") == "Dense":
+    """A short text like ``[Conv2d(1, 8, 3), Flatten(), Dense(64, 10, identity)]``."""
+    kind = desc.get("type")
+    if kind == "Dense":
         return f"Dense({desc['n_in']}, {desc['n_out']}, {desc['activation']})"
-    if desc.get("type") == "Residual":
+    if kind == "Residual":
         return f"Residual({describe_architecture(desc['block'])})"
-    return "[" + ", ".join(describe_architecture(x) for x in desc.get("layers", [])) + "]"
+    if kind == "Sequential" or kind is None:
+        return "[" + ", ".join(describe_architecture(x) for x in desc.get("layers", [])) + "]"
+    try:
+        return " ".join(repr(build_layer(desc)).split())  # as the constructor call
+    except CheckpointError:
+        return f"{kind}(?)"
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -171,6 +191,8 @@ def save_checkpoint(path, model, opt=None, loss=None, state=None, config=None, s
     """
     be = model.backend
     arrays = {f"param/{k}": v for k, v in model.get_params().items()}
+    # Non-trained state (running statistics) and the model's step counter (Dropout's masks).
+    arrays.update({f"buffer/{k}": v for k, v in model.get_state().items()})
     meta = {
         "format": FORMAT, "version": VERSION,
         "model": {"architecture": architecture(model), "dtype": be.dtype.name,
@@ -255,6 +277,12 @@ class Checkpoint:
         return {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
 
     @property
+    def model_state(self):
+        """{key: array} of ``model.get_state()`` when saved (None for an older checkpoint)."""
+        state = {k[len("buffer/"):]: v for k, v in self.arrays.items() if k.startswith("buffer/")}
+        return state or None
+
+    @property
     def scaling(self):
         if "scaling" not in self.meta:
             return None
@@ -268,9 +296,14 @@ class Checkpoint:
         from gpubackprop.layers import Sequential
 
         desc, m = self.architecture, self.meta["model"]
-        layers = [build_layer(x) for x in desc["layers"]]
-        model = Sequential(layers, device=device, dtype=m["dtype"], seed=m["seed"],
-                           kernels=kernels)
+        try:
+            layers = [build_layer(x) for x in desc["layers"]]
+            model = Sequential(layers, device=device, dtype=m["dtype"], seed=m["seed"],
+                               kernels=kernels, input_shape=desc.get("input_shape"))
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: bad architecture ({e})") from None
         self.restore_model(model)
         return model
 
@@ -289,8 +322,14 @@ class Checkpoint:
 
     def restore_model(self, model):
         self.check_model(model)
+        state = self.model_state
+        if state is None and len(model.get_state()) > 1:
+            raise CheckpointError(f"checkpoint {self.path}: has no model state, but the model "
+                                  f"has {sorted(k for k in model.get_state() if k != 'step')}")
         try:
             model.set_params(self.params)
+            if state is not None:
+                model.set_state(state)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.path}: {e}") from None
 

@@ -21,7 +21,7 @@ LOSS_NAMES = ("ce", "mse")
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
 # Options whose value a resumed run must share with the checkpoint (the rest may change).
-MUST_MATCH = ("dataset", "label_column", "val_split", "test_split", "scale", "layers",
+MUST_MATCH = ("dataset", "label_column", "val_split", "test_split", "scale", "model", "layers",
               "activation", "init", "dtype", "seed", "loss", "optimizer", "lr", "momentum",
               "weight_decay", "clip_norm", "batch_size", "schedule", "step_size", "gamma",
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
@@ -85,17 +85,22 @@ def _layers(text):
 DESCRIPTION = """\
 Train neural networks by backpropagation on an NVIDIA GPU (CuPy + Numba CUDA) or the CPU.
 
-A model here is a multi-layer perceptron: dense layers with an activation, ending in one output
-per class. Data sets are named like this:
-  digits        scikit-learn's 8x8 handwritten digits (1797 images, 10 classes)
+A model is a chain of layers ending in one output per class, given by --model: a preset
+(mlp: dense layers from --layers/--activation, the default; lenet5; resnet) or a spec such as
+  conv(32,3,pad=1)-relu-maxpool(2)-conv(64,3,pad=1)-relu-maxpool(2)-flatten-dense(128)-relu-dense(10)
+(see 'gpubackprop train --help'). Data sets are named like this:
+  digits        scikit-learn's 8x8 handwritten digits (1797 images of 1x8x8, 10 classes)
   mnist:DIR     the four MNIST IDX files in DIR (train-images-idx3-ubyte, ..., optionally .gz)
   csv:PATH      a CSV file, one sample a row, the class in the last column (or --label-column)
-  npz:PATH      a NumPy .npz archive with arrays X_train, y_train, X_test, y_test
+  npz:PATH      a NumPy .npz archive with arrays X_train, y_train, X_test, y_test (X: (N, features),
+                (N, H, W) or (N, C, H, W))
 """
 
 EPILOG = """\
 examples:
   gpubackprop train --dataset digits --layers 128,64 --epochs 20 --optimizer adam --lr 0.002
+  gpubackprop train --dataset digits --model "conv(16,3,pad=1)-relu-maxpool(2)-flatten-dense(10)"
+  gpubackprop train --dataset mnist:data/mnist --model lenet5 --optimizer momentum --lr 0.05
   gpubackprop train --dataset mnist:data/mnist --checkpoint run.npz --metrics-json run.json --plot run.png
   gpubackprop train --dataset mnist:data/mnist --checkpoint run.npz --resume     (continue a run)
   gpubackprop evaluate --checkpoint run.npz --dataset mnist:data/mnist
@@ -104,6 +109,20 @@ examples:
 
 'gpubackprop COMMAND --help' explains each command's options.
 """
+
+
+MODEL_HELP = """\
+--model: a preset name or a spec, tokens joined by '-', sizes inferred from the data:
+  conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true)   2-D convolution (k etc.: N or HxW)
+  maxpool(k,stride=k,pad=0,dil=1)  avgpool(k,stride=k,pad=0,count_include_pad=true)
+  gap (global average pool)  flatten  dense(n)  bn  ln  dropout(p=0.5)
+  res(SPEC)     residual block Y = X + SPEC(X), e.g. res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
+  identity|sigmoid|tanh|relu|leaky_relu|gelu   after conv/dense: fused into that layer
+  'classes' is the number of classes (dense(classes)); a dense on images flattens them first.
+presets: mlp (flatten-dense(h)-ACT-...-dense(classes) from --layers/--activation/--init),
+  lenet5 (conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-dense(120)-relu-
+  dense(84)-relu-dense(classes), adapted to small images), resnet (conv-bn-relu, two residual
+  stages of 16 and 32 channels, gap, dense)."""
 
 
 class _Options:
@@ -130,9 +149,10 @@ def build_parser():
     # train
     p = sub.add_parser(
         "train", help="train a model on a data set", formatter_class=_Formatter,
-        description="Train a multi-layer perceptron on a data set, then report its test accuracy."
-                    "\n\nWith --checkpoint the full training state is saved at the end of every "
-                    "epoch (atomically:\na crash leaves the previous checkpoint intact); --resume "
+        description="Train a model on a data set, then report its test accuracy."
+                    "\n\n" + MODEL_HELP + "\n\nWith --checkpoint the full training state is "
+                    "saved at the end of every epoch (atomically:\na crash leaves the previous "
+                    "checkpoint intact); --resume "
                     "continues from it and ends\nexactly where the uninterrupted run would have "
                     "(bit for bit on the CPU).",
         epilog="example:\n  gpubackprop train --dataset digits --layers 128,64 --epochs 20 "
@@ -152,9 +172,11 @@ def build_parser():
           "standard, minmax or none; statistics come from the training split only",
           choices=("auto", "standard", "minmax", "none"))
     g = _Options(p.add_argument_group("model"), defaults)
-    g.add("--layers", [128, 64], "hidden layer sizes, e.g. 256,128 ('none': no hidden layer)",
-          type=_layers, metavar="N,N,...")
-    g.add("--activation", "relu", "activation of the hidden layers",
+    g.add("--model", "mlp", "mlp | lenet5 | resnet | a spec like 'conv(16,3,pad=1)-relu-maxpool(2)-"
+          "flatten-dense(10)' (grammar above)", metavar="SPEC")
+    g.add("--layers", [128, 64], "mlp only: hidden layer sizes, e.g. 256,128 ('none': no hidden "
+          "layer)", type=_layers, metavar="N,N,...")
+    g.add("--activation", "relu", "mlp only: activation of the hidden layers",
           choices=("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu"))
     g.add("--init", None, "weight initialisation (default: he for relu-like, xavier otherwise)",
           choices=("he", "xavier", "lecun", "normal"))
@@ -209,6 +231,10 @@ def build_parser():
     g.add("--nan-check-every", 10, "check loss, gradients and weights for NaN/Inf every N steps "
           "and stop naming the step and layer (0: only before checkpoints)",
           type=_int_at_least(0), metavar="N")
+    p.add_argument("--comm", default="single", choices=("single", "mpi", "nccl"),
+                   help="data-parallel training under mpiexec: every rank takes its share of each "
+                        "global\nbatch (--batch-size), gradients are all-reduced; rank 0 alone "
+                        "prints and writes\n(mpi: mpi4py, 'gpubackprop[mpi]'; nccl: one GPU a rank)")
     _device_options(p, defaults, "device")
     g = p.add_argument_group("output")
     g.add_argument("--metrics-json", metavar="PATH",
@@ -272,6 +298,10 @@ def build_parser():
     p.set_defaults(func=cmd_info)
     p.add_argument("--no-compile", action="store_true",
                    help="skip measuring the first-use compile time")
+    p.add_argument("--ptx", action="store_true",
+                   help="compile every CUDA kernel with the real CUDA compiler (NVVM + ptxas for "
+                        "sm_80 and sm_90;\nno GPU needed, numba-cuda[cu12]) and print registers per "
+                        "thread")
     _device_options(p, None, "device")
 
     # gradcheck
@@ -387,15 +417,62 @@ def _write_json(path, obj):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _model_from_config(cfg, n_features, n_classes, device, kernels):
-    import gpubackprop as gb
+def _model_from_config(cfg, sample_shape, n_classes, device, kernels):
+    """(model, plan) of the configuration's --model for samples of ``sample_shape``."""
+    from gpubackprop.modelspec import build_model
 
-    sizes = [n_features] + list(cfg["layers"]) + [n_classes]
-    layers = [gb.Dense(sizes[i], sizes[i + 1],
-                       activation=cfg["activation"] if i < len(sizes) - 2 else "identity",
-                       init=cfg["init"]) for i in range(len(sizes) - 1)]
-    return gb.Sequential(layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"],
-                         kernels=kernels)
+    return build_model(cfg["model"], sample_shape, n_classes, hidden=cfg["layers"],
+                       activation=cfg["activation"], init=cfg["init"], device=device,
+                       dtype=cfg["dtype"], seed=cfg["seed"], kernels=kernels)
+
+
+def _model_input_shape(model):
+    """One sample's shape as the model takes it: (features,) or (channels, height, width)."""
+    shape = getattr(model, "input_shape", None)
+    return tuple(shape) if shape else (int(model.n_in),)
+
+
+def _n_outputs(model):
+    shape = getattr(model, "output_shape", None)
+    return int(shape[-1]) if shape else int(model.n_out)
+
+
+def _fit_input(X, model, what, checkpoint):
+    """X in the model's per-sample layout: images given as flat rows (or the other way round) are
+    reshaped when the sizes agree; otherwise a ValueError naming both shapes."""
+    shape = _model_input_shape(model)
+    if X.shape[1:] == shape:
+        return X
+    if int(np.prod(X.shape[1:])) == int(np.prod(shape)):
+        return X.reshape((len(X), *shape))
+    got = "x".join(map(str, X.shape[1:]))
+    want = "x".join(map(str, shape))
+    raise ValueError(f"{what}: has samples of shape {got} ({int(np.prod(X.shape[1:]))} "
+                     f"features), the model in {checkpoint} expects {want} "
+                     f"({int(np.prod(shape))} features)")
+
+
+def _flat_first(architecture):
+    """True for a checkpoint whose model starts with a Dense layer (made before images kept
+    their shape): its data is given as flat rows."""
+    layers = architecture.get("layers") or [{}]
+    return layers[0].get("type") == "Dense"
+
+
+def _check_model_options(cfg, given):
+    """--layers/--activation/--init shape only the mlp preset; a spec's syntax is checked before any data
+    is loaded (its sizes once the data's shape is known)."""
+    from gpubackprop import modelspec
+
+    name = cfg["model"].strip().lower() if isinstance(cfg["model"], str) else cfg["model"]
+    if name != "mlp":
+        for key in ("layers", "activation", "init"):
+            if key in given:
+                raise ValueError(f"{key}: --{key} shapes the layers of --model mlp only; with "
+                                 f"--model {cfg['model']} write it in the spec (e.g. "
+                                 f"dense(128,init=he)-relu)")
+    if name not in modelspec.PRESETS:
+        modelspec.parse(cfg["model"])
 
 
 def _optimizer_from_config(cfg):
@@ -443,6 +520,7 @@ def _train_config(args):
         raise ValueError(f"checkpoint {args.checkpoint} already exists: add --resume to continue "
                          f"it or --overwrite to start a new run over it")
     cfg.update(given)
+    _check_model_options(cfg, given)
     if cfg["dataset"] is None:
         raise ValueError("dataset: expected --dataset digits|mnist:DIR|csv:PATH|npz:PATH")
     if cfg["lr"] is None:
@@ -450,6 +528,13 @@ def _train_config(args):
     if cfg["early_stopping"] and not cfg["val_split"]:
         raise ValueError("early-stopping: needs validation data; add --val-split, e.g. 0.1")
     return cfg, ckpt
+
+
+def _flatten_data(data):
+    for name in ("X_train", "X_val", "X_test"):
+        X = getattr(data, name)
+        if X is not None:
+            setattr(data, name, X.reshape(len(X), -1))
 
 
 def _norm(v):
@@ -464,8 +549,12 @@ def cmd_train(args):
     import gpubackprop as gb
     from gpubackprop.checkpoint import Checkpointer, fault_point
     from gpubackprop.datasets import load_dataset
+    from gpubackprop.distributed import communicator
     from gpubackprop.schedules import EarlyStopping, make_schedule
 
+    comm = communicator(args.comm)
+    if not comm.is_root:
+        args.quiet = True  # rank 0 alone prints and writes
     cfg, ckpt = _train_config(args)
     for path, flag in ((args.checkpoint, "checkpoint"), (args.metrics_json, "metrics-json"),
                        (args.plot, "plot")):
@@ -482,8 +571,11 @@ def cmd_train(args):
                         scaling=None if ckpt is None else ckpt.scaling)
     n_classes = data.n_classes
     if ckpt is not None:
-        n_classes = ckpt.architecture["layers"][-1]["n_out"]
-    model = _model_from_config(cfg, data.n_features, n_classes, device, cfg["kernels"])
+        n_classes = ckpt.architecture["layers"][-1].get("n_out", n_classes)
+        if _flat_first(ckpt.architecture) and len(data.sample_shape) > 1:
+            _flatten_data(data)
+    model, plan = _model_from_config(cfg, data.sample_shape, n_classes, device, cfg["kernels"])
+    cfg["model_spec"] = plan.spec  # the preset expanded, for the record (not an option)
     loss = _make_loss(cfg["loss"])
     opt = _optimizer_from_config(cfg)
     for split in ("train", "val", "test"):
@@ -504,11 +596,14 @@ def cmd_train(args):
         state = ckpt.restore(model, opt, loss)
 
     n_val = 0 if data.X_val is None else len(data.X_val)
+    shape_note = "" if len(data.sample_shape) == 1 else \
+        f" (images of {'x'.join(map(str, data.sample_shape))})"
     _say(args, f"{data.name}: {len(data.X_train)} train / {n_val} validation / "
-               f"{len(data.X_test)} test samples, {data.n_features} features, {n_classes} classes")
-    _say(args, f"model {'-'.join(map(str, [data.n_features, *cfg['layers'], n_classes]))} "
-               f"({cfg['activation']}, {model.n_params:,} parameters, {cfg['dtype']}) on "
-               f"{device} ({why}), {model.backend.ops.name} kernels; {opt!r}")
+               f"{len(data.X_test)} test samples, {data.n_features} features, {n_classes} "
+               f"classes{shape_note}")
+    _say(args, f"model {cfg['model']}: {plan.summary()}")
+    _say(args, f"{model.n_params:,} parameters, {cfg['dtype']}, on {device} ({why}), "
+               f"{model.backend.ops.name} kernels; {opt!r}")
     if state is not None:
         _say(args, f"resuming {args.checkpoint} at epoch {state.epoch + 1}, batch {state.batch}, "
                    f"step {state.step}")
@@ -539,7 +634,7 @@ def cmd_train(args):
                      progress=progress and not args.quiet, callback=per_epoch, schedule=schedule,
                      early_stopping=stopper, nan_check_every=cfg["nan_check_every"], state=state,
                      on_checkpoint=checkpointer, checkpoint_every=cfg["checkpoint_every"],
-                     on_step=on_step)
+                     on_step=on_step, comm=comm)
     seconds = previous + clock()
     test = _score(model, loss, cfg["loss"], data.X_test, data.y_test, n_classes)
     epochs_out = []
@@ -548,6 +643,8 @@ def cmd_train(args):
         for key, values in history.items():
             row[key if key.startswith("val_") else f"train_{key}"] = values[i]
         epochs_out.append(row)
+    if not comm.is_root:
+        return 0
     print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
           f"({len(data.X_test)} samples, {len(epochs_out)} epochs, {seconds:.1f} s)")
     if args.metrics_json:
@@ -594,12 +691,11 @@ def cmd_evaluate(args):
     X, y = data.split(args.split)
     if len(X) == 0:
         raise ValueError(f"split: the {args.split} split of {data.name} is empty")
-    if X.shape[1] != model.n_in:
-        raise ValueError(f"dataset {data.name}: has {X.shape[1]} features, the model in "
-                         f"{args.checkpoint} expects {model.n_in}")
-    _check_labels(y, model.n_out, f"dataset {data.name} ({args.split})")
+    X = _fit_input(X, model, f"dataset {data.name}", args.checkpoint)
+    n_out = _n_outputs(model)
+    _check_labels(y, n_out, f"dataset {data.name} ({args.split})")
     loss_name = {"MSE": "mse", "SoftmaxCrossEntropy": "ce"}.get(ckpt.meta.get("loss"), "ce")
-    metrics = _score(model, _make_loss(loss_name), loss_name, X, y, model.n_out)
+    metrics = _score(model, _make_loss(loss_name), loss_name, X, y, n_out)
     if args.json:
         print(json.dumps({"split": args.split, "loss": metrics["loss"],
                           "accuracy": metrics["accuracy"], "samples": len(X)}))
@@ -619,17 +715,12 @@ def cmd_predict(args):
             raise ValueError(f"output: expected a path ending in .npy or .csv, got {args.output!r}")
     ckpt, model = _load_for_inference(args)
     if args.input:
-        X = load_features(args.input)
-        if X.shape[1] != model.n_in:
-            raise ValueError(f"input {args.input}: has {X.shape[1]} features per sample, the "
-                             f"model in {args.checkpoint} expects {model.n_in}")
+        X = _fit_input(load_features(args.input), model, f"input {args.input}", args.checkpoint)
         if ckpt.scaling is not None:
             X = apply_scaling(X, ckpt.scaling)
     else:
         X, _ = _dataset_for(ckpt, args.dataset, args).split(args.split)
-        if X.shape[1] != model.n_in:
-            raise ValueError(f"dataset {args.dataset}: has {X.shape[1]} features, the model in "
-                             f"{args.checkpoint} expects {model.n_in}")
+        X = _fit_input(X, model, f"dataset {args.dataset}", args.checkpoint)
     probs = model.predict(X, loss=_make_loss("ce"))  # softmax of the outputs
     out = probs if args.probabilities else probs.argmax(axis=1).astype(np.int64)
     if args.output and args.output.lower().endswith(".npy"):
@@ -700,6 +791,12 @@ def cmd_info(args):
                            "the simulator is on (NUMBA_ENABLE_CUDASIM=1)")
         print(f"GPU: none ({'; '.join(reasons)})")
     print(f"CUDA simulator: {'on (device cuda runs in Numba simulator)' if is_cudasim() else 'off'}")
+    if gpu:
+        from gpubackprop.backend import tf32_enabled
+
+        tf32 = "TF32 allowed (CUPY_TF32 or NVIDIA_TF32_OVERRIDE set)" if tf32_enabled() else \
+            "full float32 (TF32 off)"
+        print(f"float32 GEMMs: {tf32}")
     print(f"CPU: {os.cpu_count()} cores, Numba threads {numba.config.NUMBA_NUM_THREADS}")
 
     device, why = _resolve_device(args.device)
@@ -722,7 +819,30 @@ def cmd_info(args):
                 seconds = info.compile_time(device, dtype)
                 print(f"every fused kernel ({dtype}, serial and parallel): {seconds:.2f} s to "
                       f"compile, or to load from Numba's on-disk cache")
+    if args.ptx:
+        _print_ptx_report()
     return 0
+
+
+def _print_ptx_report():
+    """Registers per thread of every CUDA kernel, from ptxas (no GPU needed)."""
+    from gpubackprop.backend import is_cudasim
+
+    if is_cudasim():
+        raise RuntimeError("--ptx: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1); it compiles nothing")
+    try:
+        from gpubackprop.kernels.cuda import ptx
+    except ImportError as e:
+        raise RuntimeError(f"--ptx: needs numba-cuda ({e})") from None
+    if ptx.ptxas_path() is None:
+        raise RuntimeError("--ptx: ptxas not found (pip install 'numba-cuda[cu12]')")
+    reports = ptx.compile_all()
+    print()
+    print(f"CUDA kernels through NVVM + ptxas ({len(reports)} compilations; registers per thread):")
+    print(ptx.register_table(reports))
+    dirty = [r for r in reports if not r.clean]
+    print("spills / stack / local memory: " + (", ".join(f"{r.name} ({r.dtype}, {r.arch})"
+                                                       for r in dirty) if dirty else "none"))
 
 
 def _compile_time(device, kernels):
@@ -811,4 +931,7 @@ def main(argv=None):
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
             message = f"{e.filename}: {message}"
         print(f"{PROG}: error: {message}", file=sys.stderr)
+        from gpubackprop.distributed import abort_parallel_job
+
+        abort_parallel_job(2)  # under mpiexec: end every rank, none waits in a collective
         return 2

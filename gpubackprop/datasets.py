@@ -5,6 +5,13 @@ a train, an optional validation and a test split, already scaled. Scaling statis
 the training split only and are kept in ``Dataset.scaling`` so that a checkpoint can apply the
 same transform to new data (``apply_scaling``).
 
+Images keep their shape, channels first: ``digits`` is (N, 1, 8, 8), ``mnist:DIR`` (N, 1, 28, 28),
+an ``npz`` X of shape (N, H, W) becomes (N, 1, H, W) and (N, C, H, W) stays; CSV rows are
+(N, features). ``Dataset.sample_shape`` is one sample's shape. Scaling: ``auto`` divides the
+pixels of digits (by 16) and MNIST (by 255) by a fixed number, and standardises other data;
+``standard`` and ``minmax`` use per-feature statistics, i.e. one mean/std (or min/max) per pixel
+and channel for images, computed over the training samples.
+
 Every problem with a file (missing, wrong IDX magic number, mismatched counts, text in a CSV
 feature column, labels out of range) raises ``DatasetError``, a ``ValueError`` whose message names
 the file and what is wrong.
@@ -35,7 +42,8 @@ class DatasetError(ValueError):
 
 
 class Dataset:
-    """Scaled host arrays: ``X_train`` (n, d) float64, ``y_train`` (n,) int64, same for val/test."""
+    """Scaled host arrays: ``X_train`` (n, *sample_shape) float64, ``y_train`` (n,) int64, same for
+    val/test."""
 
     def __init__(self, name, X_train, y_train, X_test, y_test, X_val=None, y_val=None,
                  n_classes=None, scaling=None):
@@ -50,8 +58,13 @@ class Dataset:
         self.scaling = scaling or {"kind": "none"}
 
     @property
+    def sample_shape(self):
+        """One sample's shape: (features,) or (channels, height, width)."""
+        return tuple(int(s) for s in self.X_train.shape[1:])
+
+    @property
     def n_features(self):
-        return int(self.X_train.shape[1])
+        return int(np.prod(self.sample_shape, dtype=np.int64))
 
     def __repr__(self):
         val = 0 if self.X_val is None else len(self.X_val)
@@ -156,7 +169,7 @@ def fit_scaling(X_train, scale, default):
         mean = X_train.mean(axis=0)
         std = X_train.std(axis=0)
         std[std == 0] = 1.0  # a constant feature stays 0 rather than becoming NaN
-        return {"kind": "standard", "shift": mean, "scale": std}
+        return {"kind": "standard", "shift": mean, "scale": std}  # per feature (pixel)
     lo, hi = X_train.min(axis=0), X_train.max(axis=0)
     span = hi - lo
     span[span == 0] = 1.0
@@ -172,9 +185,12 @@ def apply_scaling(X, scaling):
     if kind == "fixed":
         return X / float(scaling["divisor"])
     shift, scale = np.asarray(scaling["shift"]), np.asarray(scaling["scale"])
-    if X.ndim != 2 or X.shape[1] != shift.shape[0]:
-        raise DatasetError(f"features: expected {shift.shape[0]} features per sample (the "
-                           f"training data's), got shape {X.shape}")
+    if X.ndim >= 2 and X.shape[1:] != shift.shape and X[0].size == shift.size:
+        # The same features in another layout (an image as a flat row, or the other way round).
+        shift, scale = shift.reshape(X.shape[1:]), scale.reshape(X.shape[1:])
+    if X.ndim < 2 or X.shape[1:] != shift.shape:
+        raise DatasetError(f"features: expected {shift.size} features per sample (the "
+                           f"training data's, shape {shift.shape}), got shape {X.shape}")
     return (X - shift) / scale
 
 
@@ -185,7 +201,7 @@ def _digits():
     except ImportError:
         raise DatasetError("dataset digits: needs scikit-learn (pip install scikit-learn)") from None
     X, y = load_digits(return_X_y=True)
-    return X.astype(np.float64), y.astype(np.int64)
+    return X.astype(np.float64).reshape(-1, 1, 8, 8), y.astype(np.int64)
 
 
 # ---- MNIST IDX files --------------------------------------------------------------------------
@@ -229,7 +245,8 @@ def _find(directory, stem):
 def load_mnist(directory):
     """(X_train, y_train, X_test, y_test) from the four MNIST IDX files in ``directory``.
 
-    Images are flattened to rows of raw pixel values (0..255, scaled later); t10k is the test split.
+    Images are (count, 1, rows, columns) arrays of raw pixel values (0..255, scaled later); t10k is
+    the test split.
     """
     if not os.path.isdir(directory):
         raise DatasetError(f"mnist:{directory}: no such directory")
@@ -253,10 +270,10 @@ def load_mnist(directory):
         if labels.min() < 0 or labels.max() > 9:
             bad = labels[(labels < 0) | (labels > 9)][0]
             raise DatasetError(f"{labels_path}: expected digit labels 0..9, got {bad}")
-        out += [images.reshape(images.shape[0], -1).astype(np.float64), labels]
-    if out[0].shape[1] != out[2].shape[1]:
-        raise DatasetError(f"mnist:{directory}: train images have {out[0].shape[1]} pixels, "
-                           f"test images {out[2].shape[1]}")
+        out += [images[:, None, :, :].astype(np.float64), labels]
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise DatasetError(f"mnist:{directory}: train images are {_shape_text(out[0])}, test "
+                           f"images {_shape_text(out[2])}")
     return tuple(out)
 
 
@@ -363,8 +380,15 @@ def _label_index(path, label_column, header, width):
 
 
 # ---- NPZ --------------------------------------------------------------------------------------
+def _shape_text(X):
+    return "x".join(map(str, X.shape[1:]))
+
+
 def load_npz(path):
-    """(X_train, y_train, X_test, y_test) from an .npz archive with those four arrays."""
+    """(X_train, y_train, X_test, y_test) from an .npz archive with those four arrays.
+
+    X is (N, features), (N, H, W) (one channel: returned as (N, 1, H, W)) or (N, C, H, W).
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in NPZ_KEYS if k not in data.files]
@@ -381,9 +405,12 @@ def load_npz(path):
     out = []
     for split in ("train", "test"):
         X, y = arrays[f"X_{split}"], arrays[f"y_{split}"]
-        if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-            raise DatasetError(f"npz:{path}: X_{split}: expected a 2-D numeric array, got shape "
-                               f"{X.shape} and dtype {X.dtype}")
+        if X.ndim not in (2, 3, 4) or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+            raise DatasetError(f"npz:{path}: X_{split}: expected a numeric array of shape (N, "
+                               f"features), (N, H, W) or (N, C, H, W), got shape {X.shape} and "
+                               f"dtype {X.dtype}")
+        if X.ndim == 3:
+            X = X[:, None]  # one channel
         if len(X) == 0:
             raise DatasetError(f"npz:{path}: X_{split}: expected at least one sample")
         if not np.isfinite(X.astype(np.float64)).all():
@@ -395,9 +422,12 @@ def load_npz(path):
             raise DatasetError(f"npz:{path}: X_{split} has {len(X)} samples but y_{split} has "
                                f"{len(y)} labels")
         out += [X.astype(np.float64), y]
-    if out[0].shape[1] != out[2].shape[1]:
-        raise DatasetError(f"npz:{path}: X_train has {out[0].shape[1]} features, X_test "
-                           f"{out[2].shape[1]}")
+    if out[0].shape[1:] != out[2].shape[1:]:
+        if out[0].ndim == 2 and out[2].ndim == 2:
+            raise DatasetError(f"npz:{path}: X_train has {out[0].shape[1]} features, X_test "
+                               f"{out[2].shape[1]}")
+        raise DatasetError(f"npz:{path}: X_train's samples are {_shape_text(out[0])}, X_test's "
+                           f"{_shape_text(out[2])}")
     return tuple(out)
 
 
@@ -417,7 +447,8 @@ def _class_labels(y, name):
 
 
 def load_features(path):
-    """A 2-D float64 feature array from .npy, .npz (X, X_test or the only array) or .csv (no labels)."""
+    """A float64 feature array from .npy, .npz (X, X_test or the only array) or .csv (no labels):
+    (N, features), or (N, C, H, W) images (an (N, H, W) array gets one channel axis)."""
     lower = str(path).lower()
     if not os.path.isfile(path):
         raise DatasetError(f"input {path}: file not found")
@@ -443,9 +474,11 @@ def load_features(path):
         raise DatasetError(f"input {path}: cannot read it ({e})") from None
     if X.ndim == 1:
         X = X.reshape(1, -1)
-    if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
-        raise DatasetError(f"input {path}: expected a 2-D numeric array, got shape {X.shape} and "
-                           f"dtype {X.dtype}")
+    if X.ndim not in (2, 3, 4) or not np.issubdtype(X.dtype, np.number):
+        raise DatasetError(f"input {path}: expected a numeric array of shape (N, features), "
+                           f"(N, H, W) or (N, C, H, W), got shape {X.shape} and dtype {X.dtype}")
+    if X.ndim == 3:
+        X = X[:, None]
     return X.astype(np.float64)
 
 
@@ -470,3 +503,18 @@ def _csv_features(path):
                 raise DatasetError(f"input {path}: row {i + first}, column {j + 1}: expected a "
                                    f"number, got {cell!r}") from None
     return X
+
+
+# ---- digits as sequences ------------------------------------------------------------------------
+def digits_rows(test_split=0.2, seed=0):
+    """scikit-learn's digits as sequences: each 8x8 image read row by row, top to bottom, as 8 time
+    steps of 8 pixels (scaled to [0, 1]), for recurrent models; a ``Dataset`` with X (n, 8, 8)
+    (samples x time steps x features) and the seeded holdout split of ``load_dataset("digits")``.
+    A model must remember the earlier rows to tell the digits apart."""
+    _fraction(test_split, "test_split")
+    X, y = _digits()
+    X_train, y_train, X_test, y_test = _holdout(X.reshape(-1, 8, 8), y, test_split, seed,
+                                                "test_split")
+    scaling = {"kind": "fixed", "divisor": 16.0}
+    return Dataset("digits-rows", apply_scaling(X_train, scaling), y_train,
+                   apply_scaling(X_test, scaling), y_test, scaling=scaling)

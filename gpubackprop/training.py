@@ -7,25 +7,53 @@ number is asked for.
 
 import numpy as np
 
-from gpubackprop.validation import features, positive_int, same_length
+from gpubackprop.validation import positive_int, same_length, samples
 
 
 def _check_pair(model, loss, X, y, x_name="X", y_name="y"):
-    """Host-checked (X, targets) as arrays in the model's dtype."""
-    Xh = features(X, model.n_in, x_name)
-    Th = loss.targets(y, model.n_out, model.dtype, y_name)
+    """Host-checked (X, targets) as arrays in the model's dtype; X is (n, *model.input_shape)."""
+    be = model.backend  # builds the model: its input and output shapes are known from here on
+    if len(model.output_shape) != 1:
+        raise ValueError(f"model output: expected one vector of outputs per sample for "
+                         f"{type(loss).__name__}, got per-sample shape {model.output_shape}; end "
+                         f"the model with Flatten() or GlobalAvgPool2d()")
+    Xh = samples(X, model.input_shape, x_name)
+    Th = loss.targets(y, model.n_out, be.dtype, y_name)
     same_length(Xh, Th, x_name, y_name)
     return Xh, Th
 
 
-def _step(model, loss, opt, Xd, Td):
-    """One step on device arrays already checked: forward, BP1, backward (BP2–BP4), update."""
-    model.zero_grads()
-    Y, backprop = model.forward(Xd, train=True, input_grad=False)
-    value, dY = loss.loss_and_grad(model.backend, Y, Td)
-    backprop(dY)
+def _step(model, loss, opt, Xd, Td, comm=None, share=1.0):
+    """One step on device arrays already checked: forward, BP1, backward (BP2–BP4), update.
+
+    With a communicator of several ranks, ``share`` is this rank's fraction of the global batch:
+    the local gradient (a mean over the local rows) times ``share``, summed over the ranks, is the
+    gradient of the mean over the global batch; one all-reduce of the flat gradient buffer.
+    """
+    if Xd.shape[0] == 0:  # a rank whose share of a short last batch is empty adds nothing
+        model.flat_grads[...] = 0
+        value, Y = model.backend.xp.zeros((), model.backend.dtype), None
+    else:
+        model.zero_grads()
+        Y, backprop = model.forward(Xd, train=True, input_grad=False)
+        value, dY = loss.loss_and_grad(model.backend, Y, Td)
+        backprop(dY)
+    if comm is not None and comm.size > 1:
+        if share != 1.0:
+            model.flat_grads *= share
+        comm.allreduce_sum(model.flat_grads)
     opt.step(model)
     return value, Y
+
+
+def _broadcast_model(comm, model, opt):
+    """Rank 0's parameters, non-trained state and optimizer state on every rank."""
+    comm.broadcast(model.flat_params)
+    state = getattr(model, "flat_state", None)
+    if state is not None and state.size:
+        comm.broadcast(state)
+    for buf in (opt.buffers or {}).values():
+        comm.broadcast(buf)
 
 
 def train_step(model, loss, opt, X_batch, y_batch):
@@ -68,7 +96,7 @@ class TrainingState:
 
 def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuffle=True,
         progress=True, callback=None, *, schedule=None, early_stopping=None, nan_check_every=None,
-        state=None, on_checkpoint=None, checkpoint_every=None, on_step=None):
+        state=None, on_checkpoint=None, checkpoint_every=None, on_step=None, comm=None):
     """Mini-batch training; returns the history {"loss": [...], "accuracy": [...], "val_...": [...]}.
 
     The order of the batches comes from the model's seeded host RNG, so a run is reproducible.
@@ -84,7 +112,16 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     ``state`` (a ``TrainingState``, with the model, optimizer and ``model.backend.rng`` restored
     to the same moment) continues an interrupted run so that it ends exactly as the uninterrupted
     one; ``on_step(step)`` runs after every step (``step`` counts from 1).
+    ``comm`` (a ``gpubackprop.distributed`` communicator or its name, "single" | "mpi" | "nccl")
+    trains data-parallel: every rank takes its share of each global batch of ``batch_size``, one
+    all-reduce a step combines the gradients, the reported metrics are over all ranks, and
+    ``on_checkpoint`` and the progress bar run on rank 0 only (the checkpoint's running totals are
+    the global ones).
     """
+    from gpubackprop.distributed import communicator, shard_bounds
+
+    comm = communicator("single" if comm is None else comm)
+    rank, size = comm.rank, comm.size
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
     batch_size = positive_int(batch_size, "batch_size")
@@ -114,12 +151,14 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
             history["val_accuracy"] = []
     state = _start_state(state, history, n, n_batches, be)
     history = state.history
+    if size > 1:
+        _broadcast_model(comm, model, opt)
     if early_stopping is not None and state.early_stopping is not None:
         early_stopping.load_state(state.early_stopping)
     best = None if state.best_params is None else be.to_device(state.best_params)
     step = state.step
     remaining = 0 if state.finished else max(0, (epochs - state.epoch) * n_batches - state.batch)
-    bar = _progress_bar(remaining, progress)
+    bar = _progress_bar(remaining, progress and comm.is_root)
     Xb = None
 
     def guard(value, epoch, b):
@@ -127,6 +166,10 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
             raise TrainingDiverged(_diagnose(model, loss, value, Xb, step, epoch, b, n_batches))
 
     def snapshot(epoch, b, order, totals, finished=False):
+        if totals is not None and size > 1:
+            # The global running totals (a collective: every rank is here); rank 0 resumes with
+            # them and the others with zeros, so the epoch's sum over ranks stays right.
+            totals = tuple(np.array(x) for x in comm.allreduce_host([float(t) for t in totals]))
         es = None if early_stopping is None else early_stopping.state()
         return TrainingState(epoch, b, step, order, totals, history, es,
                              None if best is None else be.to_host(best), finished)
@@ -136,20 +179,23 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
         while not state.finished and epoch < epochs:
             if state.batch and epoch == state.epoch:
                 order, b0 = np.asarray(state.order), state.batch
-                total_loss, total_correct = (_scalar(be, t) for t in state.totals)
+                total_loss, total_correct = (_scalar(be, t if comm.is_root else 0 * np.asarray(t))
+                                             for t in state.totals)
             else:
                 order = be.rng.permutation(n) if shuffle else np.arange(n)
                 b0, total_loss, total_correct = 0, 0, 0
             order_d = be.to_device(order, np.int64)
             for b in range(b0, n_batches):
-                idx = order_d[b * batch_size:(b + 1) * batch_size]
+                start, stop = b * batch_size, min(n, (b + 1) * batch_size)
+                lo, hi = shard_bounds(start, stop, rank, size)
+                idx = order_d[lo:hi]
                 Xb, Tb = Xd[idx], Td[idx]  # device-side gather
                 if schedule is not None:
                     opt.lr = float(schedule(step))
-                value, Y = _step(model, loss, opt, Xb, Tb)
+                value, Y = _step(model, loss, opt, Xb, Tb, comm, (hi - lo) / (stop - start))
                 step += 1
                 total_loss = total_loss + value * idx.shape[0]
-                if loss.classification:
+                if loss.classification and Y is not None:
                     total_correct = total_correct + loss.correct(be, Y, Tb)
                 if nan_check_every and step % nan_check_every == 0:
                     guard(value, epoch, b)
@@ -158,10 +204,15 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 if checkpoint_every and on_checkpoint is not None and b + 1 < n_batches \
                         and step % checkpoint_every == 0:
                     guard(value, epoch, b)
-                    on_checkpoint(snapshot(epoch, b + 1, order, (_host_scalar(be, total_loss),
-                                                                 _host_scalar(be, total_correct))))
+                    mid_state = snapshot(epoch, b + 1, order, (_host_scalar(be, total_loss),
+                                                               _host_scalar(be, total_correct)))
+                    if comm.is_root:
+                        on_checkpoint(mid_state)
                 if on_step is not None:
                     on_step(step)
+            if size > 1:  # the epoch's totals over all ranks: one small host all-reduce an epoch
+                total_loss, total_correct = comm.allreduce_host([float(total_loss),
+                                                                 float(total_correct)])
             logs = {"epoch": epoch + 1, "loss": float(total_loss) / n}
             if loss.classification:
                 logs["accuracy"] = float(total_correct) / n
@@ -190,7 +241,9 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
             if on_checkpoint is not None:
                 if nan_check_every is None or step % nan_check_every:
                     guard(value, epoch - 1, n_batches - 1)
-                on_checkpoint(snapshot(epoch, 0, None, None, finished=stop))
+                done_state = snapshot(epoch, 0, None, None, finished=stop)
+                if comm.is_root:
+                    on_checkpoint(done_state)
             if stop:
                 break
     finally:
@@ -243,7 +296,7 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
     xp = be.xp
     where = None
     for key, layer in model.param_keys():
-        if not bool(xp.isfinite(layer.W).all() & xp.isfinite(layer.b).all()):
+        if not all(bool(xp.isfinite(p).all()) for p in layer.params.values()):
             where = f"the parameters of layer {key[:-1]} ({layer!r})"
             break
     if where is None and Xb is not None:
@@ -255,7 +308,7 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
                 break
     if where is None:
         for key, layer in model.param_keys():
-            if not bool(xp.isfinite(layer.dW).all() & xp.isfinite(layer.db).all()):
+            if not all(bool(xp.isfinite(g).all()) for g in layer.grads.values()):
                 where = f"the gradients of layer {key[:-1]} ({layer!r})"
                 break
     value = float(value)

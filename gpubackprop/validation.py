@@ -71,6 +71,21 @@ def features(X, n_features, name="X"):
     return check_finite(h, name)
 
 
+def samples(X, shape, name="X"):
+    """X as a finite host array (n, *shape): n samples of the per-sample ``shape``."""
+    shape = tuple(shape)
+    if len(shape) == 1:
+        return features(X, shape[0], name)
+    h = host_array(X, name)
+    want = "(n, " + ", ".join(map(str, shape)) + ")"
+    if h.ndim != len(shape) + 1 or tuple(h.shape[1:]) != shape:
+        raise ValueError(f"{name}: expected an array of shape {want} (samples × per-sample shape "
+                         f"{shape}), got {describe(h)}")
+    if h.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one sample, got {describe(h)}")
+    return check_finite(h, name)
+
+
 def same_length(X, y, x_name="X", y_name="y"):
     if len(X) != len(y):
         raise ValueError(f"{x_name} and {y_name}: expected the same number of samples, got "

@@ -125,3 +125,50 @@ def check_scale(scale):
 def check_flat(name, g):
     if g.ndim != 1:
         raise shape_error(name, "a 1-D (flat) array", g)
+
+
+# ---- normalization and dropout -----------------------------------------------------------------
+NAMES_BATCH_NORM = ("X", "gamma", "beta", "Y", "mean", "invstd")
+NAMES_BATCH_NORM_EVAL = ("X", "gamma", "beta", "running_mean", "running_var", "Y")
+NAMES_NORM_BACKWARD = ("dY", "X", "gamma", "mean", "invstd", "dX", "dgamma", "dbeta")
+NAMES_LAYER_NORM = NAMES_BATCH_NORM
+NAMES_DROPOUT = ("X", "Y")
+NAMES_DROPOUT_BACKWARD = ("dY", "dX")
+
+
+def check_batch_norm(X, per_channel, like_X):
+    """X (N, C, *) with at least one value per channel; every (name, array) of ``per_channel`` has
+    shape (C,), every one of ``like_X`` the shape of X."""
+    if X.ndim < 2:
+        raise shape_error("X", "an array (N, C, *) of at least 2 dimensions", X)
+    if X.shape[1] and X.size == 0:
+        raise shape_error("X", "at least one value per channel (N and every trailing size >= 1)", X)
+    C = X.shape[1]
+    for name, a in per_channel:
+        if a.shape != (C,):
+            raise shape_error(name, f"shape ({C},) (one value per channel of X)", a)
+    check_same_shape("X", X, *like_X)
+
+
+def check_layer_norm(X, per_feature, per_row, like_X):
+    """X (M, D) with D >= 1; ``per_feature`` arrays (D,), ``per_row`` arrays (M,), ``like_X`` (M, D)."""
+    if X.ndim != 2:
+        raise shape_error("X", "a 2-D array (rows, features)", X)
+    M, D = X.shape
+    if D == 0:
+        raise shape_error("X", "at least one feature (column)", X)
+    for name, a in per_feature:
+        if a.shape != (D,):
+            raise shape_error(name, f"shape ({D},) (one value per feature of X)", a)
+    for name, a in per_row:
+        if a.shape != (M,):
+            raise shape_error(name, f"shape ({M},) (one value per row of X)", a)
+    check_same_shape("X", X, *like_X)
+
+
+# ---- conv and pooling (the window geometry and shape checks live in reference/conv.py, shared
+# with the reference ops) ------------------------------------------------------------------------
+NAMES_IM2COL = ("X", "cols")
+NAMES_COL2IM = ("dcols", "dX")
+NAMES_POOL = ("X", "Y")
+NAMES_POOL_BACKWARD = ("dY", "dX")

@@ -66,3 +66,38 @@ def run_every_op(ops, dtype):
     ops.sgd(p, p, p, 0.1, 0.9, True, 0.1, s)
     ops.rmsprop(p, p, p, p, 0.1, 0.9, 1e-8, 0.1, 0.9, s)
     ops.adam(p, p, p, p, 0.1, 0.9, 0.99, 1e-8, 0.1, True, 1, s)
+    # Convolution, pooling, normalisation and dropout (geometry: 2x2 windows over 3x3 images).
+    X = xp.zeros((1, 2, 3, 3), dt)
+    cols = xp.zeros((1, 8, 4), dt)
+    geometry = ((2, 2), (1, 1), (0, 0), (1, 1))
+    ops.im2col(X, cols, *geometry)
+    ops.col2im(cols, X, *geometry)
+    Y, argmax = xp.zeros((1, 2, 2, 2), dt), xp.zeros((1, 2, 2, 2), np.int64)
+    ops.max_pool2d(X, Y, argmax, *geometry)
+    ops.max_pool2d_backward(Y, argmax, X, *geometry)
+    ops.avg_pool2d(X, Y, *geometry[:3])
+    ops.avg_pool2d_backward(Y, X, *geometry[:3])
+    Z3, b2 = xp.zeros((2, 2, 4), dt), xp.ones(2, dt)
+    for act in ACTIVATIONS:
+        ops.channel_bias_act(Z3, b2, act, xp.zeros_like(Z3))
+    ops.channel_bias_grad(Z3, b2)
+    ops.channel_bias_grad(Z3, b2, accumulate=True)
+    stats = xp.zeros(2, dt), xp.ones(2, dt)
+    ops.batch_norm_train(Z3, b2, b2, 1e-5, xp.zeros_like(Z3), *stats)
+    ops.batch_norm_eval(Z3, b2, b2, *stats, 1e-5, xp.zeros_like(Z3))
+    ops.batch_norm_backward(Z3, Z3, b2, *stats, xp.zeros_like(Z3), xp.zeros(2, dt), xp.zeros(2, dt))
+    ops.layer_norm(Z, b[:3] + 1, b[:3], 1e-5, xp.zeros_like(Z), *stats)
+    ops.layer_norm_backward(Z, Z, b[:3] + 1, *stats, xp.zeros_like(Z), xp.zeros(3, dt), xp.zeros(3, dt))
+    ops.dropout(Z, xp.zeros_like(Z), 0.5, 0, 0, 0)
+    ops.dropout_backward(Z, xp.zeros_like(Z), 0.5, 0, 0, 0)
+    # Recurrent cells (N = 2 samples, H = 1 hidden unit; G gates wide where it says so).
+    def cell(width):
+        return xp.zeros((2, width), dt)
+
+    for act in ("tanh", "relu"):
+        ops.rnn_cell(cell(1), cell(1), xp.zeros(1, dt), cell(1), act)
+        ops.rnn_cell_backward(cell(1), cell(1), cell(1), cell(1), act)
+    ops.lstm_cell(cell(4), cell(4), xp.zeros(4, dt), cell(1), cell(1), cell(1), cell(4))
+    ops.lstm_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(1), cell(4), cell(4))
+    ops.gru_cell(cell(3), cell(3), xp.zeros(3, dt), cell(1), cell(1), cell(4))
+    ops.gru_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(4), cell(3), cell(3))

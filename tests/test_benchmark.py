@@ -104,8 +104,9 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path, capsys):
     assert {r["op"] for r in data["ops"]} == set(benchmark.OP_NAMES) | {"copy"}
     assert {r["axis"] for r in data["scaling"]} == {"batch", "width"}
     assert all(r["growth_bytes"] is not None for r in data["memory"])
-    for heading in ("Training step throughput", "GEMM rates", "Elementwise ops", "Scaling",
-                    "Memory", "Targets"):
+    assert data["lenet5"]["rows"] and data["lenet5"]["split"]
+    for heading in ("Training step throughput", "LeNet-5", "GEMM rates", "Elementwise ops",
+                    "Scaling", "Memory", "Targets"):
         assert heading in md
     assert "Quick mode" in md
 
@@ -152,3 +153,73 @@ def test_machine_type_is_a_file_name():
     name = benchmark.machine_type()
     assert name.startswith("cpu-") and "/" not in name and " " not in name
     assert benchmark.machine_type("NVIDIA H100 80GB HBM3") == "gpu-nvidia-h100-80gb-hbm3"
+
+
+# ---- LeNet-5 ----------------------------------------------------------------------------------
+def test_lenet_step_flops_by_hand():
+    p = benchmark.lenet_plan()
+    B = 128
+    gemms = benchmark.cnn_step_gemms(p, B)
+    # conv1 6x(1·5·5) on 28x28: forward and weight gradient only (first layer: no input gradient)
+    assert gemms[:2] == [("conv forward", B, 6, 25, 784), ("conv weight gradient", 1, 6, B * 784, 25)]
+    # conv2 16x(6·5·5) on 10x10 outputs: all three
+    assert gemms[2:5] == [("conv forward", B, 16, 150, 100),
+                          ("conv weight gradient", 1, 16, B * 100, 150),
+                          ("conv input gradient", B, 150, 16, 100)]
+    assert [g[0] for g in gemms[5:]] == ["dense forward", "dense weight gradient",
+                                         "dense input gradient"] * 3
+    per_sample = 2 * (2 * 6 * 25 * 784) + 3 * (2 * 16 * 150 * 100) + 6 * (400 * 120 + 120 * 84 + 84 * 10)
+    assert per_sample == 2_263_920
+    assert benchmark.cnn_step_flops(p, B) == B * per_sample
+
+
+def test_cnn_gemm_contender_runs_the_layers_shapes():
+    p = benchmark.lenet_plan((1, 12, 12), 10)
+    c = benchmark.cnn_gemm_contender(p, 3)
+    c.step()  # shapes agree (matmul with out= checks them)
+
+
+def test_torch_lenet_matches_the_plan():
+    pytest.importorskip("torch")
+    p = benchmark.lenet_plan()
+    net = benchmark.torch_cnn(p)
+    import torch
+
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    n_torch = sum(t.numel() for t in net.parameters())
+    c = benchmark.cnn_contender(p, 2, "cpu", "reference")
+    assert c.model.n_params == n_torch == 61706  # LeNet-5's parameter count
+    pc = benchmark.cnn_gemm_contender(p, 2, "cpu", "pytorch")
+    pc.step()
+
+
+def test_conv_time_split_clocks_conv_and_pooling_calls():
+    p = benchmark.lenet_plan((1, 12, 12), 10)
+    c = benchmark.cnn_contender(p, 4, "cpu", "fused")
+    split = benchmark.conv_time_split(c, steps=2)
+    assert tuple(split) == benchmark.SPLIT_CATEGORIES
+    assert all(v > 0 for v in split.values())
+    assert type(c.model.backend.ops).__name__ != "_TimedOps"  # restored
+    c.step()
+
+
+def test_quick_lenet_section_with_and_without_torch(monkeypatch):
+    args = benchmark.build_parser().parse_args(["--quick", "--device", "cpu", "--sections",
+                                                "lenet5"])
+    results = benchmark.run(args, log=lambda *a: None)
+    r = results["lenet5"]
+    names = {row["contender"] for row in r["rows"]}
+    assert {"gpubackprop reference", "gpubackprop fused", "GEMMs only", "pytorch"} <= names
+    fused = next(row for row in r["rows"] if row["contender"] == "gpubackprop fused")
+    assert fused["samples_per_s"] > 0 and fused["peak_fraction"] > 0
+    assert fused["gemm_fraction"] > 0
+    if benchmark.torch_module() is not None:
+        assert fused["ratio_to_pytorch"] > 0
+    assert [s["contender"] for s in r["split"]] == ["gpubackprop reference", "gpubackprop fused"]
+    md = results["markdown"]
+    assert "## LeNet-5" in md and "Conv layers' time split" in md and "im2col" in md
+    monkeypatch.setattr(benchmark, "torch_module", lambda: None)
+    results = benchmark.run(args, log=lambda *a: None)
+    rows = [row for row in results["lenet5"]["rows"] if row["library"] == "pytorch"]
+    assert rows and all(row["note"] == "not installed" and row["samples_per_s"] is None
+                        for row in rows)

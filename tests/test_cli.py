@@ -201,6 +201,77 @@ def test_digits_with_schedule_and_early_stopping(tmp_path):
     assert m["test_accuracy"] > 0.7 and len(m["epochs"]) == 4
 
 
+# ---- convolutional models: --model specs and presets -----------------------------------------------
+CNN = "conv(4,3,pad=1)-relu-maxpool(2)-flatten-dense(16)-relu-dense(10)"
+
+
+def test_cnn_spec_on_digits_train_evaluate_predict(tmp_path):
+    ck, metrics = tmp_path / "cnn.npz", tmp_path / "m.json"
+    r = ok(run("train", "--dataset", "digits", "--model", CNN, "--epochs", "1", "--batch-size",
+               "64", "--lr", "0.01", "--checkpoint", ck, "--metrics-json", metrics, *FAST))
+    assert "64 features, 10 classes (images of 1x8x8)" in r.stdout
+    assert "Conv2d(1,4,3,padding=1,relu) 4x8x8 -> MaxPool2d(2) 4x4x4 -> Flatten() 64 " \
+           "features -> Dense(64,16,relu)" in r.stdout
+    m = json.loads(metrics.read_text())
+    assert m["test_accuracy"] > 0.2  # one epoch of a tiny CNN: well above chance (0.1)
+    with np.load(ck, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        assert "param/0.weight" in z.files and z["param/0.weight"].shape == (4, 1, 3, 3)
+    assert meta["config"]["model"] == CNN
+    r = ok(run("evaluate", "--checkpoint", ck, "--json", *FAST))  # the training data set
+    ev = json.loads(r.stdout)
+    assert ev["samples"] == 359 and ev["accuracy"] == pytest.approx(m["test_accuracy"])
+    # Flat rows of 64 pixels (e.g. a CSV) are images of 1x8x8 to this model.
+    from sklearn.datasets import load_digits
+
+    X, _ = load_digits(return_X_y=True)
+    np.save(tmp_path / "x.npy", X[:7])
+    out = tmp_path / "p.npy"
+    ok(run("predict", "--checkpoint", ck, "--input", tmp_path / "x.npy", "--output", out, *FAST))
+    assert np.load(out).shape == (7,)
+    np.save(tmp_path / "bad.npy", X[:7, :60])
+    r = run("predict", "--checkpoint", ck, "--input", tmp_path / "bad.npy", *FAST)
+    assert r.returncode == 2 and "the model in" in r.stderr and "expects 1x8x8" in r.stderr
+
+
+@pytest.mark.parametrize("preset", ["lenet5", "mlp", "resnet"])
+def test_presets_train_on_image_data(tmp_path, preset):
+    folder = write_mnist(tmp_path / "mnist", gz=False, n_train=64, n_test=32)
+    ck = tmp_path / "ck.npz"
+    r = ok(run("train", "--dataset", f"mnist:{folder}", "--model", preset, "--epochs", "1",
+               "--batch-size", "32", "--checkpoint", ck, *FAST))
+    assert f"model {preset}: 1x6x6 -> " in r.stdout
+    assert r.stderr == ""
+    with np.load(ck, allow_pickle=False) as z:
+        config = json.loads(str(z["meta"]))["config"]
+    assert config["model"] == preset and config["model_spec"].endswith("dense(classes)")
+    if preset == "resnet":
+        assert "Residual[" in r.stdout and "GlobalAvgPool2d() 32 features" in r.stdout
+    if preset == "mlp":
+        assert "1x6x6 -> Flatten() 36 features -> Dense(36,128,relu)" in r.stdout
+    elif preset == "lenet5":
+        assert "Conv2d(1,6,5,padding=2,relu)" in r.stdout
+
+
+def test_resume_of_a_cnn_run_equals_the_uninterrupted_run(tmp_path):
+    args = ["train", "--dataset", "digits", "--model", "conv(4,3)-tanh-avgpool(2)-dense(10)",
+            "--epochs", "2", "--batch-size", "128", "--optimizer", "momentum", "--lr", "0.05",
+            "--device", "cpu"]
+    full, part = tmp_path / "full.npz", tmp_path / "part.npz"
+    ok(run(*args, "--checkpoint", full))
+    # 12 steps an epoch: killed at step 17, after the step-15 checkpoint; --model comes back from
+    # the checkpoint.
+    r = run(*args, "--checkpoint", part, "--checkpoint-every", "5",
+            env={"GPUBACKPROP_TEST_FAULT": "kill-after-step:17"})
+    assert r.returncode == -signal.SIGKILL
+    r = ok(run("train", "--resume", "--checkpoint", part))
+    assert "resuming" in r.stdout and "Conv2d(1,4,3,tanh)" in r.stdout
+    assert_same(params_of(full), params_of(part))
+    r = run("train", "--resume", "--checkpoint", part, "--model", "lenet5", *FAST)
+    assert r.returncode == 2
+    assert "made with --model conv(4,3)-tanh-avgpool(2)-dense(10), not lenet5" in r.stderr
+
+
 # ---- checkpoints: kill, resume, bit for bit --------------------------------------------------------
 def params_of(path):
     with np.load(path, allow_pickle=False) as z:
@@ -317,6 +388,10 @@ CASES = {
     "unknown command": ["fly"],
     "early stopping without validation": ["train", "--dataset", BLOBS, "--early-stopping", "2"],
     "cuda without a GPU": ["info", "--device", "cuda", "--no-compile"],
+    "model spec that does not parse": ["train", "--dataset", BLOBS, "--model", "dense(8)-relux"],
+    "model spec that does not fit": ["train", "--dataset", BLOBS, "--model", "conv(4,3)-dense(3)"],
+    "layers with a non-mlp model": ["train", "--dataset", BLOBS, "--model", "dense(3)",
+                                    "--layers", "8"],
 }
 
 
@@ -358,6 +433,15 @@ def test_error_messages_name_the_problem(bad, files):
                                             "--dataset", "npz:{root}/labels5.npz")
     assert "made with --layers 16, not 7" in err("train", "--checkpoint", "{root}/ck.npz",
                                                  "--resume", "--layers", "7")
+    assert "model: token 2 'relux' at character 10: unknown layer 'relux'" in err(
+        "train", "--dataset", BLOBS, "--model", "dense(8)-relux")
+    assert "model: token 1 'conv(4,3)' at character 1: needs image input (channels, height, " \
+           "width), got 8 features" in err("train", "--dataset", BLOBS, "--model",
+                                           "conv(4,3)-dense(3)")
+    assert "layers: --layers shapes the layers of --model mlp only" in err(
+        "train", "--dataset", BLOBS, "--model", "lenet5", "--layers", "8")
+    assert "init: --init shapes the layers of --model mlp only" in err(
+        "train", "--dataset", BLOBS, "--model", "dense(3)", "--init", "he")
     e = err("train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
             "--nan-check-every", "1", "--batch-size", "8")
     assert "training diverged" in e and "step" in e and "layer" in e

@@ -34,6 +34,11 @@ DELIBERATE_FLOAT64 = {
     "_sq_partial": "sum of squares, per block",
     "_sq_finish": "sum of the block partials",
     "_clip_finish": "sum of the block partials",
+    "_group_stats": "BatchNorm mean and variance of a channel",
+    "_bn_grad_sums": "BatchNorm sums of dY and dY·x̂ of a channel",
+    "_ln_row_sums": "LayerNorm mean and variance of a row, and its backward sums",
+    "_ln_dx_cols": "LayerNorm parameter-gradient partials over row chunks",
+    "_ln_param_finish": "LayerNorm sum of the row-chunk partials",
 }
 
 BODIES = ptx.load_all_families()

@@ -73,13 +73,14 @@ def test_idx_missing_file(tmp_path):
 def test_load_mnist(tmp_path, gz):
     arrays = write_mnist(tmp_path, gz=gz)
     X_train, y_train, X_test, y_test = load_mnist(str(tmp_path))
-    assert X_train.shape == (40, 20) and X_test.shape == (10, 20)
-    np.testing.assert_array_equal(X_train, arrays["train_images"].reshape(40, 20))
+    assert X_train.shape == (40, 1, 4, 5) and X_test.shape == (10, 1, 4, 5)  # images keep shape
+    np.testing.assert_array_equal(X_train[:, 0], arrays["train_images"])
     np.testing.assert_array_equal(y_test, arrays["test_labels"])
     data = load_dataset(f"mnist:{tmp_path}")
     assert data.X_train.min() >= 0 and data.X_train.max() <= 1  # pixels to [0, 1]
-    np.testing.assert_allclose(data.X_test, arrays["test_images"].reshape(10, 20) / 255.0)
+    np.testing.assert_allclose(data.X_test[:, 0], arrays["test_images"] / 255.0)
     assert data.n_classes == 10
+    assert data.sample_shape == (1, 4, 5) and data.n_features == 20
 
 
 def test_mnist_mismatched_counts(tmp_path):
@@ -231,3 +232,70 @@ def test_load_features(tmp_path):
     np.testing.assert_array_equal(load_features(str(tmp_path / "x.csv")), [[1, 2], [3, 4]])
     with pytest.raises(DatasetError, match="file not found"):
         load_features(str(tmp_path / "none.npy"))
+
+
+# ---- image shapes -------------------------------------------------------------------------------
+def test_digits_are_1x8x8_images_scaled_by_16():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    data = load_dataset("digits", test_split=0.2, seed=0)
+    assert data.X_train.shape == (1438, 1, 8, 8) and data.X_test.shape == (359, 1, 8, 8)
+    assert data.sample_shape == (1, 8, 8) and data.n_features == 64 and data.n_classes == 10
+    assert data.scaling == {"kind": "fixed", "divisor": 16.0}
+    X, _ = load_digits(return_X_y=True)
+    rows = {tuple(r) for r in X / 16.0}
+    assert tuple(data.X_test[0].ravel()) in rows  # a sample is the 8x8 image, row-major
+    assert data.X_train.max() <= 1 and data.X_train.min() >= 0
+
+
+def test_npz_images_keep_their_shape_and_get_a_channel_axis(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.npz"
+    np.savez(path, X_train=rng.random((12, 5, 6)), y_train=np.arange(12) % 3,
+             X_test=rng.random((4, 5, 6)), y_test=np.arange(4) % 3)
+    X_train, _, X_test, _ = load_npz(str(path))
+    assert X_train.shape == (12, 1, 5, 6) and X_test.shape == (4, 1, 5, 6)
+    np.savez(path, X_train=rng.random((12, 3, 5, 6)), y_train=np.arange(12) % 3,
+             X_test=rng.random((4, 3, 5, 6)), y_test=np.arange(4) % 3)
+    data = load_dataset(f"npz:{path}", val_split=0.25, seed=1)
+    assert data.sample_shape == (3, 5, 6) and data.X_val.shape == (3, 3, 5, 6)
+    np.savez(path, X_train=rng.random((12, 3, 5, 6)), y_train=np.arange(12) % 3,
+             X_test=rng.random((4, 3, 5, 5)), y_test=np.arange(4) % 3)
+    with pytest.raises(DatasetError, match="X_train's samples are 3x5x6, X_test's 3x5x5"):
+        load_npz(str(path))
+    np.savez(path, X_train=rng.random((12, 1, 3, 5, 6)), y_train=np.arange(12) % 3,
+             X_test=rng.random((4, 1, 3, 5, 6)), y_test=np.arange(4) % 3)
+    with pytest.raises(DatasetError, match=r"expected a numeric array of shape \(N, features\)"):
+        load_npz(str(path))
+
+
+def test_standard_scaling_of_images_is_per_pixel_from_training_data(tmp_path):
+    rng = np.random.default_rng(2)
+    X_train = rng.normal(3.0, 2.0, size=(40, 2, 3, 3))
+    X_test = rng.normal(50.0, 9.0, size=(8, 2, 3, 3))
+    path = tmp_path / "img.npz"
+    np.savez(path, X_train=X_train, y_train=np.arange(40) % 2, X_test=X_test,
+             y_test=np.arange(8) % 2)
+    data = load_dataset(f"npz:{path}")
+    assert data.scaling["shift"].shape == (2, 3, 3)
+    np.testing.assert_allclose(data.X_train.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(data.X_train.std(axis=0), 1, atol=1e-12)
+    np.testing.assert_allclose(data.X_test, (X_test - X_train.mean(0)) / X_train.std(0))
+    # The same statistics apply to the images given as flat rows (e.g. a CSV to predict).
+    flat = apply_scaling(X_test.reshape(8, -1), data.scaling)
+    np.testing.assert_allclose(flat, data.X_test.reshape(8, -1))
+    with pytest.raises(DatasetError, match=r"expected 18 features per sample"):
+        apply_scaling(np.ones((2, 17)), data.scaling)
+    mm = load_dataset(f"npz:{path}", scale="minmax")
+    assert mm.X_train.min() == 0 and mm.X_train.max() == 1
+    assert mm.scaling["shift"].shape == (2, 3, 3)
+
+
+def test_load_features_keeps_images(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((3, 1, 4, 4)))
+    assert load_features(str(tmp_path / "x.npy")).shape == (3, 1, 4, 4)
+    np.save(tmp_path / "x.npy", np.ones((3, 4, 4)))
+    assert load_features(str(tmp_path / "x.npy")).shape == (3, 1, 4, 4)
+    np.savez(tmp_path / "x.npz", X=np.ones((2, 3)))
+    assert load_features(str(tmp_path / "x.npz")).shape == (2, 3)

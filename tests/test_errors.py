@@ -77,7 +77,7 @@ def test_bad_training_arguments(setup):
     (lambda: gb.Dense(0, 4), ValueError, r"n_in: expected a positive integer, got 0"),
     (lambda: gb.Dense(3, 2.5), ValueError, r"n_out: expected a positive integer, got 2.5"),
     (lambda: gb.Sequential([gb.Dense(3, 4), gb.Dense(5, 2)]), ValueError,
-     r"layers\[1\]: expected 4 input features \(layers\[0\] gives 4\), got 5"),
+     r"layers\[1\] Dense\(5, 2, .*\): expected 5 input features, got 4 \(input shape \(4,\)\)"),
     (lambda: gb.Sequential([]), ValueError, r"layers: expected a non-empty list of layers"),
     (lambda: gb.Sequential(["dense"]), TypeError, r"layers\[0\]: expected a layer .*got str"),
     (lambda: gb.Residual(gb.Dense(3, 4)), ValueError,

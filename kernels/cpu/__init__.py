@@ -19,9 +19,14 @@ Kernels compile on first use per dtype and are cached on disk (``cache=True``).
 import numba
 import numpy as np
 
+from gpubackprop.kernels.cpu.conv import ConvOps
 from gpubackprop.kernels.cpu.dense import GELU, SIGMOID, TANH, DenseOps
+from gpubackprop.kernels.cpu.dropout import DropoutOps
 from gpubackprop.kernels.cpu.losses import LossOps
+from gpubackprop.kernels.cpu.normalization import NormalizationOps
 from gpubackprop.kernels.cpu.optimizers import OptimizerOps
+from gpubackprop.kernels.cpu.pooling import PoolingOps
+from gpubackprop.kernels.cpu.recurrent import RecurrentOps
 from gpubackprop.kernels.reference import ACTIVATIONS, ReferenceOps
 
 __all__ = ["PAR_MIN_CHEAP", "PAR_MIN_TRANSCENDENTAL", "CpuOps"]
@@ -36,7 +41,8 @@ PAR_MIN_CHEAP = 1 << 24
 PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
-class CpuOps(DenseOps, LossOps, OptimizerOps, ReferenceOps):
+class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
+             DropoutOps, ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"

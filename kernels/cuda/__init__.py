@@ -14,16 +14,22 @@ CUDA compiler and fails on float64 arithmetic in a float32 kernel that is not a 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in Numba's simulator on NumPy arrays.
 """
 
+from gpubackprop.kernels.cuda.conv import ConvOps
 from gpubackprop.kernels.cuda.dense import DenseOps
+from gpubackprop.kernels.cuda.dropout import DropoutOps
 from gpubackprop.kernels.cuda.launch import THREADS, Launcher
 from gpubackprop.kernels.cuda.losses import LossOps
+from gpubackprop.kernels.cuda.normalization import NormalizationOps
 from gpubackprop.kernels.cuda.optimizers import OptimizerOps
+from gpubackprop.kernels.cuda.pooling import PoolingOps
+from gpubackprop.kernels.cuda.recurrent import RecurrentOps
 from gpubackprop.kernels.reference import ReferenceOps
 
 __all__ = ["THREADS", "CudaOps"]
 
 
-class CudaOps(DenseOps, LossOps, OptimizerOps, Launcher, ReferenceOps):
+class CudaOps(DenseOps, LossOps, OptimizerOps, NormalizationOps, DropoutOps, ConvOps, PoolingOps,
+              RecurrentOps, Launcher, ReferenceOps):
     """The reference ops as fused Numba CUDA kernels (float32 and float64), on CuPy's stream."""
 
     name = "fused-cuda"

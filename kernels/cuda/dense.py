@@ -3,7 +3,7 @@
 import math
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cuda.launch import as_2d, cuda, kernel_body
+from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import mul
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
 
@@ -16,33 +16,39 @@ BIAS_GRAD_ROWS = 8
 
 
 # ---- forward: Z += b; A = σ(Z) -----------------------------------------------------------------
+@device_function
+def activate(z, act, like):
+    """σ(z) for the activation code ``act``, in the dtype of the array ``like`` (also used by conv)."""
+    zero, one, nz = like.dtype.type(0), like.dtype.type(1), like.dtype.type(-0.0)
+    slope = like.dtype.type(LEAKY_SLOPE)
+    half, c, k = like.dtype.type(0.5), like.dtype.type(GELU_C), like.dtype.type(GELU_K)
+    if act == IDENTITY:
+        a = z
+    elif act == SIGMOID:
+        # Split at 0 so exp never overflows: e = exp(-|z|) <= 1 on both sides.
+        e = math.exp(-abs(z))
+        a = one / (one + e) if z >= zero else e / (one + e)
+    elif act == TANH:
+        a = math.tanh(z)
+    elif act == RELU:
+        a = zero if z < zero else z  # keeps NaN, as np.maximum does
+    elif act == LEAKY_RELU:
+        a = z if z > zero else z * slope
+    else:  # GELU, tanh approximation
+        t = math.tanh(c * (z + mul(k, z * z * z, nz)))
+        a = half * z * (one + t)
+    return a
+
+
 @kernel_body("void({t}[:, ::1], {t}[::1], {t}[:, ::1], int64)")
 def _bias_act(Z, b, A, act):
     B, n = Z.shape
-    zero, one, nz = Z.dtype.type(0), Z.dtype.type(1), Z.dtype.type(-0.0)
-    slope = Z.dtype.type(LEAKY_SLOPE)
-    half, c, k = Z.dtype.type(0.5), Z.dtype.type(GELU_C), Z.dtype.type(GELU_K)
     for idx in range(cuda.grid(1), B * n, cuda.gridsize(1)):
         i = idx // n
         j = idx - i * n
         z = Z[i, j] + b[j]
         Z[i, j] = z
-        if act == IDENTITY:
-            a = z
-        elif act == SIGMOID:
-            # Split at 0 so exp never overflows: e = exp(-|z|) <= 1 on both sides.
-            e = math.exp(-abs(z))
-            a = one / (one + e) if z >= zero else e / (one + e)
-        elif act == TANH:
-            a = math.tanh(z)
-        elif act == RELU:
-            a = zero if z < zero else z  # keeps NaN, as np.maximum does
-        elif act == LEAKY_RELU:
-            a = z if z > zero else z * slope
-        else:  # GELU, tanh approximation
-            t = math.tanh(c * (z + mul(k, z * z * z, nz)))
-            a = half * z * (one + t)
-        A[i, j] = a
+        A[i, j] = activate(z, act, Z)
 
 
 # ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------

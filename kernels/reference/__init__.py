@@ -15,6 +15,7 @@ Each set is a package with one module per family of ops (``dense``, ``losses``, 
 ...), the same module names in every set, so the three versions of an op sit side by side.
 """
 
+from gpubackprop.kernels.reference.conv import ConvOps
 from gpubackprop.kernels.reference.dense import (
     ACTIVATIONS,
     GELU_C,
@@ -23,14 +24,19 @@ from gpubackprop.kernels.reference.dense import (
     DenseOps,
     saves_input,
 )
+from gpubackprop.kernels.reference.dropout import DropoutOps
 from gpubackprop.kernels.reference.losses import LossOps
+from gpubackprop.kernels.reference.normalization import NormalizationOps
 from gpubackprop.kernels.reference.optimizers import OptimizerOps, adam_coefficients
+from gpubackprop.kernels.reference.pooling import PoolingOps
+from gpubackprop.kernels.reference.recurrent import RecurrentOps
 
 __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "adam_coefficients",
            "saves_input"]
 
 
-class ReferenceOps(DenseOps, LossOps, OptimizerOps):
+class ReferenceOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
+                   NormalizationOps, DropoutOps):
     """The unfused xp expressions; the baseline the fused sets are checked and benchmarked against."""
 
     name = "reference"

@@ -1,0 +1,297 @@
+"""``Conv2d``: 2-D convolution as im2col + GEMM, over the batch in chunks of bounded memory.
+
+For a chunk of n samples, im2col unfolds X (n, C_in, H, W) into columns (n, C_in·kh·kw, L),
+L = OH·OW, row c·kh·kw + i·kw + j (the flattening of PyTorch's weight), and the layer is a
+matrix product per group: with W viewed (G, C_out/G, K), K = C_in/G·kh·kw, and the columns viewed
+(n, G, K, L), Z (n, G, C_out/G, L) = W · cols. The equations of DESIGN.md then read:
+
+    forward   Z = W · cols + b;  A = σ(Z)                 GEMM, then ops.channel_bias_act
+    BP1/BP2   Δ = dA ⊙ σ'(Z)                               ops.act_backward
+    BP3       ∂C/∂W[g] = Σ_n Δ[n, g] · cols[n, g]ᵀ          GEMMs over each chunk (see below)
+    BP4       ∂C/∂b = Σ_{n, l} Δ                            ops.channel_bias_grad
+    dX        dcols = Wᵀ · Δ;  dX = col2im(dcols)           GEMM, then ops.col2im (a gather)
+
+The columns of a chunk are at most ``max_cols_bytes`` (32 MiB; one sample at least; chunks of
+balanced sizes), so memory does not grow with the batch. Backprop recomputes each chunk's columns
+rather than keeping all of them, except the last chunk's, still in the buffer from the forward
+pass: backprop runs over the chunks last first (with the whole batch in one chunk, no recompute).
+BP3 takes one GEMM a sample and a sum over the chunk when C_out/G <= L (the products are then no
+larger than the columns), else one GEMM over the transposed chunk. A 1x1 convolution with stride 1
+and no padding needs no columns at all: cols is X reshaped.
+"""
+
+import math
+
+import numpy as np
+
+from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
+from gpubackprop.layers.base import Layer, fmt_shape, int_pair, no_backprop, pair_repr
+from gpubackprop.layers.dense import INITS, init_weights
+from gpubackprop.validation import check_choice, positive_int
+
+MAX_COLS_BYTES = 32 << 20
+
+
+def _geometry(layer, input_shape):
+    """(OH, OW) of a window layer (kernel/stride/padding/dilation) on (C, H, W), or ValueError."""
+    H, W = input_shape[1], input_shape[2]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (layer.kernel_size, layer.stride, layer.padding,
+                                              layer.dilation)
+    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1  # the extent of a dilated window
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    if ekh > Hp or ekw > Wp:
+        kernel = f"kernel {kh}x{kw}"
+        if (dh, dw) != (1, 1):
+            kernel += f" with dilation {pair_repr((dh, dw))} (extent {ekh}x{ekw})"
+        raise ValueError(f"{kernel} larger than the padded input {Hp}x{Wp} (input shape "
+                         f"{fmt_shape(input_shape)}, padding {pair_repr((ph, pw))})")
+    return (Hp - ekh) // sh + 1, (Wp - ekw) // sw + 1
+
+
+class _Workspace:
+    """Buffers a Conv2d layer reuses for one batch size."""
+
+    __slots__ = ("Z", "A", "dZ", "dX", "cols", "chunks", "dW", "_scratch")
+
+    def __init__(self, layer, be, N, chunks):
+        Co, (OH, OW) = layer.out_channels, layer.output_shape[1:]
+        self.chunks = chunks
+        nc = chunks[0][1]  # the largest chunk: the first
+        self.Z = be.empty((N, Co, OH, OW))
+        self.A = be.empty(self.Z.shape) if saves_input(layer.activation) else self.Z
+        self.dZ = be.empty(self.Z.shape) if layer.activation != "identity" else None
+        self.dX = be.empty((N, *layer.input_shape))
+        self.cols = None if layer._pointwise else be.empty((nc, layer._Ktot, OH * OW))
+        self.dW = None  # made on first need: a second chunk, or a layer used twice in one step
+        self._scratch = {}
+
+    def dW_tmp(self, be, shape):
+        if self.dW is None:
+            self.dW = be.empty(shape)
+        return self.dW
+
+    def scratch(self, be, name, shape):
+        """A contiguous (shape) view of a flat buffer kept per name, grown to the largest chunk."""
+        size = math.prod(shape)
+        buf = self._scratch.get(name)
+        if buf is None or buf.size < size:
+            buf = self._scratch[name] = be.empty((size,))
+        return buf[:size].reshape(shape)
+
+
+class Conv2d(Layer):
+    """2-D convolution over NCHW images; ``weight`` is (C_out, C_in/groups, kH, kW), as in torch.
+
+    ``init``: None for PyTorch's default (U(±1/√fan_in) for weight and bias, fan_in =
+    C_in/groups·kH·kW), or one of Dense's schemes "he", "xavier", "lecun", "normal" (bias 0).
+    ``activation`` is fused into the bias pass, as in Dense.
+    """
+
+    max_cols_bytes = MAX_COLS_BYTES
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, activation="identity", init=None):
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
+        self.kernel_size = int_pair(kernel_size, "kernel_size")
+        self.stride = int_pair(stride, "stride")
+        self.padding = int_pair(padding, "padding", minimum=0)
+        self.dilation = int_pair(dilation, "dilation")
+        self.groups = positive_int(groups, "groups")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups: expected a divisor of in_channels ({self.in_channels}) and "
+                             f"out_channels ({self.out_channels}), got {self.groups}")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias: expected True or False, got {bias!r}")
+        self.bias = bool(bias)
+        self.activation = check_choice(activation, ACTIVATIONS, "activation")
+        self.init = None if init is None else check_choice(init, INITS, "init")
+        kh, kw = self.kernel_size
+        self._K = self.in_channels // self.groups * kh * kw  # one group's rows of the columns
+        self._Ktot = self.in_channels * kh * kw
+        self._pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                           and self.padding == (0, 0))
+        self._workspaces = {}
+
+    def __repr__(self):
+        args = [str(self.in_channels), str(self.out_channels), pair_repr(self.kernel_size)]
+        for name, default in (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))):
+            if getattr(self, name) != default:
+                args.append(f"{name}={pair_repr(getattr(self, name))}")
+        if self.groups != 1:
+            args.append(f"groups={self.groups}")
+        if not self.bias:
+            args.append("bias=False")
+        if self.activation != "identity":
+            args.append(f"activation={self.activation!r}")
+        if self.init is not None:
+            args.append(f"init={self.init!r}")
+        return f"Conv2d({', '.join(args)})"
+
+    # ---- declaring --------------------------------------------------------------------------------
+    def infer_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"expected a per-sample input of shape (C, H, W) with C = "
+                             f"{self.in_channels}, got shape {fmt_shape(input_shape)}")
+        if input_shape[0] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {input_shape[0]} "
+                             f"(input shape {fmt_shape(input_shape)})")
+        return (self.out_channels, *_geometry(self, input_shape))
+
+    def param_specs(self):
+        kh, kw = self.kernel_size
+        specs = [("weight", (self.out_channels, self.in_channels // self.groups, kh, kw))]
+        if self.bias:
+            specs.append(("bias", (self.out_channels,)))
+        return specs
+
+    def initial_params(self, rng):
+        kh, kw = self.kernel_size
+        shape = (self.out_channels, self.in_channels // self.groups, kh, kw)
+        fan_in = self._K
+        if self.init is None:
+            # PyTorch's reset_parameters: kaiming_uniform_(a=√5) gives U(±1/√fan_in), and the bias
+            # U(±1/√fan_in) too.
+            bound = 1.0 / math.sqrt(fan_in)
+            params = {"weight": rng.uniform(-bound, bound, shape)}
+            if self.bias:
+                params["bias"] = rng.uniform(-bound, bound, self.out_channels)
+            return params
+        params = {"weight": init_weights(self.init, fan_in, self.out_channels, rng, shape=shape,
+                                         fan_out=self.out_channels * kh * kw)}
+        if self.bias:
+            params["bias"] = np.zeros(self.out_channels)
+        return params
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "groups": self.groups, "bias": self.bias, "activation": self.activation,
+                "init": self.init}
+
+    # ---- binding ----------------------------------------------------------------------------------
+    def attach(self, backend, params, grads, state, context, index):
+        super().attach(backend, params, grads, state, context, index)
+        G, Cog = self.groups, self.out_channels // self.groups
+        self.weight = params["weight"]
+        self._Wg = self.weight.reshape(G, Cog, self._K)  # views of the flat buffers
+        self._WgT = self._Wg.transpose(0, 2, 1)
+        self._dWg = grads["weight"].reshape(G, Cog, self._K)
+        self._b = params["bias"] if self.bias else backend.zeros((self.out_channels,))
+        self._db = grads["bias"] if self.bias else None
+
+    def _chunks(self, N):
+        """[(start, stop)] of N samples in chunks of balanced size whose columns fit the budget."""
+        L = self.output_shape[1] * self.output_shape[2]
+        per_sample = self._Ktot * L * self.backend.dtype.itemsize
+        most = max(1, min(N, self.max_cols_bytes // per_sample))
+        count = -(-N // most)
+        size = -(-N // count)
+        return [(s, min(N, s + size)) for s in range(0, N, size)]
+
+    def _im2col(self, X, cols):
+        return self.backend.ops.im2col(X, cols, self.kernel_size, self.stride, self.padding,
+                                       self.dilation)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def _forward_into(self, X, Z, cols_buf, chunks):
+        """Z (N, Co, OH, OW) = W · cols, chunk by chunk (no bias yet)."""
+        xp = self.backend.xp
+        G, Cog, K = self.groups, self.out_channels // self.groups, self._K
+        L = Z.shape[2] * Z.shape[3]
+        for s, e in chunks:
+            if self._pointwise:
+                cols = X[s:e].reshape(e - s, G, K, L)
+            else:
+                cols = self._im2col(X[s:e], cols_buf[:e - s]).reshape(e - s, G, K, L)
+            xp.matmul(self._Wg, cols, out=Z[s:e].reshape(e - s, G, Cog, L))  # Z = W · cols
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        be = self.backend
+        ops, act = be.ops, self.activation
+        N, Co = X.shape[0], self.out_channels
+        L = self.output_shape[1] * self.output_shape[2]
+        if not train:
+            chunks = self._chunks(N)
+            nc = chunks[0][1]
+            Z = be.empty((N, *self.output_shape))
+            cols_buf = None if self._pointwise else self.workspace(
+                ("inference", nc), lambda: be.empty((nc, self._Ktot, L)))
+            self._forward_into(X, Z, cols_buf, chunks)
+            A = be.empty(Z.shape) if saves_input(act) else Z
+            if self.bias or act != "identity":
+                ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
+            return A, no_backprop
+        ws = self.workspace(N, lambda: _Workspace(self, be, N, self._chunks(N)))
+        Z, A = ws.Z, ws.A
+        self._forward_into(X, Z, ws.cols, ws.chunks)
+        if self.bias or act != "identity":
+            ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
+        saved = Z if saves_input(act) else A
+
+        def backprop(dA):
+            # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z) (identity: Δ = dA).
+            dZ = dA if act == "identity" else ops.act_backward(dA, saved, act, ws.dZ)
+            accumulate = self.take_accumulate()
+            if self.bias:  # BP4: ∂C/∂b = Σ over samples and positions of Δ
+                ops.channel_bias_grad(dZ.reshape(N, Co, L), self._db, accumulate=accumulate)
+            self._backward_chunks(X, dZ, ws, accumulate, input_grad)
+            return ws.dX if input_grad else None
+
+        return A, backprop
+
+    def _backward_chunks(self, X, dZ, ws, accumulate, input_grad):
+        be = self.backend
+        xp, ops = be.xp, be.ops
+        G, Cog, K = self.groups, self.out_channels // self.groups, self._K
+        L = dZ.shape[2] * dZ.shape[3]
+        # Last chunk first: its columns are still in ws.cols from the forward pass.
+        for i, (s, e) in enumerate(reversed(ws.chunks)):
+            n = e - s
+            if self._pointwise:
+                cols = X[s:e].reshape(n, G, K, L)
+            elif i == 0:
+                cols = ws.cols[:n].reshape(n, G, K, L)
+            else:
+                cols = self._im2col(X[s:e], ws.cols[:n]).reshape(n, G, K, L)
+            dZc = dZ[s:e].reshape(n, G, Cog, L)
+            dW = ws.dW_tmp(be, self._dWg.shape) if accumulate or i > 0 else self._dWg
+            self._weight_grad(dZc, cols, ws, dW)
+            if dW is not self._dWg:
+                self._dWg += dW
+            if not input_grad:
+                continue
+            # The input gradient: dcols = Wᵀ Δ, then col2im adds each column entry back into the
+            # pixel it was read from (σ' of the layer below is applied there).
+            if self._pointwise:
+                xp.matmul(self._WgT, dZc, out=ws.dX[s:e].reshape(n, G, K, L))
+            else:
+                dcols = ws.cols[:n]  # BP3 is done with this chunk's columns
+                xp.matmul(self._WgT, dZc, out=dcols.reshape(n, G, K, L))
+                ops.col2im(dcols, ws.dX[s:e], self.kernel_size, self.stride, self.padding,
+                           self.dilation)
+
+    def _weight_grad(self, dZc, cols, ws, dW):
+        """BP3 of one chunk: dW[g] (Co/G, K) = Σ_n Δ[n, g] · cols[n, g]ᵀ, written into ``dW``."""
+        be = self.backend
+        xp = be.xp
+        n, G, Cog, L = dZc.shape
+        K = self._K
+        if n == 1:
+            xp.matmul(dZc[0], cols[0].transpose(0, 2, 1), out=dW)
+        elif Cog <= L:
+            # One GEMM a sample, then the sum over the chunk; the products (n, G, Co/G, K) are no
+            # larger than the columns since Co/G <= L.
+            prod = ws.scratch(be, "prod", (n, G, Cog, K))
+            xp.matmul(dZc, cols.transpose(0, 1, 3, 2), out=prod)
+            prod.sum(axis=0, out=dW)
+        else:
+            # Few positions, many channels: one GEMM over the chunk with inner size n·L, the chunk
+            # brought to (G, ·, n·L) first (two copies, each no larger than the columns).
+            dZg = ws.scratch(be, "dZT", (G, Cog, n * L))
+            colsg = ws.scratch(be, "colsT", (G, K, n * L))
+            dZg.reshape(G, Cog, n, L)[...] = dZc.transpose(1, 2, 0, 3)
+            colsg.reshape(G, K, n, L)[...] = cols.transpose(1, 2, 0, 3)
+            xp.matmul(dZg, colsg.transpose(0, 2, 1), out=dW)

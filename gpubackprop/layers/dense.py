@@ -1,0 +1,225 @@
+"""``Dense`` (fully connected) and ``Flatten``."""
+
+import math
+
+import numpy as np
+
+from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
+from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, size_of
+from gpubackprop.validation import check_choice, positive_int
+
+INITS = ("he", "xavier", "lecun", "normal")
+
+
+def init_weights(scheme, n_in, n_out, rng, shape=None, fan_out=None):
+    """Host float64 weights of ``shape`` (default (n_out, n_in)) drawn from ``rng`` by the named
+    scheme; ``n_in`` is the fan-in, ``fan_out`` (default ``n_out``) the fan-out."""
+    shape = (n_out, n_in) if shape is None else shape
+    fan_out = n_out if fan_out is None else fan_out
+    if scheme == "he":  # Kaiming normal: keeps the variance of ReLU activations
+        return rng.normal(0.0, math.sqrt(2.0 / n_in), shape)
+    if scheme == "xavier":  # Glorot uniform: keeps variance forward and backward for tanh
+        limit = math.sqrt(6.0 / (n_in + fan_out))
+        return rng.uniform(-limit, limit, shape)
+    if scheme == "lecun":
+        return rng.normal(0.0, math.sqrt(1.0 / n_in), shape)
+    return rng.normal(0.0, 0.05, shape)  # "normal", Keras' RandomNormal default
+
+
+class _Workspace:
+    """Buffers a Dense layer reuses for one batch size."""
+
+    __slots__ = ("Z", "A", "dZ", "dX", "_dW", "_be", "_wshape")
+
+    def __init__(self, be, B, n_in, n_out, activation):
+        self.Z = be.empty((B, n_out))
+        # A overwrites Z unless the derivative needs Z (gelu).
+        self.A = be.empty((B, n_out)) if saves_input(activation) else self.Z
+        self.dZ = be.empty((B, n_out))
+        self.dX = be.empty((B, n_in))
+        self._dW = None  # made on first need: only a layer used twice in one step accumulates
+        self._be, self._wshape = be, (n_out, n_in)
+
+    def dW_tmp(self):
+        if self._dW is None:
+            self._dW = self._be.empty(self._wshape)
+        return self._dW
+
+
+class Dense(Layer):
+    """Fully connected layer: Z = X Wᵀ + b, A = σ(Z); W is (n_out, n_in) as in torch's Linear."""
+
+    def __init__(self, n_in, n_out, activation="identity", init=None):
+        self.n_in = positive_int(n_in, "n_in")
+        self.n_out = positive_int(n_out, "n_out")
+        self.activation = check_choice(activation, ACTIVATIONS, "activation")
+        if init is None:
+            init = "he" if activation in ("relu", "leaky_relu", "gelu") else "xavier"
+        self.init = check_choice(init, INITS, "init")
+        self.W = self.b = self.dW = self.db = None  # views into the model's flat buffers
+        self._workspaces = {}
+        self.input_shape, self.output_shape = (self.n_in,), (self.n_out,)
+
+    def __repr__(self):
+        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, init={self.init!r})"
+
+    # ---- declaring --------------------------------------------------------------------------------
+    @property
+    def input_shape_hint(self):
+        return (self.n_in,)
+
+    def infer_shape(self, input_shape):
+        if tuple(input_shape) != (self.n_in,):
+            if len(input_shape) == 1:
+                raise ValueError(f"expected {self.n_in} input features, got {input_shape[0]} "
+                                 f"(input shape {fmt_shape(input_shape)})")
+            raise ValueError(f"expected input shape ({self.n_in},), got {fmt_shape(input_shape)}"
+                             f"{'; put a Flatten() before it' if size_of(input_shape) == self.n_in else ''}")
+        return (self.n_out,)
+
+    @property
+    def n_params(self):
+        return self.n_out * self.n_in + self.n_out
+
+    def param_specs(self):
+        return [("W", (self.n_out, self.n_in)), ("b", (self.n_out,))]
+
+    def initial_params(self, rng):
+        """Host float64 {W, b} for a fresh model; biases start at zero."""
+        return {"W": init_weights(self.init, self.n_in, self.n_out, rng),
+                "b": np.zeros(self.n_out)}
+
+    def config(self):
+        return {"n_in": self.n_in, "n_out": self.n_out, "activation": self.activation,
+                "init": self.init}
+
+    # ---- binding ----------------------------------------------------------------------------------
+    def attach(self, backend, params, grads, state, context, index):
+        super().attach(backend, params, grads, state, context, index)
+        self.W, self.b = params["W"], params["b"]
+        self.dW, self.db = grads["W"], grads["b"]
+        # Hot-path constants: the transposed view the forward GEMM reads (no copy: numpy passes
+        # it to sgemm as a transposed operand), the dtype, and the kernel entry points.
+        self._WT = self.W.T
+        self._dtype = backend.dtype
+        self._matmul = backend.xp.matmul
+        self._multiply = backend.xp.multiply
+        self._saves_input = saves_input(self.activation)
+
+    def _workspace(self, B):
+        return self.workspace(B, lambda: _Workspace(self.backend, B, self.n_in, self.n_out,
+                                                    self.activation))
+
+    # ---- running ----------------------------------------------------------------------------------
+    def forward(self, X, train=False, input_grad=True):
+        if X.ndim != 2 or X.shape[1] != self.n_in:
+            raise ValueError(f"Dense({self.n_in}, {self.n_out}) input: expected shape (batch, "
+                             f"{self.n_in}), got {tuple(X.shape)}")
+        if X.dtype != self._dtype:
+            raise TypeError(f"Dense input: expected dtype {self._dtype}, got {X.dtype}")
+        if not train:
+            return self._infer(X), no_backprop
+        # Training: everything lives in this batch size's workspace, so a step allocates nothing.
+        ws = self._workspaces.get(X.shape[0]) or self._workspace(X.shape[0])
+        Z, A = ws.Z, ws.A
+        self._matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
+        ops = self.backend.ops
+        act = self.activation
+        ops.bias_act(Z, self.b, act, A)  # Z += b; A = σ(Z), one pass
+        saved = Z if self._saves_input else A
+        matmul, dW, db, W, dZbuf, dX = self._matmul, self.dW, self.db, self.W, ws.dZ, ws.dX
+        identity = act == "identity"
+        # With one sample BP3 is an outer product, for which NumPy's matmul leaves BLAS for a
+        # plain loop (4x slower than a broadcast multiply here); Δᵀ (n_out, 1) · X (1, n_in).
+        weight_grad = self._multiply if X.shape[0] == 1 else matmul
+
+        def backprop(dA):
+            # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z), one fused pass (identity: Δ = dA).
+            dZ = dA if identity else ops.act_backward(dA, saved, act, dZbuf)
+            if self._accumulate:
+                # BP3 (accumulating): ∂C/∂W += Δᵀ A_prev, through the workspace (no temporary).
+                tmp = ws.dW_tmp()
+                weight_grad(dZ.T, X, out=tmp)
+                self.dW += tmp
+                ops.bias_grad(dZ, db, accumulate=True)  # BP4
+            else:
+                # BP3: ∂C/∂W = Δᵀ A_prev, a GEMM straight into the flat gradient buffer; Δᵀ is a
+                # transposed view, so sgemm reads it in place.
+                weight_grad(dZ.T, X, out=dW)
+                ops.bias_grad(dZ, db, accumulate=False)  # BP4: ∂C/∂b = Σ_rows Δ
+                self._accumulate = True
+            if not input_grad:
+                return None
+            # BP2, the GEMM part: the error sent to the layer below is Δ W (its σ' is applied there).
+            return matmul(dZ, W, out=dX)
+
+        return A, backprop
+
+    def _infer(self, X):
+        be = self.backend
+        Z = be.empty((X.shape[0], self.n_out))
+        A = be.empty(Z.shape) if self._saves_input else Z
+        self._matmul(X, self._WT, out=Z)
+        be.ops.bias_act(Z, self.b, self.activation, A)
+        return A
+
+
+class Flatten(Layer):
+    """(N, *shape) -> (N, prod(shape)), as torch's nn.Flatten(): a reshape, no copy."""
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def infer_shape(self, input_shape):
+        return (size_of(input_shape),)
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        Y = X.reshape(X.shape[0], self.output_shape[0])
+        if not train:
+            return Y, no_backprop
+        shape = (X.shape[0], *self.input_shape)
+
+        def backprop(dY):
+            if not input_grad:
+                return None
+            return dY.reshape(shape)  # a view of dY: data moved, nothing computed
+
+        return Y, backprop
+
+
+class Reshape(Layer):
+    """(N, *input_shape) -> (N, *shape) with the same number of values, as torch's x.view(N, *shape):
+    e.g. one-channel images (1, H, W) read as sequences of H rows of W features."""
+
+    def __init__(self, shape):
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        self.shape = tuple(positive_int(s, "shape") for s in shape)
+        super().__init__()
+
+    def __repr__(self):
+        return f"Reshape({self.shape})"
+
+    def config(self):
+        return {"shape": list(self.shape)}
+
+    def infer_shape(self, input_shape):
+        if size_of(input_shape) != size_of(self.shape):
+            raise ValueError(f"expected an input of {size_of(self.shape)} values per sample to "
+                             f"reshape to {fmt_shape(self.shape)}, got input shape "
+                             f"{fmt_shape(input_shape)}")
+        return self.shape
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        Y = X.reshape(X.shape[0], *self.shape)
+        if not train:
+            return Y, no_backprop
+        shape = (X.shape[0], *self.input_shape)
+
+        def backprop(dY):
+            if not input_grad:
+                return None
+            return dY.reshape(shape)  # a view of dY: data moved, nothing computed
+
+        return Y, backprop

@@ -1,0 +1,464 @@
+"""Recurrent layers ``RNN``, ``LSTM``, ``GRU``, trained by backpropagation through time, and
+``LastStep`` (a sequence to its last step).
+
+Parameters, gate order and initialisation are PyTorch's (``nn.RNN``/``nn.LSTM``/``nn.GRU``), so
+weights copy across 1:1: for each layer k, ``weight_ih_l{k}`` (G·H, I_k), ``weight_hh_l{k}``
+(G·H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (G·H,), all drawn from U(−1/√H, 1/√H); G = 1 (RNN),
+4 (LSTM: i, f, g, o), 3 (GRU: r, z, n, with b_hn inside the reset product).
+
+**Inside a Sequential** a recurrent layer maps each sample's sequence (T, F) to its output
+sequence (T, H) (the last layer's h_t), from a zero initial state; put ``LastStep()`` after it for
+a sequence-to-one model (``LSTM → LastStep → Dense``), or ``Flatten()`` to use every step. The
+model's ``input_shape`` is the per-sample (T, F): ``Sequential([...], input_shape=(T, F))``.
+
+**With initial and final states**, ``run`` (the layer must belong to a built model, which owns its
+parameters; a one-layer ``Sequential([lstm], input_shape=(T, F))`` will do)::
+
+    out, h_n, backward = rnn.run(X, h0)                  # RNN and GRU: state h (L, N, H)
+    out, (h_n, c_n), backward = lstm.run(X, (h0, c0))    # LSTM: state (h, c)
+    dX, dh0 = backward(d_out, dh_n)                      # train=True only
+    dX, (dh0, dc0) = backward(d_out, (dh_n, dc_n))
+
+X is (N, T, F) with ``batch_first=True`` (the default), else (T, N, F); out likewise (…, H);
+states are (num_layers, N, H) either way, as in PyTorch. A state of None is zeros (initial) or
+not used by the loss (gradient); ``backward`` adds the parameter gradients to the model's, like
+every layer's backprop, and returns dX (None with ``input_grad=False``) and the initial state's
+gradient. ``forward`` (the layer protocol) is ``run`` with zero initial state and batch-major
+arrays; it needs ``batch_first=True``.
+
+How it runs (time-major inside, so every per-step slice is contiguous), per layer k::
+
+    gx = x W_ihᵀ + b_ih                       one GEMM over all T·N rows
+    for t: gh = h_{t−1} W_hhᵀ                 one GEMM per step
+           h_t (c_t) = cell(gx_t, gh, b_hh)   one fused kernel per step (gates saved)
+  backward, t = T−1 … 0:
+           dgx_t (dgh_t) = cell_backward(dout_t, dh_rec, …)   one fused kernel per step
+           dh_rec = dgh_t W_hh                                 one GEMM per step
+    ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3)
+    ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        column sums (BP4)
+    dx = dgx W_ih                                               one GEMM: the layer below's dout
+"""
+
+import math
+
+import numpy as np
+
+from gpubackprop.kernels.reference.recurrent import RNN_ACTIVATIONS
+from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
+from gpubackprop.validation import check_choice, positive_int
+
+# Per mode: gates G, and the width (in H) of the per-step saved gates (0: none, h is enough).
+_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+_SAVED = {"RNN": 0, "LSTM": 4, "GRU": 4}
+
+
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+class _Buffers:
+    """Time-major buffers of one (N, T) run: per layer the input projections gx (T, N, G·H), the
+    hidden states hs (T+1, N, H) with hs[0] = h0, and (LSTM) cs, (LSTM, GRU) the saved gates; the
+    backward buffers are made on first use."""
+
+    def __init__(self, layer, be, N, T, train):
+        L, H, G = layer.num_layers, layer.hidden_size, layer._G
+        self.be, self.N, self.T = be, N, T
+        self.x0 = be.empty((T, N, layer.input_size))
+        self.gx = [be.empty((T, N, G * H)) for _ in range(L)]
+        self.hs = [be.empty((T + 1, N, H)) for _ in range(L)]
+        self.cs = [be.empty((T + 1, N, H)) for _ in range(L)] if layer.mode == "LSTM" else None
+        ts = T if train else 1  # inference keeps one step of saved gates
+        S = _SAVED[layer.mode]
+        self.saved = [be.empty((ts, N, S * H)) for _ in range(L)] if S else None
+        self.gh = be.empty((N, G * H))
+        self.Y = be.empty((N, T, H))
+        self.h_n = be.empty((L, N, H))
+        self.c_n = be.empty((L, N, H)) if layer.mode == "LSTM" else None
+        self._more = {}
+
+    def get(self, key, shape):
+        """A backward buffer, made on first use."""
+        buf = self._more.get(key)
+        if buf is None:
+            buf = self._more[key] = self.be.empty(shape)
+        return buf
+
+
+class _Recurrent(Layer):
+    """What RNN, LSTM and GRU share: parameters, shapes, the time loop and its backward pass."""
+
+    mode = None
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=True):
+        self.input_size = positive_int(input_size, "input_size")
+        self.hidden_size = positive_int(hidden_size, "hidden_size")
+        self.num_layers = positive_int(num_layers, "num_layers")
+        self.bias = _flag(bias, "bias")
+        self.batch_first = _flag(batch_first, "batch_first")
+        self._G = _GATES[self.mode]
+        self._workspaces = {}
+
+    def _extra_repr(self):
+        return []
+
+    def __repr__(self):
+        args = [str(self.input_size), str(self.hidden_size)]
+        if self.num_layers != 1:
+            args.append(f"num_layers={self.num_layers}")
+        args += self._extra_repr()
+        if not self.bias:
+            args.append("bias=False")
+        if not self.batch_first:
+            args.append("batch_first=False")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    # ---- declaring --------------------------------------------------------------------------------
+    def infer_shape(self, input_shape):
+        F = self.input_size
+        if len(input_shape) != 2:
+            raise ValueError(f"expected a sequence per sample, of shape (T, {F}) (time steps x "
+                             f"{F} input features), got shape {fmt_shape(input_shape)}")
+        if input_shape[1] != F:
+            raise ValueError(f"expected {F} input features per time step, got {input_shape[1]} "
+                             f"(input shape {fmt_shape(input_shape)})")
+        return (input_shape[0], self.hidden_size)
+
+    def _layer_sizes(self):
+        return [self.input_size] + [self.hidden_size] * (self.num_layers - 1)
+
+    def param_specs(self):
+        GH, H = self._G * self.hidden_size, self.hidden_size
+        specs = []
+        for k, n_in in enumerate(self._layer_sizes()):
+            specs += [(f"weight_ih_l{k}", (GH, n_in)), (f"weight_hh_l{k}", (GH, H))]
+            if self.bias:
+                specs += [(f"bias_ih_l{k}", (GH,)), (f"bias_hh_l{k}", (GH,))]
+        return specs
+
+    def initial_params(self, rng):
+        """PyTorch's reset_parameters: every weight and bias from U(−1/√H, 1/√H), in spec order."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        return {name: rng.uniform(-bound, bound, shape) for name, shape in self.param_specs()}
+
+    def config(self):
+        return {"input_size": self.input_size, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first}
+
+    # ---- binding ----------------------------------------------------------------------------------
+    def attach(self, backend, params, grads, state, context, index):
+        super().attach(backend, params, grads, state, context, index)
+        L = self.num_layers
+        self._W_ih = [params[f"weight_ih_l{k}"] for k in range(L)]
+        self._W_hh = [params[f"weight_hh_l{k}"] for k in range(L)]
+        self._dW_ih = [grads[f"weight_ih_l{k}"] for k in range(L)]
+        self._dW_hh = [grads[f"weight_hh_l{k}"] for k in range(L)]
+        if self.bias:
+            self._b_ih = [params[f"bias_ih_l{k}"] for k in range(L)]
+            self._b_hh = [params[f"bias_hh_l{k}"] for k in range(L)]
+            self._db_ih = [grads[f"bias_ih_l{k}"] for k in range(L)]
+            self._db_hh = [grads[f"bias_hh_l{k}"] for k in range(L)]
+        else:
+            zeros = backend.zeros((self._G * self.hidden_size,))
+            self._b_ih = None
+            self._b_hh = [zeros] * L
+
+    # ---- the protocol: sequences in, sequences out, zero initial state ---------------------------
+    def forward(self, X, train=False, input_grad=True):
+        if not self.batch_first:
+            raise ValueError(f"{self!r}: inside a model the batch comes first, (N, T, F); use "
+                             f"batch_first=True there (batch_first=False is for run())")
+        out, _, backward = self._run(X, None, train, input_grad, state_grad=False)
+        if not train:
+            return out, no_backprop
+
+        def backprop(dY):
+            dX, _ = backward(dY, None)
+            return dX
+
+        return out, backprop
+
+    # ---- run: with initial and final states ------------------------------------------------------
+    def run(self, X, state=None, train=False, input_grad=True):
+        """(out, final state, backward) for the sequence batch X from ``state`` (None: zeros).
+
+        X: (N, T, F) if batch_first else (T, N, F); state: h0 (num_layers, N, H), for an LSTM
+        (h0, c0). ``backward(d_out, d_state) -> (dX, d_state0)`` when ``train``.
+        """
+        return self._run(X, state, train, input_grad, state_grad=True)
+
+    def _run(self, X, state, train, input_grad, state_grad):
+        be = self.backend
+        if be is None:
+            raise RuntimeError(f"{self!r}: not part of a built model; put it in one, e.g. "
+                               f"Sequential([{type(self).__name__}(...)], input_shape=(T, F)), "
+                               f"and use that model's backend (model.backend builds it)")
+        N, T = self._check_x(X)
+        h0, c0 = self._check_state(state, N, "state")
+        if train:
+            bufs = self.workspace((N, T), lambda: _Buffers(self, be, N, T, True))
+        else:
+            bufs = _Buffers(self, be, N, T, False)
+        if self.batch_first:
+            bufs.x0[...] = X.transpose(1, 0, 2)  # time-major inside: each step's rows contiguous
+        else:
+            bufs.x0[...] = X
+        self._forward_layers(bufs, h0, c0, train)
+        top = bufs.hs[-1][1:]
+        if self.batch_first:
+            out = bufs.Y
+            out[...] = top.transpose(1, 0, 2)
+        else:
+            out = top  # contiguous; in inference a new buffer
+        state_n = (bufs.h_n, bufs.c_n) if self.mode == "LSTM" else bufs.h_n
+        if not train:
+            return out, state_n, no_backprop
+
+        def backward(d_out, d_state=None):
+            return self._backward(bufs, d_out, d_state, input_grad, state_grad)
+
+        return out, state_n, backward
+
+    def _check_x(self, X):
+        want = "(N, T, " if self.batch_first else "(T, N, "
+        want += f"{self.input_size})"
+        if getattr(X, "ndim", None) != 3:
+            got = f"shape {tuple(X.shape)}" if hasattr(X, "shape") else type(X).__name__
+            raise ValueError(f"{self!r} input: expected a batch of sequences of shape {want}, got "
+                             f"{got}")
+        if X.shape[2] != self.input_size:
+            raise ValueError(f"{self!r} input: expected shape {want} ({self.input_size} input "
+                             f"features per step), got shape {tuple(X.shape)}")
+        if X.dtype != self.backend.dtype:
+            raise TypeError(f"{type(self).__name__} input: expected dtype {self.backend.dtype}, "
+                            f"got {X.dtype}")
+        N, T = (X.shape[0], X.shape[1]) if self.batch_first else (X.shape[1], X.shape[0])
+        if N == 0 or T == 0:
+            raise ValueError(f"{self!r} input: expected at least one sample and one time step, "
+                             f"got shape {tuple(X.shape)}")
+        return N, T
+
+    def _check_state(self, state, N, name):
+        """(h, c) device arrays or None, checked against (num_layers, N, H)."""
+        if state is None:
+            return None, None
+        shape = (self.num_layers, N, self.hidden_size)
+        if self.mode == "LSTM":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ValueError(f"{name}: expected a pair (h, c) of arrays of shape {shape} "
+                                 f"(num_layers, batch, hidden_size) for an LSTM, got "
+                                 f"{type(state).__name__}")
+            parts = ((f"{name}[0] (h)", state[0]), (f"{name}[1] (c)", state[1]))
+        else:
+            if isinstance(state, (tuple, list)):
+                raise ValueError(f"{name}: expected one array h of shape {shape} for "
+                                 f"{type(self).__name__} (a pair (h, c) is an LSTM's state), got "
+                                 f"a {type(state).__name__}")
+            parts = ((name, state),)
+        out = []
+        for what, a in parts:
+            if a is None:
+                out.append(None)
+                continue
+            if not hasattr(a, "shape") or tuple(a.shape) != shape:
+                got = f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+                raise ValueError(f"{what}: expected shape {shape} (num_layers, batch, "
+                                 f"hidden_size), got {got}")
+            if a.dtype != self.backend.dtype:
+                raise TypeError(f"{what}: expected dtype {self.backend.dtype}, got {a.dtype}")
+            out.append(a)
+        return (out[0], out[1]) if len(out) == 2 else (out[0], None)
+
+    # ---- the time loop -----------------------------------------------------------------------------
+    def _forward_layers(self, bufs, h0, c0, train):
+        be = self.backend
+        xp, ops = be.xp, be.ops
+        N, T, H = bufs.N, bufs.T, self.hidden_size
+        GH = self._G * H
+        mode = self.mode
+        x = bufs.x0
+        for k in range(self.num_layers):
+            gx, hs, gh = bufs.gx[k], bufs.hs[k], bufs.gh
+            gx2 = gx.reshape(T * N, GH)
+            xp.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[k].T, out=gx2)  # all steps at once
+            if self.bias:
+                ops.bias_act(gx2, self._b_ih[k], "identity", gx2)
+            if h0 is None:
+                hs[0] = 0
+            else:
+                hs[0] = h0[k]
+            W_hhT, b_hh = self._W_hh[k].T, self._b_hh[k]
+            if mode == "LSTM":
+                cs = bufs.cs[k]
+                if c0 is None:
+                    cs[0] = 0
+                else:
+                    cs[0] = c0[k]
+            for t in range(T):
+                xp.matmul(hs[t], W_hhT, out=gh)
+                if mode == "RNN":
+                    ops.rnn_cell(gx[t], gh, b_hh, hs[t + 1], self.nonlinearity)
+                elif mode == "LSTM":
+                    ops.lstm_cell(gx[t], gh, b_hh, cs[t], hs[t + 1], cs[t + 1],
+                                  bufs.saved[k][t if train else 0])
+                else:
+                    ops.gru_cell(gx[t], gh, b_hh, hs[t], hs[t + 1], bufs.saved[k][t if train else 0])
+            bufs.h_n[k] = hs[T]
+            if mode == "LSTM":
+                bufs.c_n[k] = cs[T]
+            x = hs[1:]
+
+    def _backward(self, bufs, d_out, d_state, input_grad, state_grad):
+        be = self.backend
+        xp, ops = be.xp, be.ops
+        N, T, H, L = bufs.N, bufs.T, self.hidden_size, self.num_layers
+        GH, mode = self._G * H, self.mode
+        out_shape = (N, T, H) if self.batch_first else (T, N, H)
+        dh_n, dc_n = self._check_state(d_state, N, "d_state")
+        # The gradient reaching the top layer's outputs, time-major.
+        dout = bufs.get("dout", (T, N, H))
+        if d_out is None:
+            dout[...] = 0
+        else:
+            if tuple(d_out.shape) != out_shape or d_out.dtype != be.dtype:
+                raise ValueError(f"d_out: expected shape {out_shape} and dtype {be.dtype} (the "
+                                 f"output's), got shape {tuple(d_out.shape)}, dtype {d_out.dtype}")
+            dout[...] = d_out.transpose(1, 0, 2) if self.batch_first else d_out
+        dh0 = bufs.get("dh0", (L, N, H))
+        dc0 = bufs.get("dc0", (L, N, H)) if mode == "LSTM" else None
+        dh_rec = bufs.get("dh_rec", (N, H))
+        carry = bufs.get("carry", (N, H)) if mode != "RNN" else None  # LSTM: dc; GRU: z ⊙ dh
+        dgh = bufs.get("dgh", (T, N, GH)) if mode == "GRU" else None
+        accumulate = self.take_accumulate()
+        dX = None
+        for k in reversed(range(L)):
+            hs = bufs.hs[k]
+            dgx = bufs.gx[k]  # the forward pass is done with gx: its gradient overwrites it
+            dg_h = dgh if mode == "GRU" else dgx  # RNN, LSTM: the same pre-activations
+            if dh_n is None:
+                dh_rec[...] = 0
+            else:
+                dh_rec[...] = dh_n[k]
+            if mode == "LSTM":
+                if dc_n is None:
+                    carry[...] = 0
+                else:
+                    carry[...] = dc_n[k]
+            elif mode == "GRU":
+                carry[...] = 0
+            W_hh = self._W_hh[k]
+            for t in reversed(range(T)):
+                if mode == "RNN":
+                    ops.rnn_cell_backward(dout[t], dh_rec, hs[t + 1], dgx[t], self.nonlinearity)
+                elif mode == "LSTM":
+                    cs = bufs.cs[k]
+                    ops.lstm_cell_backward(dout[t], dh_rec, carry, cs[t], cs[t + 1],
+                                           bufs.saved[k][t], dgx[t])
+                else:
+                    ops.gru_cell_backward(dout[t], dh_rec, carry, hs[t], bufs.saved[k][t],
+                                          dgx[t], dgh[t])
+                if t > 0 or state_grad:
+                    xp.matmul(dg_h[t], W_hh, out=dh_rec)  # the part of ∂C/∂h_{t−1} through W_hh
+            if state_grad:
+                dh0[k] = dh_rec
+                if mode == "GRU":
+                    dh0[k] += carry
+                elif mode == "LSTM":
+                    dc0[k] = carry
+            # BP3/BP4 over all steps at once.
+            x = bufs.x0 if k == 0 else bufs.hs[k - 1][1:]
+            x2 = x.reshape(T * N, x.shape[2])
+            dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
+            hprev2 = hs[:T].reshape(T * N, H)
+            self._weight_grad(bufs, ("dW_ih", k), dgx2, x2, self._dW_ih[k], accumulate)
+            self._weight_grad(bufs, ("dW_hh", k), dgh2, hprev2, self._dW_hh[k], accumulate)
+            if self.bias:
+                ops.bias_grad(dgx2, self._db_ih[k], accumulate=accumulate)
+                ops.bias_grad(dgh2, self._db_hh[k], accumulate=accumulate)
+            if k > 0:
+                xp.matmul(dgx2, self._W_ih[k], out=dout.reshape(T * N, H))  # the layer below's
+            elif input_grad:
+                dx = bufs.get("dx0", (T, N, self.input_size))
+                xp.matmul(dgx2, self._W_ih[0], out=dx.reshape(T * N, self.input_size))
+                if self.batch_first:
+                    dX = bufs.get("dX", (N, T, self.input_size))
+                    dX[...] = dx.transpose(1, 0, 2)
+                else:
+                    dX = dx
+        if not state_grad:
+            return dX, None
+        return dX, ((dh0, dc0) if mode == "LSTM" else dh0)
+
+    def _weight_grad(self, bufs, key, dG, A, dW, accumulate):
+        """dW (+)= dGᵀ A, one GEMM over all T·N rows."""
+        matmul = self.backend.xp.matmul
+        if accumulate:
+            tmp = bufs.get(key, dW.shape)
+            matmul(dG.T, A, out=tmp)
+            dW += tmp
+        else:
+            matmul(dG.T, A, out=dW)
+
+
+class RNN(_Recurrent):
+    """Elman RNN, h_t = act(x_t W_ihᵀ + b_ih + h_{t−1} W_hhᵀ + b_hh), act tanh or relu (PyTorch's
+    nn.RNN). Inside a model: (N, T, input_size) -> (N, T, hidden_size); see ``run`` for states."""
+
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=True):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first)
+        self.nonlinearity = check_choice(nonlinearity, RNN_ACTIVATIONS, "nonlinearity")
+
+    def _extra_repr(self):
+        return [] if self.nonlinearity == "tanh" else [f"nonlinearity={self.nonlinearity!r}"]
+
+    def config(self):
+        return {**super().config(), "nonlinearity": self.nonlinearity}
+
+
+class LSTM(_Recurrent):
+    """Long short-term memory (PyTorch's nn.LSTM, gates i, f, g, o); state (h, c).
+    Inside a model: (N, T, input_size) -> (N, T, hidden_size); see ``run`` for states."""
+
+    mode = "LSTM"
+
+
+class GRU(_Recurrent):
+    """Gated recurrent unit (PyTorch's nn.GRU, gates r, z, n; n = tanh(W_in x + b_in +
+    r ⊙ (W_hn h + b_hn))). Inside a model: (N, T, input_size) -> (N, T, hidden_size)."""
+
+    mode = "GRU"
+
+
+class LastStep(Layer):
+    """(N, T, H) -> (N, H): the last time step of a sequence (sequence-to-one models)."""
+
+    def __repr__(self):
+        return "LastStep()"
+
+    def infer_shape(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(f"expected a sequence per sample, of shape (T, features), got shape "
+                             f"{fmt_shape(input_shape)}")
+        return (input_shape[1],)
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        be = self.backend
+        N, T, H = X.shape
+        if not train:
+            return be.xp.ascontiguousarray(X[:, -1]), no_backprop
+        Y, dX = self.workspace((N, T), lambda: (be.empty((N, H)), be.zeros((N, T, H))))
+        Y[...] = X[:, -1]
+
+        def backprop(dY):
+            if not input_grad:
+                return None
+            dX[:, -1] = dY  # the other steps get no gradient: they stay 0 from the workspace's start
+            return dX
+
+        return Y, backprop

@@ -1,0 +1,265 @@
+"""CPU convolution ops: im2col, col2im, the per-channel bias + activation, BP4 per channel.
+
+Every output element is written by one loop iteration, so the result does not depend on the thread
+count. col2im is a gather by rows: each dX row belongs to one iteration, which adds the column
+entries that read its pixels, kernel offset by offset in row-major order (per pixel the sum, and the
+order, of a per-pixel gather and of the reference). The parallel kernels split the N·C planes (or
+the C channels) over threads; the launcher takes them only above the set's size thresholds.
+"""
+
+from numba import njit, prange
+
+from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu.dense import (
+    ACT_CODE,
+    IDENTITY,
+    LEAKY_RELU,
+    RELU,
+    SIGMOID,
+    TANH,
+    _gelu,
+    _leaky_relu,
+    _relu,
+    _sigmoid,
+)
+from gpubackprop.kernels.cpu.numerics import _span, _tanh
+from gpubackprop.kernels.reference import GELU_C, GELU_K, LEAKY_SLOPE
+from gpubackprop.kernels.reference.conv import (
+    check_channel_bias_act,
+    check_channel_bias_grad,
+    cols_shape,
+    expect_shape,
+    window,
+)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _valid(start, step, size, count):
+    """[lo, hi): the k in range(count) with 0 <= start + k·step < size (step >= 1)."""
+    lo = 0 if start >= 0 else (step - 1 - start) // step
+    hi = 0 if start >= size else (size - 1 - start) // step + 1
+    lo = min(lo, count)
+    hi = min(max(hi, lo), count)
+    return lo, hi
+
+
+# ---- im2col: cols[n, (c·kh + i)·kw + j, oh·OW + ow] = X[n, c, oh·sh − ph + i·dh, ow·sw − pw + j·dw] ----
+@njit(cache=True, error_model="numpy")
+def _im2col_plane(X, cols, p, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    C, H, W = X.shape[1], X.shape[2], X.shape[3]
+    n, c = p // C, p % C
+    OH = cols.shape[2] // OW
+    zero = X.dtype.type(0)
+    for i in range(kh):
+        oh_lo, oh_hi = _valid(i * dh - ph, sh, H, OH)  # the output rows whose pixel is inside
+        for j in range(kw):
+            crow = cols[n, (c * kh + i) * kw + j]
+            w0 = j * dw - pw
+            ow_lo, ow_hi = _valid(w0, sw, W, OW)
+            crow[:oh_lo * OW] = zero
+            crow[oh_hi * OW:] = zero
+            for oh in range(oh_lo, oh_hi):
+                xrow = X[n, c, oh * sh - ph + i * dh]
+                out = crow[oh * OW:(oh + 1) * OW]
+                out[:ow_lo] = zero
+                out[ow_hi:] = zero
+                if sw == 1:
+                    out[ow_lo:ow_hi] = xrow[w0 + ow_lo:w0 + ow_hi]
+                else:
+                    for ow in range(ow_lo, ow_hi):
+                        out[ow] = xrow[w0 + ow * sw]
+
+
+@njit(cache=True, error_model="numpy")
+def _im2col_serial(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    for p in range(X.shape[0] * X.shape[1]):
+        _im2col_plane(X, cols, p, kh, kw, sh, sw, ph, pw, dh, dw, OW)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _im2col_parallel(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    for p in prange(X.shape[0] * X.shape[1]):
+        _im2col_plane(X, cols, p, kh, kw, sh, sw, ph, pw, dh, dw, OW)
+
+
+# ---- col2im: dX[n, c, h, w] = Σ over the (i, j) whose window position is integral and in range ------
+@njit(cache=True, error_model="numpy")
+def _col2im_plane(dcols, dX, p, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    """One dX row at a time, owned by this call: for each kernel offset (i, j) in row-major order, the
+    row's pixels add the column entries that read them. Per pixel that is the gather's sum in the
+    gather's order (bit for bit), without its two index divisions per pixel and offset (3x faster)."""
+    C, H, W = dX.shape[1], dX.shape[2], dX.shape[3]
+    n, c = p // C, p % C
+    OH = dcols.shape[2] // OW
+    for h in range(H):
+        row = dX[n, c, h]
+        row[:] = 0
+        for i in range(kh):
+            hh = h + ph - i * dh  # = oh·sh for the output row oh that reads row h at offset i
+            if hh < 0:
+                break  # hh falls as i grows
+            oh = hh // sh
+            if oh * sh != hh or oh >= OH:
+                continue
+            for j in range(kw):
+                w0 = j * dw - pw
+                ow_lo, ow_hi = _valid(w0, sw, W, OW)
+                src = dcols[n, (c * kh + i) * kw + j, oh * OW:(oh + 1) * OW]
+                if sw == 1:
+                    for ow in range(ow_lo, ow_hi):
+                        row[w0 + ow] += src[ow]
+                else:
+                    for ow in range(ow_lo, ow_hi):
+                        row[w0 + ow * sw] += src[ow]
+
+
+@njit(cache=True, error_model="numpy")
+def _col2im_serial(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    for p in range(dX.shape[0] * dX.shape[1]):
+        _col2im_plane(dcols, dX, p, kh, kw, sh, sw, ph, pw, dh, dw, OW)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _col2im_parallel(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+    for p in prange(dX.shape[0] * dX.shape[1]):
+        _col2im_plane(dcols, dX, p, kh, kw, sh, sw, ph, pw, dh, dw, OW)
+
+
+# ---- Z[n, c, :] += b[c]; A = σ(Z): rows of the (N·C, L) view, row r in channel r % C -----------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _act_row(src, dst, bias, act, r):
+    """dst[r, :] = σ(src[r, :] + bias); one activation per loop so that LLVM can vectorize it."""
+    t = src.dtype.type
+    zero, one, half = t(0), t(1), t(0.5)
+    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    L = src.shape[1]
+    if act == IDENTITY:
+        for m in range(L):
+            dst[r, m] = src[r, m] + bias
+    elif act == SIGMOID:
+        for m in range(L):
+            dst[r, m] = _sigmoid(src[r, m] + bias, zero, one)
+    elif act == TANH:
+        for m in range(L):
+            dst[r, m] = _tanh(src[r, m] + bias)
+    elif act == RELU:
+        for m in range(L):
+            dst[r, m] = _relu(src[r, m] + bias, zero)
+    elif act == LEAKY_RELU:
+        for m in range(L):
+            dst[r, m] = _leaky_relu(src[r, m] + bias, zero, slope)
+    else:  # GELU, tanh approximation
+        for m in range(L):
+            dst[r, m] = _gelu(src[r, m] + bias, half, one, c, k)
+
+
+@njit(cache=True, error_model="numpy")
+def _channel_rows(Z, b, A, act, inplace, r0, r1):
+    C = b.shape[0]
+    nz = Z.dtype.type(-0.0)  # z + (-0.0) is z for every z, -0.0 included (z + 0.0 is not)
+    for r in range(r0, r1):
+        bias = b[r % C]
+        if inplace:
+            # One array in the loop: with two names for one buffer LLVM's alias check fails.
+            _act_row(Z, Z, bias, act, r)
+        else:
+            for m in range(Z.shape[1]):
+                Z[r, m] += bias
+            _act_row(Z, A, nz, act, r)
+
+
+@njit(cache=True, error_model="numpy")
+def _channel_bias_act_serial(Z, b, A, act, inplace):
+    _channel_rows(Z, b, A, act, inplace, 0, Z.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _channel_bias_act_parallel(Z, b, A, act, inplace, nchunks):
+    R = Z.shape[0]
+    for ch in prange(nchunks):
+        r0, r1 = _span(ch, nchunks, R)
+        _channel_rows(Z, b, A, act, inplace, r0, r1)
+
+
+# ---- BP4 per channel: db[c] (+)= Σ_n Σ_l dZ[n, c, l], in float64, n then l in order ------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _channel_sum(dZ, db, accumulate, c):
+    s = 0.0
+    for n in range(dZ.shape[0]):
+        for m in range(dZ.shape[2]):
+            s += dZ[n, c, m]
+    total = db.dtype.type(s)
+    db[c] = db[c] + total if accumulate else total
+
+
+@njit(cache=True, error_model="numpy")
+def _channel_bias_grad_serial(dZ, db, accumulate):
+    for c in range(dZ.shape[1]):
+        _channel_sum(dZ, db, accumulate, c)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _channel_bias_grad_parallel(dZ, db, accumulate):
+    for c in prange(dZ.shape[1]):
+        _channel_sum(dZ, db, accumulate, c)
+
+
+def window_args(win):
+    """The window as the kernels' int arguments: kh, kw, sh, sw, ph, pw, dh, dw, OW."""
+    return win.kernel + win.stride + win.padding + win.dilation + (win.out[1],)
+
+
+class ConvOps:
+    """Fused convolution ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
+
+    def im2col(self, X, cols, kernel, stride, padding, dilation):
+        """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W), zeros in the padding; one pass."""
+        checks.float_arrays(checks.NAMES_IM2COL, X, cols)
+        win = window(X, kernel, stride, padding, dilation)
+        expect_shape("cols", cols, cols_shape(X.shape, win))
+        if self.parallel and cols.size >= self.par_cheap:
+            _im2col_parallel(X, cols, *window_args(win))
+        else:
+            _im2col_serial(X, cols, *window_args(win))
+        return cols
+
+    def col2im(self, dcols, dX, kernel, stride, padding, dilation):
+        """dX (N, C, H, W) = Σ of the dcols entries that read each pixel: a gather, written."""
+        checks.float_arrays(checks.NAMES_COL2IM, dcols, dX)
+        win = window(dX, kernel, stride, padding, dilation, name="dX")
+        expect_shape("dcols", dcols, cols_shape(dX.shape, win))
+        if self.parallel and dcols.size >= self.par_cheap:
+            _col2im_parallel(dcols, dX, *window_args(win))
+        else:
+            _col2im_serial(dcols, dX, *window_args(win))
+        return dX
+
+    def channel_bias_act(self, Z, b, activation, A):
+        """Z (N, C, L) += b[c] in place, then A = σ(Z), in one pass. A may be Z unless gelu."""
+        checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
+        check_channel_bias_act(Z, b, A)
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise checks.unknown_activation(activation)
+        N, C, L = Z.shape
+        Z2, A2 = Z.reshape(N * C, L), A.reshape(N * C, L)
+        # A may be a view of Z's buffer (layers pass Z.reshape(...) and A.reshape(...)): same start,
+        # same shape, both C-contiguous means the same elements, so that is in place too.
+        inplace = A is Z or A.__array_interface__["data"][0] == Z.__array_interface__["data"][0]
+        if self.parallel and Z.size >= self.par_by_act[act]:
+            _channel_bias_act_parallel(Z2, b, A2, act, inplace, self.nchunks)
+        else:
+            _channel_bias_act_serial(Z2, b, A2, act, inplace)
+        return A
+
+    def channel_bias_grad(self, dZ, db, accumulate=False):
+        """db (C,) (+)= Σ over n and l of dZ (N, C, L), summed in float64 in a fixed order."""
+        checks.float_arrays(checks.NAMES_BIAS_GRAD, dZ, db)
+        check_channel_bias_grad(dZ, db)
+        accumulate = bool(accumulate)
+        if self.parallel and dZ.size >= self.par_cheap and dZ.shape[1] >= 2 * self.nchunks:
+            _channel_bias_grad_parallel(dZ, db, accumulate)
+        else:
+            _channel_bias_grad_serial(dZ, db, accumulate)
+        return db
+

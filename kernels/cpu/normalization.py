@@ -1,0 +1,432 @@
+"""CPU normalization ops: batch norm (train, eval, backward) and layer norm (forward, backward).
+
+Each op is a reduction pass (per channel, or per row) and an elementwise pass, as Numba loops.
+Deliberate float64 accumulators: every sum (the mean, the squares about it, Σ dY and Σ dY·x̂) is
+accumulated in float64 in a fixed order that depends on the shape only, never on the thread
+count, so the results are deterministic and a float32 channel of 10^6 values loses nothing to
+summation. The variance is two-pass (the mean first, then Σ (x − mean)² over the same values),
+which does not cancel when the mean is large against the spread. Everything written to an array
+of the model dtype is computed in that dtype from the rounded sums, as the reference does.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu.numerics import _span
+
+
+def _as_ncl(a):
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+# ---- batch norm: X (N, C, L) -------------------------------------------------------------------
+# Loops run n outer and channels inner, so memory is read in order. With L = 1 (BatchNorm1d on
+# (N, C)) the arrays are viewed (N, C) and the channel loop vectorizes (one accumulator a channel);
+# with L > 1 each (n, c) row of L values is summed in four interleaved lanes, then added to its
+# channel's total. Either way a channel's order depends on the shape only.
+@njit(cache=True, error_model="numpy", inline="always")
+def _lane_sum(x, mu):
+    """Σ x (mu is None) or Σ (x − mu)² over a 1-D row, float64, four interleaved lanes."""
+    a0 = a1 = a2 = a3 = 0.0
+    L = x.size
+    i = 0
+    while i + 4 <= L:
+        if mu is None:
+            a0 += np.float64(x[i])
+            a1 += np.float64(x[i + 1])
+            a2 += np.float64(x[i + 2])
+            a3 += np.float64(x[i + 3])
+        else:
+            d0 = np.float64(x[i]) - mu
+            d1 = np.float64(x[i + 1]) - mu
+            d2 = np.float64(x[i + 2]) - mu
+            d3 = np.float64(x[i + 3]) - mu
+            a0 += d0 * d0
+            a1 += d1 * d1
+            a2 += d2 * d2
+            a3 += d3 * d3
+        i += 4
+    while i < L:
+        if mu is None:
+            a0 += np.float64(x[i])
+        else:
+            d = np.float64(x[i]) - mu
+            a0 += d * d
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_stats_channels(X, eps, mean, invstd, c0, c1):
+    """mean, invstd of channels c0..c1, two passes. Deliberate float64 accumulator (module
+    docstring)."""
+    N, C, L = X.shape
+    M = N * L
+    w = c1 - c0
+    s = np.zeros(w)
+    q = np.zeros(w)
+    if L == 1:
+        X2 = X.reshape(N, C)
+        for n in range(N):
+            for c in range(w):
+                s[c] += np.float64(X2[n, c0 + c])
+        mu = s / M
+        for n in range(N):
+            for c in range(w):
+                d = np.float64(X2[n, c0 + c]) - mu[c]
+                q[c] += d * d
+    else:
+        for n in range(N):
+            for c in range(w):
+                s[c] += _lane_sum(X[n, c0 + c], None)
+        mu = s / M
+        for n in range(N):
+            for c in range(w):
+                q[c] += _lane_sum(X[n, c0 + c], mu[c])
+    t = X.dtype.type
+    for c in range(w):
+        mean[c0 + c] = t(mu[c])
+        invstd[c0 + c] = t(1.0 / math.sqrt(q[c] / M + eps))
+
+
+@njit(cache=True, error_model="numpy")
+def _inv_sqrt(var, eps):
+    """1/√(var + eps) per channel, in the dtype (eval: from the running variance)."""
+    t = var.dtype.type
+    one, e = t(1), t(eps)
+    out = np.empty_like(var)
+    for c in range(var.size):
+        out[c] = one / math.sqrt(var[c] + e)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_apply_rows(X, gamma, beta, shift, scale, Y, n0, n1):
+    """Y = (X − shift)·scale·γ + β for samples n0..n1, in the array dtype."""
+    N, C, L = X.shape
+    if L == 1:
+        X2, Y2 = X.reshape(N, C), Y.reshape(N, C)
+        for n in range(n0, n1):
+            for c in range(C):
+                Y2[n, c] = (X2[n, c] - shift[c]) * scale[c] * gamma[c] + beta[c]
+        return
+    for n in range(n0, n1):
+        for c in range(C):
+            m = shift[c]
+            s = scale[c]
+            g = gamma[c]
+            b = beta[c]
+            for l in range(L):  # noqa: E741
+                Y[n, c, l] = (X[n, c, l] - m) * s * g + b
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_grad_sums_channels(dY, X, mean, invstd, sums, c0, c1):
+    """sums[0, c] = Σ dY, sums[1, c] = Σ dY·x̂ for channels c0..c1, rounded to the dtype.
+    Deliberate float64 accumulator (module docstring)."""
+    N, C, L = X.shape
+    w = c1 - c0
+    a = np.zeros(w)
+    b = np.zeros(w)
+    if L == 1:
+        X2, dY2 = X.reshape(N, C), dY.reshape(N, C)
+        for n in range(N):
+            for c in range(w):
+                dy = dY2[n, c0 + c]
+                xh = (X2[n, c0 + c] - mean[c0 + c]) * invstd[c0 + c]  # x̂ as the dX pass has it
+                a[c] += np.float64(dy)
+                b[c] += np.float64(dy) * np.float64(xh)
+    else:
+        for n in range(N):
+            for c in range(w):
+                m = mean[c0 + c]
+                s = invstd[c0 + c]
+                a0 = b0 = a1 = b1 = 0.0
+                l = 0  # noqa: E741
+                while l + 2 <= L:  # two lanes: two independent add chains
+                    dy0 = np.float64(dY[n, c0 + c, l])
+                    dy1 = np.float64(dY[n, c0 + c, l + 1])
+                    a0 += dy0
+                    a1 += dy1
+                    b0 += dy0 * np.float64((X[n, c0 + c, l] - m) * s)
+                    b1 += dy1 * np.float64((X[n, c0 + c, l + 1] - m) * s)
+                    l += 2  # noqa: E741
+                if l < L:
+                    dy0 = np.float64(dY[n, c0 + c, l])
+                    a0 += dy0
+                    b0 += dy0 * np.float64((X[n, c0 + c, l] - m) * s)
+                a[c] += a0 + a1
+                b[c] += b0 + b1
+    t = X.dtype.type
+    for c in range(w):
+        sums[0, c0 + c] = t(a[c])
+        sums[1, c0 + c] = t(b[c])
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_dx_rows(dY, X, gamma, mean, invstd, sums, dX, n0, n1):
+    """dX = γ·invstd/M·(M·dY − Σ dY − x̂·Σ dY·x̂) for samples n0..n1."""
+    N, C, L = X.shape
+    t = X.dtype.type
+    fM = t(N * L)
+    k = gamma * invstd / fM
+    db = sums[0]
+    dg = sums[1]
+    if L == 1:
+        X2, dY2, dX2 = X.reshape(N, C), dY.reshape(N, C), dX.reshape(N, C)
+        for n in range(n0, n1):
+            for c in range(C):
+                xh = (X2[n, c] - mean[c]) * invstd[c]
+                dX2[n, c] = k[c] * (fM * dY2[n, c] - db[c] - xh * dg[c])
+        return
+    for n in range(n0, n1):
+        for c in range(C):
+            m = mean[c]
+            s = invstd[c]
+            for l in range(L):  # noqa: E741
+                xh = (X[n, c, l] - m) * s
+                dX[n, c, l] = k[c] * (fM * dY[n, c, l] - db[c] - xh * dg[c])
+
+
+@njit(cache=True, error_model="numpy")
+def _write_param_grads(sums, dgamma, dbeta, accumulate):
+    for c in range(dgamma.shape[0]):
+        if accumulate:
+            dgamma[c] += sums[1, c]
+            dbeta[c] += sums[0, c]
+        else:
+            dgamma[c] = sums[1, c]
+            dbeta[c] = sums[0, c]
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_train_serial(X, gamma, beta, eps, Y, mean, invstd):
+    _bn_stats_channels(X, eps, mean, invstd, 0, X.shape[1])
+    _bn_apply_rows(X, gamma, beta, mean, invstd, Y, 0, X.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _bn_train_parallel(X, gamma, beta, eps, Y, mean, invstd, nchunks):
+    N, C, _ = X.shape
+    for k in prange(nchunks):  # each channel's sums by one thread: the order is the serial one
+        c0, c1 = _span(k, nchunks, C)
+        _bn_stats_channels(X, eps, mean, invstd, c0, c1)
+    for k in prange(nchunks):
+        n0, n1 = _span(k, nchunks, N)
+        _bn_apply_rows(X, gamma, beta, mean, invstd, Y, n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_eval_serial(X, gamma, beta, running_mean, running_var, eps, Y):
+    scale = _inv_sqrt(running_var, eps)
+    _bn_apply_rows(X, gamma, beta, running_mean, scale, Y, 0, X.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _bn_eval_parallel(X, gamma, beta, running_mean, running_var, eps, Y, nchunks):
+    scale = _inv_sqrt(running_var, eps)
+    for k in prange(nchunks):
+        n0, n1 = _span(k, nchunks, X.shape[0])
+        _bn_apply_rows(X, gamma, beta, running_mean, scale, Y, n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_backward_serial(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate):
+    sums = np.empty((2, X.shape[1]), X.dtype)
+    _bn_grad_sums_channels(dY, X, mean, invstd, sums, 0, X.shape[1])
+    _bn_dx_rows(dY, X, gamma, mean, invstd, sums, dX, 0, X.shape[0])
+    _write_param_grads(sums, dgamma, dbeta, accumulate)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _bn_backward_parallel(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, nchunks):
+    N, C, _ = X.shape
+    sums = np.empty((2, C), X.dtype)
+    for k in prange(nchunks):
+        c0, c1 = _span(k, nchunks, C)
+        _bn_grad_sums_channels(dY, X, mean, invstd, sums, c0, c1)
+    for k in prange(nchunks):
+        n0, n1 = _span(k, nchunks, N)
+        _bn_dx_rows(dY, X, gamma, mean, invstd, sums, dX, n0, n1)
+    _write_param_grads(sums, dgamma, dbeta, accumulate)
+
+
+# ---- layer norm: X (M, D) ----------------------------------------------------------------------
+@njit(cache=True, error_model="numpy")
+def _ln_rows(X, gamma, beta, eps, Y, mean, invstd, r0, r1):
+    """Rows r0..r1: two-pass statistics, then Y. Deliberate float64 accumulator (module docstring)."""
+    D = X.shape[1]
+    t = X.dtype.type
+    for i in range(r0, r1):
+        s = 0.0
+        for j in range(D):
+            s += np.float64(X[i, j])
+        mu = s / D
+        q = 0.0
+        for j in range(D):
+            d = np.float64(X[i, j]) - mu
+            q += d * d
+        m = t(mu)
+        r = t(1.0 / math.sqrt(q / D + eps))
+        mean[i] = m
+        invstd[i] = r
+        for j in range(D):
+            Y[i, j] = (X[i, j] - m) * r * gamma[j] + beta[j]
+
+
+@njit(cache=True, error_model="numpy")
+def _ln_param_grads_cols(dY, X, mean, invstd, dgamma, dbeta, accumulate, j0, j1):
+    """dγ = Σ_rows dY·x̂, dβ = Σ_rows dY for columns j0..j1, rows added in order.
+    Deliberate float64 accumulator (module docstring)."""
+    M = X.shape[0]
+    w = j1 - j0
+    ag = np.zeros(w)
+    ab = np.zeros(w)
+    for i in range(M):
+        m = mean[i]
+        s = invstd[i]
+        for j in range(w):
+            dy = dY[i, j0 + j]
+            xh = (X[i, j0 + j] - m) * s
+            ag[j] += np.float64(dy) * np.float64(xh)
+            ab[j] += np.float64(dy)
+    t = X.dtype.type
+    for j in range(w):
+        if accumulate:
+            dgamma[j0 + j] += t(ag[j])
+            dbeta[j0 + j] += t(ab[j])
+        else:
+            dgamma[j0 + j] = t(ag[j])
+            dbeta[j0 + j] = t(ab[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _ln_dx_rows(dY, X, gamma, mean, invstd, dX, r0, r1):
+    """dX = invstd/D·(D·g − Σg − x̂·Σ g·x̂), g = γ·dY, for rows r0..r1.
+    Deliberate float64 accumulator (module docstring)."""
+    D = X.shape[1]
+    t = X.dtype.type
+    fD = t(D)
+    for i in range(r0, r1):
+        m = mean[i]
+        s = invstd[i]
+        sg = 0.0
+        sgx = 0.0
+        for j in range(D):
+            g = dY[i, j] * gamma[j]
+            xh = (X[i, j] - m) * s
+            sg += np.float64(g)
+            sgx += np.float64(g) * np.float64(xh)
+        a = t(sg)
+        b = t(sgx)
+        k = s / fD
+        for j in range(D):
+            g = dY[i, j] * gamma[j]
+            xh = (X[i, j] - m) * s
+            dX[i, j] = k * (fD * g - a - xh * b)
+
+
+@njit(cache=True, error_model="numpy")
+def _ln_serial(X, gamma, beta, eps, Y, mean, invstd):
+    _ln_rows(X, gamma, beta, eps, Y, mean, invstd, 0, X.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _ln_parallel(X, gamma, beta, eps, Y, mean, invstd, nchunks):
+    for k in prange(nchunks):
+        r0, r1 = _span(k, nchunks, X.shape[0])
+        _ln_rows(X, gamma, beta, eps, Y, mean, invstd, r0, r1)
+
+
+@njit(cache=True, error_model="numpy")
+def _ln_backward_serial(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate):
+    # The parameter gradients first: they read dY, which dX may overwrite.
+    _ln_param_grads_cols(dY, X, mean, invstd, dgamma, dbeta, accumulate, 0, X.shape[1])
+    _ln_dx_rows(dY, X, gamma, mean, invstd, dX, 0, X.shape[0])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _ln_backward_parallel(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, nchunks):
+    M, D = X.shape
+    for k in prange(nchunks):
+        j0, j1 = _span(k, nchunks, D)
+        _ln_param_grads_cols(dY, X, mean, invstd, dgamma, dbeta, accumulate, j0, j1)
+    for k in prange(nchunks):
+        r0, r1 = _span(k, nchunks, M)
+        _ln_dx_rows(dY, X, gamma, mean, invstd, dX, r0, r1)
+
+
+class NormalizationOps:
+    """Fused normalization ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
+
+    def _norm_parallel(self, X):
+        return self.parallel and X.size >= self.par_cheap
+
+    def batch_norm_train(self, X, gamma, beta, eps, Y, mean, invstd):
+        """Per-channel batch mean and biased variance of X (N, C, *) into ``mean``, ``invstd``;
+        Y = (X − mean)·invstd·γ + β. A reduction pass per channel, then an elementwise pass."""
+        checks.float_arrays(checks.NAMES_BATCH_NORM, X, gamma, beta, Y, mean, invstd)
+        checks.check_batch_norm(X, (("gamma", gamma), ("beta", beta), ("mean", mean),
+                                    ("invstd", invstd)), (("Y", Y),))
+        args = (_as_ncl(X), gamma, beta, float(eps), _as_ncl(Y), mean, invstd)
+        if self._norm_parallel(X):
+            _bn_train_parallel(*args, self.nchunks)
+        else:
+            _bn_train_serial(*args)
+        return Y
+
+    def batch_norm_eval(self, X, gamma, beta, running_mean, running_var, eps, Y):
+        """Y = (X − running_mean)/√(running_var + eps)·γ + β, one elementwise pass."""
+        checks.float_arrays(checks.NAMES_BATCH_NORM_EVAL, X, gamma, beta, running_mean,
+                            running_var, Y)
+        checks.check_batch_norm(X, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                                    ("running_var", running_var)), (("Y", Y),))
+        args = (_as_ncl(X), gamma, beta, running_mean, running_var, float(eps), _as_ncl(Y))
+        if self._norm_parallel(X):
+            _bn_eval_parallel(*args, self.nchunks)
+        else:
+            _bn_eval_serial(*args)
+        return Y
+
+    def batch_norm_backward(self, dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate=False):
+        """dX; dγ = Σ dY·x̂ and dβ = Σ dY per channel (written, or added when ``accumulate``)."""
+        checks.float_arrays(checks.NAMES_NORM_BACKWARD, dY, X, gamma, mean, invstd, dX, dgamma,
+                            dbeta)
+        checks.check_batch_norm(X, (("gamma", gamma), ("mean", mean), ("invstd", invstd),
+                                    ("dgamma", dgamma), ("dbeta", dbeta)), (("dY", dY), ("dX", dX)))
+        args = (_as_ncl(dY), _as_ncl(X), gamma, mean, invstd, _as_ncl(dX), dgamma, dbeta,
+                bool(accumulate))
+        if self._norm_parallel(X):
+            _bn_backward_parallel(*args, self.nchunks)
+        else:
+            _bn_backward_serial(*args)
+        return dX
+
+    def layer_norm(self, X, gamma, beta, eps, Y, mean, invstd):
+        """Per-row mean and biased variance of X (M, D) into ``mean``, ``invstd`` (M,);
+        Y = (X − mean)·invstd·γ + β. One pass a row."""
+        checks.float_arrays(checks.NAMES_LAYER_NORM, X, gamma, beta, Y, mean, invstd)
+        checks.check_layer_norm(X, (("gamma", gamma), ("beta", beta)),
+                                (("mean", mean), ("invstd", invstd)), (("Y", Y),))
+        args = (X, gamma, beta, float(eps), Y, mean, invstd)
+        if self._norm_parallel(X):
+            _ln_parallel(*args, self.nchunks)
+        else:
+            _ln_serial(*args)
+        return Y
+
+    def layer_norm_backward(self, dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate=False):
+        """dX; dγ = Σ_rows dY·x̂ and dβ = Σ_rows dY (written, or added when ``accumulate``)."""
+        checks.float_arrays(checks.NAMES_NORM_BACKWARD, dY, X, gamma, mean, invstd, dX, dgamma,
+                            dbeta)
+        checks.check_layer_norm(X, (("gamma", gamma), ("dgamma", dgamma), ("dbeta", dbeta)),
+                                (("mean", mean), ("invstd", invstd)), (("dY", dY), ("dX", dX)))
+        args = (dY, X, gamma, mean, invstd, dX, dgamma, dbeta, bool(accumulate))
+        if self._norm_parallel(X):
+            _ln_backward_parallel(*args, self.nchunks)
+        else:
+            _ln_backward_serial(*args)
+        return dX

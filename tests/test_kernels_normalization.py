@@ -1,0 +1,213 @@
+"""Normalization ops: the fused CPU set against the reference, and the reference against an
+independent NumPy formula, central differences and (when installed) PyTorch."""
+
+import math
+
+import norm_cases as nc
+import numpy as np
+import pytest
+
+from gpubackprop.kernels.cpu import CpuOps
+
+# Batch norm (N, C, *): BatchNorm1d's (N, C), (N, C, L), BatchNorm2d's (N, C, H, W); ragged sizes.
+BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65)]
+LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257)]
+REF = nc.REF
+
+
+def dev(a):
+    return np.ascontiguousarray(a)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def ops(request):
+    if request.param == "parallel":
+        return CpuOps(np, num_threads=3, parallel_min=0)  # 3 chunks: uneven splits on any machine
+    return CpuOps(np, num_threads=1)
+
+
+# ---- fused CPU set against the reference ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", nc.DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batch_norm(ops, rng, shape, dtype):
+    nc.check_batch_norm_train(ops, dev, rng, shape, dtype)
+    nc.check_batch_norm_eval(ops, dev, rng, shape, dtype)
+    nc.check_norm_backward(ops, dev, rng, "batch", shape, dtype)
+    nc.check_norm_backward(ops, dev, rng, "batch", shape, dtype, accumulate=True)
+
+
+@pytest.mark.parametrize("dtype", nc.DTYPES)
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_layer_norm(ops, rng, shape, dtype):
+    nc.check_layer_norm(ops, dev, rng, shape, dtype)
+    nc.check_norm_backward(ops, dev, rng, "layer", shape, dtype)
+    nc.check_norm_backward(ops, dev, rng, "layer", shape, dtype, accumulate=True)
+
+
+@pytest.mark.parametrize("dtype", nc.DTYPES)
+def test_backward_in_place(ops, rng, dtype):
+    nc.check_norm_in_place(ops, dev, rng, dtype)
+
+
+def test_float32_large_mean_keeps_accuracy(ops):
+    """A float32 channel with mean 1e4 and spread 1: two-pass float64 sums keep invstd exact to
+    float32 rounding, where a one-pass E[x²] − E[x]² would lose every digit."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4096, 2)) + 1e4
+    X = x.astype(np.float32)
+    m, s = np.empty(2, np.float32), np.empty(2, np.float32)
+    ops.batch_norm_train(X, np.ones(2, np.float32), np.zeros(2, np.float32), nc.EPS,
+                         np.empty_like(X), m, s)
+    xd = X.astype(np.float64)
+    exact = 1 / np.sqrt(xd.var(axis=0) + nc.EPS)
+    np.testing.assert_allclose(s, exact, rtol=2e-7)
+    np.testing.assert_allclose(m, xd.mean(axis=0), rtol=1e-7)
+
+
+def test_errors(ops):
+    nc.check_norm_errors(ops, dev)
+
+
+# ---- the reference against an independent formula -------------------------------------------------
+def _bn_loops(X, gamma, beta, eps, dY):
+    """Batch norm forward and backward channel by channel, with math.fsum (exactly rounded sums)
+    and the textbook backward dX = γ·invstd·(dY − mean(dY) − x̂·mean(dY·x̂))."""
+    C = X.shape[1]
+    Y, dX = np.empty_like(X), np.empty_like(X)
+    dg, db = np.empty(C), np.empty(C)
+    for c in range(C):
+        x, dy = X[:, c].ravel(), dY[:, c].ravel()
+        mu = math.fsum(x) / x.size
+        var = math.fsum((x - mu) ** 2) / x.size
+        r = 1 / math.sqrt(var + eps)
+        xh = (x - mu) * r
+        Y[:, c] = (xh * gamma[c] + beta[c]).reshape(Y[:, c].shape)
+        dg[c], db[c] = math.fsum(dy * xh), math.fsum(dy)
+        d = gamma[c] * r * (dy - db[c] / x.size - xh * dg[c] / x.size)
+        dX[:, c] = d.reshape(dX[:, c].shape)
+    return Y, dX, dg, db
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_reference_batch_norm_against_loops(rng, shape):
+    X, gamma, beta = nc._bn_inputs(rng, shape, np.float64)
+    dY = rng.standard_normal(shape)
+    C = shape[1]
+    Y, m, s = np.empty_like(X), np.empty(C), np.empty(C)
+    REF.batch_norm_train(X, gamma, beta, nc.EPS, Y, m, s)
+    dX, dg, db = np.empty_like(X), np.empty(C), np.empty(C)
+    REF.batch_norm_backward(dY, X, gamma, m, s, dX, dg, db)
+    Ye, dXe, dge, dbe = _bn_loops(X, gamma, beta, nc.EPS, dY)
+    for got, exp in ((Y, Ye), (dX, dXe), (dg, dge), (db, dbe)):
+        np.testing.assert_allclose(got, exp, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_reference_layer_norm_against_loops(rng, shape):
+    X, gamma, beta = nc._ln_inputs(rng, shape, np.float64)
+    dY = rng.standard_normal(shape)
+    M, D = shape
+    Y, m, s = np.empty_like(X), np.empty(M), np.empty(M)
+    REF.layer_norm(X, gamma, beta, nc.EPS, Y, m, s)
+    dX, dg, db = np.empty_like(X), np.empty(D), np.empty(D)
+    REF.layer_norm_backward(dY, X, gamma, m, s, dX, dg, db)
+    # Layer norm of row i is batch norm of a (D, 1) "batch" with γ folded into dY.
+    for i in range(M):
+        x = X[i][:, None]
+        Ye, _, _, _ = _bn_loops(x, np.ones(1), np.zeros(1), nc.EPS, x)
+        np.testing.assert_allclose(Y[i], Ye[:, 0] * gamma + beta, rtol=1e-10, atol=1e-12)
+        _, dXe, _, _ = _bn_loops(x, np.ones(1), np.zeros(1), nc.EPS, (dY[i] * gamma)[:, None])
+        np.testing.assert_allclose(dX[i], dXe[:, 0], rtol=1e-10, atol=1e-12)
+    xh = (X - X.mean(axis=1, keepdims=True)) / np.sqrt(X.var(axis=1, keepdims=True) + nc.EPS)
+    np.testing.assert_allclose(dg, (dY * xh).sum(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, dY.sum(axis=0), rtol=1e-10, atol=1e-12)
+
+
+def test_reference_batch_norm_eval_against_formula(rng):
+    X, gamma, beta = nc._bn_inputs(rng, (6, 4, 5), np.float64)
+    rm, rv = rng.standard_normal(4), rng.uniform(0.1, 2, 4)
+    Y = REF.batch_norm_eval(X, gamma, beta, rm, rv, nc.EPS, np.empty_like(X))
+    for c in range(4):
+        exp = (X[:, c] - rm[c]) / math.sqrt(rv[c] + nc.EPS) * gamma[c] + beta[c]
+        np.testing.assert_allclose(Y[:, c], exp, rtol=1e-13, atol=1e-14)
+
+
+# ---- central differences of the backward ops (float64) --------------------------------------------
+def _central(f, a, h=1e-6):
+    """∂f/∂a by central differences, element by element (f returns a float)."""
+    g = np.empty_like(a)
+    flat, gf = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        up = f()
+        flat[i] = old - h
+        down = f()
+        flat[i] = old
+        gf[i] = (up - down) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("kind,shape", [("batch", (5, 3)), ("batch", (3, 2, 4)), ("layer", (4, 6)),
+                                        ("layer", (1, 5))])
+@pytest.mark.parametrize("set_name", ["reference", "fused"])
+def test_backward_central_differences(rng, kind, shape, set_name):
+    """L = Σ W·Y: the backward op with dY = W gives ∂L/∂X, ∂L/∂γ, ∂L/∂β."""
+    ops = REF if set_name == "reference" else CpuOps(np, num_threads=1)
+    make = nc._bn_inputs if kind == "batch" else nc._ln_inputs
+    X, gamma, beta = make(rng, shape, np.float64)
+    W = rng.standard_normal(shape)
+    groups = shape[1] if kind == "batch" else shape[0]
+    forward = ops.batch_norm_train if kind == "batch" else ops.layer_norm
+    backward = ops.batch_norm_backward if kind == "batch" else ops.layer_norm_backward
+
+    def loss():
+        Y = forward(X, gamma, beta, nc.EPS, np.empty_like(X), np.empty(groups), np.empty(groups))
+        return float(np.sum(W * Y))
+
+    m, s = np.empty(groups), np.empty(groups)
+    forward(X, gamma, beta, nc.EPS, np.empty_like(X), m, s)
+    dX, dg, db = np.empty_like(X), np.empty_like(gamma), np.empty_like(beta)
+    backward(W, X, gamma, m, s, dX, dg, db)
+    for got, a in ((dX, X), (dg, gamma), (db, beta)):
+        np.testing.assert_allclose(got, _central(loss, a), rtol=1e-6, atol=1e-8)
+
+
+# ---- the reference against PyTorch ---------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 3), (7, 5, 13), (4, 3, 5, 6)])
+def test_reference_batch_norm_against_torch(rng, shape):
+    torch = pytest.importorskip("torch")
+    X, gamma, beta = nc._bn_inputs(rng, shape, np.float64)
+    dY = rng.standard_normal(shape)
+    C = shape[1]
+    Y, m, s = np.empty_like(X), np.empty(C), np.empty(C)
+    REF.batch_norm_train(X, gamma, beta, nc.EPS, Y, m, s)
+    dX, dg, db = np.empty_like(X), np.empty(C), np.empty(C)
+    REF.batch_norm_backward(dY, X, gamma, m, s, dX, dg, db)
+    tX, tg, tb = (torch.tensor(a, requires_grad=True) for a in (X, gamma, beta))
+    tY = torch.nn.functional.batch_norm(tX, None, None, tg, tb, training=True, eps=nc.EPS)
+    tY.backward(torch.tensor(dY))
+    for got, exp in ((Y, tY), (dX, tX.grad), (dg, tg.grad), (db, tb.grad)):
+        np.testing.assert_allclose(got, exp.detach().numpy(), rtol=1e-10, atol=1e-12)
+    Ye = REF.batch_norm_eval(X, gamma, beta, m, 1 / s**2 - nc.EPS, nc.EPS, np.empty_like(X))
+    tYe = torch.nn.functional.batch_norm(torch.tensor(X), torch.tensor(m),
+                                         torch.tensor(1 / s**2 - nc.EPS), torch.tensor(gamma),
+                                         torch.tensor(beta), training=False, eps=nc.EPS)
+    np.testing.assert_allclose(Ye, tYe.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_reference_layer_norm_against_torch(rng, shape):
+    torch = pytest.importorskip("torch")
+    X, gamma, beta = nc._ln_inputs(rng, shape, np.float64)
+    dY = rng.standard_normal(shape)
+    M, D = shape
+    Y, m, s = np.empty_like(X), np.empty(M), np.empty(M)
+    REF.layer_norm(X, gamma, beta, nc.EPS, Y, m, s)
+    dX, dg, db = np.empty_like(X), np.empty(D), np.empty(D)
+    REF.layer_norm_backward(dY, X, gamma, m, s, dX, dg, db)
+    tX, tg, tb = (torch.tensor(a, requires_grad=True) for a in (X, gamma, beta))
+    tY = torch.nn.functional.layer_norm(tX, (D,), tg, tb, eps=nc.EPS)
+    tY.backward(torch.tensor(dY))
+    for got, exp in ((Y, tY), (dX, tX.grad), (dg, tg.grad), (db, tb.grad)):
+        np.testing.assert_allclose(got, exp.detach().numpy(), rtol=1e-10, atol=1e-12)
