@@ -48,6 +48,21 @@ def markdown(results):
     if "lenet5" in results:
         out += ["", "## LeNet-5", ""]
         out += _lenet_tables(results["lenet5"])
+    if "lstm" in results:
+        r = results["lstm"]
+        out += ["", "## LSTM", "",
+                f"LSTM({r['input_size']}, {r['hidden_size']}) over T={r['T']} steps -> last step -> "
+                f"Dense({r['hidden_size']}, {r['classes']}), batch {r['batch']}, SGD momentum; "
+                f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step.", "",
+                "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch |",
+                "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for row in r["rows"]:
+            if row.get("samples_per_s") is None:
+                out.append(f"| {row['device']} | {row['contender']} | {row.get('note', '')} | | | |")
+                continue
+            out.append(f"| {row['device']} | {row['contender']} | {row['samples_per_s']:.0f} | "
+                       f"{row['step_ms']:.2f} | {row['gflops']:.1f} | "
+                       f"{_fmt(row.get('ratio_to_pytorch'), '.2f')} |")
     if "gemm" in results:
         out += ["", "## GEMM rates of the step's shapes (xp.matmul, out=)", ""]
         out.append("| device | m×k×n | GFLOP/s | µs |")

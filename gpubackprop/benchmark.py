@@ -62,6 +62,9 @@ SCALING_BASE = "S"  # batch sweep on S's sizes; width sweep: 784-w-w-10 at S's b
 # LeNet-5: (per-sample input shape, batch, classes); the model is the "lenet5" preset.
 LENET = ((1, 28, 28), 128, 10)
 QUICK_LENET = ((1, 12, 12), 8, 10)
+# LSTM: (time steps, features, hidden, batch, classes); LSTM -> last step -> Dense.
+LSTM_SHAPE = (28, 28, 128, 128, 10)
+QUICK_LSTM_SHAPE = (5, 4, 8, 8, 3)
 PEAK_GEMM = 1024  # the square sgemm whose rate is "the peak"
 QUICK_PEAK_GEMM = 64
 SPLIT_CATEGORIES = ("im2col", "GEMM", "col2im", "bias+activation", "pooling")
@@ -648,6 +651,90 @@ def lenet_section(timer, devices, lenet=LENET, with_torch=True, peak_n=PEAK_GEMM
     return out
 
 
+# ---- LSTM -------------------------------------------------------------------------------------------
+def lstm_step_flops(T, F, H, batch, classes):
+    """GEMM FLOPs of a training step: input projection, recurrent GEMMs, their backward and
+    weight-gradient GEMMs (3 GEMMs of each shape), and the Dense head's."""
+    proj = 2 * batch * T * F * 4 * H  # X W_ihᵀ over all steps
+    rec = 2 * batch * (T - 1) * H * 4 * H  # h W_hhᵀ per step (none at t = 0 from a zero state)
+    head = 2 * batch * H * classes
+    return 3 * (proj + rec + head) - 2 * batch * T * F * 4 * H  # no input gradient for X
+
+
+def _sequence_batch(T, F, classes, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, T, F)).astype(np.float32),
+            rng.integers(0, classes, batch))
+
+
+def lstm_contender(shape, device="cpu", kernels="fused", dtype="float32"):
+    """A training step of gpubackprop's LSTM -> LastStep -> Dense, batch already on the device."""
+    from gpubackprop.layers import LSTM, Dense, LastStep, Sequential
+    from gpubackprop.losses import SoftmaxCrossEntropy
+    from gpubackprop.optimizers import SGD
+    from gpubackprop.training import _step
+
+    T, F, H, batch, classes = shape
+    model = Sequential([LSTM(F, H), LastStep(), Dense(H, classes)], device=device, dtype=dtype,
+                       seed=0, kernels=kernels, input_shape=(T, F))
+    loss, opt = SoftmaxCrossEntropy(), SGD(lr=LR, momentum=MOMENTUM)
+    be = model.backend
+    X, y = _sequence_batch(T, F, classes, batch)
+    Xd, Td = be.to_device(X), be.to_device(y, np.int64)
+    return Contender(f"gpubackprop {kernels}", functools.partial(_step, model, loss, opt, Xd, Td),
+                     be.synchronize, batch, "gpubackprop", be.device, kernels)
+
+
+def torch_lstm_contender(shape, device="cpu"):
+    """The same model in PyTorch: nn.LSTM(batch_first) -> last step -> nn.Linear."""
+    torch = torch_module()
+    torch.manual_seed(0)
+    T, F, H, batch, classes = shape
+    dev = "cuda" if device == "cuda" else "cpu"
+    lstm, head = torch.nn.LSTM(F, H, batch_first=True).to(dev), torch.nn.Linear(H, classes).to(dev)
+    opt = torch.optim.SGD([*lstm.parameters(), *head.parameters()], lr=LR, momentum=MOMENTUM)
+    lossf = torch.nn.CrossEntropyLoss()
+    X, y = _sequence_batch(T, F, classes, batch)
+    Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
+
+    def step():
+        opt.zero_grad()
+        out, _ = lstm(Xt)
+        lossf(head(out[:, -1]), yt).backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if dev == "cuda" else None
+    return Contender("pytorch", step, sync, batch, "pytorch", device)
+
+
+def lstm_section(timer, devices, shape=LSTM_SHAPE, with_torch=True, log=print):
+    """LSTM training steps: samples/s of gpubackprop (fused, reference) and PyTorch, and the ratio."""
+    T, F, H, batch, classes = shape
+    torch = torch_module() if with_torch else None
+    flops = lstm_step_flops(*shape)
+    out = {"T": T, "input_size": F, "hidden_size": H, "batch": batch, "classes": classes,
+           "step_flops": flops, "rows": []}
+    for dev in devices:
+        cs = [lstm_contender(shape, dev, "reference"), lstm_contender(shape, dev, "fused")]
+        if torch is not None:
+            cs.append(torch_lstm_contender(shape, dev))
+        times = timer.run(cs)
+        torch_t = times.get("pytorch")
+        for c in cs:
+            t = times[c.name]
+            out["rows"].append({
+                "device": dev, "contender": c.name, "samples_per_s": batch / median(t),
+                "step_ms": 1e3 * median(t), "gflops": flops / median(t) / 1e9, "rounds_s": t,
+                "ratio_to_pytorch": ratio_median(t, torch_t) if torch_t else None})
+        if torch is None:
+            out["rows"].append({"device": dev, "contender": "pytorch", "note": "not installed",
+                                "samples_per_s": None})
+        log(f"  {dev} LSTM: " + ", ".join(
+            f"{r['contender']} {r['samples_per_s']:.0f}/s" for r in out["rows"]
+            if r["device"] == dev and r["samples_per_s"] is not None))
+    return out
+
+
 # ---- sections -------------------------------------------------------------------------------------
 def devices_available(requested="all"):
     if requested == "all":
@@ -995,7 +1082,7 @@ def configure_torch(threads):
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-SECTIONS = ("throughput", "lenet5", "gemm", "ops", "scaling", "memory")
+SECTIONS = ("throughput", "lenet5", "lstm", "gemm", "ops", "scaling", "memory")
 
 
 def build_parser():
@@ -1038,11 +1125,13 @@ def run(args, log=print):
         timer = Timer(rounds=args.rounds or 2, block_s=0.005, warmup_s=0.01, quiesce_s=0.0)
         op_shapes, batches, widths, growth = ((8, 16), (16, 32)), (1, 8), (8, 16), 20
         lenet, peak_n, split_steps = QUICK_LENET, QUICK_PEAK_GEMM, 2
+        lstm_shape = QUICK_LSTM_SHAPE
     else:
         shapes = {k: SHAPES[k] for k in keys}
         timer = Timer(rounds=args.rounds or 11)
         op_shapes, batches, widths, growth = OP_SHAPES, SCALING_BATCHES, SCALING_WIDTHS, 1000
         lenet, peak_n, split_steps = LENET, PEAK_GEMM, 20
+        lstm_shape = LSTM_SHAPE
     if args.rounds is not None and args.rounds < 1:
         raise ValueError(f"rounds: expected a positive integer, got {args.rounds}")
     with_torch = not args.no_torch
@@ -1064,6 +1153,9 @@ def run(args, log=print):
         log("LeNet-5 (samples/s), interleaved:")
         results["lenet5"] = lenet_section(timer, devices, lenet, with_torch, peak_n, split_steps,
                                           log)
+    if "lstm" in sections:
+        log("LSTM (samples/s), interleaved:")
+        results["lstm"] = lstm_section(timer, devices, lstm_shape, with_torch, log)
     if "gemm" in sections:
         log("GEMM shapes (GFLOP/s):")
         results["gemm"] = gemm_section(timer, devices, shapes, log)

@@ -223,3 +223,22 @@ def test_quick_lenet_section_with_and_without_torch(monkeypatch):
     rows = [row for row in results["lenet5"]["rows"] if row["library"] == "pytorch"]
     assert rows and all(row["note"] == "not installed" and row["samples_per_s"] is None
                         for row in rows)
+
+
+def test_lstm_step_flops_count_every_gemm():
+    from gpubackprop.benchmark import lstm_step_flops
+
+    T, F, H, B, C = 3, 2, 5, 4, 6
+    proj, rec, head = 2 * B * T * F * 4 * H, 2 * B * (T - 1) * H * 4 * H, 2 * B * H * C
+    # forward, weight gradients and input gradients, without the gradient of X itself
+    assert lstm_step_flops(T, F, H, B, C) == 3 * proj + 3 * rec + 3 * head - proj
+
+
+def test_lstm_section_quick_without_torch():
+    from gpubackprop.benchmark import QUICK_LSTM_SHAPE, Timer, lstm_section
+
+    r = lstm_section(Timer(rounds=2, block_s=0.005, warmup_s=0.01, quiesce_s=0.0), ["cpu"],
+                     QUICK_LSTM_SHAPE, with_torch=False, log=lambda *a: None)
+    names = [row["contender"] for row in r["rows"]]
+    assert names == ["gpubackprop reference", "gpubackprop fused", "pytorch"]
+    assert r["rows"][1]["samples_per_s"] > 0 and r["rows"][2]["note"] == "not installed"
