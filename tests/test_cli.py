@@ -445,3 +445,26 @@ def test_error_messages_name_the_problem(bad, files):
     e = err("train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
             "--nan-check-every", "1", "--batch-size", "8")
     assert "training diverged" in e and "step" in e and "layer" in e
+
+
+def test_lstm_on_an_npz_of_sequences_and_the_lstm_preset_on_digits(tmp_path):
+    # A task that needs memory: the class is the sign pattern of the first step, seen at the end.
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        X = rng.normal(size=(n, 6, 2)) * 0.1
+        y = rng.integers(0, 2, n)
+        X[:, 0, 0] += 2 * y - 1
+        return X, y
+
+    (Xa, ya), (Xb, yb) = split(200), split(60)
+    np.savez(tmp_path / "seq.npz", X_train=Xa, y_train=ya, X_test=Xb, y_test=yb)
+    ck = tmp_path / "lstm.npz"
+    r = ok(run("train", "--dataset", f"npz:{tmp_path / 'seq.npz'}", "--model",
+               "lstm(8)-last-dense(classes)", "--epochs", "15", "--optimizer", "adam", "--lr",
+               "0.02", "--batch-size", "20", "--checkpoint", ck, *FAST))
+    assert "Reshape(shape=(6,2)) 6x2 -> LSTM(input_size=2,hidden_size=8,num_layers=1) 6x8" in r.stdout
+    assert float(r.stdout.split("test accuracy ")[1].split()[0]) >= 0.9
+    ok(run("evaluate", "--checkpoint", ck, "--dataset", f"npz:{tmp_path / 'seq.npz'}", *FAST))
+    r = ok(run("train", "--dataset", "digits", "--model", "lstm", "--epochs", "1", *FAST))
+    assert "LSTM(input_size=8,hidden_size=128,num_layers=1) 8x128 -> LastStep()" in r.stdout

@@ -318,3 +318,44 @@ def test_digits_rows_is_a_sequence_task_an_lstm_learns(rng):
     history = gb.fit(model, loss, gb.Adam(lr=0.02), data.X_train[:400], data.y_train[:400],
                      epochs=4, batch_size=32, progress=False)
     assert history["loss"][-1] < 0.6 * history["loss"][0]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])
+def test_a_checkpointed_lstm_run_resumes_bit_for_bit(tmp_path, backend_spec, stop_at):
+    from gpubackprop.checkpoint import Checkpointer
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 5, 3)), rng.integers(0, 3, 30)
+    kw = dict(epochs=3, batch_size=8, progress=False)
+
+    def make():
+        model = gb.Sequential([gb.LSTM(3, 6, num_layers=2), gb.LastStep(), gb.Dense(6, 3)],
+                              device=backend_spec[0], kernels=backend_spec[1], dtype="float64",
+                              seed=1, input_shape=(5, 3))
+        return model, gb.SoftmaxCrossEntropy(), gb.Adam(lr=0.01, clip_norm=1.0)
+
+    model, loss, opt = make()
+    ref_hist = gb.fit(model, loss, opt, X, y, **kw)
+    ref = model.get_params()
+
+    path = tmp_path / "lstm.npz"
+    model, loss, opt = make()
+
+    def stop(step):
+        if step == stop_at:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        gb.fit(model, loss, opt, X, y, on_checkpoint=Checkpointer(path, model, opt, loss),
+               checkpoint_every=2, on_step=stop, **kw)
+    ck = load_checkpoint(path)
+    model = ck.build_model(device=backend_spec[0], kernels=backend_spec[1])
+    opt = gb.Adam(lr=0.01, clip_norm=1.0)
+    hist = gb.fit(model, loss, opt, X, y, state=ck.restore(model, opt, loss), **kw)
+    for k, v in model.get_params().items():
+        assert np.array_equal(v, ref[k]), k
+    assert hist == ref_hist
