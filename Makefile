@@ -38,7 +38,7 @@ gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gpubackprop kernels tests bench
+	$(VENV)/bin/ruff check gpubackprop kernels tests bench examples
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

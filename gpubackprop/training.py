@@ -169,7 +169,9 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
         if totals is not None and size > 1:
             # The global running totals (a collective: every rank is here); rank 0 resumes with
             # them and the others with zeros, so the epoch's sum over ranks stays right.
-            totals = tuple(np.array(x) for x in comm.allreduce_host([float(t) for t in totals]))
+            sums = comm.allreduce_host([float(t) for t in totals])
+            totals = tuple(np.array(v, dtype=np.asarray(t).dtype) for v, t in zip(sums, totals,
+                                                                                 strict=True))
         es = None if early_stopping is None else early_stopping.state()
         return TrainingState(epoch, b, step, order, totals, history, es,
                              None if best is None else be.to_host(best), finished)
