@@ -6,6 +6,7 @@ from gpubackprop.layers import (
     GRU,
     LSTM,
     RNN,
+    Activation,
     AvgPool2d,
     BatchNorm1d,
     BatchNorm2d,
@@ -28,7 +29,7 @@ from gpubackprop.training import evaluate, fit, predict, train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "Dense", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
+    "Backend", "Dense", "Activation", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Dropout", "RNN", "LSTM", "GRU", "LastStep",
     "Reshape", "Residual", "Sequential", "MSE",
     "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step",

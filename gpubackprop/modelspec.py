@@ -28,8 +28,7 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
                                                     res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
     identity | sigmoid | tanh | relu | leaky_relu | gelu
                                                     right after conv or dense: that layer's fused
-                                                    activation=; elsewhere a standalone activation
-                                                    layer (when the library has one)
+                                                    activation=; elsewhere an Activation layer
 
 ``classes`` stands for the number of classes wherever an integer goes (``dense(classes)``).
 Presets by name: ``mlp`` (hidden dense layers from ``hidden``/``activation``/``init``, the
@@ -281,9 +280,8 @@ def preset_spec(name, input_shape, hidden=(128, 64), activation="relu", init=Non
             dense(84)-relu-dense(classes); on images smaller than 20x20 the second conv keeps its
             size (pad=2) and a pooling that would go below 1x1 is left out.
     resnet: conv(16,3,pad=1)-bn-relu-res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)-relu-
-            conv(32,3,stride=2,pad=1)-bn-relu-res(...32 channels...)-relu-gap-dense(classes). Without
-            a standalone activation layer in this gpubackprop each relu fuses into the conv before
-            its norm (conv-relu-bn) and the sums are not followed by a relu.
+            conv(32,3,stride=2,pad=1)-bn-relu-res(...32 channels...)-relu-gap-dense(classes); the
+            relus after a norm or a sum are Activation layers.
     lstm:   lstm(128)-last-dense(classes), for sequences (T, F) or one-channel images read row by
             row (the digits as 8 steps of 8 pixels).
     """
@@ -317,19 +315,11 @@ def preset_spec(name, input_shape, hidden=(128, 64), activation="relu", init=Non
         parts += ["flatten", "dense(120)", "relu", "dense(84)", "relu", "dense(classes)"]
         return "-".join(parts)
     if name == "resnet":
-        import gpubackprop as gb
-
-        if getattr(gb, "Activation", None) is not None:
-            def cbr(conv):
-                return f"{conv}-bn-relu"
-            after = "-relu"
-        else:  # no standalone activation layer: the relu fuses into the conv, before the norm
-            def cbr(conv):
-                return f"{conv}-relu-bn"
-            after = ""
+        def cbr(conv):
+            return f"{conv}-bn-relu"
 
         def block(c):
-            return f"res({cbr(f'conv({c},3,pad=1)')}-conv({c},3,pad=1)-bn){after}"
+            return f"res({cbr(f'conv({c},3,pad=1)')}-conv({c},3,pad=1)-bn)-relu"
         down = "conv(32,3,stride=2,pad=1)" if min(H, W) >= 2 else "conv(32,3,pad=1)"
         return "-".join([cbr("conv(16,3,pad=1)"), block(16), cbr(down), block(32), "gap",
                          "dense(classes)"])
@@ -439,7 +429,6 @@ def plan(spec, input_shape, n_classes, hidden=(128, 64), activation="relu", init
 
 
 def _plan_chain(tokens, shape, n_classes):
-    import gpubackprop as gb
 
     entries = []
     for t in tokens:
@@ -451,10 +440,6 @@ def _plan_chain(tokens, shape, n_classes):
                 prev[1]["activation"] = t.name
                 prev[1]["_fused"] = True
                 continue
-            if getattr(gb, "Activation", None) is None:
-                raise t.error("an activation must follow conv(...) or dense(...) (it becomes that "
-                              "layer's fused activation); this gpubackprop has no standalone "
-                              "activation layer")
             entries.append(("Activation", {"activation": t.name}, shape, shape, t))
             continue
         if t.name == "res":

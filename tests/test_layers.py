@@ -185,3 +185,38 @@ def test_input_gradient_matches_central_differences(backend_spec, rng):
             Xp[idx] += sign * eps
             num[idx] += sign * np.sum(model.predict(Xp) * dYh) / (2 * eps)
     np.testing.assert_allclose(dX, num, rtol=1e-6, atol=1e-9)
+
+
+# ---- Activation and Reshape: layers that hold no parameters -------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_standalone_activation_after_a_norm_gradchecks_and_leaves_its_input(backend_spec, activation,
+                                                                            rng):
+    from gpubackprop.kernels.reference import ReferenceOps
+
+    layers = [gb.Conv2d(1, 3, 3, padding=1, bias=False), gb.BatchNorm2d(3), gb.Activation(activation),
+              gb.Flatten(), gb.Dense(48, 3)]
+    model = gb.Sequential(layers, device=backend_spec[0], kernels=backend_spec[1], dtype="float64",
+                          input_shape=(1, 4, 4), seed=0)
+    X, y = rng.normal(size=(6, 1, 4, 4)), np.arange(6) % 3
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, y) < 1e-6
+    act = model.layers[2]
+    Xd = model.backend.to_device(rng.normal(size=(5, 3, 4, 4)) * 3)
+    before = model.backend.to_host(Xd).copy()
+    Y, _ = act.forward(Xd, train=True)
+    expected = ReferenceOps(np).bias_act(before.reshape(5, -1).copy(), np.zeros(48), activation,
+                                         np.empty((5, 48)))
+    np.testing.assert_allclose(model.backend.to_host(Y), expected.reshape(5, 3, 4, 4), rtol=1e-12,
+                               atol=1e-14)
+    np.testing.assert_array_equal(model.backend.to_host(Xd), before)  # the input is not written
+    assert repr(act) == f"Activation({activation!r})" and act.config() == {"activation": activation}
+
+
+def test_reshape_moves_data_only(backend_spec, rng):
+    model = gb.Sequential([gb.Reshape((4, 3)), gb.LSTM(3, 5), gb.LastStep(), gb.Dense(5, 2)],
+                          device=backend_spec[0], kernels=backend_spec[1], dtype="float64",
+                          input_shape=(1, 4, 3), seed=0)
+    X, y = rng.normal(size=(4, 1, 4, 3)), np.arange(4) % 2
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, y) < 1e-6
+    with pytest.raises(ValueError, match=r"expected an input of 12 values per sample to reshape "
+                                         r"to \(4, 3\)|expected an input of 12 values"):
+        gb.Sequential([gb.Reshape((4, 3)), gb.Flatten()], device="cpu", input_shape=(1, 5, 3))

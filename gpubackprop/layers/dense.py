@@ -223,3 +223,46 @@ class Reshape(Layer):
             return dY.reshape(shape)  # a view of dY: data moved, nothing computed
 
         return Y, backprop
+
+
+class Activation(Layer):
+    """Y = σ(X) element by element, any shape: an activation on its own (after a norm or a residual
+    sum), through the same fused kernels as Dense's (bias+activation forward, σ' Hadamard backward)."""
+
+    def __init__(self, activation="relu"):
+        self.activation = check_choice(activation, ACTIVATIONS, "activation")
+
+    def __repr__(self):
+        return f"Activation({self.activation!r})"
+
+    def config(self):
+        return {"activation": self.activation}
+
+    def infer_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def _buffers(self, N):
+        be, n = self.backend, size_of(self.input_shape)
+        Z = be.empty((N, n))
+        A = be.empty((N, n)) if saves_input(self.activation) else Z
+        # A bias of -0.0: z + (-0.0) is z for every z, -0.0 included (z + 0.0 is not).
+        return Z, A, be.empty((N, n)), be.xp.full(n, -0.0, dtype=be.dtype)
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        N = X.shape[0]
+        Z, A, dZbuf, nz = self.workspace(N, lambda: self._buffers(N)) if train else self._buffers(N)
+        ops, act = self.backend.ops, self.activation
+        Z[...] = X.reshape(Z.shape)  # the kernels write Z in place: X stays the caller's
+        ops.bias_act(Z, nz, act, A)
+        Y = A.reshape(X.shape)
+        if not train:
+            return Y, no_backprop
+        saved = Z if saves_input(act) else A
+
+        def backprop(dY):
+            if not input_grad:
+                return None
+            return ops.act_backward(dY.reshape(dZbuf.shape), saved, act, dZbuf).reshape(X.shape)
+
+        return Y, backprop
