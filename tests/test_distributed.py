@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import mpi_worker
 import numpy as np
 import pytest
 
@@ -17,8 +18,6 @@ import gpubackprop as gb
 from gpubackprop.distributed import Communicator, communicator, shard_bounds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import mpi_worker  # noqa: E402
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep +
                        os.environ.get("PATH", ""))
