@@ -17,6 +17,7 @@ waiting in a collective forever.
 """
 
 import sys
+import time
 
 import numpy as np
 
@@ -108,8 +109,7 @@ class MPICommunicator(Communicator):
         self.comm.Barrier()
 
     def abort(self, code=1):
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_before_abort()
         self.comm.Abort(code)
 
 
@@ -173,6 +173,17 @@ def shard_bounds(start, stop, rank, size):
     return start + rank * n // size, start + (rank + 1) * n // size
 
 
+ABORT_GRACE_S = 0.5
+
+
+def _flush_before_abort():
+    """Flush, then give mpiexec a moment to forward this rank's last output: MPI_Abort kills the
+    ranks at once, and output still in the launcher's pipes would be lost (seen on a busy machine)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+
+
 _hooked = False
 _active = []  # the MPI communicator of this process, once made
 
@@ -196,7 +207,7 @@ def _abort_on_uncaught_exception(comm):
         previous(kind, value, tb)
         sys.stderr.write(f"gpubackprop: rank {comm.Get_rank()} failed; aborting all "
                          f"{comm.Get_size()} ranks\n")
-        sys.stderr.flush()
+        _flush_before_abort()
         comm.Abort(1)
 
     sys.excepthook = hook
