@@ -817,8 +817,10 @@ def cmd_info(args):
         if args.kernels == "fused":
             for dtype in ("float32", "float64"):
                 seconds = info.compile_time(device, dtype)
-                print(f"every fused kernel ({dtype}, serial and parallel): {seconds:.2f} s to "
-                      f"compile, or to load from Numba's on-disk cache")
+                print(f"the MLP kernels ({dtype}: dense, loss, optimizers; serial and parallel): "
+                      f"{seconds:.2f} s to compile, or to load from Numba's on-disk cache")
+            print("the conv, pooling, normalization, dropout and recurrent kernels compile on "
+                  "first use")
     if args.ptx:
         _print_ptx_report()
     return 0

@@ -33,24 +33,25 @@ def describe(device, kernels):
                       f"{numba.get_num_threads()} threads"}
 
 
-def compile_time(device, dtype="float32"):
+def compile_time(device, dtype="float32", every=False):
     """Seconds to compile (or load from Numba's on-disk cache) the fused set's kernels for
-    ``dtype``: every op run once on tiny arrays, the parallel CPU kernels included."""
+    ``dtype``, each op run once on tiny arrays, the parallel CPU kernels included: the MLP ops
+    (dense, loss, optimizers), or with ``every`` every op (minutes on a cold cache)."""
     from gpubackprop.backend import Backend
 
     t0 = time.perf_counter()
     ops = Backend(device=device, dtype=dtype, kernels="fused").ops
     if hasattr(ops, "warm_up"):
-        ops.warm_up(dtype)
+        ops.warm_up(dtype, every)
     else:
-        run_every_op(ops, dtype)
+        (run_every_op if every else run_mlp_ops)(ops, dtype)
     if ops.xp is not np:
         ops.xp.cuda.get_current_stream().synchronize()
     return time.perf_counter() - t0
 
 
-def run_every_op(ops, dtype):
-    """Run every op of a kernel set once on tiny arrays of ``dtype`` (which compiles them)."""
+def run_mlp_ops(ops, dtype):
+    """Run the ops an MLP step uses (dense, loss, optimizers) once on tiny arrays of ``dtype``."""
     xp, dt = ops.xp, np.dtype(dtype)
     Z, b, A = xp.zeros((2, 3), dt), xp.zeros(3, dt), xp.zeros((2, 3), dt)
     for act in ACTIVATIONS:
@@ -66,6 +67,13 @@ def run_every_op(ops, dtype):
     ops.sgd(p, p, p, 0.1, 0.9, True, 0.1, s)
     ops.rmsprop(p, p, p, p, 0.1, 0.9, 1e-8, 0.1, 0.9, s)
     ops.adam(p, p, p, p, 0.1, 0.9, 0.99, 1e-8, 0.1, True, 1, s)
+
+
+def run_every_op(ops, dtype):
+    """Run every op of a kernel set once on tiny arrays of ``dtype`` (which compiles them)."""
+    run_mlp_ops(ops, dtype)
+    xp, dt = ops.xp, np.dtype(dtype)
+    Z, b = xp.zeros((2, 3), dt), xp.zeros(3, dt)
     # Convolution, pooling, normalisation and dropout (geometry: 2x2 windows over 3x3 images).
     X = xp.zeros((1, 2, 3, 3), dt)
     cols = xp.zeros((1, 8, 4), dt)

@@ -99,7 +99,7 @@ def test_no_command_is_a_usage_error():
 def test_info():
     r = ok(run("info"))
     for word in ("python", "numpy", "numba", "numba-cuda", "cupy", "GPU:", "kernel set: fused",
-                 "first training step", "every fused kernel (float32", "set: fused-"):
+                 "first training step", "the MLP kernels (float32", "set: fused-"):
         assert word in r.stdout
     assert "Numba CPU" in r.stdout or "Numba CUDA" in r.stdout
 

@@ -115,3 +115,25 @@ def test_info_describe_and_compile_time():
     assert describe("cuda", "fused")["set"] == "fused-cuda"
     seconds = compile_time("cpu", "float64")
     assert 0 < seconds < 600
+
+
+def test_run_every_op_calls_every_family_with_valid_arguments():
+    # On the reference set (nothing to compile): the warm-up's calls fit every op's signature.
+    from gpubackprop.kernels.info import run_every_op
+    from gpubackprop.kernels.reference import ReferenceOps
+
+    calls = []
+
+    class Recording(ReferenceOps):
+        def __getattribute__(self, name):
+            attr = super().__getattribute__(name)
+            if callable(attr) and not name.startswith("_"):
+                calls.append(name)
+            return attr
+
+    for dtype in ("float32", "float64"):
+        run_every_op(Recording(np), dtype)
+    for op in ("im2col", "col2im", "max_pool2d_backward", "avg_pool2d_backward",
+               "channel_bias_act", "batch_norm_backward", "layer_norm_backward",
+               "dropout_backward", "lstm_cell_backward", "gru_cell_backward", "adam"):
+        assert op in calls, op

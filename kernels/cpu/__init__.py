@@ -63,9 +63,11 @@ class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
         self.par_by_act = tuple(self.par_transcendental if a in (SIGMOID, TANH, GELU)
                                 else self.par_cheap for a in range(len(ACTIVATIONS)))
 
-    def warm_up(self, dtype="float32"):
-        """Compile (or load from Numba's cache) every kernel, serial and parallel, for ``dtype``."""
-        from gpubackprop.kernels.info import run_every_op
+    def warm_up(self, dtype="float32", every=True):
+        """Compile (or load from Numba's cache) the kernels, serial and parallel, for ``dtype``:
+        every op, or only the MLP ops (dense, loss, optimizers)."""
+        from gpubackprop.kernels.info import run_every_op, run_mlp_ops
 
-        run_every_op(self, dtype)
-        run_every_op(CpuOps(np, num_threads=2, parallel_min=0), dtype)
+        run = run_every_op if every else run_mlp_ops
+        run(self, dtype)
+        run(CpuOps(np, num_threads=2, parallel_min=0), dtype)
