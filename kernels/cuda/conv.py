@@ -10,6 +10,7 @@ one kernel, where a channel has few entries). No atomics: every result is the sa
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
 from gpubackprop.kernels.cuda.launch import THREADS, cuda, kernel_body
+from gpubackprop.kernels.cuda.numerics import unravel_nchw
 from gpubackprop.kernels.reference.conv import (
     check_channel_bias_act,
     check_channel_bias_grad,
@@ -53,12 +54,7 @@ def _col2im(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW):
     N, C, H, W = dX.shape
     OH = dcols.shape[2] // OW
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
-        q = idx // W
-        w = idx - q * W
-        p = q // H
-        h = q - p * H
-        n = p // C
-        c = p - n * C
+        n, c, h, w = unravel_nchw(idx, C, H, W)
         s = dX.dtype.type(0)
         for i in range(kh):
             hh = h + ph - i * dh  # = oh·sh for the output row that reads (h, w) at offset i

@@ -13,3 +13,14 @@ from gpubackprop.kernels.cuda.launch import cuda, device_function
 def mul(x, y, nz):
     """x * y rounded on its own: NVVM cannot contract it into a following add (nz is -0.0)."""
     return cuda.fma(x, y, nz)
+
+
+@device_function
+def unravel_nchw(idx, C, H, W):
+    """(n, c, h, w) of the flat row-major index ``idx`` into an (N, C, H, W) array."""
+    q = idx // W
+    w = idx - q * W
+    p = q // H
+    h = q - p * H
+    n = p // C
+    return n, p - n * C, h, w

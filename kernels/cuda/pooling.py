@@ -9,6 +9,7 @@ import math
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import cuda, kernel_body
+from gpubackprop.kernels.cuda.numerics import unravel_nchw
 from gpubackprop.kernels.reference.conv import expect_int64, expect_shape, window
 
 WINDOW = "int64, int64, int64, int64, int64, int64, int64, int64"  # kh kw sh sw ph pw dh dw
@@ -22,12 +23,7 @@ def _max_pool(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
     OH, OW = Y.shape[2], Y.shape[3]
     ninf = X.dtype.type(-math.inf)
     for idx in range(cuda.grid(1), N * C * OH * OW, cuda.gridsize(1)):
-        q = idx // OW
-        ow = idx - q * OW
-        p = q // OH
-        oh = q - p * OH
-        n = p // C
-        c = p - n * C
+        n, c, oh, ow = unravel_nchw(idx, C, OH, OW)
         best = ninf
         arg = -1
         for i in range(kh):
@@ -50,12 +46,7 @@ def _max_pool_backward(dY, argmax, dX, kh, kw, sh, sw, ph, pw, dh, dw):
     N, C, H, W = dX.shape
     OH, OW = dY.shape[2], dY.shape[3]
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
-        q = idx // W
-        w = idx - q * W
-        p = q // H
-        h = q - p * H
-        n = p // C
-        c = p - n * C
+        n, c, h, w = unravel_nchw(idx, C, H, W)
         me = h * W + w
         s = dX.dtype.type(0)
         for i in range(kh):
@@ -81,12 +72,7 @@ def _avg_pool(X, Y, kh, kw, sh, sw, ph, pw, include_pad):
     N, C, H, W = X.shape
     OH, OW = Y.shape[2], Y.shape[3]
     for idx in range(cuda.grid(1), N * C * OH * OW, cuda.gridsize(1)):
-        q = idx // OW
-        ow = idx - q * OW
-        p = q // OH
-        oh = q - p * OH
-        n = p // C
-        c = p - n * C
+        n, c, oh, ow = unravel_nchw(idx, C, OH, OW)
         h0 = oh * sh - ph
         w0 = ow * sw - pw
         s = X.dtype.type(0)
@@ -109,12 +95,7 @@ def _avg_pool_backward(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
     N, C, H, W = dX.shape
     OH, OW = dY.shape[2], dY.shape[3]
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
-        q = idx // W
-        w = idx - q * W
-        p = q // H
-        h = q - p * H
-        n = p // C
-        c = p - n * C
+        n, c, h, w = unravel_nchw(idx, C, H, W)
         s = dX.dtype.type(0)
         for i in range(kh):
             hh = h + ph - i
