@@ -7,6 +7,8 @@ import pytest
 
 from gpubackprop.backend import has_cupy_gpu, is_cudasim
 
+pytest_plugins = ["cuda_target"]  # the CUDA kernel test files' target/ops/dev fixtures
+
 if is_cudasim():
     # The simulator runs each CUDA thread as a Python thread, and a thread waiting at a barrier
     # (cuda.syncthreads) gives the GIL up only every switch interval: 5 ms by default, which made

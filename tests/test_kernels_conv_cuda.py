@@ -21,36 +21,11 @@ if not (is_cudasim() or has_cupy_gpu()):
 import conv_cases as cc  # noqa: E402
 import kernel_cases as kc  # noqa: E402
 
-from gpubackprop.backend import cupy_module  # noqa: E402
-from gpubackprop.kernels.cuda import THREADS, CudaOps  # noqa: E402
+from gpubackprop.kernels.cuda import THREADS  # noqa: E402
 from gpubackprop.kernels.cuda.conv import CHANNEL_CHUNK_PER_THREAD, channel_chunks  # noqa: E402
 
 CONV_CASES = cc.CONV_CASES
 POOL_CASES = cc.POOL_CASES
-
-
-def _targets():
-    if is_cudasim():
-        return [pytest.param("sim", id="sim")]
-    return [pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=_targets(), scope="module")
-def target(request):
-    if request.param == "sim":
-        return CudaOps(np), np.ascontiguousarray
-    cp = cupy_module()
-    return CudaOps(cp), cp.asarray
-
-
-@pytest.fixture
-def ops(target):
-    return target[0]
-
-
-@pytest.fixture
-def dev(target):
-    return target[1]
 
 
 @pytest.mark.parametrize("dtype", cc.DTYPES)

@@ -19,34 +19,9 @@ if not (is_cudasim() or has_cupy_gpu()):
 
 import kernel_cases as kc  # noqa: E402
 
-from gpubackprop.backend import cupy_module  # noqa: E402
-from gpubackprop.kernels.cuda import THREADS, CudaOps  # noqa: E402
+from gpubackprop.kernels.cuda import THREADS  # noqa: E402
 
 SHAPES = [(1, 1), (7, 13), (33, 70)]  # 2310 elements: 36 passes of the 64-thread grid, ragged
-
-
-def _targets():
-    if is_cudasim():
-        return [pytest.param("sim", id="sim")]
-    return [pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=_targets(), scope="module")
-def target(request):
-    if request.param == "sim":
-        return CudaOps(np), np.ascontiguousarray
-    cp = cupy_module()
-    return CudaOps(cp), cp.asarray
-
-
-@pytest.fixture
-def ops(target):
-    return target[0]
-
-
-@pytest.fixture
-def dev(target):
-    return target[1]
 
 
 @pytest.mark.parametrize("dtype", kc.DTYPES)

@@ -17,35 +17,10 @@ if not (is_cudasim() or has_cupy_gpu()):
 
 import norm_cases as nc  # noqa: E402
 
-from gpubackprop.backend import cupy_module, to_numpy  # noqa: E402
+from gpubackprop.backend import to_numpy  # noqa: E402
 from gpubackprop.kernels.cpu import CpuOps  # noqa: E402
-from gpubackprop.kernels.cuda import CudaOps  # noqa: E402
 
 SHAPES = [(1,), (7, 13), (3, 4, 5)]  # 91 elements: more than the 64 simulated threads
-
-
-def _targets():
-    if is_cudasim():
-        return [pytest.param("sim", id="sim")]
-    return [pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=_targets(), scope="module")
-def target(request):
-    if request.param == "sim":
-        return CudaOps(np), np.ascontiguousarray
-    cp = cupy_module()
-    return CudaOps(cp), cp.asarray
-
-
-@pytest.fixture
-def ops(target):
-    return target[0]
-
-
-@pytest.fixture
-def dev(target):
-    return target[1]
 
 
 @pytest.mark.parametrize("dtype", nc.DTYPES)

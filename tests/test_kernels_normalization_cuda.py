@@ -20,36 +20,9 @@ if not (is_cudasim() or has_cupy_gpu()):
 
 import norm_cases as nc  # noqa: E402
 
-from gpubackprop.backend import cupy_module  # noqa: E402
-from gpubackprop.kernels.cuda import CudaOps  # noqa: E402
-
 # 5·9 = 45 values a channel (> 32 simulated threads), 3 channels on 2 blocks; (2, 1): two values.
 BN_SHAPES = [(1, 1), (2, 1), (5, 3, 9), (2, 3, 2, 3)]
 LN_SHAPES = [(1, 1), (3, 40), (17, 5)]  # 17 rows: 3 chunks of 8 rows, the last ragged
-
-
-def _targets():
-    if is_cudasim():
-        return [pytest.param("sim", id="sim")]
-    return [pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=_targets(), scope="module")
-def target(request):
-    if request.param == "sim":
-        return CudaOps(np), np.ascontiguousarray
-    cp = cupy_module()
-    return CudaOps(cp), cp.asarray
-
-
-@pytest.fixture
-def ops(target):
-    return target[0]
-
-
-@pytest.fixture
-def dev(target):
-    return target[1]
 
 
 @pytest.mark.parametrize("dtype", nc.DTYPES)

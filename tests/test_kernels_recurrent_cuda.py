@@ -17,25 +17,9 @@ if not (is_cudasim() or has_cupy_gpu()):
 import recurrent_cases as rc  # noqa: E402
 
 import gpubackprop as gb  # noqa: E402
-from gpubackprop.backend import cupy_module  # noqa: E402
-from gpubackprop.kernels.cuda import CudaOps  # noqa: E402
 from gpubackprop.kernels.reference import ReferenceOps  # noqa: E402
 
 SIZES = [(1, 1), (5, 13)]  # 65 units: both blocks of 32, then one more round of the grid-stride loop
-
-
-def _targets():
-    if is_cudasim():
-        return [pytest.param("sim", id="sim")]
-    return [pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=_targets(), scope="module")
-def target(request):
-    if request.param == "sim":
-        return CudaOps(np), np.ascontiguousarray
-    cp = cupy_module()
-    return CudaOps(cp), cp.asarray
 
 
 def _cases():
