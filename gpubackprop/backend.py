@@ -39,11 +39,12 @@ def cupy_module():
 def numba_cuda():
     """The numba.cuda module, or None when Numba's CUDA target cannot be imported.
 
-    This is the one place that switches off Numba's per-launch synchronisation of CUDA-array-
-    interface arguments: every kernel is launched on CuPy's current stream, which already orders
-    it after the work that produced its inputs, so that sync would only stall the host. Numba reads
-    the setting from its config at each launch (``numba.cuda.core.config`` in numba-cuda, or
-    ``numba.core.config`` in older Numba), so it is set there, whenever numba.cuda was imported.
+    This is the one place that configures Numba's CUDA target. It switches off the per-launch
+    synchronisation of CUDA-array-interface arguments: every kernel is launched on CuPy's current
+    stream, which already orders it after the work that produced its inputs, so that sync would
+    only stall the host; and the low-occupancy warnings. Numba reads these from its config at each
+    launch (``numba.cuda.core.config`` in numba-cuda, or ``numba.core.config`` in older Numba), so
+    they are set there, whenever numba.cuda was imported.
     """
     try:
         from numba import cuda
@@ -56,6 +57,10 @@ def numba_cuda():
             continue
         if hasattr(config, "CUDA_ARRAY_INTERFACE_SYNC"):
             config.CUDA_ARRAY_INTERFACE_SYNC = 0
+        if hasattr(config, "CUDA_LOW_OCCUPANCY_WARNINGS"):
+            # Small grids are deliberate (a block per row, a column reduction's chunks): Numba's
+            # warning for every launch under 128 blocks is noise in a training loop.
+            config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
     return cuda
 
 

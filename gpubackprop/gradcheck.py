@@ -9,10 +9,10 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
     """Max relative error between backprop's and central differences' parameter gradients.
 
     The error of each parameter array is max|g_bp − g_fd| / max(max|g_bp|, max|g_fd|), so an
-    array of tiny gradients is judged by its own scale (one whose gradients are all below 1e-10
-    of the model's largest, i.e. zero up to rounding, is not judged). The model must be float64 (the
-    differences of a float32 loss carry ~1e-4 rounding noise). ``max_params`` checks a seeded
-    random subset of the parameters instead of all of them.
+    array of tiny gradients is judged by its own scale; one that is zero up to rounding (below
+    1e-10 of the model's largest gradient, or below the differences' own rounding noise) is not
+    judged. The model must be float64 (the differences of a float32 loss carry ~1e-4 rounding
+    noise). ``max_params`` checks a seeded random subset of the parameters instead of all of them.
 
     Every loss is taken in training mode, the mode backprop differentiates (batch statistics, the
     dropout masks of one step): the model's state (running statistics, step counter) is put back
@@ -42,8 +42,9 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
         restore()
         model.zero_grads()
         Y, backprop = model.forward(Xd, train=True)
-        _, dY = loss.loss_and_grad(be, Y, Td)
+        value, dY = loss.loss_and_grad(be, Y, Td)
         backprop(dY)
+        loss_at_start = float(value)
         analytic = be.to_host(model.flat_grads).copy()
 
         p = model.flat_params
@@ -72,9 +73,12 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
         if a.size:
             arrays.append((a, b, max(np.abs(a).max(), np.abs(b).max())))
     # An array whose gradient is zero (a bias right before a batch norm) shows only rounding, in
-    # backprop (~1e-16) and in the differences alike: below 1e-10 of the largest gradient of the
-    # model, both count as zero.
-    floor = 1e-10 * max((scale for _, _, scale in arrays), default=0.0)
+    # backprop (~1e-16) and in the differences alike. A difference quotient cannot resolve less
+    # than its own noise, the loss's rounding over 2·eps (~1e-10 for a loss of 1; a GPU's
+    # reductions round differently and gave 3e-10): an array below 100 times that, or below 1e-10
+    # of the model's largest gradient, counts as zero.
+    noise = np.finfo(np.float64).eps * max(abs(loss_at_start), 1.0) / (2 * eps)
+    floor = max(1e-10 * max((scale for _, _, scale in arrays), default=0.0), 100 * noise)
     worst = 0.0
     for a, b, scale in arrays:
         if scale > floor:

@@ -219,8 +219,12 @@ def test_config_round_trip_and_checkpoint(backend_spec, rng, tmp_path):
     X = rng.normal(size=(N, T, F))
     expected = model.predict(X)
     save_checkpoint(tmp_path / "c.npz", model)
-    again = load_checkpoint(tmp_path / "c.npz").build_model(device="cpu", kernels=backend_spec[1])
+    ckpt = load_checkpoint(tmp_path / "c.npz")
+    again = ckpt.build_model(device=backend_spec[0], kernels=backend_spec[1])
     np.testing.assert_array_equal(again.predict(X), expected)
+    # Saved on a GPU, it loads on the CPU: the same numbers up to the devices' rounding (float64).
+    on_cpu = ckpt.build_model(device="cpu", kernels=backend_spec[1])
+    np.testing.assert_allclose(on_cpu.predict(X), expected, rtol=1e-12, atol=1e-14)
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -85,22 +85,26 @@ def test_xor_with_binary_cross_entropy_and_batch_size_one(backend_spec):
 
 
 def test_sine_is_fitted_with_mse(backend_spec):
+    from gpubackprop.schedules import CosineLR
+
     x = np.linspace(-np.pi, np.pi, 200).reshape(-1, 1)
     t = np.sin(x)
     model = model_for(backend_spec, [gb.Dense(1, 32, activation="tanh"),
                                      gb.Dense(32, 32, activation="tanh"), gb.Dense(32, 1)], seed=0)
     loss = gb.MSE()
-    hist = gb.fit(model, loss, gb.Adam(lr=0.01), x, t, epochs=300, batch_size=20, progress=False)
+    # Annealed to 0: at a constant lr of 0.01 Adam's last epochs jump between 1e-5 and 1e-2, and
+    # where the run stopped decided the test (a GPU's rounding ended it at 1.2e-3). Annealed, the
+    # end is ~2e-5 for every seed, dtype, kernel set and device tried.
+    hist = gb.fit(model, loss, gb.Adam(lr=0.01), x, t, epochs=300, batch_size=20, progress=False,
+                  schedule=CosineLR(0.01, total_steps=300 * 10))
     assert "accuracy" not in hist
     mse = gb.evaluate(model, loss, x, t)["loss"]
-    assert mse < 1e-3 < hist["loss"][0]
-    # The fit is judged as a whole, not point by point: float32 rounding differs between CPUs
-    # (AMD and Intel BLAS kernels), which moves single points near the ends by a few hundredths
-    # while the loss stays below 1e-3. predict must agree with evaluate's loss, and no point may
-    # be far off (an unfitted sine is off by up to 1).
+    assert mse < 1e-4 < hist["loss"][0]
+    # predict must agree with evaluate's loss, and no point may be far off (an unfitted sine is
+    # off by up to 1).
     err = model.predict(x).astype(np.float64) - t
     assert np.sqrt(np.mean(err**2)) == pytest.approx(np.sqrt(mse), rel=1e-3)
-    assert np.abs(err).max() < 0.2
+    assert np.abs(err).max() < 0.05
 
 
 def test_fit_reports_validation_and_evaluate_matches(backend_spec, rng):

@@ -10,7 +10,7 @@ one kernel, where a channel has few entries). No atomics: every result is the sa
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
 from gpubackprop.kernels.cuda.launch import THREADS, cuda, kernel_body
-from gpubackprop.kernels.cuda.numerics import unravel_nchw
+from gpubackprop.kernels.cuda.numerics import imin, unravel_nchw
 from gpubackprop.kernels.reference.conv import (
     check_channel_bias_act,
     check_channel_bias_grad,
@@ -104,7 +104,7 @@ def _channel_partial(dZ, partial):
         c = blk // S
         chunk = blk - c * S
         s = dZ.dtype.type(0)
-        for k in range(chunk * R + tid, min(M, (chunk + 1) * R), nt):
+        for k in range(chunk * R + tid, imin(M, (chunk + 1) * R), nt):
             n = k // L
             s += dZ[n, c, k - n * L]
         acc[tid] = s

@@ -4,7 +4,7 @@ import math
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
-from gpubackprop.kernels.cuda.numerics import mul
+from gpubackprop.kernels.cuda.numerics import imin, mul
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
 
 IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU = range(6)
@@ -104,7 +104,7 @@ def _col_sum_chunks(dZ, partial):
         c = idx // n
         j = idx - c * n  # consecutive threads read consecutive columns: coalesced
         s = dZ.dtype.type(0)
-        for i in range(c * R, min(B, (c + 1) * R)):
+        for i in range(c * R, imin(B, (c + 1) * R)):
             s += dZ[i, j]
         partial[c, j] = s
 

@@ -20,7 +20,7 @@ import numpy as np
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import THREADS, as_1d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.losses import threads_for
-from gpubackprop.kernels.cuda.numerics import mul
+from gpubackprop.kernels.cuda.numerics import imin, mul
 
 LN_GRAD_ROWS = 8  # rows a chunk of layer norm's column sums (the summation order depends on it)
 
@@ -217,7 +217,7 @@ def _ln_dx_cols(dY, X, gamma, mean, invstd, rsums, dX, partial):
         gj = gamma[j]
         a = 0.0
         b = 0.0
-        for i in range(ch * R, min(M, (ch + 1) * R)):
+        for i in range(ch * R, imin(M, (ch + 1) * R)):
             s = invstd[i]
             dy = dY[i, j]  # read before dX[i, j] is written: dX may be dY
             xh = (X[i, j] - mean[i]) * s

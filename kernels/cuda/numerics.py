@@ -24,3 +24,17 @@ def unravel_nchw(idx, C, H, W):
     h = q - p * H
     n = p // C
     return n, p - n * C, h, w
+
+
+# Integer min/max for index bounds. Python's builtins are typed differently across Numba's CUDA
+# targets (numba's own numba.cuda rejected min(int, int) in a kernel: "Signature mismatch: 2
+# argument types given"; it is the target numba falls back to when numba-cuda is not loaded), so
+# the kernels use these.
+@device_function
+def imin(a, b):
+    return a if a < b else b
+
+
+@device_function
+def imax(a, b):
+    return a if a > b else b

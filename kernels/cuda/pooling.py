@@ -9,7 +9,7 @@ import math
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import cuda, kernel_body
-from gpubackprop.kernels.cuda.numerics import unravel_nchw
+from gpubackprop.kernels.cuda.numerics import imax, imin, unravel_nchw
 from gpubackprop.kernels.reference.conv import expect_int64, expect_shape, window
 
 WINDOW = "int64, int64, int64, int64, int64, int64, int64, int64"  # kh kw sh sw ph pw dh dw
@@ -86,7 +86,7 @@ def _avg_pool(X, Y, kh, kw, sh, sw, ph, pw, include_pad):
         if include_pad:
             cnt = kh * kw
         else:
-            cnt = (min(h0 + kh, H) - max(h0, 0)) * (min(w0 + kw, W) - max(w0, 0))
+            cnt = (imin(h0 + kh, H) - imax(h0, 0)) * (imin(w0 + kw, W) - imax(w0, 0))
         Y[n, c, oh, ow] = s / X.dtype.type(cnt)
 
 
@@ -115,7 +115,7 @@ def _avg_pool_backward(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
                         cnt = kh * kw
                     else:
                         w0 = ww - pw
-                        cnt = (min(h0 + kh, H) - max(h0, 0)) * (min(w0 + kw, W) - max(w0, 0))
+                        cnt = (imin(h0 + kh, H) - imax(h0, 0)) * (imin(w0 + kw, W) - imax(w0, 0))
                     s += dY[n, c, oh, ow] / dX.dtype.type(cnt)
         dX[n, c, h, w] = s
 
