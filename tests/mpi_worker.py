@@ -2,7 +2,9 @@
 
 usage: mpi_worker.py OUT_DIR MODE [KILL_AT_STEP]
 MODE: "mlp" | "cnn" (train and save each rank's parameters), "resume" (continue from OUT_DIR's
-checkpoint), "bad-data" (rank 1 gets a NaN in X and must end the job).
+checkpoint), "bad-data" (rank 1 gets a NaN in X and must end the job), "collectives" (the
+communicator's broadcast and all-reduce on device arrays, checked against their definition).
+Environment: GB_COMM (default "mpi"), GB_DEVICE (default "cpu"; "cuda" puts the model on the GPU).
 """
 
 import os
@@ -11,6 +13,7 @@ import sys
 import numpy as np
 
 import gpubackprop as gb
+from gpubackprop.backend import cupy_module
 from gpubackprop.checkpoint import Checkpointer, load_checkpoint
 from gpubackprop.distributed import communicator
 
@@ -25,21 +28,39 @@ def data(mode):
     return X, y
 
 
-def model_for(mode):
+def model_for(mode, device="cpu"):
     if mode == "cnn":
         layers = [gb.Conv2d(1, 4, 3, padding=1, activation="relu"), gb.MaxPool2d(2), gb.Flatten(),
                   gb.Dense(36, 3)]
-        return gb.Sequential(layers, device="cpu", dtype="float64", seed=3, input_shape=(1, 6, 6))
-    return gb.Sequential([gb.Dense(7, 9, activation="tanh"), gb.Dense(9, 3)], device="cpu",
+        return gb.Sequential(layers, device=device, dtype="float64", seed=3, input_shape=(1, 6, 6))
+    return gb.Sequential([gb.Dense(7, 9, activation="tanh"), gb.Dense(9, 3)], device=device,
                          dtype="float64", seed=3)
+
+
+def check_collectives(comm, out):
+    """Broadcast and all-reduce of device arrays (float32 and float64, a ragged length) against
+    their definition; each rank writes what it saw."""
+    xp = cupy_module()
+    for dtype in (np.float32, np.float64):
+        a = xp.arange(1001, dtype=dtype) * (comm.rank + 1)
+        comm.allreduce_sum(a)
+        expected = np.arange(1001, dtype=dtype) * sum(range(1, comm.size + 1))
+        np.testing.assert_array_equal(xp.asnumpy(a), expected)
+        b = xp.full(1001, comm.rank + 7, dtype=dtype)
+        comm.broadcast(b)
+        np.testing.assert_array_equal(xp.asnumpy(b), np.full(1001, 7, dtype=dtype))
+    with open(os.path.join(out, f"collectives-rank{comm.rank}.ok"), "w") as f:
+        f.write(f"{comm!r}\n")
 
 
 def main(out, mode, kill_at=None):
     comm = communicator(os.environ.get("GB_COMM", "mpi"))
+    if mode == "collectives":
+        return check_collectives(comm, out)
     X, y = data("cnn" if mode == "cnn" else "mlp")
     if mode == "bad-data" and comm.rank == 1:
         X[3, 2] = np.nan
-    model = model_for("cnn" if mode == "cnn" else "mlp")
+    model = model_for("cnn" if mode == "cnn" else "mlp", os.environ.get("GB_DEVICE", "cpu"))
     loss, opt = gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1, momentum=0.9)
     ckpt_path = os.path.join(out, "run.npz")
     state = None

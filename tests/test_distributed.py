@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
+from gpubackprop.backend import cupy_module, has_cupy_gpu
 from gpubackprop.distributed import Communicator, communicator, shard_bounds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,9 +28,9 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None and os.environ.get("GPUBACKPROP_R
 TIMEOUT = 120
 
 
-def mpiexec(out, *args, ranks=2):
+def mpiexec(out, *args, ranks=2, **environ):
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               NUMBA_NUM_THREADS="1")
+               NUMBA_NUM_THREADS="1", **environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     t0 = time.perf_counter()
     done = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable,
@@ -38,9 +39,9 @@ def mpiexec(out, *args, ranks=2):
     return done, time.perf_counter() - t0
 
 
-def single_process(mode, epochs=mpi_worker.EPOCHS):
+def single_process(mode, epochs=mpi_worker.EPOCHS, device="cpu"):
     X, y = mpi_worker.data(mode)
-    model = mpi_worker.model_for(mode)
+    model = mpi_worker.model_for(mode, device)
     hist = gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1, momentum=0.9), X, y,
                   epochs=epochs, batch_size=mpi_worker.BATCH, progress=False)
     return hist, model.get_params()
@@ -77,17 +78,60 @@ def test_fit_with_the_single_communicator_is_plain_fit():
         np.testing.assert_array_equal(v, p1[k])
 
 
+def assert_ranks_equal_one_process(out, mode, device="cpu"):
+    """Both ranks' parameters bitwise equal, and equal to one process's with the whole batch."""
+    r0, r1 = (np.load(out / f"{mode}-rank{r}.npz") for r in (0, 1))
+    hist, expected = single_process(mode, device=device)
+    np.testing.assert_allclose(r0["loss"], hist["loss"], rtol=1e-12)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(r0[k], r1[k], err_msg=f"{k}: ranks differ")
+        np.testing.assert_allclose(r0[k], v, rtol=1e-12, atol=1e-13, err_msg=k)
+
+
+def gpu_count():
+    return cupy_module().cuda.runtime.getDeviceCount() if has_cupy_gpu() else 0
+
+
 @needs_mpi
 @pytest.mark.parametrize("mode", ["mlp", "cnn"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, mode):
     done, _ = mpiexec(tmp_path, mode)
     assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = (np.load(tmp_path / f"{mode}-rank{r}.npz") for r in (0, 1))
-    hist, expected = single_process(mode)
-    np.testing.assert_allclose(r0["loss"], hist["loss"], rtol=1e-12)
-    for k, v in expected.items():
-        np.testing.assert_array_equal(r0[k], r1[k], err_msg=f"{k}: ranks differ")
-        np.testing.assert_allclose(r0[k], v, rtol=1e-12, atol=1e-13, err_msg=k)
+    assert_ranks_equal_one_process(tmp_path, mode)
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mlp", "cnn"])
+def test_two_ranks_on_the_gpu_through_mpi_equal_one_process(tmp_path, mode):
+    # CuPy gradients cross MPI through a host copy (the MPI from the extra is not CUDA-aware);
+    # both ranks may share one GPU.
+    done, _ = mpiexec(tmp_path, mode, GB_DEVICE="cuda", GB_COMM="mpi")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_ranks_equal_one_process(tmp_path, mode, "cuda")
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.parametrize("comm", ["mpi", "nccl"])
+def test_collectives_on_device_arrays(tmp_path, comm):
+    # NCCL takes one GPU per rank: on a one-GPU machine its collectives run on a single rank.
+    ranks = 2 if comm == "mpi" else min(2, gpu_count())
+    done, _ = mpiexec(tmp_path, "collectives", ranks=ranks, GB_COMM=comm)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in range(ranks):
+        assert (tmp_path / f"collectives-rank{r}.ok").read_text().startswith(
+            f"{'NCCL' if comm == 'nccl' else 'MPI'}Communicator(rank={r}, size={ranks})")
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="NCCL data-parallel training needs two GPUs")
+@pytest.mark.parametrize("mode", ["mlp", "cnn"])
+def test_two_ranks_over_nccl_equal_one_process(tmp_path, mode):
+    done, _ = mpiexec(tmp_path, mode, GB_DEVICE="cuda", GB_COMM="nccl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_ranks_equal_one_process(tmp_path, mode, "cuda")
 
 
 @needs_mpi
