@@ -9,11 +9,38 @@ from gpubackprop.backend import has_cupy_gpu, is_cudasim
 
 pytest_plugins = ["cuda_target"]  # the CUDA kernel test files' target/ops/dev fixtures
 
+
+def _lock_simulated_shared_arrays():
+    """numba-cuda's simulator finds a block's shared array by the calling line, allocating it on
+    first use without a lock: two threads of a block that both miss each allocate their own, and a
+    block reduction then drops a thread's share (seen as a rare wrong softmax row once the switch
+    interval below made thread switches frequent). The same lookup, under a lock."""
+    import threading
+
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    original, lock = FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None or not isinstance(dtype, (type, np.dtype)):
+            return original(self, shape, dtype, alignment)  # dynamic memory, Numba types: as before
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    FakeCUDAShared.array = array
+
+
 if is_cudasim():
     # The simulator runs each CUDA thread as a Python thread, and a thread waiting at a barrier
     # (cuda.syncthreads) gives the GIL up only every switch interval: 5 ms by default, which made
     # a block reduction take seconds. 0.1 ms keeps the simulated barriers ~20x faster.
     sys.setswitchinterval(1e-4)
+    _lock_simulated_shared_arrays()
 
 # (device, kernels): the reference set and the fused set on every device there is.
 BACKENDS = [("cpu", "reference"), ("cpu", "fused")]
