@@ -85,9 +85,10 @@ def markdown(results):
             g = "—" if r["growth_bytes"] is None else f"{r['growth_bytes']} B ({r['growth_steps']})"
             out.append(f"| {r['device']} | {r['shape']} | {r['contender']} | "
                        f"{r['step_peak_bytes']} B | {g} | {r['tool']} |")
-    if "throughput" in results or "ops" in results:
+    targets = _targets(results) if "throughput" in results or "ops" in results else []
+    if len(targets) > 2:  # rows beyond the header: the targets are CPU ones, a GPU-only run has none
         out += ["", "## Targets (CPU, fused float32)", ""]
-        out += _targets(results)
+        out += targets
     if "seconds" in results:
         out += ["", f"Total benchmark time: {results['seconds']:.0f} s."]
     return "\n".join(out) + "\n"
