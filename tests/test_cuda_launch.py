@@ -88,3 +88,22 @@ def test_training_is_the_same_either_way(pair, rng, monkeypatch):
         params.append(model.get_params())
     for k in params[0]:
         np.testing.assert_array_equal(params[0][k], params[1][k], err_msg=k)
+
+
+def test_a_numba_cuda_without_the_internals_falls_back_to_the_dispatcher(pair, rng, monkeypatch):
+    from gpubackprop.kernels.cuda import launch
+
+    def missing(*args):
+        raise AttributeError("'_Kernel' object has no attribute '_codelibrary'")
+
+    cp = cupy_module()
+    fast, numba = pair
+    monkeypatch.setattr(launch, "FastLaunch", missing)
+    monkeypatch.setattr(launch, "_FAST", {})
+    Z, b = cp.asarray(rng.normal(size=(5, 7))), cp.asarray(rng.normal(size=7))
+    A, expected = cp.empty_like(Z), cp.empty_like(Z)
+    with pytest.warns(RuntimeWarning, match="launch through Numba's dispatcher: this numba-cuda lacks"):
+        fast.bias_act(Z.copy(), b, "relu", A)
+    assert not fast.fast
+    numba.bias_act(Z.copy(), b, "relu", expected)  # (bias_act may write Z)
+    np.testing.assert_array_equal(cp.asnumpy(A), cp.asnumpy(expected))

@@ -23,6 +23,7 @@ signature, and launches through cuda.core as Numba itself does.
 
 import ctypes
 import os
+import warnings
 
 import numpy as np
 
@@ -182,13 +183,24 @@ class Launcher:
             blocks = min(self.max_blocks, -(-work // threads))
         if self.simulator:
             k[blocks, threads](*args)
-        elif self.fast:
-            fast = _FAST.get(k)
-            if fast is None:
-                fast = _FAST[k] = FastLaunch(k, body.__name__)
+        elif self.fast and (fast := self._fast_launch(k, body)) is not None:
             fast(self._stream(core=True), blocks, threads, args)
         else:
             k[blocks, threads, self._stream()](*args)
+
+    def _fast_launch(self, k, body):
+        """``k``'s FastLaunch; None, and the dispatcher from then on, where this numba-cuda lacks
+        the internals FastLaunch reads (the same kernels, ~60 µs a launch slower)."""
+        fast = _FAST.get(k)
+        if fast is None:
+            try:
+                fast = _FAST[k] = FastLaunch(k, body.__name__)
+            except (AttributeError, ImportError, ValueError) as e:
+                warnings.warn(f"CUDA kernels launch through Numba's dispatcher: this numba-cuda "
+                              f"lacks what the fast launch reads ({e})", RuntimeWarning, stacklevel=3)
+                self.fast = False
+                return None
+        return fast
 
     def _stream(self, core=False):
         """CuPy's current stream as a Numba stream (or the cuda.core stream the fast launch takes),
