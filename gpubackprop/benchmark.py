@@ -288,16 +288,23 @@ def torch_contender(sizes, batch, device="cpu"):
         mods.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
             mods.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*mods)
+    return _torch_step_contender(torch, [net], net, *_batch(sizes, batch), batch, device)
+
+
+def _torch_step_contender(torch, modules, forward, X, y, batch, device):
+    """PyTorch's training step of ``forward`` on one fixed batch: cross-entropy, SGD with momentum
+    over the ``modules``' parameters, on ``device``."""
     dev = "cuda" if device == "cuda" else "cpu"
-    net = torch.nn.Sequential(*mods).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    for m in modules:
+        m.to(dev)
+    opt = torch.optim.SGD([q for m in modules for q in m.parameters()], lr=LR, momentum=MOMENTUM)
     lossf = torch.nn.CrossEntropyLoss()
-    X, y = _batch(sizes, batch)
     Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
 
     def step():
         opt.zero_grad()
-        lossf(net(Xt), yt).backward()
+        lossf(forward(Xt), yt).backward()
         opt.step()
 
     sync = torch.cuda.synchronize if dev == "cuda" else None
@@ -473,20 +480,9 @@ def torch_cnn_contender(p, batch, device="cpu"):
     """The same CNN, loss and optimizer in PyTorch."""
     torch = torch_module()
     torch.manual_seed(0)
-    dev = "cuda" if device == "cuda" else "cpu"
-    net = torch_cnn(p).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    lossf = torch.nn.CrossEntropyLoss()
+    net = torch_cnn(p)
     X, y = _image_batch(p.input_shape, p.output_shape[0], batch)
-    Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
-
-    def step():
-        opt.zero_grad()
-        lossf(net(Xt), yt).backward()
-        opt.step()
-
-    sync = torch.cuda.synchronize if dev == "cuda" else None
-    return Contender("pytorch", step, sync, batch, "pytorch", device)
+    return _torch_step_contender(torch, [net], net, X, y, batch, device)
 
 
 def cnn_gemm_contender(p, batch, device="cpu", library="gpubackprop"):
@@ -690,21 +686,10 @@ def torch_lstm_contender(shape, device="cpu"):
     torch = torch_module()
     torch.manual_seed(0)
     T, F, H, batch, classes = shape
-    dev = "cuda" if device == "cuda" else "cpu"
-    lstm, head = torch.nn.LSTM(F, H, batch_first=True).to(dev), torch.nn.Linear(H, classes).to(dev)
-    opt = torch.optim.SGD([*lstm.parameters(), *head.parameters()], lr=LR, momentum=MOMENTUM)
-    lossf = torch.nn.CrossEntropyLoss()
+    lstm, head = torch.nn.LSTM(F, H, batch_first=True), torch.nn.Linear(H, classes)
     X, y = _sequence_batch(T, F, classes, batch)
-    Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
-
-    def step():
-        opt.zero_grad()
-        out, _ = lstm(Xt)
-        lossf(head(out[:, -1]), yt).backward()
-        opt.step()
-
-    sync = torch.cuda.synchronize if dev == "cuda" else None
-    return Contender("pytorch", step, sync, batch, "pytorch", device)
+    return _torch_step_contender(torch, [lstm, head], lambda Xt: head(lstm(Xt)[0][:, -1]), X, y,
+                                 batch, device)
 
 
 def lstm_section(timer, devices, shape=LSTM_SHAPE, with_torch=True, log=print):

@@ -17,6 +17,22 @@ RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 REF = ReferenceOps(np)
 
 
+def host(a):
+    """A CPU set's input: a C-contiguous NumPy array (the CPU test files' ``dev``)."""
+    return np.ascontiguousarray(a)
+
+
+@pytest.fixture(params=["serial", "parallel"], scope="module", name="ops")
+def cpu_ops(request):
+    """The fused CPU set for the CPU kernel test files (imported there as their ``ops``), serial
+    and with its parallel kernels forced by a zero threshold: 3 chunks, uneven splits anywhere."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    if request.param == "parallel":
+        return CpuOps(np, num_threads=3, parallel_min=0)
+    return CpuOps(np, num_threads=1)
+
+
 def assert_close(got, ref, what=""):
     got = to_numpy(got)
     ref = np.asarray(ref)

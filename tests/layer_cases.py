@@ -52,3 +52,39 @@ def assert_close(actual, expected, tol=1e-10, what=""):
     scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1e-300)
     err = float(np.abs(actual - expected).max()) / scale if expected.size else 0.0
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def central_differences(f, a, h=1e-6):
+    """∂f/∂a by central differences, element by element, as a host float64 array: ``f()`` reads
+    ``a`` (a host or device array, changed in place and put back) and returns a float."""
+    g = np.empty(a.shape)
+    flat, gf = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = float(flat[i])
+        flat[i] = old + h
+        up = f()
+        flat[i] = old - h
+        down = f()
+        flat[i] = old
+        gf[i] = (up - down) / (2 * h)
+    return g
+
+
+def assert_steps_follow_torch(torch, model, opt, tmodel, topt, names, X, y, steps=6, batch=8):
+    """``steps`` train_steps of ``model`` (softmax cross-entropy) against the same steps of its
+    PyTorch twin on rotating batches of X: every loss and every parameter (gpubackprop name ->
+    ``names``' torch name) after every step to 1e-9."""
+    loss = gb.SoftmaxCrossEntropy()
+    batches = len(X) // batch
+    for step in range(steps):
+        rows = slice(step % batches * batch, step % batches * batch + batch)
+        value = gb.train_step(model, loss, opt, X[rows], y[rows])
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(tmodel(torch.tensor(X[rows])),
+                                                  torch.tensor(y[rows]))
+        tloss.backward()
+        topt.step()
+        assert abs(value - tloss.item()) <= 1e-9 * abs(tloss.item())
+        state = tmodel.state_dict()
+        for k, v in model.get_params().items():
+            assert_close(v, state[names[k]].numpy(), tol=1e-9, what=f"step {step} {k}")

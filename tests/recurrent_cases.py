@@ -5,10 +5,11 @@ import math
 
 import numpy as np
 
+from gpubackprop.kernels.reference.recurrent import CELL_ARGS as ARGS  # each op's arguments
+
 DTYPES = ["float32", "float64"]
 RTOL = {"float32": 1e-5, "float64": 1e-12}
-OPS = ("rnn_cell", "rnn_cell_backward", "lstm_cell", "lstm_cell_backward", "gru_cell",
-       "gru_cell_backward")
+OPS = tuple(ARGS)
 # Which arguments each op writes (the rest are inputs); "in/out" ones are read first.
 OUTPUTS = {
     "rnn_cell": ("h",),
@@ -17,17 +18,6 @@ OUTPUTS = {
     "lstm_cell_backward": ("dc", "dgates"),
     "gru_cell": ("h", "saved"),
     "gru_cell_backward": ("dh", "dgx", "dgh"),
-}
-ARGS = {
-    "rnn_cell": (("gx", 1), ("gh", 1), ("b_hh", -1), ("h", 1)),
-    "rnn_cell_backward": (("dh_out", 1), ("dh_rec", 1), ("h", 1), ("dpre", 1)),
-    "lstm_cell": (("gx", 4), ("gh", 4), ("b_hh", -4), ("c_prev", 1), ("h", 1), ("c", 1),
-                  ("gates", 4)),
-    "lstm_cell_backward": (("dh_out", 1), ("dh_rec", 1), ("dc", 1), ("c_prev", 1), ("c", 1),
-                           ("gates", 4), ("dgates", 4)),
-    "gru_cell": (("gx", 3), ("gh", 3), ("b_hh", -3), ("h_prev", 1), ("h", 1), ("saved", 4)),
-    "gru_cell_backward": (("dh_out", 1), ("dh_rec", 1), ("dh", 1), ("h_prev", 1), ("saved", 4),
-                          ("dgx", 3), ("dgh", 3)),
 }
 
 

@@ -8,17 +8,14 @@ import conv_cases as cc
 import kernel_cases as kc
 import numpy as np
 import pytest
+from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
+from kernel_cases import host as dev
 
-from gpubackprop.kernels.cpu import CpuOps
 from gpubackprop.kernels.reference import ReferenceOps
 
 REF = cc.REF
 CONV_IDS = [cc.case_id(c) for c in cc.CONV_CASES]
 POOL_IDS = [cc.case_id(c) for c in cc.POOL_CASES]
-
-
-def dev(a):
-    return np.ascontiguousarray(a)
 
 
 # ---- the reference against naive loops (needs nothing but NumPy) ----------------------------------
@@ -148,14 +145,6 @@ def test_reference_errors():
 
 
 # ---- the fused CPU set against the reference ---------------------------------------------------------
-# Both the serial kernels and the parallel ones (forced by a zero threshold) are checked.
-@pytest.fixture(params=["serial", "parallel"], scope="module")
-def ops(request):
-    if request.param == "parallel":
-        return CpuOps(np, num_threads=3, parallel_min=0)  # 3 chunks: uneven splits on any machine
-    return CpuOps(np, num_threads=1)
-
-
 @pytest.mark.parametrize("dtype", cc.DTYPES)
 @pytest.mark.parametrize("case", cc.CONV_CASES, ids=CONV_IDS)
 def test_im2col_col2im(ops, rng, case, dtype):

@@ -3,22 +3,12 @@
 import kernel_cases as kc
 import numpy as np
 import pytest
+from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
+from kernel_cases import host as dev
 
 from gpubackprop.kernels.cpu import CpuOps
 
 SHAPES = [(1, 1), (7, 13), (33, 257), (128, 1000)]
-
-
-def dev(a):
-    return np.ascontiguousarray(a)
-
-
-# Both the serial kernels and the parallel ones (forced by a zero threshold) are checked.
-@pytest.fixture(params=["serial", "parallel"])
-def ops(request):
-    if request.param == "parallel":
-        return CpuOps(np, num_threads=3, parallel_min=0)  # 3 chunks: uneven splits on any machine
-    return CpuOps(np, num_threads=1)
 
 
 @pytest.mark.parametrize("dtype", kc.DTYPES)

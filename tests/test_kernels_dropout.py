@@ -6,24 +6,14 @@ import math
 import norm_cases as nc
 import numpy as np
 import pytest
+from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
+from kernel_cases import host as dev
 
-from gpubackprop.kernels.cpu import CpuOps
 from gpubackprop.kernels.reference import ReferenceOps
 from gpubackprop.kernels.reference.dropout import dropout_key, dropout_params
 
 REF = nc.REF
 SHAPES = [(1,), (7, 13), (33, 70), (3, 4, 5, 6)]
-
-
-def dev(a):
-    return np.ascontiguousarray(a)
-
-
-@pytest.fixture(params=["serial", "parallel"])
-def ops(request):
-    if request.param == "parallel":
-        return CpuOps(np, num_threads=3, parallel_min=0)
-    return CpuOps(np, num_threads=1)
 
 
 def _splitmix_bits(seed, layer, step, i):

@@ -6,6 +6,9 @@ import math
 import norm_cases as nc
 import numpy as np
 import pytest
+from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
+from kernel_cases import host as dev
+from layer_cases import central_differences
 
 from gpubackprop.kernels.cpu import CpuOps
 
@@ -13,17 +16,6 @@ from gpubackprop.kernels.cpu import CpuOps
 BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65)]
 LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257)]
 REF = nc.REF
-
-
-def dev(a):
-    return np.ascontiguousarray(a)
-
-
-@pytest.fixture(params=["serial", "parallel"])
-def ops(request):
-    if request.param == "parallel":
-        return CpuOps(np, num_threads=3, parallel_min=0)  # 3 chunks: uneven splits on any machine
-    return CpuOps(np, num_threads=1)
 
 
 # ---- fused CPU set against the reference ----------------------------------------------------------
@@ -133,21 +125,6 @@ def test_reference_batch_norm_eval_against_formula(rng):
 
 
 # ---- central differences of the backward ops (float64) --------------------------------------------
-def _central(f, a, h=1e-6):
-    """∂f/∂a by central differences, element by element (f returns a float)."""
-    g = np.empty_like(a)
-    flat, gf = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        up = f()
-        flat[i] = old - h
-        down = f()
-        flat[i] = old
-        gf[i] = (up - down) / (2 * h)
-    return g
-
-
 @pytest.mark.parametrize("kind,shape", [("batch", (5, 3)), ("batch", (3, 2, 4)), ("layer", (4, 6)),
                                         ("layer", (1, 5))])
 @pytest.mark.parametrize("set_name", ["reference", "fused"])
@@ -170,7 +147,7 @@ def test_backward_central_differences(rng, kind, shape, set_name):
     dX, dg, db = np.empty_like(X), np.empty_like(gamma), np.empty_like(beta)
     backward(W, X, gamma, m, s, dX, dg, db)
     for got, a in ((dX, X), (dg, gamma), (db, beta)):
-        np.testing.assert_allclose(got, _central(loss, a), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(got, central_differences(loss, a), rtol=1e-6, atol=1e-8)
 
 
 # ---- the reference against PyTorch ---------------------------------------------------------------

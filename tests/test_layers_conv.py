@@ -3,7 +3,7 @@ a few training steps of a small CNN, and its shape errors; on every backend."""
 
 import numpy as np
 import pytest
-from layer_cases import TORCH_ACTS, assert_close, model_for, run_layer, torch_grads
+from layer_cases import TORCH_ACTS, assert_close, assert_steps_follow_torch, model_for, run_layer, torch_grads
 
 import gpubackprop as gb
 
@@ -152,20 +152,9 @@ def test_sgd_momentum_steps_follow_torch(backend_spec, rng):
     model = model_for(backend_spec, small_cnn(), input_shape=(1, 8, 8))
     tmodel, names = torch_cnn(torch, model.get_params())
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    loss, opt = gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = gb.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3)
     X, y = rng.normal(size=(24, 1, 8, 8)), rng.integers(0, 3, 24)
-    for step in range(6):
-        rows = slice(step % 3 * 8, step % 3 * 8 + 8)
-        value = gb.train_step(model, loss, opt, X[rows], y[rows])
-        topt.zero_grad()
-        tloss = torch.nn.functional.cross_entropy(tmodel(torch.tensor(X[rows])),
-                                                  torch.tensor(y[rows]))
-        tloss.backward()
-        topt.step()
-        assert abs(value - tloss.item()) <= 1e-9 * abs(tloss.item())
-        state = tmodel.state_dict()
-        for k, v in model.get_params().items():
-            assert_close(v, state[names[k]].numpy(), tol=1e-9, what=f"step {step} {k}")
+    assert_steps_follow_torch(torch, model, opt, tmodel, topt, names, X, y)
 
 
 @pytest.mark.parametrize("layers,shape,pattern", [

@@ -164,30 +164,6 @@ class Dense(Layer):
         return A
 
 
-class Flatten(Layer):
-    """(N, *shape) -> (N, prod(shape)), as torch's nn.Flatten(): a reshape, no copy."""
-
-    def __repr__(self):
-        return "Flatten()"
-
-    def infer_shape(self, input_shape):
-        return (size_of(input_shape),)
-
-    def forward(self, X, train=False, input_grad=True):
-        self.check_input(X)
-        Y = X.reshape(X.shape[0], self.output_shape[0])
-        if not train:
-            return Y, no_backprop
-        shape = (X.shape[0], *self.input_shape)
-
-        def backprop(dY):
-            if not input_grad:
-                return None
-            return dY.reshape(shape)  # a view of dY: data moved, nothing computed
-
-        return Y, backprop
-
-
 class Reshape(Layer):
     """(N, *input_shape) -> (N, *shape) with the same number of values, as torch's x.view(N, *shape):
     e.g. one-channel images (1, H, W) read as sequences of H rows of W features."""
@@ -212,7 +188,7 @@ class Reshape(Layer):
 
     def forward(self, X, train=False, input_grad=True):
         self.check_input(X)
-        Y = X.reshape(X.shape[0], *self.shape)
+        Y = X.reshape(X.shape[0], *self.output_shape)
         if not train:
             return Y, no_backprop
         shape = (X.shape[0], *self.input_shape)
@@ -223,6 +199,22 @@ class Reshape(Layer):
             return dY.reshape(shape)  # a view of dY: data moved, nothing computed
 
         return Y, backprop
+
+
+class Flatten(Reshape):
+    """(N, *shape) -> (N, prod(shape)), as torch's nn.Flatten(): a reshape, no copy."""
+
+    def __init__(self):  # no shape: it is the input's, flattened
+        pass
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def config(self):
+        return {}
+
+    def infer_shape(self, input_shape):
+        return (size_of(input_shape),)
 
 
 class Activation(Layer):

@@ -10,7 +10,7 @@ one kernel, where a channel has few entries). No atomics: every result is the sa
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
 from gpubackprop.kernels.cuda.launch import THREADS, cuda, kernel_body
-from gpubackprop.kernels.cuda.numerics import imin, unravel_nchw
+from gpubackprop.kernels.cuda.numerics import imin, tree_sum, unravel_nchw
 from gpubackprop.kernels.reference.conv import (
     check_channel_bias_act,
     check_channel_bias_grad,
@@ -108,13 +108,7 @@ def _channel_partial(dZ, partial):
             n = k // L
             s += dZ[n, c, k - n * L]
         acc[tid] = s
-        cuda.syncthreads()
-        half = nt // 2
-        while half > 0:
-            if tid < half:
-                acc[tid] += acc[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        tree_sum(acc, tid, nt)
         if tid == 0:
             partial[c, chunk] = acc[0]
         cuda.syncthreads()  # acc[0] is read before the next block's sums overwrite it

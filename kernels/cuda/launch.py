@@ -98,15 +98,9 @@ def _array_params(ty, body_name, position):
             raise TypeError(f"{body_name} argument {position}: expected a "
                             f"{'C-contiguous ' if c_layout else ''}{ndim}-d {dtype} array, got a "
                             f"{layout} {a.ndim}-d {a.dtype} array")
-        shape = a.shape
-        if c_layout:  # C strides from the shape, as Numba derives them (any stride of a size-1 axis)
-            strides, step = [0] * ndim, a.itemsize
-            for i in range(ndim - 1, -1, -1):
-                strides[i] = step
-                step *= shape[i]
-        else:
-            strides = a.strides
-        out += (0, 0, a.size, a.itemsize, a.data.ptr, *shape, *strides)
+        # CuPy's own strides; Numba derives a C array's from its shape, which differs only on an
+        # axis of size 1, whose stride no index multiplies.
+        out += (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides)
     return params
 
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import SIMULATOR, THREADS, cuda, kernel_body
+from gpubackprop.kernels.cuda.numerics import tree_sum
 
 
 @kernel_body("void({t}[:, ::1], {l}[::1], {t}[:, ::1], {t}[::1])")
@@ -50,13 +51,7 @@ def _softmax_ce(logits, labels, dlogits, loss_rows):
             dlogits[i, j] = e
             s += e
         red[tid] = s
-        cuda.syncthreads()
-        half = nt // 2
-        while half > 0:
-            if tid < half:
-                red[tid] += red[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        tree_sum(red, tid, nt)
         sf = logits.dtype.type(red[0])
         if tid == 0:
             loss_rows[i] = math.log(sf) + m - zy

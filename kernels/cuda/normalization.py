@@ -18,40 +18,15 @@ import math
 import numpy as np
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cuda.launch import THREADS, as_1d, cuda, device_function, kernel_body
+from gpubackprop.kernels.cuda.launch import THREADS, as_1d, cuda, kernel_body
 from gpubackprop.kernels.cuda.losses import threads_for
-from gpubackprop.kernels.cuda.numerics import imin, mul
+from gpubackprop.kernels.cuda.numerics import imin, mul, tree_sum, tree_sum2
 
 LN_GRAD_ROWS = 8  # rows a chunk of layer norm's column sums (the summation order depends on it)
 
 
 def _as_ncl(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-@device_function
-def _tree_sum(a, tid, nt):
-    """a[0] = Σ a[:nt] (nt a power of two) in a fixed order; every thread has written its a[tid]."""
-    cuda.syncthreads()
-    half = nt // 2
-    while half > 0:
-        if tid < half:
-            a[tid] += a[tid + half]
-        cuda.syncthreads()
-        half //= 2
-
-
-@device_function
-def _tree_sum2(a, b, tid, nt):
-    """_tree_sum of two arrays with the same barriers."""
-    cuda.syncthreads()
-    half = nt // 2
-    while half > 0:
-        if tid < half:
-            a[tid] += a[tid + half]
-            b[tid] += b[tid + half]
-        cuda.syncthreads()
-        half //= 2
 
 
 # ---- statistics: a block per group of values (a channel of (N, C, L), or a row as (1, M, D)) ---
@@ -73,7 +48,7 @@ def _group_stats(X, eps, mean, invstd):
             n = k // L
             s += np.float64(X[n, c, k - n * L])
         red[tid] = s
-        _tree_sum(red, tid, nt)
+        tree_sum(red, tid, nt)
         mu = red[0] / M
         cuda.syncthreads()  # everyone has read red[0] before it is reused
         q = 0.0
@@ -82,7 +57,7 @@ def _group_stats(X, eps, mean, invstd):
             d = np.float64(X[n, c, k - n * L]) - mu
             q += d * d
         red[tid] = q
-        _tree_sum(red, tid, nt)
+        tree_sum(red, tid, nt)
         if tid == 0:
             mean[c] = mean.dtype.type(mu)
             invstd[c] = invstd.dtype.type(1.0 / math.sqrt(red[0] / M + eps))
@@ -130,7 +105,7 @@ def _bn_grad_sums(dY, X, mean, invstd, sums, dgamma, dbeta, accumulate):
             b += dy * np.float64(xh)
         ra[tid] = a
         rb[tid] = b
-        _tree_sum2(ra, rb, tid, nt)
+        tree_sum2(ra, rb, tid, nt)
         if tid == 0:
             db = dbeta.dtype.type(ra[0])
             dg = dgamma.dtype.type(rb[0])
@@ -191,7 +166,7 @@ def _ln_row_sums(dY, X, gamma, mean, invstd, rsums):
             b += g * np.float64(xh)
         ra[tid] = a
         rb[tid] = b
-        _tree_sum2(ra, rb, tid, nt)
+        tree_sum2(ra, rb, tid, nt)
         if tid == 0:
             rsums[0, i] = rsums.dtype.type(ra[0])
             rsums[1, i] = rsums.dtype.type(rb[0])

@@ -38,3 +38,28 @@ def imin(a, b):
 @device_function
 def imax(a, b):
     return a if a > b else b
+
+
+@device_function
+def tree_sum(a, tid, nt):
+    """a[0] = Σ a[:nt] (nt a power of two) in a fixed order; every thread has written its a[tid]."""
+    cuda.syncthreads()
+    half = nt // 2
+    while half > 0:
+        if tid < half:
+            a[tid] += a[tid + half]
+        cuda.syncthreads()
+        half //= 2
+
+
+@device_function
+def tree_sum2(a, b, tid, nt):
+    """tree_sum of two arrays with the same barriers."""
+    cuda.syncthreads()
+    half = nt // 2
+    while half > 0:
+        if tid < half:
+            a[tid] += a[tid + half]
+            b[tid] += b[tid + half]
+        cuda.syncthreads()
+        half //= 2

@@ -6,7 +6,7 @@ import numpy as np
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import REDUCE_BLOCKS, THREADS, as_1d, cuda, kernel_body
-from gpubackprop.kernels.cuda.numerics import mul
+from gpubackprop.kernels.cuda.numerics import mul, tree_sum
 from gpubackprop.kernels.reference import adam_coefficients
 
 
@@ -22,13 +22,7 @@ def _sq_partial(g, partial):
         x = np.float64(g[i])
         s += x * x
     acc[tid] = s
-    cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if tid < half:
-            acc[tid] += acc[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    tree_sum(acc, tid, cuda.blockDim.x)
     if tid == 0:
         partial[cuda.blockIdx.x] = acc[0]
 
