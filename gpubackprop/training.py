@@ -95,12 +95,14 @@ class TrainingState:
 
 
 def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuffle=True,
-        progress=True, callback=None, *, schedule=None, early_stopping=None, nan_check_every=None,
+        progress="auto", callback=None, *, schedule=None, early_stopping=None, nan_check_every=None,
         state=None, on_checkpoint=None, checkpoint_every=None, on_step=None, comm=None):
     """Mini-batch training; returns the history {"loss": [...], "accuracy": [...], "val_...": [...]}.
 
     The order of the batches comes from the model's seeded host RNG, so a run is reproducible.
     ``callback(epoch, logs)``, if given, runs after every epoch and may return True to stop.
+    ``progress``: "auto" draws a progress bar on stderr only when stderr is a terminal (not into
+    logs or pipes); True always, False never.
 
     Optional, keyword-only:
     ``schedule(step) -> lr`` sets ``opt.lr`` before every step (``gpubackprop.schedules``);
@@ -158,7 +160,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     best = None if state.best_params is None else be.to_device(state.best_params)
     step = state.step
     remaining = 0 if state.finished else max(0, (epochs - state.epoch) * n_batches - state.batch)
-    bar = _progress_bar(remaining, progress and comm.is_root)
+    bar = _progress_bar(remaining, progress if comm.is_root else False)
     Xb = None
 
     def guard(value, epoch, b):
@@ -323,6 +325,13 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
 
 
 def _progress_bar(total, progress):
+    if isinstance(progress, str) and progress == "auto":
+        import sys
+
+        # A bar redrawn with carriage returns is noise in a log file or a pipe.
+        progress = sys.stderr is not None and sys.stderr.isatty()
+    elif not isinstance(progress, (bool, np.bool_)):
+        raise ValueError(f"progress: expected 'auto', True or False, got {progress!r}")
     if not progress or total == 0:
         return None
     from tqdm.auto import tqdm

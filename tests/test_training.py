@@ -154,3 +154,44 @@ def test_float32_and_float64_agree_on_a_short_run(backend_spec, rng):
         params[dtype] = model.get_params()
     for k in params["float32"]:
         np.testing.assert_allclose(params["float32"][k], params["float64"][k], rtol=1e-4, atol=1e-5)
+
+
+class _Stderr:
+    """A stand-in for sys.stderr that is, or is not, a terminal."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("progress, tty, drawn", [
+    (None, False, False),  # the default: no bar into a log file or a pipe
+    (None, True, True),    # ... and a bar on a terminal
+    ("auto", False, False),
+    (True, False, True),   # True forces it
+    (False, True, False),
+])
+def test_the_progress_bar_is_drawn_by_default_only_on_a_terminal(monkeypatch, progress, tty, drawn):
+    stderr = _Stderr(tty)
+    monkeypatch.setattr("sys.stderr", stderr)
+    model = gb.Sequential([gb.Dense(2, 2)], device="cpu", seed=0)
+    kw = {} if progress is None else {"progress": progress}
+    gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1), np.ones((4, 2)), np.array([0, 1, 0, 1]),
+           epochs=1, batch_size=2, **kw)
+    assert ("batch" in "".join(stderr.text)) == drawn, "".join(stderr.text)
+
+
+def test_a_progress_that_is_not_auto_or_a_bool_is_an_error():
+    model = gb.Sequential([gb.Dense(2, 2)], device="cpu", seed=0)
+    with pytest.raises(ValueError, match=r"progress: expected 'auto', True or False, got 'yes'"):
+        gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1), np.ones((4, 2)), np.array([0, 1, 0, 1]),
+               epochs=1, batch_size=2, progress="yes")
