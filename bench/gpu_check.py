@@ -108,7 +108,7 @@ def count_host_syncs():
     import numpy as np
 
     import gpubackprop as gb
-    from gpubackprop.training import _step
+    from gpubackprop.training import step_on_device
 
     spin = _spin_kernel()
     clock_hz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"] * 1e3
@@ -117,14 +117,14 @@ def count_host_syncs():
         loss, opt = gb.SoftmaxCrossEntropy(), gb.Adam(lr=1e-3, clip_norm=1.0)
         be = model.backend
         X, y = be.to_device(Xh), be.to_device(yh, np.int64)
-        _step(model, loss, opt, X, y)  # compile and allocate first
+        step_on_device(model, loss, opt, X, y)  # compile and allocate first
         stream = cp.cuda.get_current_stream()
         host = []
         for _ in range(STEPS):
             be.synchronize()
             spin((1,), (1,), (np.int64(SPIN_SECONDS * clock_hz),), stream=stream)
             t0 = time.perf_counter()
-            _step(model, loss, opt, X, y)
+            step_on_device(model, loss, opt, X, y)
             host.append(time.perf_counter() - t0)
         be.synchronize()
         # A step that took half the spin to return waited for the device: a host sync in the step.

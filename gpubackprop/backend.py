@@ -135,21 +135,29 @@ def _is_dtype_like(x):
         return False
 
 
-def load_ops(device, kernels, xp):
-    """The kernel set for a device: fused (Numba CPU / Numba CUDA) or the plain-xp reference."""
+# Every kernel set: (module, ops class, what runs it). The device -> kernel-set mapping is
+# ``kernel_set`` alone; ``load_ops``, ``gpubackprop info`` and ``kernels.info`` all read it.
+KERNEL_SET_IMPLEMENTATIONS = {
+    "reference": ("gpubackprop.kernels.reference", "ReferenceOps", "plain NumPy/CuPy"),
+    "fused-cpu": ("gpubackprop.kernels.cpu", "CpuOps", "Numba CPU"),
+    "fused-cuda": ("gpubackprop.kernels.cuda", "CudaOps", "Numba CUDA"),
+}
+
+
+def kernel_set(device, kernels):
+    """The name of the set a model on ``device`` ("cpu" or "cuda", resolved) with ``kernels``
+    runs: "reference" on either device, else "fused-cuda" on cuda and "fused-cpu" on the CPU."""
     if kernels not in KERNEL_SETS:
         raise ValueError(f"kernels: expected one of {KERNEL_SETS}, got {kernels!r}")
-    from gpubackprop.kernels.reference import ReferenceOps
-
     if kernels == "reference":
-        return ReferenceOps(xp)
-    if device == "cuda":
-        from gpubackprop.kernels.cuda import CudaOps
+        return "reference"
+    return "fused-cuda" if device == "cuda" else "fused-cpu"
 
-        return CudaOps(xp)
-    from gpubackprop.kernels.cpu import CpuOps
 
-    return CpuOps(xp)
+def load_ops(device, kernels, xp):
+    """The kernel set for a device: fused (Numba CPU / Numba CUDA) or the plain-xp reference."""
+    module, cls, _ = KERNEL_SET_IMPLEMENTATIONS[kernel_set(device, kernels)]
+    return getattr(importlib.import_module(module), cls)(xp)
 
 
 class Backend:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from gpubackprop.training import _check_pair
+from gpubackprop.training import check_pair
 
 
 def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
@@ -22,7 +22,7 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
     if be.dtype != np.float64:
         raise TypeError(f"model dtype: gradcheck expects a float64 model, got {be.dtype}; build "
                         f"it with dtype='float64'")
-    Xh, Th = _check_pair(model, loss, X, y)
+    Xh, Th = check_pair(model, loss, X, y)
     Xd, Td = be.to_device(Xh), be.to_device(Th, Th.dtype)
     xp = be.xp
     saved = {dt: xp.array(buf, copy=True) for dt, buf in model.state_buffers.items()}

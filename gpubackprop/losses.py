@@ -149,4 +149,5 @@ class BinaryCrossEntropy(Loss):
         return ((Y > 0) == (T > 0.5)).all(axis=1).sum()
 
 
-LOSSES = {"mse": MSE, "ce": SoftmaxCrossEntropy, "bce": BinaryCrossEntropy}
+# The command-line names of the losses (--loss), in the order help texts list them.
+LOSSES = {"ce": SoftmaxCrossEntropy, "mse": MSE, "bce": BinaryCrossEntropy}

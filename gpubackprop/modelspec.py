@@ -42,7 +42,8 @@ and the character position where it starts, e.g.
 import math
 import re
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
+from gpubackprop.kernels.reference import ACTIVATIONS
+
 PRESETS = ("mlp", "lenet5", "resnet", "lstm")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PAIR = re.compile(r"^(\d+)x(\d+)$")

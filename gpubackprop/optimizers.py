@@ -172,13 +172,15 @@ class AdamW(Adam):
         super().__init__(lr, betas, eps, weight_decay, clip_norm)
 
 
+# The command-line names (--optimizer); "momentum" is SGD with momentum 0.9 (make_optimizer).
 OPTIMIZERS = {"sgd": SGD, "momentum": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
 
 def make_optimizer(name, lr, **kwargs):
     """An optimizer by its command-line name; "momentum" is SGD with momentum 0.9."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {tuple(OPTIMIZERS)}, got {name!r}")
+        raise ValueError(f"optimizer: expected one of {OPTIMIZER_NAMES}, got {name!r}")
     if name == "momentum":
         kwargs.setdefault("momentum", 0.9)
     return OPTIMIZERS[name](lr=lr, **kwargs)

@@ -140,6 +140,10 @@ def schedule_from_config(config):
     return SCHEDULES[config["type"]](**args)
 
 
+# The command-line names of the schedules (--schedule) that make_schedule builds.
+SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
+
+
 def make_schedule(name, lr, steps_per_epoch, epochs, step_size=10, gamma=0.1, warmup_steps=0,
                   min_lr=0.0):
     """A schedule by its command-line name: constant | step | exponential | cosine.
@@ -158,8 +162,7 @@ def make_schedule(name, lr, steps_per_epoch, epochs, step_size=10, gamma=0.1, wa
         total = max(1, epochs * steps_per_epoch - warmup_steps)
         inner = CosineLR(lr, total, min_lr)
     else:
-        raise ValueError(f"schedule: expected one of ('constant', 'step', 'exponential', "
-                         f"'cosine'), got {name!r}")
+        raise ValueError(f"schedule: expected one of {SCHEDULE_NAMES}, got {name!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) \
             or warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps!r}")

@@ -10,7 +10,7 @@ import numpy as np
 from gpubackprop.validation import positive_int, same_length, samples
 
 
-def _check_pair(model, loss, X, y, x_name="X", y_name="y"):
+def check_pair(model, loss, X, y, x_name="X", y_name="y"):
     """Host-checked (X, targets) as arrays in the model's dtype; X is (n, *model.input_shape)."""
     be = model.backend  # builds the model: its input and output shapes are known from here on
     if len(model.output_shape) != 1:
@@ -23,7 +23,7 @@ def _check_pair(model, loss, X, y, x_name="X", y_name="y"):
     return Xh, Th
 
 
-def _step(model, loss, opt, Xd, Td, comm=None, share=1.0):
+def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
     """One step on device arrays already checked: forward, BP1, backward (BP2–BP4), update.
 
     With a communicator of several ranks, ``share`` is this rank's fraction of the global batch:
@@ -59,8 +59,8 @@ def _broadcast_model(comm, model, opt):
 def train_step(model, loss, opt, X_batch, y_batch):
     """One gradient step on one batch; returns the batch's mean loss (before the update)."""
     be = model.backend
-    Xh, Th = _check_pair(model, loss, X_batch, y_batch, "X_batch", "y_batch")
-    value, _ = _step(model, loss, opt, be.to_device(Xh), be.to_device(Th, Th.dtype))
+    Xh, Th = check_pair(model, loss, X_batch, y_batch, "X_batch", "y_batch")
+    value, _ = step_on_device(model, loss, opt, be.to_device(Xh), be.to_device(Th, Th.dtype))
     return float(value)
 
 
@@ -132,14 +132,14 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     checkpoint_every = None if not checkpoint_every else positive_int(checkpoint_every,
                                                                       "checkpoint_every")
     be = model.backend
-    Xh, Th = _check_pair(model, loss, X, y)
+    Xh, Th = check_pair(model, loss, X, y)
     Xd, Td = be.to_device(Xh), be.to_device(Th, Th.dtype)
     val = None
     if validation is not None:
         if not isinstance(validation, (tuple, list)) or len(validation) != 2:
             raise ValueError(f"validation: expected a pair (X_val, y_val), got "
                              f"{type(validation).__name__}")
-        Xv, Tv = _check_pair(model, loss, *validation, "X_val", "y_val")
+        Xv, Tv = check_pair(model, loss, *validation, "X_val", "y_val")
         val = (be.to_device(Xv), be.to_device(Tv, Tv.dtype))
 
     n = Xh.shape[0]
@@ -196,7 +196,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 Xb, Tb = Xd[idx], Td[idx]  # device-side gather
                 if schedule is not None:
                     opt.lr = float(schedule(step))
-                value, Y = _step(model, loss, opt, Xb, Tb, comm, (hi - lo) / (stop - start))
+                value, Y = step_on_device(model, loss, opt, Xb, Tb, comm, (hi - lo) / (stop - start))
                 step += 1
                 total_loss = total_loss + value * idx.shape[0]
                 if loss.classification and Y is not None:
@@ -359,7 +359,7 @@ def evaluate(model, loss, X, y, batch_size=4096):
     """{"loss": mean loss, "accuracy": fraction correct (classification losses only)}."""
     batch_size = positive_int(batch_size, "batch_size")
     be = model.backend
-    Xh, Th = _check_pair(model, loss, X, y)
+    Xh, Th = check_pair(model, loss, X, y)
     return _evaluate_device(model, loss, be.to_device(Xh), be.to_device(Th, Th.dtype), batch_size)
 
 

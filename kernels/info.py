@@ -13,13 +13,14 @@ def describe(device, kernels):
     ``device`` is "cpu" or "cuda" (already resolved from "auto"); ``kernels`` "fused" or
     "reference". Imports nothing heavy: safe to call on any machine.
     """
-    from gpubackprop.backend import is_cudasim
+    from gpubackprop.backend import is_cudasim, kernel_set
 
-    if kernels == "reference":
+    name = kernel_set(device, kernels)
+    if name == "reference":
         xp = "CuPy" if device == "cuda" and not is_cudasim() else "NumPy"
         return {"set": "reference", "device": device,
                 "detail": f"plain {xp} expressions, unfused (the baseline)"}
-    if device == "cuda":
+    if name == "fused-cuda":
         if is_cudasim():
             detail = ("Numba CUDA kernels in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), "
                       "on NumPy arrays: correct but slow")

@@ -112,7 +112,7 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path, capsys):
 
 
 def test_without_torch_the_rows_say_not_installed(monkeypatch):
-    monkeypatch.setattr(benchmark, "torch_module", lambda: None)
+    monkeypatch.setattr(benchmark.contenders, "torch_module", lambda: None)
     args = benchmark.build_parser().parse_args(["--quick", "--device", "cpu", "--sections",
                                                 "throughput", "--shapes", "T", "--no-sklearn"])
     results = benchmark.run(args, log=lambda *a: None)
@@ -218,7 +218,7 @@ def test_quick_lenet_section_with_and_without_torch(monkeypatch):
     assert [s["contender"] for s in r["split"]] == ["gpubackprop reference", "gpubackprop fused"]
     md = results["markdown"]
     assert "## LeNet-5" in md and "Conv layers' time split" in md and "im2col" in md
-    monkeypatch.setattr(benchmark, "torch_module", lambda: None)
+    monkeypatch.setattr(benchmark.contenders, "torch_module", lambda: None)
     results = benchmark.run(args, log=lambda *a: None)
     rows = [row for row in results["lenet5"]["rows"] if row["library"] == "pytorch"]
     assert rows and all(row["note"] == "not installed" and row["samples_per_s"] is None

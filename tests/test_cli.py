@@ -89,6 +89,32 @@ def test_help(command):
             assert flag in r.stdout
 
 
+def test_choices_are_the_librarys_names():
+    """Each command offers the library's own lists (imported, so a name added there is offered)."""
+    from gpubackprop.backend import DEVICES, DTYPES, KERNEL_SETS
+    from gpubackprop.cli import build_parser
+    from gpubackprop.datasets import SCALINGS
+    from gpubackprop.distributed import COMMUNICATORS
+    from gpubackprop.kernels.reference import ACTIVATIONS
+    from gpubackprop.layers import INITS
+    from gpubackprop.losses import LOSSES
+    from gpubackprop.optimizers import OPTIMIZER_NAMES
+    from gpubackprop.schedules import SCHEDULE_NAMES
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    choices = {name: {a.dest: tuple(a.choices) for a in p._actions if a.choices}
+               for name, p in commands.items()}
+    assert choices["train"] == {
+        "scale": SCALINGS, "activation": ACTIVATIONS, "init": INITS, "dtype": DTYPES,
+        "loss": ("ce", "mse"), "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
+        "monitor": ("val_loss", "val_accuracy"), "comm": COMMUNICATORS, "device": DEVICES,
+        "kernels": KERNEL_SETS}
+    assert choices["gradcheck"]["activation"] == ACTIVATIONS
+    assert choices["gradcheck"]["loss"] == tuple(LOSSES) == ("ce", "mse", "bce")
+    for name in ("evaluate", "predict", "info", "gradcheck"):
+        assert (choices[name]["device"], choices[name]["kernels"]) == (DEVICES, KERNEL_SETS)
+
+
 def test_no_command_is_a_usage_error():
     r = run()
     assert r.returncode == 2

@@ -1,0 +1,46 @@
+"""``gpubackprop evaluate``: a saved model's loss and accuracy on a data set's split."""
+
+import json
+
+from gpubackprop.cli.inference import dataset_for, fit_input, load_for_inference, n_outputs
+from gpubackprop.cli.options import Formatter, add_device_options
+from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score
+from gpubackprop.losses import LOSSES
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "evaluate", help="test a saved model on a data set", formatter_class=Formatter,
+        description="Load a checkpoint and report its loss and accuracy on a data set's test "
+                    "split\n(the same split, scaling and seed as in training).",
+        epilog="example:\n  gpubackprop evaluate --checkpoint run.npz --dataset mnist:data/mnist")
+    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint from train")
+    p.add_argument("--dataset", metavar="SPEC",
+                   help="digits | mnist:DIR | csv:PATH | npz:PATH (default: the training one)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="which split to evaluate (default: test)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    add_device_options(p, None, "device")
+
+
+def cmd_evaluate(args):
+    ckpt, model = load_for_inference(args)
+    data = dataset_for(ckpt, args.dataset, args)
+    X, y = data.split(args.split)
+    if len(X) == 0:
+        raise ValueError(f"split: the {args.split} split of {data.name} is empty")
+    X = fit_input(X, model, f"dataset {data.name}", args.checkpoint)
+    n_out = n_outputs(model)
+    check_labels(y, n_out, f"dataset {data.name} ({args.split})")
+    names = {LOSSES[name].__name__: name for name in LABEL_LOSSES}
+    loss_name = names.get(ckpt.meta.get("loss"), "ce")
+    metrics = score(model, make_loss(loss_name), loss_name, X, y, n_out)
+    if args.json:
+        print(json.dumps({"split": args.split, "loss": metrics["loss"],
+                          "accuracy": metrics["accuracy"], "samples": len(X)}))
+    else:
+        print(f"{args.split} accuracy {metrics['accuracy']:.4f}  {args.split} loss "
+              f"{metrics['loss']:.4f}  ({len(X)} samples of {data.name})")
+    return 0
+

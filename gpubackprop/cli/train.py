@@ -1,0 +1,377 @@
+"""``gpubackprop train``: train a model on a data set, with checkpoints, exact resume, schedules
+and early stopping."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from gpubackprop.backend import DTYPES
+from gpubackprop.cli.options import (
+    Formatter,
+    Options,
+    add_device_options,
+    check_output_path,
+    float_in,
+    hidden_layers,
+    int_at_least,
+    resolve_device,
+)
+from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score, targets
+from gpubackprop.datasets import SCALINGS
+from gpubackprop.distributed import COMMUNICATORS
+from gpubackprop.kernels.reference import ACTIVATIONS
+from gpubackprop.layers import INITS
+from gpubackprop.optimizers import OPTIMIZER_NAMES
+from gpubackprop.schedules import SCHEDULE_NAMES
+
+# Options whose value a resumed run must share with the checkpoint (the rest may change).
+MUST_MATCH = ("dataset", "label_column", "val_split", "test_split", "scale", "model", "layers",
+              "activation", "init", "dtype", "seed", "loss", "optimizer", "lr", "momentum",
+              "weight_decay", "clip_norm", "batch_size", "schedule", "step_size", "gamma",
+              "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
+
+
+MODEL_HELP = """\
+--model: a preset name or a spec, tokens joined by '-', sizes inferred from the data:
+  conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true)   2-D convolution (k etc.: N or HxW)
+  maxpool(k,stride=k,pad=0,dil=1)  avgpool(k,stride=k,pad=0,count_include_pad=true)
+  gap (global average pool)  flatten  dense(n)  bn  ln  dropout(p=0.5)
+  res(SPEC)     residual block Y = X + SPEC(X), e.g. res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
+  identity|sigmoid|tanh|relu|leaky_relu|gelu   after conv/dense: fused into that layer
+  'classes' is the number of classes (dense(classes)); a dense on images flattens them first.
+presets: mlp (flatten-dense(h)-ACT-...-dense(classes) from --layers/--activation/--init),
+  lenet5 (conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-dense(120)-relu-
+  dense(84)-relu-dense(classes), adapted to small images), resnet (conv-bn-relu, two residual
+  stages of 16 and 32 channels, gap, dense)."""
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "train", help="train a model on a data set", formatter_class=Formatter,
+        description="Train a model on a data set, then report its test accuracy."
+                    "\n\n" + MODEL_HELP + "\n\nWith --checkpoint the full training state is "
+                    "saved at the end of every epoch (atomically:\na crash leaves the previous "
+                    "checkpoint intact); --resume "
+                    "continues from it and ends\nexactly where the uninterrupted run would have "
+                    "(bit for bit on the CPU).",
+        epilog="example:\n  gpubackprop train --dataset digits --layers 128,64 --epochs 20 "
+               "--lr 0.002 --plot curves.png")
+    defaults = {}
+    p.set_defaults(func=cmd_train, option_defaults=defaults)
+    g = Options(p.add_argument_group("data"), defaults)
+    g.add("--dataset", None, "digits | mnist:DIR | csv:PATH | npz:PATH (required unless --resume)",
+          metavar="SPEC")
+    g.add("--label-column", None, "csv only: the label column, by header name or index "
+          "(negative counts from the end; default: the last column)", metavar="COL")
+    g.add("--val-split", 0.0, "fraction of the training data held out for validation "
+          "(seeded by --seed)", type=float_in(0, 1, name="a fraction in [0, 1)"), metavar="F")
+    g.add("--test-split", 0.2, "digits and csv only: fraction held out as the test set",
+          type=float_in(0, 1, name="a fraction in [0, 1)"), metavar="F")
+    g.add("--scale", "auto", "feature scaling: auto (pixels to [0, 1], other data standardised), "
+          "standard, minmax or none; statistics come from the training split only",
+          choices=SCALINGS)
+    g = Options(p.add_argument_group("model"), defaults)
+    g.add("--model", "mlp", "mlp | lenet5 | resnet | a spec like 'conv(16,3,pad=1)-relu-maxpool(2)-"
+          "flatten-dense(10)' (grammar above)", metavar="SPEC")
+    g.add("--layers", [128, 64], "mlp only: hidden layer sizes, e.g. 256,128 ('none': no hidden "
+          "layer)", type=hidden_layers, metavar="N,N,...")
+    g.add("--activation", "relu", "mlp only: activation of the hidden layers",
+          choices=ACTIVATIONS)
+    g.add("--init", None, "weight initialisation (default: he for relu-like, xavier otherwise)",
+          choices=INITS)
+    g.add("--dtype", "float32", "floating-point type", choices=DTYPES)
+    g.add("--seed", 0, "seed of the weights, the batch order and the splits",
+          type=int_at_least(0), metavar="N")
+    g = Options(p.add_argument_group("training"), defaults)
+    g.add("--loss", "ce", "ce: softmax cross-entropy; mse: mean squared error on one-hot targets",
+          choices=LABEL_LOSSES)
+    g.add("--optimizer", "adam", "update rule (momentum = SGD with momentum 0.9)",
+          choices=OPTIMIZER_NAMES)
+    g.add("--lr", None, "learning rate (default: 0.001 for adam/adamw/rmsprop, 0.01 for "
+          "sgd/momentum)", type=float_in(0, low_open=True, name="a finite number > 0"),
+          metavar="LR")
+    g.add("--momentum", None, "momentum for sgd, momentum and rmsprop",
+          type=float_in(0, 1, name="a number in [0, 1)"), metavar="M")
+    g.add("--weight-decay", 0.0, "L2 weight decay (decoupled for adamw)",
+          type=float_in(0, name="a finite number >= 0"), metavar="WD")
+    g.add("--clip-norm", None, "clip the global gradient norm to this value",
+          type=float_in(0, low_open=True, name="a finite number > 0"), metavar="C")
+    g.add("--epochs", 10, "passes over the training data", type=int_at_least(0), metavar="N")
+    g.add("--batch-size", 128, "samples per step", type=int_at_least(1), metavar="N")
+    g = Options(p.add_argument_group("learning-rate schedule and early stopping"), defaults)
+    g.add("--schedule", "constant", "learning-rate schedule: step (x gamma every --step-size "
+          "epochs), exponential (x gamma every epoch), cosine (to --min-lr at the last step)",
+          choices=SCHEDULE_NAMES)
+    g.add("--step-size", 10, "epochs between decays of the step schedule",
+          type=int_at_least(1), metavar="E")
+    g.add("--gamma", 0.1, "decay factor of the step and exponential schedules",
+          type=float_in(0, low_open=True, name="a finite number > 0"), metavar="G")
+    g.add("--min-lr", 0.0, "final learning rate of the cosine schedule",
+          type=float_in(0, name="a finite number >= 0"), metavar="LR")
+    g.add("--warmup-steps", 0, "linear warm-up over this many steps before the schedule",
+          type=int_at_least(0), metavar="N")
+    g.add("--early-stopping", 0, "stop after this many epochs without improvement of --monitor "
+          "(needs --val-split; 0: off)", type=int_at_least(0), metavar="PATIENCE")
+    g.add("--monitor", "val_loss", "metric watched by early stopping",
+          choices=("val_loss", "val_accuracy"))
+    g.add("--restore-best", True, "with early stopping, end with the best epoch's parameters "
+          "(default: yes)", action=argparse.BooleanOptionalAction)
+    g = Options(p.add_argument_group("checkpoints and safety"), defaults)
+    g.add("--checkpoint", None, "save the full training state here (.npz) after every epoch",
+          metavar="PATH")
+    g.add("--checkpoint-every", 0, "also save every N steps (0: only at epoch ends)",
+          type=int_at_least(0), metavar="N")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --checkpoint (options not given are taken "
+                        "from it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --checkpoint exists (it is replaced at the end "
+                        "of the first epoch)")
+    g.add("--nan-check-every", 10, "check loss, gradients and weights for NaN/Inf every N steps "
+          "and stop naming the step and layer (0: only before checkpoints)",
+          type=int_at_least(0), metavar="N")
+    p.add_argument("--comm", default="single", choices=COMMUNICATORS,
+                   help="data-parallel training under mpiexec: every rank takes its share of each "
+                        "global\nbatch (--batch-size), gradients are all-reduced; rank 0 alone "
+                        "prints and writes\n(mpi: mpi4py, 'gpubackprop[mpi]'; nccl: one GPU a rank)")
+    add_device_options(p, defaults, "device")
+    g = p.add_argument_group("output")
+    g.add_argument("--metrics-json", metavar="PATH",
+                   help="write {test_accuracy, test_loss, epochs: [...], seconds} as JSON")
+    g.add_argument("--plot", metavar="PATH",
+                   help="draw train/validation loss and accuracy curves (PNG)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    g.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
+
+
+def _say(args, text):
+    if not getattr(args, "quiet", False):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)
+
+
+def _write_json(path, obj):
+    from gpubackprop.checkpoint import atomic_write
+
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _model_from_config(cfg, sample_shape, n_classes, device, kernels):
+    """(model, plan) of the configuration's --model for samples of ``sample_shape``."""
+    from gpubackprop.modelspec import build_model
+
+    return build_model(cfg["model"], sample_shape, n_classes, hidden=cfg["layers"],
+                       activation=cfg["activation"], init=cfg["init"], device=device,
+                       dtype=cfg["dtype"], seed=cfg["seed"], kernels=kernels)
+
+
+def _flat_first(architecture):
+    """True for a checkpoint whose model starts with a Dense layer (made before images kept
+    their shape): its data is given as flat rows."""
+    layers = architecture.get("layers") or [{}]
+    return layers[0].get("type") == "Dense"
+
+
+def _check_model_options(cfg, given):
+    """--layers/--activation/--init shape only the mlp preset; a spec's syntax is checked before any data
+    is loaded (its sizes once the data's shape is known)."""
+    from gpubackprop import modelspec
+
+    name = cfg["model"].strip().lower() if isinstance(cfg["model"], str) else cfg["model"]
+    if name != "mlp":
+        for key in ("layers", "activation", "init"):
+            if key in given:
+                raise ValueError(f"{key}: --{key} shapes the layers of --model mlp only; with "
+                                 f"--model {cfg['model']} write it in the spec (e.g. "
+                                 f"dense(128,init=he)-relu)")
+    if name not in modelspec.PRESETS:
+        modelspec.parse(cfg["model"])
+
+
+def _optimizer_from_config(cfg):
+    from gpubackprop.optimizers import make_optimizer
+
+    kwargs = {"weight_decay": cfg["weight_decay"], "clip_norm": cfg["clip_norm"]}
+    if cfg["momentum"] is not None:
+        if cfg["optimizer"] not in ("sgd", "momentum", "rmsprop"):
+            raise ValueError(f"momentum: only sgd, momentum and rmsprop take --momentum, got "
+                             f"--optimizer {cfg['optimizer']}")
+        kwargs["momentum"] = cfg["momentum"]
+    if cfg["optimizer"] == "adamw" and cfg["weight_decay"] == 0.0:
+        kwargs.pop("weight_decay")  # AdamW's own default decay (0.01) unless one is given
+    return make_optimizer(cfg["optimizer"], cfg["lr"], **kwargs)
+
+
+def _default_lr(optimizer):
+    return 0.01 if optimizer in ("sgd", "momentum") else 0.001
+
+
+def _train_config(args):
+    """The run's configuration: defaults, then the checkpoint's (on --resume), then the options given."""
+    given = {k: v for k, v in vars(args).items() if k in args.option_defaults and v is not None}
+    cfg = dict(args.option_defaults)
+    ckpt = None
+    if args.resume:
+        if not args.checkpoint:
+            raise ValueError("resume: expected --checkpoint PATH, the run to continue")
+        from gpubackprop.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        saved = ckpt.config
+        if not saved or "dataset" not in saved:
+            raise ValueError(f"checkpoint {args.checkpoint}: not made by 'gpubackprop train' "
+                             f"(no training configuration); cannot resume it")
+        for key in MUST_MATCH:
+            if key in given and key in saved and _norm(given[key]) != _norm(saved[key]):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"checkpoint {args.checkpoint}: made with {flag} "
+                                 f"{_show(saved[key])}, not {_show(given[key])}; resume with the "
+                                 f"same options or start a new run without --resume")
+        cfg.update({k: v for k, v in saved.items() if k in cfg})
+    elif args.checkpoint and os.path.exists(args.checkpoint) and not args.overwrite:
+        raise ValueError(f"checkpoint {args.checkpoint} already exists: add --resume to continue "
+                         f"it or --overwrite to start a new run over it")
+    cfg.update(given)
+    _check_model_options(cfg, given)
+    if cfg["dataset"] is None:
+        raise ValueError("dataset: expected --dataset digits|mnist:DIR|csv:PATH|npz:PATH")
+    if cfg["lr"] is None:
+        cfg["lr"] = _default_lr(cfg["optimizer"])
+    if cfg["early_stopping"] and not cfg["val_split"]:
+        raise ValueError("early-stopping: needs validation data; add --val-split, e.g. 0.1")
+    return cfg, ckpt
+
+
+def _flatten_data(data):
+    for name in ("X_train", "X_val", "X_test"):
+        X = getattr(data, name)
+        if X is not None:
+            setattr(data, name, X.reshape(len(X), -1))
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _show(v):
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def cmd_train(args):
+    import gpubackprop as gb
+    from gpubackprop.checkpoint import Checkpointer, fault_point
+    from gpubackprop.datasets import load_dataset
+    from gpubackprop.distributed import communicator
+    from gpubackprop.schedules import EarlyStopping, make_schedule
+
+    comm = communicator(args.comm)
+    if not comm.is_root:
+        args.quiet = True  # rank 0 alone prints and writes
+    cfg, ckpt = _train_config(args)
+    for path, flag in ((args.checkpoint, "checkpoint"), (args.metrics_json, "metrics-json"),
+                       (args.plot, "plot")):
+        if path:
+            check_output_path(path, flag)
+    if args.plot:
+        from gpubackprop.plotting import require_matplotlib
+
+        require_matplotlib()
+    device, why = resolve_device(cfg["device"])
+
+    data = load_dataset(cfg["dataset"], val_split=cfg["val_split"], test_split=cfg["test_split"],
+                        seed=cfg["seed"], scale=cfg["scale"], label_column=cfg["label_column"],
+                        scaling=None if ckpt is None else ckpt.scaling)
+    n_classes = data.n_classes
+    if ckpt is not None:
+        n_classes = ckpt.architecture["layers"][-1].get("n_out", n_classes)
+        if _flat_first(ckpt.architecture) and len(data.sample_shape) > 1:
+            _flatten_data(data)
+    model, plan = _model_from_config(cfg, data.sample_shape, n_classes, device, cfg["kernels"])
+    cfg["model_spec"] = plan.spec  # the preset expanded, for the record (not an option)
+    loss = make_loss(cfg["loss"])
+    opt = _optimizer_from_config(cfg)
+    for split in ("train", "val", "test"):
+        if split != "val" or data.X_val is not None:
+            check_labels(data.split(split)[1], n_classes, f"dataset {cfg['dataset']} ({split})")
+    steps_per_epoch = -(-len(data.X_train) // cfg["batch_size"])
+    schedule = None
+    if cfg["schedule"] != "constant" or cfg["warmup_steps"]:
+        schedule = make_schedule(cfg["schedule"], cfg["lr"], steps_per_epoch, cfg["epochs"],
+                                 step_size=cfg["step_size"], gamma=cfg["gamma"],
+                                 warmup_steps=cfg["warmup_steps"], min_lr=cfg["min_lr"])
+    stopper = None
+    if cfg["early_stopping"]:
+        stopper = EarlyStopping(cfg["monitor"], cfg["early_stopping"],
+                                restore_best=cfg["restore_best"])
+    state = None
+    if ckpt is not None:
+        state = ckpt.restore(model, opt, loss)
+
+    n_val = 0 if data.X_val is None else len(data.X_val)
+    shape_note = "" if len(data.sample_shape) == 1 else \
+        f" (images of {'x'.join(map(str, data.sample_shape))})"
+    _say(args, f"{data.name}: {len(data.X_train)} train / {n_val} validation / "
+               f"{len(data.X_test)} test samples, {data.n_features} features, {n_classes} "
+               f"classes{shape_note}")
+    _say(args, f"model {cfg['model']}: {plan.summary()}")
+    _say(args, f"{model.n_params:,} parameters, {cfg['dtype']}, on {device} ({why}), "
+               f"{model.backend.ops.name} kernels; {opt!r}")
+    if state is not None:
+        _say(args, f"resuming {args.checkpoint} at epoch {state.epoch + 1}, batch {state.batch}, "
+                   f"step {state.step}")
+
+    start = time.perf_counter()
+    clock = lambda: time.perf_counter() - start  # noqa: E731
+    previous = 0.0 if state is None else state.seconds
+    checkpointer = None
+    if args.checkpoint:
+        checkpointer = Checkpointer(args.checkpoint, model, opt, loss, config=cfg,
+                                    scaling=data.scaling, clock=clock, seconds=previous)
+    epochs = cfg["epochs"]
+
+    def per_epoch(epoch, logs):
+        parts = [f"{k} {v:.4f}" if k != "lr" else f"lr {v:.3g}" for k, v in logs.items()
+                 if k != "epoch"]
+        _say(args, f"epoch {epoch + 1}/{epochs}: " + "  ".join(parts) +
+             f"  ({previous + clock():.1f} s)")
+
+    on_step = None
+    if os.environ.get("GPUBACKPROP_TEST_FAULT", "").startswith("kill-after-step:"):
+        on_step = lambda step: fault_point("kill-after-step", step)  # noqa: E731
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    X_val = None if data.X_val is None else (data.X_val, targets(cfg["loss"], data.y_val,
+                                                                   n_classes))
+    history = gb.fit(model, loss, opt, data.X_train, targets(cfg["loss"], data.y_train, n_classes),
+                     epochs=epochs, batch_size=cfg["batch_size"], validation=X_val,
+                     progress=progress and not args.quiet, callback=per_epoch, schedule=schedule,
+                     early_stopping=stopper, nan_check_every=cfg["nan_check_every"], state=state,
+                     on_checkpoint=checkpointer, checkpoint_every=cfg["checkpoint_every"],
+                     on_step=on_step, comm=comm)
+    seconds = previous + clock()
+    test = score(model, loss, cfg["loss"], data.X_test, data.y_test, n_classes)
+    epochs_out = []
+    for i in range(len(history["loss"])):
+        row = {"epoch": i + 1}
+        for key, values in history.items():
+            row[key if key.startswith("val_") else f"train_{key}"] = values[i]
+        epochs_out.append(row)
+    if not comm.is_root:
+        return 0
+    print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
+          f"({len(data.X_test)} samples, {len(epochs_out)} epochs, {seconds:.1f} s)")
+    if args.metrics_json:
+        _write_json(args.metrics_json, {"test_accuracy": float(test["accuracy"]),
+                                        "test_loss": float(test["loss"]), "epochs": epochs_out,
+                                        "seconds": float(seconds)})
+    if args.plot:
+        from gpubackprop.plotting import plot_history
+
+        plot_history(epochs_out, args.plot, title=f"{data.name}: test accuracy "
+                                                  f"{test['accuracy']:.4f}")
+    return 0
+
