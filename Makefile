@@ -1,43 +1,66 @@
-# Every target sets up .venv itself from nothing; the stamp re-installs when pyproject.toml changes.
+# Every target sets up .venv itself from nothing, with only the extras it needs: `make demo` the
+# package and the demo extra (NumPy, Numba, scikit-learn), `make test` the test and mpi extras
+# (numba-cuda's NVVM/ptxas wheels, mpiexec). One stamp per set, so one target does not reinstall
+# another's; a stamp re-installs when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+VENV_STAMP := $(VENV)/.created
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+LINT_STAMP := $(VENV)/.installed-lint
 
 .PHONY: test test-cpu test-cudasim demo bench gpu-check lint clean
 
-$(STAMP): pyproject.toml
+$(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,demo,bench,lint,mpi]"
-	touch $(STAMP)
+	touch $@
+
+$(DEMO_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e ".[test,mpi]"
+	touch $@
+
+# bench.mpi_scaling runs under mpiexec.
+$(BENCH_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e ".[bench,mpi]"
+	touch $@
+
+$(LINT_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e ".[lint]"
+	touch $@
 
 test: test-cpu test-cudasim
 
 # GPUBACKPROP_REQUIRE_*: the CUDA compile check and the multi-process tests fail, rather than skip,
 # without NVVM/ptxas or mpiexec (both installed above).
-test-cpu: $(STAMP)
+test-cpu: $(TEST_STAMP)
 	GPUBACKPROP_REQUIRE_PTXAS=1 GPUBACKPROP_REQUIRE_MPI=1 $(PY) -m pytest -q -m "not cudasim" tests
 
 # Numba's CUDA simulator must be switched on before Numba is imported: its own process.
-test-cudasim: $(STAMP)
+test-cudasim: $(TEST_STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -m cudasim tests
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m gpubackprop.demo
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 || echo "PyTorch not installed: its rows will say so"
 	$(PY) -m bench
 	$(PY) -m bench.mpi_scaling
 
 # On a machine with an NVIDIA GPU: every test on the device, the demo on cuda, a host-sync count,
 # and the benchmarks (against PyTorch CUDA if it is installed); results in bench/results/gpu-check-<gpu>.json and .md.
-gpu-check: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[gpu,test,bench]"
+gpu-check: $(TEST_STAMP)
+	$(PY) -m pip install --quiet -e ".[gpu,test,bench,mpi]"
 	$(PY) -m bench.gpu_check
 
-lint: $(STAMP)
+lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check gpubackprop kernels tests bench examples
 
 clean:
