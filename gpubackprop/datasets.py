@@ -12,16 +12,26 @@ pixels of digits (by 16) and MNIST (by 255) by a fixed number, and standardises 
 ``standard`` and ``minmax`` use per-feature statistics, i.e. one mean/std (or min/max) per pixel
 and channel for images, computed over the training samples.
 
-Every problem with a file (missing, wrong IDX magic number, mismatched counts, text in a CSV
-feature column, labels out of range) raises ``DatasetError``, a ``ValueError`` whose message names
-the file and what is wrong.
+CSV files may start with a header row: ``header="auto"`` takes row 1 as one only when none of its
+cells is a number (so a data row with one bad cell is an error, never a lost sample), ``"yes"``
+always, ``"no"`` never.
+
+Every problem with a file (missing, wrong IDX magic number, mismatched counts, a CSV cell that is
+not a number, ragged CSV rows, labels out of range or too large to give a class count that can be
+allocated) raises ``DatasetError``, a ``ValueError`` whose message names the file and what is
+wrong, with the row (as a line number of the file) and column for CSV cells. Labels that leave most
+of the classes 0..max unused give a ``UserWarning``.
 """
 
 import csv
 import gzip
+import math
 import os
+import warnings
 
 import numpy as np
+
+from gpubackprop import memory
 
 SCALINGS = ("auto", "standard", "minmax", "none")
 MNIST_FILES = {
@@ -31,6 +41,10 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")
+HEADERS = ("auto", "yes", "no")
+# Labels warn when more than half of the classes 0..max never occur and at least this many do not
+# (a single label 100000 would otherwise build a 100,001-class model without a word).
+UNUSED_CLASSES_WARNING = 10
 
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes.
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -52,8 +66,7 @@ class Dataset:
         self.X_val, self.y_val = X_val, y_val
         self.X_test, self.y_test = X_test, y_test
         if n_classes is None:
-            n_classes = int(max(int(y.max()) for y in (y_train, y_test, y_val)
-                                if y is not None and y.size)) + 1
+            n_classes = class_count((y_train, y_val, y_test), f"dataset {name!r}")
         self.n_classes = n_classes
         self.scaling = scaling or {"kind": "none"}
 
@@ -95,13 +108,14 @@ def parse_spec(spec):
 
 
 def load_dataset(spec, val_split=0.0, test_split=0.2, seed=0, scale="auto", label_column=None,
-                 scaling=None):
+                 scaling=None, header="auto"):
     """Load, split and scale a dataset by its command-line spec.
 
-    ``test_split`` is used by the sources without a test split of their own (digits, csv);
-    ``val_split`` takes a seeded fraction of the training split for validation. ``scaling``, when
-    given (a ``Dataset.scaling`` dict, e.g. from a checkpoint), is applied instead of fitting a
-    new one.
+    ``test_split`` is used by the sources without a test split of their own (digits, csv, and a
+    ``mnist:DIR`` folder holding only one IDX pair, e.g. just t10k); ``val_split`` takes a seeded
+    fraction of the training split for validation. ``scaling``, when given (a ``Dataset.scaling``
+    dict, e.g. from a checkpoint), is applied instead of fitting a new one. ``header``: a CSV's
+    header row, "auto" | "yes" | "no" (see ``load_csv``).
     """
     kind, where = parse_spec(spec)
     if scale not in SCALINGS:
@@ -111,15 +125,23 @@ def load_dataset(spec, val_split=0.0, test_split=0.2, seed=0, scale="auto", labe
     if label_column is not None and kind != "csv":
         raise DatasetError(f"label_column: only csv:PATH datasets have a label column, got "
                            f"dataset {spec!r}")
+    if header_mode(header) != "auto" and kind != "csv":
+        raise DatasetError(f"header: only csv:PATH datasets have a header row, got header="
+                           f"{header!r} for dataset {spec!r}")
     if kind == "digits":
         X, y = _digits()
         X_train, y_train, X_test, y_test = _holdout(X, y, test_split, seed, "test_split")
         default_scale = ("fixed", 16.0)
     elif kind == "mnist":
-        X_train, y_train, X_test, y_test = load_mnist(where)
+        splits = mnist_splits(where)
+        if len(splits) == 2:
+            (X_train, y_train), (X_test, y_test) = splits["train"], splits["test"]
+        else:  # one pair alone (a folder with just t10k): held out like a CSV
+            (X, y), = splits.values()
+            X_train, y_train, X_test, y_test = _holdout(X, y, test_split, seed, "test_split")
         default_scale = ("fixed", 255.0)
     elif kind == "csv":
-        X, y = load_csv(where, label_column)
+        X, y = load_csv(where, label_column, header)
         X_train, y_train, X_test, y_test = _holdout(X, y, test_split, seed, "test_split")
         default_scale = ("standard", None)
     else:
@@ -234,47 +256,80 @@ def read_idx(path):
     return np.frombuffer(data, dtype, offset=header).reshape(dims)
 
 
-def _find(directory, stem):
+def _present(directory, stem):
+    """The path of ``stem`` or ``stem``.gz in ``directory``, or None."""
     for name in (stem, stem + ".gz"):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path
-    raise DatasetError(f"mnist:{directory}: missing {stem} (or {stem}.gz)")
+    return None
+
+
+def _missing(directory, stem, why=""):
+    return DatasetError(f"mnist:{directory}: missing {stem} (or {stem}.gz){why}")
+
+
+def _mnist_pair(directory, split, images_path, labels_path):
+    """(images (count, 1, rows, columns) float64 raw pixels, int64 digit labels) of one split."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DatasetError(f"mnist:{directory}: {split} images: expected a 3-D IDX array "
+                           f"(count, rows, columns), got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DatasetError(f"{labels_path}: expected a 1-D IDX array of labels, got shape "
+                           f"{labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"mnist:{directory}: {split} split has {images.shape[0]} images "
+                           f"but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise DatasetError(f"mnist:{directory}: {split} split has no images")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() > 9:
+        bad = labels[(labels < 0) | (labels > 9)][0]
+        raise DatasetError(f"{labels_path}: expected digit labels 0..9, got {bad}")
+    return images[:, None, :, :].astype(np.float64), labels
+
+
+def mnist_splits(directory):
+    """{"train": (X, y), "test": (X, y)} of the MNIST IDX pairs in ``directory``: both pairs, or
+    one alone (e.g. only ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, which
+    ``load_dataset`` then splits by ``test_split``). X is (count, 1, rows, columns) raw pixels."""
+    if not os.path.isdir(directory):
+        raise DatasetError(f"mnist:{directory}: no such directory")
+    found = {}
+    for split in ("train", "test"):
+        stems = MNIST_FILES[f"{split}_images"], MNIST_FILES[f"{split}_labels"]
+        paths = [_present(directory, stem) for stem in stems]
+        if paths == [None, None]:
+            continue
+        for stem, other, path in ((stems[0], stems[1], paths[0]), (stems[1], stems[0], paths[1])):
+            if path is None:
+                raise _missing(directory, stem, f", the other half of the pair with {other}")
+        found[split] = _mnist_pair(directory, split, *paths)
+    if not found:
+        raise DatasetError(
+            f"mnist:{directory}: no MNIST IDX files; expected {MNIST_FILES['train_images']} and "
+            f"{MNIST_FILES['train_labels']} (the train split) and {MNIST_FILES['test_images']} and "
+            f"{MNIST_FILES['test_labels']} (the test split), each optionally .gz, or one of the two "
+            f"pairs alone, split by test_split")
+    if len(found) == 2 and found["train"][0].shape[1:] != found["test"][0].shape[1:]:
+        raise DatasetError(f"mnist:{directory}: train images are {_shape_text(found['train'][0])}, "
+                           f"test images {_shape_text(found['test'][0])}")
+    return found
 
 
 def load_mnist(directory):
     """(X_train, y_train, X_test, y_test) from the four MNIST IDX files in ``directory``.
 
     Images are (count, 1, rows, columns) arrays of raw pixel values (0..255, scaled later); t10k is
-    the test split.
+    the test split. ``load_dataset("mnist:DIR")`` also takes a folder with one of the pairs alone.
     """
-    if not os.path.isdir(directory):
-        raise DatasetError(f"mnist:{directory}: no such directory")
-    out = []
+    splits = mnist_splits(directory)
     for split in ("train", "test"):
-        images = read_idx(_find(directory, MNIST_FILES[f"{split}_images"]))
-        labels_path = _find(directory, MNIST_FILES[f"{split}_labels"])
-        labels = read_idx(labels_path)
-        if images.ndim != 3:
-            raise DatasetError(f"mnist:{directory}: {split} images: expected a 3-D IDX array "
-                               f"(count, rows, columns), got shape {images.shape}")
-        if labels.ndim != 1:
-            raise DatasetError(f"{labels_path}: expected a 1-D IDX array of labels, got shape "
-                               f"{labels.shape}")
-        if images.shape[0] != labels.shape[0]:
-            raise DatasetError(f"mnist:{directory}: {split} split has {images.shape[0]} images "
-                               f"but {labels.shape[0]} labels")
-        if images.shape[0] == 0:
-            raise DatasetError(f"mnist:{directory}: {split} split has no images")
-        labels = labels.astype(np.int64)
-        if labels.min() < 0 or labels.max() > 9:
-            bad = labels[(labels < 0) | (labels > 9)][0]
-            raise DatasetError(f"{labels_path}: expected digit labels 0..9, got {bad}")
-        out += [images[:, None, :, :].astype(np.float64), labels]
-    if out[0].shape[1:] != out[2].shape[1:]:
-        raise DatasetError(f"mnist:{directory}: train images are {_shape_text(out[0])}, test "
-                           f"images {_shape_text(out[2])}")
-    return tuple(out)
+        if split not in splits:
+            raise _missing(directory, MNIST_FILES[f"{split}_images"],
+                           "; load_dataset splits a folder holding one pair alone by test_split")
+    return (*splits["train"], *splits["test"])
 
 
 def write_idx(path, array):
@@ -292,6 +347,15 @@ def write_idx(path, array):
 
 
 # ---- CSV --------------------------------------------------------------------------------------
+def header_mode(header):
+    """"auto", "yes" or "no" for a ``header`` argument (True is "yes", False "no")."""
+    if header is True or header is False:
+        return "yes" if header else "no"
+    if isinstance(header, str) and header in HEADERS:
+        return header
+    raise DatasetError(f"header: expected 'auto', 'yes' or 'no' (or True/False), got {header!r}")
+
+
 def _is_number(cell):
     try:
         float(cell)
@@ -300,63 +364,103 @@ def _is_number(cell):
         return False
 
 
-def load_csv(path, label_column=None):
+def read_csv_rows(path, header="auto", where=None):
+    """(header names or None, [(line, cells)]) of a CSV file's non-blank rows.
+
+    ``line`` is the file line a row starts on (1-based, as an editor counts), so that messages point
+    at the row a user sees. ``header``: "auto" takes row 1 as a header only when none of its cells
+    is a number; "yes" always; "no" never. Every row must have as many cells as the header (or the
+    first row).
+    """
+    mode = header_mode(header)
+    where = where or f"csv:{path}"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            rows, line = [], 1
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    rows.append((line, cells))
+                line = reader.line_num + 1  # a quoted cell may span lines
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{where}: cannot read it ({e})") from None
+    if not rows:
+        raise DatasetError(f"{where}: the file is empty")
+    names = None
+    first_line, first = rows[0]
+    if mode == "yes" or (mode == "auto" and not any(_is_number(c) for c in first)):
+        names, rows = [c.strip() for c in first], rows[1:]
+        if not rows:
+            raise DatasetError(f"{where}: no data rows after the header (row {first_line})")
+    width = len(names) if names is not None else len(rows[0][1])
+    like = "the header" if names is not None else f"row {rows[0][0]}"
+    for line, cells in rows:
+        if len(cells) != width:
+            raise DatasetError(f"{where}: row {line} has {len(cells)} columns, expected {width} "
+                               f"(as {like})")
+    return names, rows
+
+
+def _cell_name(j, names):
+    return f"column {j + 1}" + ("" if names is None else f" ({names[j]!r})")
+
+
+def _numbers(rows, columns, names, where):
+    """float64 array (rows, columns) of finite numbers; a bad cell is an error naming its row
+    (file line) and column."""
+    try:  # one NumPy conversion; the loop below only finds (and names) a bad cell
+        X = np.array([[cells[j] for j in columns] for _, cells in rows], dtype=np.float64)
+        if np.isfinite(X).all():
+            return X
+    except ValueError:
+        pass
+    X = np.empty((len(rows), len(columns)))
+    for i, (line, cells) in enumerate(rows):
+        for k, j in enumerate(columns):
+            text = cells[j].strip()
+            try:
+                X[i, k] = float(text)
+            except ValueError:
+                got = "an empty cell" if not text else repr(cells[j])
+                raise DatasetError(f"{where}: row {line}, {_cell_name(j, names)}: expected a "
+                                   f"number, got {got}") from None
+            if not math.isfinite(X[i, k]):
+                raise DatasetError(f"{where}: row {line}, {_cell_name(j, names)}: expected a "
+                                   f"finite number, got {cells[j]!r}")
+    return X
+
+
+def load_csv(path, label_column=None, header="auto"):
     """(X, y) from a CSV file: one sample a row, integer class labels in ``label_column``.
 
     ``label_column`` is a column name (needs a header) or an index (negative counts from the
-    end); default: the last column. A first row with any non-numeric cell is a header.
+    end); default: the last column. ``header``: "auto" (row 1 is a header only when none of its
+    cells is a number), "yes" or "no"; True/False mean yes/no.
     """
-    try:
-        with open(path, newline="") as f:
-            rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
-    except FileNotFoundError:
-        raise DatasetError(f"csv:{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"csv:{path}: cannot read it ({e})") from None
-    if not rows:
-        raise DatasetError(f"csv:{path}: the file is empty")
-    header = None
-    first_data_row = 1
-    if not all(_is_number(c) for c in rows[0]):
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
-        first_data_row = 2
-    if not rows:
-        raise DatasetError(f"csv:{path}: no data rows after the header")
-    width = len(rows[0])
+    where = f"csv:{path}"
+    names, rows = read_csv_rows(path, header, where)
+    width = len(rows[0][1])
     if width < 2:
-        raise DatasetError(f"csv:{path}: expected at least 2 columns (features and a label), "
+        raise DatasetError(f"{where}: expected at least 2 columns (features and a label), "
                            f"got {width}")
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise DatasetError(f"csv:{path}: row {i + first_data_row} has {len(row)} columns, "
-                               f"expected {width}")
-    label = _label_index(path, label_column, header, width)
-    names = header or [str(j) for j in range(width)]
-    X = np.empty((len(rows), width - 1))
-    y = np.empty(len(rows), dtype=np.int64)
-    feature_cols = [j for j in range(width) if j != label]
-    for i, row in enumerate(rows):
-        line = i + first_data_row
-        for k, j in enumerate(feature_cols):
-            try:
-                X[i, k] = float(row[j])
-            except ValueError:
-                raise DatasetError(f"csv:{path}: row {line}, column {j + 1} ({names[j]!r}): "
-                                   f"expected a number, got {row[j]!r}") from None
-            if not np.isfinite(X[i, k]):
-                raise DatasetError(f"csv:{path}: row {line}, column {j + 1} ({names[j]!r}): "
-                                   f"expected a finite number, got {row[j]!r}")
-        cell = row[label].strip()
+    label = _label_index(path, label_column, names, width)
+    X = _numbers(rows, [j for j in range(width) if j != label], names, where)
+    y = np.empty(len(rows))  # float64 until the class count is checked: int64 could overflow
+    for i, (line, cells) in enumerate(rows):
+        cell = cells[label].strip()
         try:
             value = float(cell)
         except ValueError:
-            value = None
-        if value is None or not float(value).is_integer() or value < 0:
-            raise DatasetError(f"csv:{path}: row {line}, label column {label + 1} "
-                               f"({names[label]!r}): expected a class index 0, 1, 2, ..., "
-                               f"got {cell!r}")
-        y[i] = int(value)
-    return X, y
+            value = math.nan
+        if not float(value).is_integer() or value < 0:
+            raise DatasetError(f"{where}: row {line}, label {_cell_name(label, names)}: expected "
+                               f"a class index 0, 1, 2, ..., got {cell!r}")
+        y[i] = value
+    check_class_count(y, len(rows),
+                      lambda i: f"{where}: row {rows[i][0]}, label {_cell_name(label, names)}")
+    return X, y.astype(np.int64)
 
 
 def _label_index(path, label_column, header, width):
@@ -417,7 +521,7 @@ def load_npz(path):
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(X.astype(np.float64)))[0])
             raise DatasetError(f"npz:{path}: X_{split}: expected finite values, got "
                                f"{X[bad]} at index {bad}")
-        y = _class_labels(y, f"npz:{path}: y_{split}")
+        y = _class_labels(y, f"npz:{path}: y_{split}", len(X))
         if len(y) != len(X):
             raise DatasetError(f"npz:{path}: X_{split} has {len(X)} samples but y_{split} has "
                                f"{len(y)} labels")
@@ -431,7 +535,8 @@ def load_npz(path):
     return tuple(out)
 
 
-def _class_labels(y, name):
+def _class_labels(y, name, n_samples):
+    """``y`` as int64 class indices; ``n_samples``: the data set's, for the class count check."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -443,13 +548,54 @@ def _class_labels(y, name):
             raise DatasetError(f"{name}: expected integer class labels, got non-integer values")
     if y.size and y.min() < 0:
         raise DatasetError(f"{name}: expected class labels >= 0, got {y.min()}")
+    check_class_count(y, n_samples, lambda i: f"{name}[{i}]")
     return y.astype(np.int64)
 
 
-def load_features(path):
+def check_class_count(y, n_samples, locate):
+    """Refuse a label so large that a model of one output per class 0..label cannot be allocated
+    (``memory.class_bytes`` against the host's available memory). ``locate(i)`` names where
+    ``y[i]`` is, e.g. "csv:PATH: row 7, label column 5"."""
+    if not len(y):
+        return
+    i = int(np.argmax(y))
+    top = int(y[i])
+    need = memory.class_bytes(top + 1, n_samples)
+    available = memory.host_available_bytes()
+    if available is not None and need > available:
+        raise DatasetError(f"{locate(i)}: label {top} makes {top + 1:,} classes (one output per "
+                           f"class 0..{top}), which need at least {memory.format_bytes(need)} for "
+                           f"{n_samples:,} samples; the host has {memory.format_bytes(available)} "
+                           f"available; expected class labels 0, 1, 2, ... (renumber them)")
+
+
+def class_count(labels, name="labels"):
+    """The class count of integer labels (a sequence of arrays; None and empty ones skipped): the
+    largest label + 1. Warns (``UserWarning``) when the labels leave most of those classes unused,
+    which builds a model far larger than the classes that occur."""
+    ys = [np.asarray(y).ravel() for y in labels if y is not None and np.size(y)]
+    if not ys:
+        raise DatasetError(f"{name}: expected at least one class label, got none")
+    every = np.concatenate(ys)
+    n = int(every.max()) + 1
+    distinct = int(np.unique(every).size)
+    unused = n - distinct
+    if unused >= UNUSED_CLASSES_WARNING and unused > distinct:
+        warnings.warn(f"{name}: the largest label is {n - 1}, so the model gets {n:,} classes, but "
+                      f"only {distinct:,} distinct labels occur ({unused:,} classes never do); "
+                      f"renumber the labels 0..{distinct - 1} for a smaller model", UserWarning,
+                      stacklevel=3)
+    return n
+
+
+def load_features(path, header="auto"):
     """A float64 feature array from .npy, .npz (X, X_test or the only array) or .csv (no labels):
-    (N, features), or (N, C, H, W) images (an (N, H, W) array gets one channel axis)."""
+    (N, features), or (N, C, H, W) images (an (N, H, W) array gets one channel axis). ``header``:
+    a CSV's header row, "auto" | "yes" | "no" as for ``load_csv``; every other row is a sample."""
     lower = str(path).lower()
+    if header_mode(header) != "auto" and not lower.endswith(".csv"):
+        raise DatasetError(f"header: only .csv inputs have a header row, got header={header!r} "
+                           f"for input {path}")
     if not os.path.isfile(path):
         raise DatasetError(f"input {path}: file not found")
     try:
@@ -465,7 +611,7 @@ def load_features(path):
                                        f"{data.files}")
                 X = data[key]
         elif lower.endswith(".csv"):
-            X = _csv_features(path)
+            X = _csv_features(path, header)
         else:
             raise DatasetError(f"input {path}: expected a .npy, .npz or .csv file")
     except DatasetError:
@@ -482,27 +628,9 @@ def load_features(path):
     return X.astype(np.float64)
 
 
-def _csv_features(path):
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
-    if rows and not all(_is_number(c) for c in rows[0]):
-        rows, first = rows[1:], 2
-    else:
-        first = 1
-    if not rows:
-        raise DatasetError(f"input {path}: no data rows")
-    X = np.empty((len(rows), len(rows[0])))
-    for i, row in enumerate(rows):
-        if len(row) != X.shape[1]:
-            raise DatasetError(f"input {path}: row {i + first} has {len(row)} columns, expected "
-                               f"{X.shape[1]}")
-        for j, cell in enumerate(row):
-            try:
-                X[i, j] = float(cell)
-            except ValueError:
-                raise DatasetError(f"input {path}: row {i + first}, column {j + 1}: expected a "
-                                   f"number, got {cell!r}") from None
-    return X
+def _csv_features(path, header):
+    names, rows = read_csv_rows(path, header, f"input {path}")
+    return _numbers(rows, range(len(rows[0][1])), names, f"input {path}")
 
 
 # ---- digits as sequences ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Datasets: IDX parsing (raw and gzip), CSV header and label detection, npz, splits and scaling."""
 
 import gzip
+import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from gpubackprop.datasets import (
     MNIST_FILES,
     DatasetError,
     apply_scaling,
+    class_count,
     fit_scaling,
     load_csv,
     load_dataset,
@@ -107,6 +109,44 @@ def test_mnist_missing_file(tmp_path):
         load_mnist(str(tmp_path))
 
 
+@pytest.mark.parametrize("split,gz", [("test", False), ("test", True), ("train", False)],
+                         ids=["t10k", "t10k-gz", "train"])
+def test_mnist_one_pair_alone_is_split_by_test_split(tmp_path, split, gz):
+    # A folder holding only the t10k pair (or only the train pair) used to be refused.
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (40, 4, 5), dtype=np.uint8)
+    labels = np.arange(40, dtype=np.uint8) % 10
+    suffix = ".gz" if gz else ""
+    write_idx(tmp_path / (MNIST_FILES[f"{split}_images"] + suffix), images)
+    write_idx(tmp_path / (MNIST_FILES[f"{split}_labels"] + suffix), labels)
+    data = load_dataset(f"mnist:{tmp_path}", test_split=0.25, seed=5)
+    assert (len(data.X_train), len(data.X_test)) == (30, 10)
+    assert data.sample_shape == (1, 4, 5) and data.n_classes == 10
+    assert data.scaling == {"kind": "fixed", "divisor": 255.0}
+    # The two splits partition the pair's samples, each image with its own label.
+    together = np.concatenate([data.X_train, data.X_test])[:, 0] * 255.0
+    order = np.lexsort(together.reshape(40, -1).T)
+    want = np.lexsort(images.reshape(40, -1).T.astype(np.float64))
+    np.testing.assert_allclose(together[order], images[want])
+    np.testing.assert_array_equal(np.concatenate([data.y_train, data.y_test])[order], labels[want])
+    again = load_dataset(f"mnist:{tmp_path}", test_split=0.25, seed=5)
+    np.testing.assert_array_equal(again.X_test, data.X_test)  # seeded
+    with pytest.raises(DatasetError, match="missing (train|t10k)-images-idx3-ubyte .*load_dataset splits a "
+                                           "folder holding one pair alone by test_split"):
+        load_mnist(str(tmp_path))  # the four-file reader still wants all four
+
+
+def test_mnist_half_a_pair_or_none(tmp_path):
+    write_idx(tmp_path / MNIST_FILES["test_images"], np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(DatasetError, match=r"missing t10k-labels-idx1-ubyte \(or t10k-labels-idx1-"
+                                           r"ubyte.gz\), the other half of the pair with t10k-images"):
+        load_dataset(f"mnist:{tmp_path}")
+    (tmp_path / MNIST_FILES["test_images"]).unlink()
+    with pytest.raises(DatasetError, match="no MNIST IDX files; expected train-images-idx3-ubyte .*or "
+                                           "one of the two pairs alone, split by test_split"):
+        load_dataset(f"mnist:{tmp_path}")
+
+
 # ---- CSV ----------------------------------------------------------------------------------------
 def test_csv_header_detected_and_label_by_name(tmp_path):
     path = tmp_path / "d.csv"
@@ -131,7 +171,7 @@ def test_csv_no_header_label_last_by_default(tmp_path):
 
 @pytest.mark.parametrize("text,label,match", [
     ("a,b,y\n1,2,0\n3,oops,1\n", None, r"row 3, column 2 \('b'\): expected a number, got 'oops'"),
-    ("1,2,0\n3,4,-1\n", None, "label column 3 .*got '-1'"),
+    ("1,2,0\n3,4,-1\n", None, "row 2, label column 3: .*got '-1'"),
     ("1,2,0\n3,4,0.5\n", None, "expected a class index"),
     ("1,2,0\n3,4\n", None, "row 2 has 2 columns, expected 3"),
     ("a,b,y\n1,2,0\n", "nope", "expected one of the header's names"),
@@ -144,6 +184,159 @@ def test_csv_errors(tmp_path, text, label, match):
     path.write_text(text)
     with pytest.raises(DatasetError, match=match):
         load_csv(str(path), label)
+
+
+def test_csv_auto_header_only_when_no_cell_is_a_number(tmp_path):
+    # One bad cell in a data row used to make row 1 a header: a sample lost without a word.
+    path = tmp_path / "d.csv"
+    path.write_text("1.0,2.0,abc,4.0,1\n5,6,7,8,0\n")
+    with pytest.raises(DatasetError, match=r"d.csv: row 1, column 3: expected a number, got 'abc'"):
+        load_csv(str(path))
+    with pytest.raises(DatasetError, match=r"row 1, column 3: expected a number, got 'abc'"):
+        load_dataset(f"csv:{path}")
+    path.write_text("x1,x2,x3,x4,label\n1.0,2.0,3.0,4.0,1\n5,6,7,8,0\n")  # every cell a name
+    X, y = load_csv(str(path))
+    assert X.shape == (2, 4) and list(y) == [1, 0]
+
+
+@pytest.mark.parametrize("header", ["yes", True])
+def test_csv_header_yes_skips_a_numeric_first_row(tmp_path, header):
+    path = tmp_path / "d.csv"
+    path.write_text("10,20,1\n1,2,0\n3,4,1\n")
+    X, y = load_csv(str(path), header=header)
+    np.testing.assert_array_equal(X, [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(y, [0, 1])
+    X, y = load_csv(str(path), label_column=0, header=header)
+    np.testing.assert_array_equal(y, [1, 3])
+
+
+@pytest.mark.parametrize("header", ["no", False])
+def test_csv_header_no_reads_every_row_as_data(tmp_path, header):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n1,2,0\n")
+    with pytest.raises(DatasetError, match="row 1, column 1: expected a number, got 'a'"):
+        load_csv(str(path), header=header)
+    with pytest.raises(DatasetError, match="row 1, column 1: expected a number, got 'a'"):
+        load_dataset(f"csv:{path}", header=header)
+    path.write_text("1,2,0\n3,4,1\n")
+    assert load_csv(str(path), header=header)[0].shape == (2, 2)
+
+
+@pytest.mark.parametrize("header", ["maybe", "Yes", 1, None, ""])
+def test_header_argument_is_checked(tmp_path, header):
+    path = tmp_path / "d.csv"
+    path.write_text("1,2,0\n")
+    match = r"header: expected 'auto', 'yes' or 'no' \(or True/False\), got "
+    with pytest.raises(DatasetError, match=match):
+        load_csv(str(path), header=header)
+    with pytest.raises(DatasetError, match=match):
+        load_features(str(path.with_suffix(".csv")), header=header)
+    with pytest.raises(DatasetError, match=match):
+        load_dataset("digits", header=header)
+
+
+def test_header_only_for_csv(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((2, 3)))
+    with pytest.raises(DatasetError, match="header: only .csv inputs have a header row"):
+        load_features(str(tmp_path / "x.npy"), header="yes")
+    with pytest.raises(DatasetError, match="header: only csv:PATH datasets have a header row"):
+        load_dataset(f"npz:{tmp_path / 'x.npz'}", header="no")
+
+
+@pytest.mark.parametrize("text,header,match", [
+    # Rows are the file's lines, blank lines counted, as an editor shows them.
+    ("a,b,y\n\n1,2,0\n\n3,x,1\n", "auto", r"row 5, column 2 \('b'\): expected a number, got 'x'"),
+    ("1,,0\n3,4,1\n", "auto", "row 1, column 2: expected a number, got an empty cell"),
+    ("a,b,y\n1, ,0\n", "auto", r"row 2, column 2 \('b'\): expected a number, got an empty cell"),
+    ("1,2,0\n3,inf,1\n", "auto", "row 2, column 2: expected a finite number, got 'inf'"),
+    ("a,b,y\n1,2\n", "auto", r"row 2 has 2 columns, expected 3 \(as the header\)"),
+    ("1,2,0\n\n3,4,1,7\n", "no", r"row 3 has 4 columns, expected 3 \(as row 1\)"),
+    ("a,b,y\n", "auto", r"no data rows after the header \(row 1\)"),
+    ("1,2,0\n", "yes", r"no data rows after the header \(row 1\)"),
+    ('a,"b\nB",y\n1,2,0\n3,x,1\n', "auto", r"row 4, column 2 \('b\\nB'\)"),  # a header cell on 2 lines
+])
+def test_csv_cells_and_rows_are_named(tmp_path, text, header, match):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        load_csv(str(path), header=header)
+
+
+def test_prediction_input_csv_header_rule(tmp_path):
+    # `predict --input` used to write 1 prediction for these 2 rows (row 1 taken as a header).
+    path = tmp_path / "x.csv"
+    path.write_text("1,2,x,3\n1,2,3,4\n")
+    with pytest.raises(DatasetError, match=r"input .*x.csv: row 1, column 3: expected a number, "
+                                           r"got 'x'"):
+        load_features(str(path))
+    path.write_text("a,b,c,d\n1,2,3,4\n5,6,7,8\n")
+    assert load_features(str(path)).shape == (2, 4)
+    with pytest.raises(DatasetError, match="row 1, column 1: expected a number, got 'a'"):
+        load_features(str(path), header="no")
+    path.write_text("1,2\n3,4\n")
+    np.testing.assert_array_equal(load_features(str(path), header="yes"), [[3, 4]])
+    np.testing.assert_array_equal(load_features(str(path), header=False), [[1, 2], [3, 4]])
+    path.write_text("a,b\n1,2\n3\n")
+    with pytest.raises(DatasetError, match=r"input .*: row 3 has 1 columns, expected 2 \(as the "
+                                           r"header\)"):
+        load_features(str(path))
+    path.write_text("a,b\n1,nan\n")
+    with pytest.raises(DatasetError, match=r"row 2, column 2 \('b'\): expected a finite number"):
+        load_features(str(path))
+
+
+# ---- class labels: sizes and gaps ---------------------------------------------------------------
+GiB = 1 << 30
+
+
+@pytest.fixture
+def host_16gib(monkeypatch):
+    """The host has 16 GiB available, whatever this machine has."""
+    from gpubackprop import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 16 * GiB)
+
+
+def test_csv_label_too_large_for_a_class_count(tmp_path, host_16gib):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n1,2,0\n3,4,1000000000\n5,6,1\n")
+    match = (r"csv:.*d.csv: row 3, label column 3 \('y'\): label 1000000000 makes 1,000,000,001 "
+             r"classes .* the host has 16 GiB available")
+    with pytest.raises(DatasetError, match=match):
+        load_csv(str(path))
+    with pytest.raises(DatasetError, match=match):
+        load_dataset(f"csv:{path}")
+    path.write_text("1,2,0\n3,4,1e30\n")  # beyond int64: an error, not an OverflowError
+    with pytest.raises(DatasetError, match=r"row 2, label column 3: label 1000000000000000019884624838656"):
+        load_csv(str(path))
+
+
+def test_npz_label_too_large_for_a_class_count(tmp_path, host_16gib):
+    path = tmp_path / "d.npz"
+    X = np.zeros((4, 2))
+    np.savez(path, X_train=X, y_train=np.array([0, 1, 0, 10**9]), X_test=X, y_test=np.arange(4))
+    with pytest.raises(DatasetError, match=r"npz:.*y_train\[3\]: label 1000000000 makes"):
+        load_npz(str(path))
+    np.savez(path, X_train=X, y_train=np.arange(4), X_test=X, y_test=np.array([0, 2e12, 1, 0]))
+    with pytest.raises(DatasetError, match=r"y_test\[1\]: label 2000000000000 makes"):
+        load_npz(str(path))
+
+
+def test_labels_with_large_gaps_warn(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("".join(f"{i},{100000 if i % 2 else 0}\n" for i in range(10)))
+    with pytest.warns(UserWarning, match=r"the largest label is 100000, so the model gets 100,001 "
+                                         r"classes, but only 2 distinct labels occur"):
+        data = load_dataset(f"csv:{path}")
+    assert data.n_classes == 100001
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2], list(range(1, 11)), [0, 9], list(range(0, 40, 2))],
+                         ids=["dense", "from-1", "few-unused", "half-unused"])
+def test_labels_without_large_gaps_do_not_warn(labels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert class_count([np.array(labels), None, np.array([], np.int64)]) == max(labels) + 1
 
 
 # ---- npz, specs, splits, scaling ----------------------------------------------------------------

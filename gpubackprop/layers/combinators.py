@@ -6,6 +6,7 @@ import numpy as np
 
 from gpubackprop.backend import KERNEL_SETS, Backend, check_dtype, resolve_device
 from gpubackprop.layers.base import Layer, ModelContext, fmt_shape, no_backprop, shape_tuple, size_of
+from gpubackprop.memory import check_model
 from gpubackprop.validation import check_choice, check_finite, describe, host_array, positive_int, samples
 
 
@@ -19,6 +20,11 @@ class LayerShapeError(ValueError):
 
 def one_line(layer):
     return " ".join(repr(layer).split())
+
+
+def _layer_path(prefix):
+    """"layers[3][1]" for the key prefix "3.1.", as shape errors name a layer."""
+    return "layers" + "".join(f"[{i}]" for i in prefix.rstrip(".").split("."))
 
 
 def _is_layer(x):
@@ -218,6 +224,9 @@ class Sequential(Layer):
                                      f"twice; create one per position")
                 seen.add(id(layer))
         be = Backend(**self.config)
+        # Before anything big is allocated (the initial values included): a size that cannot fit
+        # is an error naming the layer, not an out-of-memory traceback half way through.
+        check_model([(f"{_layer_path(key)} {one_line(layer)}", layer) for key, layer in leaves], be)
         # Layout: every leaf's parameters in order, each array contiguous (Dense: W then b); the
         # non-trained state likewise, in one flat buffer per dtype (the model dtype's first).
         params, states, host = [], [], []
