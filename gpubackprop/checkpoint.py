@@ -9,93 +9,29 @@ array ``meta``: the format version, the architecture, the model/loss/optimizer/t
 configuration, the host RNG state (``rng.bit_generator.state``), epoch, batch and step, the
 history, and a SHA-256 digest of every array so that any corruption is caught on load.
 
-Writes are atomic (``atomic_write``): a temporary file in the same folder, flushed and fsynced,
-renamed over the previous file with ``os.replace``, then the folder fsynced. A process killed at
-any moment leaves either the old or the new checkpoint, whole.
+Writes are atomic (``gpubackprop.outputs.atomic_write``): a temporary file in the same folder,
+flushed and fsynced, renamed over the previous file with ``os.replace``, then the folder fsynced. A
+process killed at any moment leaves either the old or the new checkpoint, whole. A ``Checkpointer``
+holds the path's lock (``{path}.lock``) from its first save, so that a second run writing the same
+checkpoint fails, naming it, instead of overwriting the first one's checkpoints.
 """
 
-import glob
 import hashlib
 import json
 import os
-import signal
-import tempfile
 
 import numpy as np
 
+# atomic_write, fault_point and FAULT_ENV lived here before outputs.py; still importable from here.
+from gpubackprop.outputs import FAULT_ENV, atomic_write, fault_point, lock_output  # noqa: F401
 from gpubackprop.training import TrainingState
 
 FORMAT = "gpubackprop-checkpoint"
 VERSION = 1
-# Test-only fault injection (the CLI tests set it): "kill-in-checkpoint-write:N" sends SIGKILL to
-# this process after the N-th checkpoint's temporary file is written and fsynced, before the rename;
-# "kill-after-step:K" (checked by the command line) after training step K.
-FAULT_ENV = "GPUBACKPROP_TEST_FAULT"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
-
-
-# ---- atomic files -----------------------------------------------------------------------------
-_writes = {"checkpoint": 0}
-
-
-def atomic_write(path, write, binary=True, kind=None):
-    """Write a file through ``write(f)`` so that ``path`` is always either the old or the new file.
-
-    The data goes to a temporary file in the same folder (flushed, fsynced), which then replaces
-    ``path`` (``os.replace``); the folder is fsynced so the rename itself survives a power cut.
-    On any error the temporary file is removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")):
-        try:  # left by a process killed mid-write
-            os.unlink(stale)
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if kind is not None:
-            _writes[kind] = _writes.get(kind, 0) + 1
-            fault_point(f"kill-in-{kind}-write", _writes[kind])
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fault_point(name, count):
-    """Test-only: SIGKILL this process when GPUBACKPROP_TEST_FAULT is "{name}:{count}"."""
-    spec = os.environ.get(FAULT_ENV, "")
-    fault, _, at = spec.partition(":")
-    if fault == name and at.isdigit() and int(at) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- describing a model -----------------------------------------------------------------------
@@ -231,7 +167,13 @@ def save_checkpoint(path, model, opt=None, loss=None, state=None, config=None, s
 
 
 class Checkpointer:
-    """``fit(on_checkpoint=Checkpointer(path, model, opt, ...))``: saves each state it is given."""
+    """``fit(on_checkpoint=Checkpointer(path, model, opt, ...))``: saves each state it is given.
+
+    It holds the lock of ``path`` (``gpubackprop.outputs.OutputLock``) from ``lock()`` or its first
+    save until ``close()``, the end of a ``with`` block, or its own end: another process saving to
+    the same path gets ``OutputLocked`` naming it. (Not at construction: the ranks of a
+    data-parallel run all build one, and rank 0 alone saves.)
+    """
 
     def __init__(self, path, model, opt, loss=None, config=None, scaling=None, clock=None,
                  seconds=0.0):
@@ -240,11 +182,31 @@ class Checkpointer:
         self.clock = clock  # seconds since this process started training, for the total time
         self.seconds = seconds  # time spent before a resume
         self.saved = 0
+        self._lock = None
 
     def __repr__(self):
         return f"Checkpointer({self.path!r}, saved={self.saved})"
 
+    def lock(self):
+        """Take the path's lock now, to fail before training rather than at the first save."""
+        if self._lock is None:
+            self._lock = lock_output(self.path, "checkpoint")
+        return self
+
+    def close(self):
+        """Let go of the path's lock."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self.lock()
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __call__(self, state):
+        self.lock()
         if self.clock is not None:
             state.seconds = self.seconds + self.clock()
         save_checkpoint(self.path, self.model, self.opt, self.loss, state, self.config,

@@ -2,7 +2,7 @@
 
 import io
 
-from gpubackprop.checkpoint import atomic_write
+from gpubackprop.outputs import atomic_write
 
 
 def require_matplotlib():

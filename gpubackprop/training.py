@@ -108,7 +108,9 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     ``schedule(step) -> lr`` sets ``opt.lr`` before every step (``gpubackprop.schedules``);
     ``early_stopping`` an ``EarlyStopping`` watching a metric of the epoch's logs;
     ``nan_check_every=N`` checks loss, gradients and parameters for NaN/Inf every N steps (one host
-    read) and raises ``TrainingDiverged`` naming the step and the first layer affected;
+    read) and raises ``TrainingDiverged`` naming the step and the first layer affected; whatever it
+    is (also None or 0), the end of every epoch checks the epoch's loss and the parameters, in the
+    read of the epoch's loss, and raises ``TrainingDiverged`` too: a diverged run never returns;
     ``on_checkpoint(state)`` receives a ``TrainingState`` at the end of every epoch and every
     ``checkpoint_every`` steps, after a finiteness check (nothing non-finite is ever handed out);
     ``state`` (a ``TrainingState``, with the model, optimizer and ``model.backend.rng`` restored
@@ -214,13 +216,17 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                         on_checkpoint(mid_state)
                 if on_step is not None:
                     on_step(step)
+            # The epoch's loss total is read anyway: that one read also says whether the parameters
+            # are finite (NaN if not; the last update can break them after the last finite loss),
+            # so that a diverged run stops here, every epoch, with or without nan_check_every.
+            epoch_loss = _nan_unless_params_finite(be, total_loss, model)
             if size > 1:  # the epoch's totals over all ranks: one small host all-reduce an epoch
-                total_loss, total_correct = comm.allreduce_host([float(total_loss),
+                epoch_loss, total_correct = comm.allreduce_host([float(epoch_loss),
                                                                  float(total_correct)])
-            logs = {"epoch": epoch + 1, "loss": float(total_loss) / n}
+            logs = {"epoch": epoch + 1, "loss": float(epoch_loss) / n}
             if loss.classification:
                 logs["accuracy"] = float(total_correct) / n
-            if (nan_check_every or on_checkpoint is not None) and not np.isfinite(logs["loss"]):
+            if not np.isfinite(logs["loss"]):
                 raise TrainingDiverged(_diagnose(model, loss, total_loss, Xb, step, epoch,
                                                  n_batches - 1, n_batches))
             if val is not None:
@@ -286,6 +292,12 @@ def _scalar(be, a):
     """A saved running total back as the kind of scalar the loop accumulates into."""
     a = np.asarray(a)
     return be.xp.asarray(a) if be.on_gpu else a[()]
+
+
+def _nan_unless_params_finite(be, total, model):
+    """``total`` (a device scalar), or NaN when a parameter is NaN or infinite; no host read."""
+    xp = be.xp
+    return xp.where(xp.isfinite(model.flat_params).all(), total, np.nan)  # a scalar: no transfer
 
 
 def _all_finite(be, value, model):

@@ -203,12 +203,34 @@ def test_nan_guard_checks_only_every_n_steps(backend_spec):
                nan_check_every=5)
 
 
-def test_without_guard_fit_keeps_its_old_behaviour():
+@pytest.mark.parametrize("every", [None, 0])
+def test_without_the_per_step_guard_a_diverged_run_still_fails_at_the_epoch_end(backend_spec, every):
     X, y = data()
-    model, loss, _ = make(("cpu", "reference"))
-    with np.errstate(all="ignore"):
-        h = gb.fit(model, loss, gb.SGD(lr=1e30), X, y, epochs=1, batch_size=10, progress=False)
-    assert len(h["loss"]) == 1
+    model, loss, _ = make(backend_spec, activation="relu")
+    epochs = []
+    # It returned a history ending in NaN; now the epoch's loss total (read anyway) stops it.
+    with np.errstate(all="ignore"), \
+            pytest.raises(TrainingDiverged, match=r"training diverged: non-finite values found at "
+                                                  r"step 15 \(epoch 1, batch 15/15\): the loss is "
+                                                  r"(nan|inf)"):
+        gb.fit(model, loss, gb.SGD(lr=1e30), X, y, epochs=3, batch_size=10, progress=False,
+               nan_check_every=every, callback=lambda epoch, logs: epochs.append(epoch))
+    assert epochs == []  # no epoch was reported as done
+
+
+def test_parameters_broken_by_the_last_step_of_an_epoch_are_caught(backend_spec):
+    X, y = data()
+    model, loss, opt = make(backend_spec)
+
+    def break_after_last_step(step):  # every loss of the epoch is finite, the parameters are not
+        if step == 5:
+            model.flat_params[3] = np.nan
+
+    with pytest.raises(TrainingDiverged, match=r"at step 5 \(epoch 1, batch 5/5\): the loss is "
+                                               r"finite; first non-finite values in the parameters "
+                                               r"of layer 0 "):
+        gb.fit(model, loss, opt, X, y, epochs=1, batch_size=32, progress=False,
+               on_step=break_after_last_step)
 
 
 def test_early_stopping_state_survives_resume(tmp_path):

@@ -173,3 +173,86 @@ def test_gradcheck_requires_float64(setup):
     model, loss, _ = setup
     with pytest.raises(TypeError, match=r"gradcheck expects a float64 model, got float32"):
         gb.gradcheck(model, loss, X_OK, Y_OK)
+
+
+def _float64_setup(rng):
+    model = gb.Sequential([gb.Dense(3, 4, activation="tanh"), gb.Dense(4, 2)], device="cpu",
+                          dtype="float64", seed=0)
+    return model, gb.SoftmaxCrossEntropy(), rng.normal(size=(5, 3)), rng.integers(0, 2, 5)
+
+
+BAD_GRADCHECK_ARGUMENTS = [
+    # Before: 0 a bare ZeroDivisionError, -1 an error of 0.55, nan and 1e-30 a pass with 0.0.
+    (dict(eps=0), r"eps: expected a finite step in \[1e-09, 0.1\] .*float64 model, got 0$"),
+    (dict(eps=-1), r"eps: expected a finite step .*got -1$"),
+    (dict(eps=float("nan")), r"eps: expected a finite step .*got nan$"),
+    (dict(eps=float("inf")), r"eps: expected a finite step .*got inf$"),
+    (dict(eps=1e-30), r"eps: expected a finite step .*got 1e-30$"),
+    (dict(eps=1.0), r"eps: expected a finite step .*got 1.0$"),
+    (dict(eps="1e-6"), r"eps: expected a finite step .*got '1e-6'$"),
+    (dict(eps=True), r"eps: expected a finite step .*got True$"),
+    # Before: 0 a pass with 0.0, -1 NumPy's "negative dimensions are not allowed".
+    (dict(max_params=0), r"max_params: expected None \(all parameters\) or an integer >= 1, got 0$"),
+    (dict(max_params=-1), r"max_params: expected None .*got -1$"),
+    (dict(max_params=2.5), r"max_params: expected None .*got 2.5$"),
+    (dict(max_params=True), r"max_params: expected None .*got True$"),
+]
+
+
+@pytest.mark.parametrize("kw,pattern", BAD_GRADCHECK_ARGUMENTS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items())
+                              for kw, _ in BAD_GRADCHECK_ARGUMENTS])
+def test_gradcheck_rejects_bad_eps_and_max_params(rng, kw, pattern):
+    model, loss, X, y = _float64_setup(rng)
+    with pytest.raises(ValueError, match=pattern):
+        gb.gradcheck(model, loss, X, y, **kw)
+
+
+def test_gradcheck_accepts_the_ends_of_its_eps_range_and_one_parameter(rng):
+    from gpubackprop.gradcheck import EPS_RANGE
+
+    model, loss, X, y = _float64_setup(rng)
+    assert gb.gradcheck(model, loss, X, y, eps=EPS_RANGE[0]) < 1e-4
+    assert gb.gradcheck(model, loss, X, y, eps=np.float64(1e-4)) < 1e-6
+    assert gb.gradcheck(model, loss, X, y, eps=EPS_RANGE[1]) < 1e-1
+    assert gb.gradcheck(model, loss, X, y, max_params=np.int64(30)) < 1e-6
+
+
+def test_gradcheck_never_passes_by_comparing_nothing(rng):
+    # No parameters: nothing to check (it returned 0.0).
+    bare = gb.Sequential([gb.Activation("tanh")], input_shape=(3,), device="cpu", dtype="float64")
+    with pytest.raises(ValueError, match=r"model: has no parameters, expected at least one"):
+        gb.gradcheck(bare, gb.MSE(), np.ones((2, 3)), np.zeros((2, 3)))
+    # Targets equal to the outputs: every gradient is zero, none is judged (it returned 0.0).
+    model, _, X, _ = _float64_setup(rng)
+    with pytest.raises(ValueError, match=r"gradcheck: every checked gradient \(26 of 26 "
+                                         r"parameters\) is zero up to rounding .*nothing was "
+                                         r"compared"):
+        gb.gradcheck(model, gb.MSE(), X, model.predict(X))
+    # A non-finite loss at the start: nothing can be compared (it returned 0.0).
+    model, loss, X, y = _float64_setup(rng)
+    model.backend.synchronize()  # builds the model: its flat buffers exist from here on
+    model.flat_params[-1] = np.inf  # a diverged model (set_params refuses it)
+    with pytest.raises(ValueError, match=r"model: the loss at its parameters is (nan|inf), "
+                                         r"expected a finite loss"):
+        gb.gradcheck(model, loss, X, y)
+
+
+def test_gradcheck_reports_a_nan_gradient_as_an_infinite_error(rng):
+    class NanGradient(gb.SoftmaxCrossEntropy):  # a backprop bug: the loss is fine, BP1 is not
+        def loss_and_grad(self, be, Y, T):
+            value, dY = super().loss_and_grad(be, Y, T)
+            return value, dY * np.nan
+
+    model, _, X, y = _float64_setup(rng)
+    assert gb.gradcheck(model, NanGradient(), X, y) == np.inf  # it returned 0.0
+
+
+def test_gradcheck_eps_below_a_parameters_resolution(rng):
+    model, loss, X, y = _float64_setup(rng)
+    params = model.get_params()
+    params["0.W"][0, 0] = 1e9  # spacing 1.2e-7: 1e9 ± 1e-9 is 1e9
+    model.set_params(params)
+    with pytest.raises(ValueError, match=r"eps: 1e-09 is below the resolution of parameter 0, "
+                                         r"1e\+09 .*expected eps >= 1.19e-07 for it"):
+        gb.gradcheck(model, loss, X, y, eps=1e-9)
