@@ -24,6 +24,7 @@ from gpubackprop.layers import (
 )
 from gpubackprop.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
 from gpubackprop.optimizers import SGD, Adam, AdamW, RMSprop
+from gpubackprop.state_dict import renumber_state_dict
 from gpubackprop.training import evaluate, fit, predict, train_step
 
 __version__ = "0.1.0"
@@ -33,5 +34,5 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Dropout", "RNN", "LSTM", "GRU", "LastStep",
     "Reshape", "Residual", "Sequential", "MSE",
     "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step",
-    "fit", "evaluate", "predict", "gradcheck", "__version__",
+    "fit", "evaluate", "predict", "gradcheck", "renumber_state_dict", "__version__",
 ]

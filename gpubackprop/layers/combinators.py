@@ -4,6 +4,7 @@ import numbers
 
 import numpy as np
 
+from gpubackprop import state_dict as torch_io
 from gpubackprop.backend import KERNEL_SETS, Backend, check_dtype, resolve_device
 from gpubackprop.layers.base import Layer, ModelContext, fmt_shape, no_backprop, shape_tuple, size_of
 from gpubackprop.memory import check_model
@@ -374,8 +375,33 @@ class Sequential(Layer):
         self.backend  # noqa: B018 (build first)
         return {key: self._host(self.flat_params, o, s) for key, _, _, o, s in self._params}
 
+    def get_grads(self):
+        """The flat gradient buffer's views as host copies, with get_params()'s keys and shapes (what
+        the last backprop wrote: zero_grads() only marks them stale)."""
+        self.backend  # noqa: B018 (build first)
+        return {key: self._host(self.flat_grads, o, s) for key, _, _, o, s in self._params}
+
     def _host(self, buf, offset, shape):
         return np.array(self._backend.to_host(buf[offset:offset + size_of(shape)])).reshape(shape)
+
+    # ---- PyTorch weights (gpubackprop.state_dict) -------------------------------------------------
+    def state_dict(self):
+        """OrderedDict {key: host array} with torch's keys and layouts ("0.weight", "1.running_mean",
+        "2.weight_ih_l0", ...); positions are this model's (see gpubackprop.state_dict)."""
+        return torch_io.state_dict(self)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy a state dict in (NumPy arrays or torch tensors), every key, shape and dtype checked
+        first; returns (missing_keys, unexpected_keys), as torch."""
+        return torch_io.load_state_dict(self, state_dict, strict)
+
+    def save_safetensors(self, path):
+        """Write state_dict() to ``path`` as a safetensors file, atomically."""
+        torch_io.save_safetensors(self, path)
+
+    def load_safetensors(self, path, strict=True):
+        """load_state_dict() from a safetensors file."""
+        return torch_io.load_safetensors(self, path, strict)
 
     def set_params(self, params):
         """Copy host arrays in; keys and shapes must match ``get_params()`` exactly."""
