@@ -16,6 +16,7 @@ A rank that raises ends the whole job (``MPI.COMM_WORLD.Abort``) instead of leav
 waiting in a collective forever.
 """
 
+import os
 import sys
 import time
 
@@ -151,6 +152,44 @@ class NCCLCommunicator(MPICommunicator):
         ptr, n, dtype, stream = self._device_args(array)
         self.nccl_comm.allReduce(ptr, ptr, n, dtype, self.nccl.NCCL_SUM, stream)
         return array
+
+
+# What MPI launchers put in the environment of the processes they start: PMI (MPICH's hydra and
+# gforker, Intel MPI, MVAPICH, srun --mpi=pmi2), PMIx (Open MPI, srun --mpi=pmix), Open MPI's own,
+# hydra's control channel (HYDI_*/HYDRA_*), MPICH's local-rank variables.
+LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                      "OMPI_COMM_WORLD_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID",
+                      "MV2_COMM_WORLD_SIZE")
+LAUNCHER_PREFIXES = ("HYDI_", "HYDRA_")
+
+
+def launched_by_mpi(environ=None):
+    """True when an MPI launcher (mpiexec, mpirun, srun) started this process, by its environment."""
+    environ = os.environ if environ is None else environ
+    return any(name in environ for name in LAUNCHER_VARIABLES) or \
+        any(name.startswith(LAUNCHER_PREFIXES) for name in environ)
+
+
+def require_launcher(kind, command="mpiexec -n N python SCRIPT", name="comm",
+                     single="comm='single'"):
+    """Refuse a parallel communicator (``kind`` "mpi" or "nccl") in a process that no MPI launcher
+    started: MPI would run it alone as a world of one, silently, instead of data-parallel.
+    ``mpiexec -n 1`` is still fine; so is an unknown launcher whose world has several ranks.
+    ``command`` is how to start it, ``name`` the argument and ``single`` the one-process choice
+    as the error names them."""
+    if kind not in ("mpi", "nccl") or launched_by_mpi():
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return  # communicator() says that mpi4py is missing
+    if MPI.COMM_WORLD.Get_size() > 1:
+        return
+    raise ValueError(f"{name}: {kind!r} trains data-parallel across processes started by an MPI "
+                     f"launcher, but this process was not started by one (an MPI world of 1 "
+                     f"process, no launcher variable such as PMI_RANK or OMPI_COMM_WORLD_SIZE); "
+                     f"start it with "
+                     f"'{command}' (-n 1 for one process), or train in one process with {single}")
 
 
 def communicator(kind="single"):

@@ -40,6 +40,7 @@ and the character position where it starts, e.g.
 """
 
 import math
+import os
 import re
 
 from gpubackprop.kernels.reference import ACTIVATIONS
@@ -67,6 +68,8 @@ LAYER_TOKENS = {
     "last": ((), {}),
 }
 RECURRENT = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
+# Every name a token may have, as errors list them: derived, so that a new layer is never left out.
+TOKEN_NAMES = (*LAYER_TOKENS, "res", *ACTIVATIONS)
 # How each keyword value is read: "int", "pair" (int or HxW), "float", "bool", "init".
 KINDS = {"out": "int", "n": "int", "groups": "int", "k": "pair", "stride": "pair", "pad": "pair",
          "dil": "pair", "eps": "float", "momentum": "float", "p": "float", "bias": "bool",
@@ -121,8 +124,7 @@ def _parse_chain(text, start, end):
             bad = text[i:end].split("-")[0].strip() or text[i:i + 1]
             what = f"{bad!r}" if i < end else "the end of the spec"
             raise SpecError(f"model: token {index} at character {i + 1}: expected a layer name "
-                            f"(conv, maxpool, avgpool, gap, flatten, dense, bn, ln, dropout, res or "
-                            f"an activation), got {what}")
+                            f"({', '.join(TOKEN_NAMES)}), got {what}")
         name_start, i = i, m.end()
         name = m.group().lower()
         args, inner = [], None
@@ -142,10 +144,11 @@ def _parse_chain(text, start, end):
         tok = Token(name, token_text, index, name_start + 1, args, inner)
         if name == "res" and inner is None:
             raise tok.error("expected a block in parentheses, e.g. res(conv(16,3,pad=1)-bn)")
-        if name not in LAYER_TOKENS and name not in ACTIVATIONS and name != "res":
-            near = [n for n in (*LAYER_TOKENS, *ACTIVATIONS, "res") if n[:2] == name[:2]]
-            raise tok.error(f"unknown layer {name!r}; expected one of "
-                            f"{', '.join((*LAYER_TOKENS, 'res', *ACTIVATIONS))}"
+        if name not in TOKEN_NAMES:
+            # The name sharing the longest prefix ("relux": relu, not res).
+            near = sorted((n for n in TOKEN_NAMES if n[:2] == name[:2]),
+                          key=lambda n: -len(os.path.commonprefix([n, name])))
+            raise tok.error(f"unknown layer {name!r}; expected one of {', '.join(TOKEN_NAMES)}"
                             + (f" (did you mean {near[0]}?)" if near else ""))
         tokens.append(tok)
         while i < end and text[i].isspace():
@@ -228,7 +231,7 @@ def _read_params(tok):
 
 
 _EXAMPLES = {"conv": "conv(32,3,pad=1)", "maxpool": "maxpool(2)", "avgpool": "avgpool(2)",
-             "dense": "dense(128)"}
+             "dense": "dense(128)", "rnn": "rnn(64)", "lstm": "lstm(64)", "gru": "gru(64)"}
 
 
 def _convert(tok, key, value):

@@ -1,6 +1,7 @@
 """Training curves: train/validation loss and accuracy per epoch, drawn with matplotlib (Agg)."""
 
 import io
+import os
 
 from gpubackprop.outputs import atomic_write
 
@@ -13,8 +14,36 @@ def require_matplotlib():
         raise ValueError("plot: needs matplotlib (pip install matplotlib)") from None
 
 
+def plot_format(path):
+    """The file format ``path`` asks for by its extension (``curves.svg``: svg), png without one.
+
+    The formats are matplotlib's (png, pdf, svg, jpg, ...), less pgf when its TeX program is
+    missing (it fails only when the figure is saved); any other extension is a ValueError naming
+    the path and the supported ones, so that a run can check it before it trains.
+    """
+    require_matplotlib()
+    import shutil
+
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    has_tex = shutil.which(matplotlib.rcParams["pgf.texsystem"]) is not None
+    supported = [e for e in sorted(FigureCanvasBase.get_supported_filetypes())
+                 if e != "pgf" or has_tex]
+    base = os.path.basename(os.fspath(path))
+    if "." not in base.lstrip("."):
+        return "png"
+    ext = base.rsplit(".", 1)[-1].lower()
+    if ext not in supported:
+        raise ValueError(f"plot: {os.fspath(path)} ends in .{ext}, not a plot format; expected a "
+                         f"path ending in one of {', '.join('.' + e for e in supported)} (the "
+                         f"extension chooses the format)")
+    return ext
+
+
 def plot_history(epochs, path, title=None):
-    """Draw loss (left) and accuracy (right, when there is any) per epoch to ``path`` (PNG by default).
+    """Draw loss (left) and accuracy (right, when there is any) per epoch to ``path``, in the format
+    of its extension (``plot_format``).
 
     ``epochs`` is a list of dicts like the command line's metrics: {"epoch", "train_loss",
     "train_accuracy", "val_loss", "val_accuracy"}. The file is written atomically.
@@ -48,7 +77,6 @@ def plot_history(epochs, path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fmt = str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else "png"
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt if fmt in ("png", "svg", "pdf") else "png")
+    fig.savefig(buf, format=plot_format(path))
     atomic_write(path, lambda f: f.write(buf.getvalue()))

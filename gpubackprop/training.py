@@ -206,6 +206,8 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 if nan_check_every and step % nan_check_every == 0:
                     guard(value, epoch, b)
                 if bar is not None:
+                    if step == state.step + 1:  # the ETA leaves out this first step's one-off
+                        bar.unpause()  # kernel compilation and warm-up
                     bar.update(1)
                 if checkpoint_every and on_checkpoint is not None and b + 1 < n_batches \
                         and step % checkpoint_every == 0:

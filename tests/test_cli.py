@@ -7,6 +7,7 @@ and a table of bad inputs (one line on stderr, exit status 2, no traceback, file
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,14 @@ import numpy as np
 import pytest
 
 from gpubackprop.datasets import MNIST_FILES, write_idx
+from gpubackprop.distributed import LAUNCHER_PREFIXES, LAUNCHER_VARIABLES
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 ENV.pop("GPUBACKPROP_TEST_FAULT", None)
 ENV.pop("GPUBACKPROP_DEBUG", None)
+for _name in list(ENV):  # run as from a plain shell, also when pytest itself runs under mpiexec
+    if _name in LAUNCHER_VARIABLES or _name.startswith(LAUNCHER_PREFIXES):
+        ENV.pop(_name)
 FAST = ["--kernels", "reference", "--device", "cpu"]
 
 
@@ -89,6 +94,22 @@ def test_help(command):
             assert flag in r.stdout
 
 
+def test_train_help_documents_every_spec_token_and_preset():
+    """The grammar in 'train --help' names every token the spec parser takes, init= and the presets."""
+    from gpubackprop.kernels.reference import ACTIVATIONS
+    from gpubackprop.layers import INITS
+    from gpubackprop.modelspec import LAYER_TOKENS, PRESETS
+
+    text = ok(run("train", "--help")).stdout
+    grammar = text.split("--model: ")[1].split("With --checkpoint")[0]
+    for name in (*LAYER_TOKENS, "res", *ACTIVATIONS):
+        assert re.search(rf"(^|[\s|]){name}(\(|\s|\|)", grammar, re.M), name
+    for part in ("lstm(h,layers=1)", "gru(h,layers=1)", "rnn(h,layers=1,relu=false)", "last ",
+                 "dense(n,init=)", "bias=true,init=)", "init=         ", " | ".join(INITS)):
+        assert part in grammar, part
+    assert f"presets: {', '.join(PRESETS)}" in grammar and "lstm (lstm(128)-last-" in grammar
+
+
 def test_choices_are_the_librarys_names():
     """Each command offers the library's own lists (imported, so a name added there is offered)."""
     from gpubackprop.backend import DEVICES, DTYPES, KERNEL_SETS
@@ -106,7 +127,7 @@ def test_choices_are_the_librarys_names():
                for name, p in commands.items()}
     assert choices["train"] == {
         "scale": SCALINGS, "activation": ACTIVATIONS, "init": INITS, "dtype": DTYPES,
-        "loss": ("ce", "mse"), "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
+        "loss": tuple(LOSSES), "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
         "monitor": ("val_loss", "val_accuracy"), "comm": COMMUNICATORS, "device": DEVICES,
         "kernels": KERNEL_SETS}
     assert choices["gradcheck"]["activation"] == ACTIVATIONS
@@ -351,11 +372,96 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(files, tmp_path)
 def test_resume_of_a_finished_run_can_extend_it(files, tmp_path):
     ck = tmp_path / "ck.npz"
     ok(run(*train_args(files, "--checkpoint", ck, "--epochs", "2")))
+    # Resumed as it is, the run has nothing left to do: it says so and writes nothing.
+    before, entries = (ck.read_bytes(), ck.stat().st_mtime_ns), sorted(os.listdir(tmp_path))
+    r = ok(run("train", "--resume", "--checkpoint", ck, "--metrics-json", tmp_path / "m.json",
+               "--plot", tmp_path / "p.png"))
+    assert r.stdout.splitlines() == [f"checkpoint {ck}: the run already completed its 2 epochs; "
+                                     f"nothing to resume: to train more, resume with a larger "
+                                     f"--epochs, e.g. --epochs 12"]
+    assert (ck.read_bytes(), ck.stat().st_mtime_ns) == before
+    assert sorted(os.listdir(tmp_path)) == entries
     r = ok(run("train", "--resume", "--checkpoint", ck, "--epochs", "3"))
     assert "epoch 3/3" in r.stdout and "epoch 2/3" not in r.stdout
     full = tmp_path / "full.npz"
     ok(run(*train_args(files, "--checkpoint", full, "--epochs", "3")))
     assert_same(params_of(full), params_of(ck))
+
+
+def test_early_stopping_says_where_it_stopped_and_which_weights_it_restored(files, tmp_path):
+    ck, metrics, plot = tmp_path / "ck.npz", tmp_path / "m.json", tmp_path / "curves.jpg"
+    r = ok(run(*train_args(files, "--epochs", "30", "--val-split", "0.2", "--early-stopping", "1",
+                           "--lr", "0.05", "--checkpoint", ck, "--metrics-json", metrics,
+                           "--plot", plot)))
+    epochs = json.loads(metrics.read_text())["epochs"]
+    done, val = len(epochs), [e["val_loss"] for e in epochs]
+    best = int(np.argmin(val)) + 1
+    assert done < 30
+    assert f"early stopping: stopped after epoch {done} of 30: val_loss did not improve for 1 " \
+           f"epoch (patience 1); restored the weights of epoch {best}, the best (val_loss " \
+           f"{val[best - 1]:.4f})" in r.stdout
+    ev = json.loads(ok(run("evaluate", "--checkpoint", ck, "--split", "val", "--json",
+                           *FAST)).stdout)
+    assert ev["loss"] == pytest.approx(val[best - 1], rel=1e-5)  # those weights, indeed
+    # Each epoch line gives its own time and the total so far.
+    assert re.search(r"^epoch 1/30: .*  \(\d+\.\d s, \d+\.\d s in all\)$", r.stdout, re.M)
+    assert plot.read_bytes()[:3] == b"\xff\xd8\xff"  # .jpg: a JPEG, as the extension says
+    # Resumed, the stopped run has nothing left to do.
+    before = (ck.read_bytes(), ck.stat().st_mtime_ns)
+    r = ok(run("train", "--resume", "--checkpoint", ck))
+    assert r.stdout.splitlines() == [
+        f"checkpoint {ck}: the run already stopped early after epoch {done} (early stopping on "
+        f"val_loss, patience 1); it holds the weights of epoch {best}; nothing to resume: to "
+        f"train more start a new run (--overwrite or another --checkpoint)"]
+    assert (ck.read_bytes(), ck.stat().st_mtime_ns) == before
+
+
+def test_bce_trains_on_labels_and_evaluate_scores_it_with_bce(files, tmp_path):
+    ck, metrics, probs = tmp_path / "ck.npz", tmp_path / "m.json", tmp_path / "p.npy"
+    ok(run(*train_args(files, "--loss", "bce", "--checkpoint", ck, "--metrics-json", metrics)))
+    m = json.loads(metrics.read_text())
+    ev = json.loads(ok(run("evaluate", "--checkpoint", ck, "--json", *FAST)).stdout)
+    assert ev["loss"] == pytest.approx(m["test_loss"], rel=1e-6)
+    assert ev["accuracy"] == pytest.approx(m["test_accuracy"])
+    # The loss is the binary cross-entropy of one sigmoid a class against one-hot 0/1 targets
+    # (not a softmax cross-entropy), and predict's probabilities are those sigmoids.
+    ok(run("predict", "--checkpoint", ck, "--dataset", f"npz:{files / 'blobs.npz'}", "--output",
+           probs, "--probabilities", *FAST))
+    p = np.load(probs).astype(np.float64)
+    _, yt = blobs(60, 1)
+    t = np.eye(3)[yt]
+    assert not np.allclose(p.sum(axis=1), 1)
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log1p(-p))
+    assert ev["loss"] == pytest.approx(bce, rel=1e-4)
+
+
+def test_the_first_eta_leaves_out_the_first_steps_compilation(monkeypatch):
+    """The bar train draws: a slow first step (kernel compilation) is not in its rate or ETA."""
+    import time
+
+    import gpubackprop as gb
+    from gpubackprop import training
+
+    bars, slow = [], []
+    make_bar, step = training._progress_bar, training.step_on_device
+
+    def spy(total, progress):
+        bars.append(make_bar(total, progress))
+        return bars[-1]
+
+    def compiling_first(*args, **kwargs):
+        if not slow:
+            slow.append(time.sleep(1.0))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_progress_bar", spy)
+    monkeypatch.setattr(training, "step_on_device", compiling_first)
+    X, y = blobs(64, 0)
+    model = gb.Sequential([gb.Dense(8, 3)], device="cpu", kernels="reference")
+    gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1), X, y, epochs=2, batch_size=16,
+           progress=True)
+    (bar,) = bars
+    assert bar.n == 8 and bar.format_dict["elapsed"] < 0.5
 
 
 # ---- bad inputs: one line, exit 2, no traceback, nothing touched -----------------------------------
@@ -381,6 +487,7 @@ def bad(tmp_path_factory, files):
              y_test=np.arange(5))
     trunc = (root / "ck.npz").read_bytes()
     (root / "truncated.npz").write_bytes(trunc[:len(trunc) // 2])
+    (root / "a_folder").mkdir()
     assert good.exists()
     return root
 
@@ -418,6 +525,12 @@ CASES = {
     "model spec that does not fit": ["train", "--dataset", BLOBS, "--model", "conv(4,3)-dense(3)"],
     "layers with a non-mlp model": ["train", "--dataset", BLOBS, "--model", "dense(3)",
                                     "--layers", "8"],
+    "checkpoint is a folder": ["train", "--dataset", BLOBS, "--checkpoint", "{root}/a_folder"],
+    "resume from a folder": ["train", "--checkpoint", "{root}/a_folder", "--resume"],
+    "evaluate a folder": ["evaluate", "--checkpoint", "{root}/a_folder", "--dataset", BLOBS],
+    "plot to a non-image extension": ["train", "--dataset", BLOBS, "--plot", "{root}/plot.txt"],
+    "mpi without mpiexec": ["train", "--dataset", BLOBS, "--comm", "mpi"],
+    "nccl without mpiexec": ["train", "--dataset", BLOBS, "--comm", "nccl"],
 }
 
 
@@ -468,6 +581,25 @@ def test_error_messages_name_the_problem(bad, files):
         "train", "--dataset", BLOBS, "--model", "lenet5", "--layers", "8")
     assert "init: --init shapes the layers of --model mlp only" in err(
         "train", "--dataset", BLOBS, "--model", "dense(3)", "--init", "he")
+    assert f"checkpoint: {bad}/a_folder is a directory, not a checkpoint file; name a file, e.g. " \
+           f"--checkpoint {bad}/a_folder/run.npz" in err("train", "--dataset", BLOBS,
+                                                        "--checkpoint", "{root}/a_folder")
+    for command in (["train", "--resume"], ["evaluate"], ["predict", "--input", "x.csv"]):
+        assert f"checkpoint: {bad}/a_folder is a directory, not a checkpoint file" in err(
+            *command, "--checkpoint", "{root}/a_folder"), command
+    e = err("train", "--dataset", BLOBS, "--plot", "{root}/plot.txt")
+    assert f"plot: {bad}/plot.txt ends in .txt, not a plot format; expected a path ending in one " \
+           f"of " in e and all(f".{ext}," in e for ext in ("png", "pdf", "svg", "jpg"))
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:  # then the error says that mpi4py is missing
+        pass
+    else:
+        for kind in ("mpi", "nccl"):
+            e = err("train", "--dataset", BLOBS, "--comm", kind)
+            assert f"comm: '{kind}' trains data-parallel across processes started by an MPI " \
+                   f"launcher, but this process was not started by one" in e
+            assert "start it with 'mpiexec -n N gpubackprop train ...'" in e
     e = err("train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
             "--nan-check-every", "1", "--batch-size", "8")
     assert "training diverged" in e and "step" in e and "layer" in e

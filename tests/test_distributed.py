@@ -16,7 +16,13 @@ import pytest
 
 import gpubackprop as gb
 from gpubackprop.backend import cupy_module, has_cupy_gpu
-from gpubackprop.distributed import Communicator, communicator, shard_bounds
+from gpubackprop.distributed import (
+    LAUNCHER_PREFIXES,
+    LAUNCHER_VARIABLES,
+    Communicator,
+    communicator,
+    shard_bounds,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -191,3 +197,42 @@ def test_a_bad_argument_under_mpiexec_ends_every_rank(tmp_path):
     done = _cli(tmp_path, "--dataset", "npz:missing.npz", "--comm", "mpi", ranks=2)
     assert done.returncode != 0
     assert "error: " in done.stderr and "missing.npz" in done.stderr
+
+
+def test_launched_by_mpi_reads_the_launchers_environment():
+    from gpubackprop.distributed import launched_by_mpi
+
+    assert not launched_by_mpi({"PATH": "/usr/bin", "HOME": "/root", "OMP_NUM_THREADS": "1"})
+    for env in ({"PMI_RANK": "0", "PMI_SIZE": "1", "PMI_FD": "9"},  # MPICH's hydra and gforker
+                {"OMPI_COMM_WORLD_SIZE": "2"}, {"PMIX_RANK": "0"},  # Open MPI
+                {"HYDI_CONTROL_FD": "7"}, {"MPI_LOCALNRANKS": "1"}):
+        assert launched_by_mpi(env), env
+
+
+def _python(code, ranks=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    cmd = [sys.executable, "-c", code]
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+@needs_mpi
+def test_mpi_without_a_launcher_is_an_error_and_under_mpiexec_n_1_is_not(tmp_path):
+    code = ("from gpubackprop.distributed import launched_by_mpi, require_launcher\n"
+            "print('launched', launched_by_mpi())\n"
+            "require_launcher('mpi', command='mpiexec -n N python train.py')\n"
+            "print('allowed')\n")
+    alone = _python(code)
+    assert alone.returncode != 0 and "launched False" in alone.stdout
+    assert "ValueError: comm: 'mpi' trains data-parallel across processes started by an MPI " \
+           "launcher, but this process was not started by one" in alone.stderr
+    assert "start it with 'mpiexec -n N python train.py'" in alone.stderr
+    one = _python(code, ranks=1)  # what MPICH's mpiexec really sets is recognised
+    assert one.returncode == 0 and "launched True" in one.stdout and "allowed" in one.stdout, \
+        one.stderr[-2000:]
+    done = _cli(tmp_path, "--dataset", "digits", "--epochs", "1", "--layers", "8", "--device",
+                "cpu", "--comm", "mpi", "--quiet", ranks=1)
+    assert done.returncode == 0 and "test accuracy" in done.stdout, done.stderr[-2000:]

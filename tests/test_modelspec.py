@@ -269,3 +269,36 @@ def test_built_models_run_forward_and_backward(spec):
     assert np.isfinite(value)
     assert model.predict(X).shape == (5, 4)
     assert len(model.layers) == len(p.entries)
+
+
+
+@pytest.mark.parametrize("spec", ["flatten-dense(10)-", "conv(8,3)--dense(10)"],
+                         ids=["end of the spec", "empty token"])
+def test_expected_a_layer_name_lists_every_token_the_parser_takes(spec):
+    """The list comes from the parser's own table: the recurrent layers and last are in it."""
+    from gpubackprop.kernels.reference import ACTIVATIONS
+
+    with pytest.raises(SpecError, match="expected a layer name") as info:
+        parse(spec)
+    listed = str(info.value).split("expected a layer name (")[1].split(")")[0].split(", ")
+    assert {"lstm", "gru", "rnn", "last", "res"} <= set(listed)
+    assert sorted(listed) == sorted((*modelspec.LAYER_TOKENS, "res", *ACTIVATIONS))
+    for name in listed:  # and each one listed parses
+        required = [v for v in modelspec.LAYER_TOKENS.get(name, ((), {}))[1].values()
+                    if v is modelspec.REQUIRED]
+        parse("res(relu)" if name == "res" else f"{name}({','.join('4' * len(required))})")
+
+
+@pytest.mark.parametrize("name", [n for n, (_, kw) in modelspec.LAYER_TOKENS.items()
+                                  if modelspec.REQUIRED in kw.values()])
+def test_a_missing_argument_shows_an_example_for_every_token(name):
+    with pytest.raises(SpecError, match=rf"token 1 '{name}\(\)' at character 1: missing argument "
+                                        rf"'\w+'; e\.g\. {name}\(\d"):
+        parse(f"{name}()")
+
+
+def test_an_unknown_name_suggests_the_nearest_token():
+    with pytest.raises(SpecError, match=r"unknown layer 'lstn'; .* \(did you mean lstm\?\)"):
+        parse("lstn(8)-last-dense(2)")
+    with pytest.raises(SpecError, match=r"did you mean relu\?"):
+        parse("dense(8)-relux")

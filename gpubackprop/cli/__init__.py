@@ -24,7 +24,7 @@ DESCRIPTION = """\
 Train neural networks by backpropagation on an NVIDIA GPU (CuPy + Numba CUDA) or the CPU.
 
 A model is a chain of layers ending in one output per class, given by --model: a preset
-(mlp: dense layers from --layers/--activation, the default; lenet5; resnet) or a spec such as
+(mlp: dense layers from --layers/--activation, the default; lenet5; resnet; lstm) or a spec such as
   conv(32,3,pad=1)-relu-maxpool(2)-conv(64,3,pad=1)-relu-maxpool(2)-flatten-dense(128)-relu-dense(10)
 (see 'gpubackprop train --help'). Data sets are named like this:
   digits        scikit-learn's 8x8 handwritten digits (1797 images of 1x8x8, 10 classes)

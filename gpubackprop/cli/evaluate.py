@@ -4,8 +4,7 @@ import json
 
 from gpubackprop.cli.inference import dataset_for, fit_input, load_for_inference, n_outputs
 from gpubackprop.cli.options import Formatter, add_device_options
-from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score
-from gpubackprop.losses import LOSSES
+from gpubackprop.cli.scoring import check_labels, checkpoint_loss, make_loss, score
 
 
 def add_parser(sub):
@@ -33,8 +32,7 @@ def cmd_evaluate(args):
     X = fit_input(X, model, f"dataset {data.name}", args.checkpoint)
     n_out = n_outputs(model)
     check_labels(y, n_out, f"dataset {data.name} ({args.split})")
-    names = {LOSSES[name].__name__: name for name in LABEL_LOSSES}
-    loss_name = names.get(ckpt.meta.get("loss"), "ce")
+    loss_name = checkpoint_loss(ckpt)
     metrics = score(model, make_loss(loss_name), loss_name, X, y, n_out)
     if args.json:
         print(json.dumps({"split": args.split, "loss": metrics["loss"],

@@ -1,6 +1,8 @@
 """What evaluate and predict share: a checkpoint's model on the chosen device, its data set, and
 data in the model's per-sample layout."""
 
+import os
+
 import numpy as np
 
 from gpubackprop.cli.options import resolve_device
@@ -9,6 +11,8 @@ from gpubackprop.cli.options import resolve_device
 def load_for_inference(args):
     from gpubackprop.checkpoint import load_checkpoint
 
+    if os.path.isdir(args.checkpoint):
+        raise ValueError(f"checkpoint: {args.checkpoint} is a directory, not a checkpoint file")
     ckpt = load_checkpoint(args.checkpoint)
     device, _ = resolve_device(args.device)
     model = ckpt.build_model(device=device, kernels=args.kernels)

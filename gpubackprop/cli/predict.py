@@ -6,7 +6,7 @@ import numpy as np
 
 from gpubackprop.cli.inference import dataset_for, fit_input, load_for_inference
 from gpubackprop.cli.options import Formatter, add_device_options, check_output_path
-from gpubackprop.cli.scoring import make_loss
+from gpubackprop.cli.scoring import checkpoint_loss, make_loss
 
 
 def add_parser(sub):
@@ -50,7 +50,9 @@ def cmd_predict(args):
     else:
         X, _ = dataset_for(ckpt, args.dataset, args).split(args.split)
         X = fit_input(X, model, f"dataset {args.dataset}", args.checkpoint)
-    probs = model.predict(X, loss=make_loss("ce"))  # softmax of the outputs
+    # The outputs through the training loss's link: softmax (ce, mse) or per-class sigmoid (bce).
+    loss_name = checkpoint_loss(ckpt)
+    probs = model.predict(X, loss=make_loss("bce" if loss_name == "bce" else "ce"))
     out = probs if args.probabilities else probs.argmax(axis=1).astype(np.int64)
     if args.output and args.output.lower().endswith(".npy"):
         atomic_write(args.output, lambda f: np.save(f, out))

@@ -4,18 +4,25 @@ import numpy as np
 
 from gpubackprop.losses import LOSSES
 
-# The losses ``targets`` feeds class labels to (bce wants 0/1 targets): train's --loss choices,
-# and what evaluate scores a checkpoint with (its own loss when it is one of these, else ce).
-LABEL_LOSSES = tuple(name for name in LOSSES if name != "bce")
+# The losses ``targets`` feeds class labels to: train's --loss choices, and what evaluate and
+# predict score a checkpoint with (its own loss; ce for one saved without a loss).
+LABEL_LOSSES = tuple(LOSSES)
 
 
 def make_loss(name):
     return LOSSES[name]()
 
 
+def checkpoint_loss(ckpt):
+    """The command-line name of the loss a checkpoint was trained with ("ce" when it names none)."""
+    names = {LOSSES[name].__name__: name for name in LABEL_LOSSES}
+    return names.get(ckpt.meta.get("loss"), "ce")
+
+
 def targets(loss_name, y, n_classes):
-    """Class labels as the loss wants them: indices for ce, one-hot rows for mse."""
-    if loss_name == "mse":
+    """Class labels as the loss wants them: indices for ce, one-hot rows for mse, and for bce the
+    same rows as its 0/1 targets (one sigmoid output a class, only the label's is 1)."""
+    if loss_name in ("mse", "bce"):
         onehot = np.zeros((len(y), n_classes))
         onehot[np.arange(len(y)), y] = 1.0
         return onehot

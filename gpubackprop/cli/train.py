@@ -20,9 +20,10 @@ from gpubackprop.cli.options import (
 )
 from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score, targets
 from gpubackprop.datasets import SCALINGS
-from gpubackprop.distributed import COMMUNICATORS
+from gpubackprop.distributed import COMMUNICATORS, require_launcher
 from gpubackprop.kernels.reference import ACTIVATIONS
 from gpubackprop.layers import INITS
+from gpubackprop.modelspec import PRESETS
 from gpubackprop.optimizers import OPTIMIZER_NAMES
 from gpubackprop.schedules import SCHEDULE_NAMES
 
@@ -33,18 +34,27 @@ MUST_MATCH = ("dataset", "label_column", "val_split", "test_split", "scale", "mo
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
 
 
-MODEL_HELP = """\
+MODEL_HELP = f"""\
 --model: a preset name or a spec, tokens joined by '-', sizes inferred from the data:
-  conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true)   2-D convolution (k etc.: N or HxW)
+  conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true,init=)   2-D convolution (k etc.: N or HxW)
   maxpool(k,stride=k,pad=0,dil=1)  avgpool(k,stride=k,pad=0,count_include_pad=true)
-  gap (global average pool)  flatten  dense(n)  bn  ln  dropout(p=0.5)
+  gap (global average pool)  flatten  dense(n,init=)  bn(eps=1e-5,momentum=0.1)  ln(eps=1e-5)
+  dropout(p=0.5)
+  lstm(h,layers=1)  gru(h,layers=1)  rnn(h,layers=1,relu=false)   recurrent layers over sequences
+                (time steps, features) -> (time steps, h); a one-channel image is read as its
+                rows, e.g. digits as 8 steps of 8 pixels (rnn: tanh, or relu=true)
+  last          the last time step of a sequence: (time steps, h) -> h features, e.g. lstm(64)-last
   res(SPEC)     residual block Y = X + SPEC(X), e.g. res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
-  identity|sigmoid|tanh|relu|leaky_relu|gelu   after conv/dense: fused into that layer
+  {'|'.join(ACTIVATIONS)}
+                after conv/dense: fused into that layer; elsewhere an activation layer
+  init=         weights of conv/dense: {' | '.join(INITS)} (default: dense he before
+                relu/leaky_relu/gelu, else xavier; conv PyTorch's uniform), e.g. dense(128,init=lecun)
   'classes' is the number of classes (dense(classes)); a dense on images flattens them first.
-presets: mlp (flatten-dense(h)-ACT-...-dense(classes) from --layers/--activation/--init),
+presets: {', '.join(PRESETS)}
+  mlp (flatten-dense(h)-ACT-...-dense(classes) from --layers/--activation/--init),
   lenet5 (conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-dense(120)-relu-
   dense(84)-relu-dense(classes), adapted to small images), resnet (conv-bn-relu, two residual
-  stages of 16 and 32 channels, gap, dense)."""
+  stages of 16 and 32 channels, gap, dense), lstm (lstm(128)-last-dense(classes))."""
 
 
 def add_parser(sub):
@@ -73,8 +83,9 @@ def add_parser(sub):
           "standard, minmax or none; statistics come from the training split only",
           choices=SCALINGS)
     g = Options(p.add_argument_group("model"), defaults)
-    g.add("--model", "mlp", "mlp | lenet5 | resnet | a spec like 'conv(16,3,pad=1)-relu-maxpool(2)-"
-          "flatten-dense(10)' (grammar above)", metavar="SPEC")
+    g.add("--model", "mlp", f"{' | '.join(PRESETS)} | a spec like 'conv(16,3,pad=1)-relu-"
+          "maxpool(2)-flatten-dense(10)' or 'lstm(64)-last-dense(classes)' (grammar above)",
+          metavar="SPEC")
     g.add("--layers", [128, 64], "mlp only: hidden layer sizes, e.g. 256,128 ('none': no hidden "
           "layer)", type=hidden_layers, metavar="N,N,...")
     g.add("--activation", "relu", "mlp only: activation of the hidden layers",
@@ -85,8 +96,9 @@ def add_parser(sub):
     g.add("--seed", 0, "seed of the weights, the batch order and the splits",
           type=int_at_least(0), metavar="N")
     g = Options(p.add_argument_group("training"), defaults)
-    g.add("--loss", "ce", "ce: softmax cross-entropy; mse: mean squared error on one-hot targets",
-          choices=LABEL_LOSSES)
+    g.add("--loss", "ce", "ce: softmax cross-entropy; mse: mean squared error on one-hot targets; "
+          "bce: binary cross-entropy of one sigmoid a class on one-hot 0/1 targets (accuracy: "
+          "every output on the right side of 0.5)", choices=LABEL_LOSSES)
     g.add("--optimizer", "adam", "update rule (momentum = SGD with momentum 0.9)",
           choices=OPTIMIZER_NAMES)
     g.add("--lr", None, "learning rate (default: 0.001 for adam/adamw/rmsprop, 0.01 for "
@@ -141,7 +153,8 @@ def add_parser(sub):
     g.add_argument("--metrics-json", metavar="PATH",
                    help="write {test_accuracy, test_loss, epochs: [...], seconds} as JSON")
     g.add_argument("--plot", metavar="PATH",
-                   help="draw train/validation loss and accuracy curves (PNG)")
+                   help="draw train/validation loss and accuracy curves, in the format of the "
+                        "extension\n(.png, .pdf, .svg, .jpg, ...; png without one)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     g.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
@@ -216,6 +229,9 @@ def _train_config(args):
     given = {k: v for k, v in vars(args).items() if k in args.option_defaults and v is not None}
     cfg = dict(args.option_defaults)
     ckpt = None
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        raise ValueError(f"checkpoint: {args.checkpoint} is a directory, not a checkpoint file; "
+                         f"name a file, e.g. --checkpoint {os.path.join(args.checkpoint, 'run.npz')}")
     if args.resume:
         if not args.checkpoint:
             raise ValueError("resume: expected --checkpoint PATH, the run to continue")
@@ -247,6 +263,56 @@ def _train_config(args):
     return cfg, ckpt
 
 
+def _early_stopping_note(stopper, done, epochs):
+    """What early stopping did: where it stopped and why, and whose weights the model ends with."""
+    if stopper.best_epoch is None:
+        return f"early stopping: {stopper.monitor} never had a finite value; kept the last weights"
+    best = f"{stopper.monitor} {stopper.best:.4f}"
+    if stopper.wait >= stopper.patience:
+        what = (f"early stopping: stopped after epoch {done} of {epochs}: {stopper.monitor} did "
+                f"not improve for {stopper.wait} epoch{'s' if stopper.wait > 1 else ''} "
+                f"(patience {stopper.patience}); ")
+    else:
+        what = f"early stopping: ran all {epochs} epochs without stopping; "
+    if not stopper.restore_best:
+        return what + f"kept the last epoch's weights (the best was epoch {stopper.best_epoch}, " \
+                      f"{best}; --restore-best to restore it)"
+    if stopper.best_epoch == done:
+        return what + f"the last epoch is the best ({best})"
+    return what + f"restored the weights of epoch {stopper.best_epoch}, the best ({best})"
+
+
+def _already_done(args, cfg, ckpt, comm):
+    """True (after one line saying so) when the checkpoint's run has nothing left to train; a
+    ValueError when --epochs ends before the epoch the run is in."""
+    state = ckpt.training_state()
+    if state is None:
+        return False
+    epochs = cfg["epochs"]
+    if state.finished:
+        es = state.early_stopping or {}
+        best = f"; it holds the weights of epoch {es['best_epoch']}" if cfg["restore_best"] and \
+            es.get("best_epoch") else ""
+        why = f" (early stopping on {cfg['monitor']}, patience {cfg['early_stopping']})" \
+            if cfg["early_stopping"] else ""
+        message = (f"checkpoint {args.checkpoint}: the run already stopped early after epoch "
+                   f"{state.epoch}{why}{best}; nothing to resume: to train more start a new run "
+                   f"(--overwrite or another --checkpoint)")
+    elif state.batch == 0 and state.epoch >= epochs:
+        more = f"resume with a larger --epochs, e.g. --epochs {state.epoch + 10}"
+        message = (f"checkpoint {args.checkpoint}: the run already completed its {state.epoch} "
+                   f"epochs; nothing to resume: to train more, {more}")
+    elif state.epoch >= epochs:
+        raise ValueError(f"epochs: the run in {args.checkpoint} is in epoch {state.epoch + 1} "
+                         f"already; --epochs {epochs} ends before it (give at least "
+                         f"--epochs {state.epoch + 1})")
+    else:
+        return False
+    if comm.is_root:
+        print(message)
+    return True
+
+
 def _flatten_data(data):
     for name in ("X_train", "X_val", "X_test"):
         X = getattr(data, name)
@@ -269,6 +335,9 @@ def cmd_train(args):
     from gpubackprop.distributed import communicator
     from gpubackprop.schedules import EarlyStopping, make_schedule
 
+    # Without a launcher, MPI would run this process alone as a world of one: say so instead.
+    require_launcher(args.comm, command="mpiexec -n N gpubackprop train ...", name="comm",
+                     single="--comm single")
     comm = communicator(args.comm)
     if not comm.is_root:
         args.quiet = True  # rank 0 alone prints and writes
@@ -278,9 +347,11 @@ def cmd_train(args):
         if path:
             check_output_path(path, flag)
     if args.plot:
-        from gpubackprop.plotting import require_matplotlib
+        from gpubackprop.plotting import plot_format
 
-        require_matplotlib()
+        plot_format(args.plot)  # matplotlib there, and an extension it writes: before training
+    if ckpt is not None and _already_done(args, cfg, ckpt, comm):
+        return 0
     device, why = resolve_device(cfg["device"])
 
     data = load_dataset(cfg["dataset"], val_split=cfg["val_split"], test_split=cfg["test_split"],
@@ -334,11 +405,15 @@ def cmd_train(args):
                                     scaling=data.scaling, clock=clock, seconds=previous)
     epochs = cfg["epochs"]
 
+    epoch_began = [clock()]
+
     def per_epoch(epoch, logs):
         parts = [f"{k} {v:.4f}" if k != "lr" else f"lr {v:.3g}" for k, v in logs.items()
                  if k != "epoch"]
+        now = clock()
         _say(args, f"epoch {epoch + 1}/{epochs}: " + "  ".join(parts) +
-             f"  ({previous + clock():.1f} s)")
+             f"  ({now - epoch_began[0]:.1f} s, {previous + now:.1f} s in all)")
+        epoch_began[0] = now
 
     on_step = None
     if os.environ.get("GPUBACKPROP_TEST_FAULT", "").startswith("kill-after-step:"):
@@ -353,6 +428,8 @@ def cmd_train(args):
                      on_checkpoint=checkpointer, checkpoint_every=cfg["checkpoint_every"],
                      on_step=on_step, comm=comm)
     seconds = previous + clock()
+    if stopper is not None:
+        _say(args, _early_stopping_note(stopper, len(history["loss"]), epochs))
     test = score(model, loss, cfg["loss"], data.X_test, data.y_test, n_classes)
     epochs_out = []
     for i in range(len(history["loss"])):
