@@ -123,6 +123,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     the global ones).
     """
     from gpubackprop.distributed import communicator, shard_bounds
+    from gpubackprop.memory import check_batch
 
     comm = communicator("single" if comm is None else comm)
     rank, size = comm.rank, comm.size
@@ -146,6 +147,9 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
 
     n = Xh.shape[0]
     n_batches = -(-n // batch_size)
+    # The largest batch this rank gathers (a batch_size beyond the data takes all of it), checked
+    # against the device before the first step: a clear ValueError instead of a MemoryError.
+    check_batch(model, -(-min(batch_size, n) // size))
     history = {"loss": []}
     if loss.classification:
         history["accuracy"] = []

@@ -154,3 +154,21 @@ def test_check_batch_refuses_a_batch_whose_activations_cannot_fit(host_has):
 def test_class_bytes_floor():
     # Per class: a weight and a bias (4 float32 copies each) and one float64 output per sample.
     assert memory.class_bytes(10, 100) == 10 * (32 + 800)
+
+
+def test_fit_checks_the_batch_before_the_first_step(host_has):
+    model = gb.Sequential([gb.Dense(4, 1000, activation="relu"), gb.Dense(1000, 2)], device="cpu",
+                          seed=0)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((1000, 4)).astype(np.float32), rng.integers(0, 2, 1000)
+    loss, opt = gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1)
+    host_has(2 << 20)  # 2 MiB: a batch of 1000 needs (4 + 2 * 1002) * 4 * 1000 bytes, 7.7 MiB
+    before = model.get_params()
+    with pytest.raises(ValueError, match=r"^batch_size: a batch of 1,000 samples needs at least "
+                                         r"7.66 MiB .*; the cpu has 2 MiB available"):
+        gb.fit(model, loss, opt, X, y, epochs=1, batch_size=1000, progress=False)
+    for key, value in model.get_params().items():  # no step was taken
+        np.testing.assert_array_equal(value, before[key])
+    # A batch size beyond the data gathers the data alone: 100 samples fit in 2 MiB.
+    gb.fit(model, loss, opt, X[:100], y[:100], epochs=1, batch_size=10**9, progress=False)
+    gb.fit(model, loss, opt, X, y, epochs=1, batch_size=128, progress=False)
