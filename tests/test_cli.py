@@ -114,7 +114,7 @@ def test_choices_are_the_librarys_names():
     """Each command offers the library's own lists (imported, so a name added there is offered)."""
     from gpubackprop.backend import DEVICES, DTYPES, KERNEL_SETS
     from gpubackprop.cli import build_parser
-    from gpubackprop.datasets import SCALINGS
+    from gpubackprop.datasets import HEADERS, SCALINGS
     from gpubackprop.distributed import COMMUNICATORS
     from gpubackprop.kernels.reference import ACTIVATIONS
     from gpubackprop.layers import INITS
@@ -126,7 +126,7 @@ def test_choices_are_the_librarys_names():
     choices = {name: {a.dest: tuple(a.choices) for a in p._actions if a.choices}
                for name, p in commands.items()}
     assert choices["train"] == {
-        "scale": SCALINGS, "activation": ACTIVATIONS, "init": INITS, "dtype": DTYPES,
+        "header": HEADERS, "scale": SCALINGS, "activation": ACTIVATIONS, "init": INITS, "dtype": DTYPES,
         "loss": tuple(LOSSES), "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
         "monitor": ("val_loss", "val_accuracy"), "comm": COMMUNICATORS, "device": DEVICES,
         "kernels": KERNEL_SETS}
@@ -134,6 +134,7 @@ def test_choices_are_the_librarys_names():
     assert choices["gradcheck"]["loss"] == tuple(LOSSES) == ("ce", "mse", "bce")
     for name in ("evaluate", "predict", "info", "gradcheck"):
         assert (choices[name]["device"], choices[name]["kernels"]) == (DEVICES, KERNEL_SETS)
+    assert choices["evaluate"]["header"] == choices["predict"]["header"] == HEADERS
 
 
 def test_no_command_is_a_usage_error():
@@ -488,6 +489,9 @@ def bad(tmp_path_factory, files):
     trunc = (root / "ck.npz").read_bytes()
     (root / "truncated.npz").write_bytes(trunc[:len(trunc) // 2])
     (root / "a_folder").mkdir()
+    # No header: row 1 has a cell that is not a number (once taken as a header, losing the row).
+    (root / "row1.csv").write_text("1.0,2.0,abc,4.0,1\n" + "".join(f"{i}.5,2,3,4,{i % 2}\n"
+                                                                    for i in range(12)))
     assert good.exists()
     return root
 
@@ -531,6 +535,12 @@ CASES = {
     "plot to a non-image extension": ["train", "--dataset", BLOBS, "--plot", "{root}/plot.txt"],
     "mpi without mpiexec": ["train", "--dataset", BLOBS, "--comm", "mpi"],
     "nccl without mpiexec": ["train", "--dataset", BLOBS, "--comm", "nccl"],
+    "divergence without per-step checks": ["train", "--dataset", "digits", "--optimizer", "sgd",
+                                           "--lr", "1e6", "--nan-check-every", "0"],
+    "header for a dataset that has none": ["train", "--dataset", BLOBS, "--header", "yes"],
+    "malformed first row of a headerless CSV": ["train", "--dataset", "csv:{root}/row1.csv"],
+    "resume with another header": ["train", "--checkpoint", "{root}/ck.npz", "--resume",
+                                   "--header", "no"],
 }
 
 
@@ -603,6 +613,14 @@ def test_error_messages_name_the_problem(bad, files):
     e = err("train", "--dataset", BLOBS, "--optimizer", "sgd", "--lr", "1e30",
             "--nan-check-every", "1", "--batch-size", "8")
     assert "training diverged" in e and "step" in e and "layer" in e
+    # Without per-step checks the end of the first epoch finds it (it once ended "test loss nan").
+    e = err("train", "--dataset", "digits", "--optimizer", "sgd", "--lr", "1e6",
+            "--nan-check-every", "0", "--epochs", "2")
+    assert "training diverged" in e and "(epoch 1, " in e
+    assert f"csv:{bad}/row1.csv: row 1, column 3: expected a number, got 'abc'" in err(
+        "train", "--dataset", "csv:{root}/row1.csv")
+    assert "made with --header auto, not no" in err("train", "--checkpoint", "{root}/ck.npz",
+                                                    "--resume", "--header", "no")
 
 
 def test_lstm_on_an_npz_of_sequences_and_the_lstm_preset_on_digits(tmp_path):
@@ -626,3 +644,130 @@ def test_lstm_on_an_npz_of_sequences_and_the_lstm_preset_on_digits(tmp_path):
     ok(run("evaluate", "--checkpoint", ck, "--dataset", f"npz:{tmp_path / 'seq.npz'}", *FAST))
     r = ok(run("train", "--dataset", "digits", "--model", "lstm", "--epochs", "1", *FAST))
     assert "LSTM(input_size=8,hidden_size=128,num_layers=1) 8x128 -> LastStep()" in r.stdout
+
+
+# ---- CSV headers, warnings, outputs checked and locked, JSON -----------------------------------
+def one_error_line(r):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("gpubackprop: error: ")
+    return line
+
+
+def test_header_is_explicit_in_train_evaluate_predict_and_kept_for_resume(tmp_path):
+    X, y = blobs(60, 5, d=3)
+    path = tmp_path / "d.csv"
+    # A header row of numbers: auto would take it as a sample (and 9 as a label), --header yes not.
+    path.write_text("1,2,3,9\n" + "".join(f"{a:.6f},{b:.6f},{c:.6f},{k}\n"
+                                          for (a, b, c), k in zip(X, y, strict=True)))
+    ck = tmp_path / "ck.npz"
+    r = ok(run("train", "--dataset", f"csv:{path}", "--header", "yes", "--layers", "8",
+               "--epochs", "2", "--checkpoint", ck, *FAST))
+    assert "48 train / 0 validation / 12 test samples, 3 features, 3 classes" in r.stdout
+    with np.load(ck, allow_pickle=False) as z:
+        assert json.loads(str(z["meta"]))["config"]["header"] == "yes"
+    ev = json.loads(ok(run("evaluate", "--checkpoint", ck, "--json", *FAST)).stdout)
+    assert ev["samples"] == 12  # the checkpoint's --header yes, not auto's 13 rows
+    line = one_error_line(run("train", "--checkpoint", ck, "--resume", "--header", "no",
+                              "--epochs", "3"))
+    assert "made with --header yes, not no" in line
+    # predict --input: 2 rows, the first with a cell that is not a number.
+    features = tmp_path / "new.csv"
+    features.write_text("1,x,3\n1,2,3\n")
+    before = sorted(os.listdir(tmp_path))
+    for header in ([], ["--header", "auto"], ["--header", "no"]):
+        line = one_error_line(run("predict", "--checkpoint", ck, "--input", features, "--output",
+                                  tmp_path / "p.csv", *header, *FAST))
+        assert f"{features}" in line and "row 1, column 2" in line and "'x'" in line, header
+    assert sorted(os.listdir(tmp_path)) == before
+    ok(run("predict", "--checkpoint", ck, "--input", features, "--header", "yes", "--output",
+           tmp_path / "p.csv", *FAST))
+    assert (tmp_path / "p.csv").read_text().splitlines()[1:] != []
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 2  # "class" and one prediction
+
+
+def test_a_library_warning_is_one_line(tmp_path):
+    X, _ = blobs(31, 6, d=3)
+    y = [0, 1, 2] * 10 + [50]  # 51 classes for 4 labels: the data set warns
+    path = tmp_path / "gaps.csv"
+    path.write_text("".join(f"{a:.6f},{b:.6f},{c:.6f},{k}\n" for (a, b, c), k in zip(X, y,
+                                                                                    strict=True)))
+    r = ok(run("train", "--dataset", f"csv:{path}", "--layers", "8", "--epochs", "1", "-q", *FAST,
+               env={"PYTHONWARNINGS": ""}))  # the tests' ENV ignores warnings; a shell does not
+    assert r.stderr.splitlines() == [
+        f"gpubackprop: warning: dataset 'csv:{path}': the largest label is 50, so the model gets "
+        f"51 classes, but only 4 distinct labels occur (47 classes never do); renumber the labels "
+        f"0..3 for a smaller model"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's sysfs")
+@pytest.mark.parametrize("flag", ["--metrics-json", "--plot", "--checkpoint"])
+def test_an_unwritable_output_fails_before_training(files, flag):
+    # sysfs refuses new files even to root: found at the start, not after the last epoch.
+    path = "/sys/out.png" if flag == "--plot" else "/sys/out.json"
+    r = run(*train_args(files, flag, path))
+    assert one_error_line(r).startswith(f"gpubackprop: error: {flag[2:]}: cannot write {path}: ")
+    assert r.stdout == ""
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's sysfs")
+def test_an_unwritable_prediction_output_fails_before_the_model_is_loaded(tmp_path):
+    # The checkpoint does not exist: the output is checked first.
+    line = one_error_line(run("predict", "--checkpoint", tmp_path / "none.npz", "--dataset",
+                              "digits", "--output", "/sys/p.csv", *FAST))
+    assert line.startswith("gpubackprop: error: output: cannot write /sys/p.csv: ")
+
+
+HOLD_LOCK = """
+import sys
+from gpubackprop.outputs import lock_output
+lock = lock_output(sys.argv[1], "checkpoint")
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_second_run_on_a_locked_checkpoint_fails_at_start(files, tmp_path):
+    ck = tmp_path / "ck.npz"
+    ok(run(*train_args(files, "--checkpoint", ck, "--epochs", "1")))
+    assert os.listdir(tmp_path) == ["ck.npz"]  # the run's lock went with it
+    before = (ck.read_bytes(), ck.stat().st_mtime_ns)
+    # Another process writing the checkpoint (a run in progress) holds its lock.
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ck)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert other.stdout.readline() == "locked\n", other.stderr.read()
+        for extra in (["--resume"], ["--overwrite"]):
+            r = run(*train_args(files, "--checkpoint", ck, "--epochs", "2", *extra))
+            assert one_error_line(r) == (
+                f"gpubackprop: error: checkpoint {ck}: another process (pid {other.pid}) is "
+                f"writing it (it holds {ck}.lock); wait for it to finish or write to another path")
+            assert r.stdout == "", extra  # stopped at the start: nothing read or trained
+            assert (ck.read_bytes(), ck.stat().st_mtime_ns) == before
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_evaluate_json_of_a_nan_loss_is_valid_json(files, tmp_path):
+    import gpubackprop as gb
+    from gpubackprop.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = tmp_path / "ck.npz"
+    ok(run(*train_args(files, "--checkpoint", ck, "--epochs", "1")))
+    # Weights at the edge of float32 (finite, so they load): the logits overflow to +-inf and the
+    # cross-entropy is NaN, which Python's json would print as NaN.
+    ckpt = load_checkpoint(ck)
+    model = ckpt.build_model(device="cpu", kernels="reference")
+    model.set_params({k: np.where(np.arange(v.size).reshape(v.shape) % 2, 3e38, -3e38)
+                      for k, v in model.get_params().items()})
+    save_checkpoint(ck, model, loss=gb.SoftmaxCrossEntropy(), config=ckpt.config,
+                    scaling=ckpt.scaling)
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    r = ok(run("evaluate", "--checkpoint", ck, "--json", *FAST))
+    ev = json.loads(r.stdout, parse_constant=reject)
+    assert ev["loss"] is None and ev["samples"] == 60

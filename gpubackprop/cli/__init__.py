@@ -2,7 +2,8 @@
 
 Every problem a user can cause (a bad argument, a missing or malformed file, a checkpoint from
 another model, a diverging run) ends the command with one line on stderr,
-``gpubackprop: error: <what is wrong>``, and exit status 2; no existing file is modified.
+``gpubackprop: error: <what is wrong>``, and exit status 2; no existing file is modified. A
+warning (e.g. labels that leave most classes unused) is one line too, ``gpubackprop: warning: ...``.
 Set GPUBACKPROP_DEBUG=1 to get the full traceback instead.
 """
 
@@ -61,6 +62,14 @@ def build_parser():
     return parser
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line on stderr, as the errors are: no source line, no file name."""
+    text = " ".join(str(message).split()) or category.__name__
+    if not issubclass(category, UserWarning):  # the library's own are UserWarnings; say what else
+        text = f"{text} ({category.__name__})"
+    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 1 a failed check, 2 a usage/data error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -69,6 +78,7 @@ def main(argv=None):
             # The NaN guard reports divergence itself; Numba's performance hints are not errors.
             warnings.filterwarnings("ignore", category=RuntimeWarning)
             warnings.filterwarnings("ignore", module="numba")
+            warnings.showwarning = show_warning  # restored with the filters on the way out
             if argv and argv[0] == "bench":
                 return bench.cmd_bench(argv[1:])
             parser = build_parser()

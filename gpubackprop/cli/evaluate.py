@@ -1,10 +1,10 @@
 """``gpubackprop evaluate``: a saved model's loss and accuracy on a data set's split."""
 
-import json
-
 from gpubackprop.cli.inference import dataset_for, fit_input, load_for_inference, n_outputs
-from gpubackprop.cli.options import Formatter, add_device_options
+from gpubackprop.cli.options import HEADER_HELP, Formatter, add_device_options
 from gpubackprop.cli.scoring import check_labels, checkpoint_loss, make_loss, score
+from gpubackprop.datasets import HEADERS
+from gpubackprop.outputs import json_text
 
 
 def add_parser(sub):
@@ -17,9 +17,12 @@ def add_parser(sub):
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint from train")
     p.add_argument("--dataset", metavar="SPEC",
                    help="digits | mnist:DIR | csv:PATH | npz:PATH (default: the training one)")
+    p.add_argument("--header", choices=HEADERS, default=None,
+                   help=f"{HEADER_HELP} (default: the training run's, else auto)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="which split to evaluate (default: test)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON line (a non-finite loss as null)")
     add_device_options(p, None, "device")
 
 
@@ -35,7 +38,7 @@ def cmd_evaluate(args):
     loss_name = checkpoint_loss(ckpt)
     metrics = score(model, make_loss(loss_name), loss_name, X, y, n_out)
     if args.json:
-        print(json.dumps({"split": args.split, "loss": metrics["loss"],
+        print(json_text({"split": args.split, "loss": metrics["loss"],
                           "accuracy": metrics["accuracy"], "samples": len(X)}))
     else:
         print(f"{args.split} accuracy {metrics['accuracy']:.4f}  {args.split} loss "

@@ -1,18 +1,15 @@
 """What evaluate and predict share: a checkpoint's model on the chosen device, its data set, and
 data in the model's per-sample layout."""
 
-import os
-
 import numpy as np
 
-from gpubackprop.cli.options import resolve_device
+from gpubackprop.cli.options import check_checkpoint_file, resolve_device
 
 
 def load_for_inference(args):
     from gpubackprop.checkpoint import load_checkpoint
 
-    if os.path.isdir(args.checkpoint):
-        raise ValueError(f"checkpoint: {args.checkpoint} is a directory, not a checkpoint file")
+    check_checkpoint_file(args.checkpoint)
     ckpt = load_checkpoint(args.checkpoint)
     device, _ = resolve_device(args.device)
     model = ckpt.build_model(device=device, kernels=args.kernels)
@@ -27,10 +24,13 @@ def dataset_for(ckpt, spec, args):
     if spec is None:
         raise ValueError("dataset: expected --dataset (the checkpoint does not name one)")
     scaling = ckpt.scaling
-    label_column = cfg.get("label_column") if spec.startswith("csv:") else None
+    # A CSV is read as in training (label column, header row) unless the command says otherwise.
+    csv = spec.startswith("csv:")
+    label_column = cfg.get("label_column") if csv else None
+    header = args.header or (cfg.get("header", "auto") if csv else "auto")
     data = load_dataset(spec, val_split=cfg.get("val_split", 0.0),
                         test_split=cfg.get("test_split", 0.2), seed=cfg.get("seed", 0),
-                        label_column=label_column,
+                        label_column=label_column, header=header,
                         scaling=scaling if scaling is not None else {"kind": "none"})
     return data
 

@@ -1,6 +1,6 @@
 """What the commands share on the command line: the parser and its usage error, the argument
-types, the options kept None until a resumed run can tell what was given, --device/--kernels, and
-output paths."""
+types, the options kept None until a resumed run can tell what was given, --device/--kernels,
+--header's help, and the check of a --checkpoint that names a folder."""
 
 import argparse
 import os
@@ -109,11 +109,15 @@ def resolve_device(device):
         "as requested"
 
 
-def check_output_path(path, flag):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{flag}: {path} is a folder, expected a file path")
+def check_checkpoint_file(path):
+    """A folder given as --checkpoint (train, resume, evaluate, predict): say so and name a file,
+    before the checkpoint is read or an output check calls it a folder in general terms."""
+    if path and os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path} is a directory, not a checkpoint file; name a file, "
+                         f"e.g. --checkpoint {os.path.join(path, 'run.npz')}")
+
+
+HEADER_HELP = ("csv only: whether row 1 is a header row: auto takes row 1 as a header only when "
+               "none of its cells is a number; yes always; no never (every row is data)")
 
 

@@ -5,8 +5,10 @@ import sys
 import numpy as np
 
 from gpubackprop.cli.inference import dataset_for, fit_input, load_for_inference
-from gpubackprop.cli.options import Formatter, add_device_options, check_output_path
+from gpubackprop.cli.options import HEADER_HELP, Formatter, add_device_options
 from gpubackprop.cli.scoring import checkpoint_loss, make_loss
+from gpubackprop.datasets import HEADERS
+from gpubackprop.outputs import atomic_write, check_output_path
 
 
 def add_parser(sub):
@@ -23,8 +25,10 @@ def add_parser(sub):
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint from train")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="PATH",
-                     help="features only: .npy, .npz (array X) or .csv (header optional)")
+                     help="features only: .npy, .npz (array X) or .csv (header row: see --header)")
     src.add_argument("--dataset", metavar="SPEC", help="a data set; its --split is predicted")
+    p.add_argument("--header", choices=HEADERS, default=None,
+                   help=f"{HEADER_HELP} (default: auto; with --dataset the training run's)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="with --dataset: which split (default: test)")
     p.add_argument("--output", metavar="PATH",
@@ -35,7 +39,6 @@ def add_parser(sub):
 
 
 def cmd_predict(args):
-    from gpubackprop.checkpoint import atomic_write
     from gpubackprop.datasets import apply_scaling, load_features
 
     if args.output:
@@ -44,7 +47,8 @@ def cmd_predict(args):
             raise ValueError(f"output: expected a path ending in .npy or .csv, got {args.output!r}")
     ckpt, model = load_for_inference(args)
     if args.input:
-        X = fit_input(load_features(args.input), model, f"input {args.input}", args.checkpoint)
+        X = load_features(args.input, header=args.header or "auto")
+        X = fit_input(X, model, f"input {args.input}", args.checkpoint)
         if ckpt.scaling is not None:
             X = apply_scaling(X, ckpt.scaling)
     else:

@@ -2,33 +2,36 @@
 and early stopping."""
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import time
+import warnings
 
 from gpubackprop.backend import DTYPES
 from gpubackprop.cli.options import (
+    HEADER_HELP,
     Formatter,
     Options,
     add_device_options,
-    check_output_path,
+    check_checkpoint_file,
     float_in,
     hidden_layers,
     int_at_least,
     resolve_device,
 )
 from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score, targets
-from gpubackprop.datasets import SCALINGS
+from gpubackprop.datasets import HEADERS, SCALINGS
 from gpubackprop.distributed import COMMUNICATORS, require_launcher
 from gpubackprop.kernels.reference import ACTIVATIONS
 from gpubackprop.layers import INITS
 from gpubackprop.modelspec import PRESETS
 from gpubackprop.optimizers import OPTIMIZER_NAMES
+from gpubackprop.outputs import check_output_path, lock_output, write_json
 from gpubackprop.schedules import SCHEDULE_NAMES
 
 # Options whose value a resumed run must share with the checkpoint (the rest may change).
-MUST_MATCH = ("dataset", "label_column", "val_split", "test_split", "scale", "model", "layers",
+MUST_MATCH = ("dataset", "label_column", "header", "val_split", "test_split", "scale", "model", "layers",
               "activation", "init", "dtype", "seed", "loss", "optimizer", "lr", "momentum",
               "weight_decay", "clip_norm", "batch_size", "schedule", "step_size", "gamma",
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
@@ -75,6 +78,7 @@ def add_parser(sub):
           metavar="SPEC")
     g.add("--label-column", None, "csv only: the label column, by header name or index "
           "(negative counts from the end; default: the last column)", metavar="COL")
+    g.add("--header", "auto", HEADER_HELP, choices=HEADERS)
     g.add("--val-split", 0.0, "fraction of the training data held out for validation "
           "(seeded by --seed)", type=float_in(0, 1, name="a fraction in [0, 1)"), metavar="F")
     g.add("--test-split", 0.2, "digits and csv only: fraction held out as the test set",
@@ -167,13 +171,6 @@ def _say(args, text):
         tqdm.write(text, file=sys.stdout)
 
 
-def _write_json(path, obj):
-    from gpubackprop.checkpoint import atomic_write
-
-    text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def _model_from_config(cfg, sample_shape, n_classes, device, kernels):
     """(model, plan) of the configuration's --model for samples of ``sample_shape``."""
     from gpubackprop.modelspec import build_model
@@ -229,9 +226,6 @@ def _train_config(args):
     given = {k: v for k, v in vars(args).items() if k in args.option_defaults and v is not None}
     cfg = dict(args.option_defaults)
     ckpt = None
-    if args.checkpoint and os.path.isdir(args.checkpoint):
-        raise ValueError(f"checkpoint: {args.checkpoint} is a directory, not a checkpoint file; "
-                         f"name a file, e.g. --checkpoint {os.path.join(args.checkpoint, 'run.npz')}")
     if args.resume:
         if not args.checkpoint:
             raise ValueError("resume: expected --checkpoint PATH, the run to continue")
@@ -329,11 +323,7 @@ def _show(v):
 
 
 def cmd_train(args):
-    import gpubackprop as gb
-    from gpubackprop.checkpoint import Checkpointer, fault_point
-    from gpubackprop.datasets import load_dataset
     from gpubackprop.distributed import communicator
-    from gpubackprop.schedules import EarlyStopping, make_schedule
 
     # Without a launcher, MPI would run this process alone as a world of one: say so instead.
     require_launcher(args.comm, command="mpiexec -n N gpubackprop train ...", name="comm",
@@ -341,7 +331,10 @@ def cmd_train(args):
     comm = communicator(args.comm)
     if not comm.is_root:
         args.quiet = True  # rank 0 alone prints and writes
-    cfg, ckpt = _train_config(args)
+        warnings.simplefilter("ignore", UserWarning)  # and warns: every rank loads the same data
+    # Every output checked before anything is read or trained: a folder given as --checkpoint
+    # (said so, naming a file instead), an unwritable path, a plot format matplotlib lacks.
+    check_checkpoint_file(args.checkpoint)
     for path, flag in ((args.checkpoint, "checkpoint"), (args.metrics_json, "metrics-json"),
                        (args.plot, "plot")):
         if path:
@@ -350,12 +343,29 @@ def cmd_train(args):
         from gpubackprop.plotting import plot_format
 
         plot_format(args.plot)  # matplotlib there, and an extension it writes: before training
+    # Rank 0 writes the checkpoint: it holds the path from before the resume reads it until the
+    # end, so a second run on the same path stops here (the Checkpointer's lock is the same one).
+    lock = contextlib.nullcontext()
+    if args.checkpoint and comm.is_root:
+        lock = lock_output(args.checkpoint, "checkpoint")
+    with lock:
+        return _train(args, comm)
+
+
+def _train(args, comm):
+    import gpubackprop as gb
+    from gpubackprop.checkpoint import Checkpointer, fault_point
+    from gpubackprop.datasets import load_dataset
+    from gpubackprop.schedules import EarlyStopping, make_schedule
+
+    cfg, ckpt = _train_config(args)
     if ckpt is not None and _already_done(args, cfg, ckpt, comm):
         return 0
     device, why = resolve_device(cfg["device"])
 
     data = load_dataset(cfg["dataset"], val_split=cfg["val_split"], test_split=cfg["test_split"],
                         seed=cfg["seed"], scale=cfg["scale"], label_column=cfg["label_column"],
+                        header=cfg["header"],
                         scaling=None if ckpt is None else ckpt.scaling)
     n_classes = data.n_classes
     if ckpt is not None:
@@ -442,7 +452,7 @@ def cmd_train(args):
     print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
           f"({len(data.X_test)} samples, {len(epochs_out)} epochs, {seconds:.1f} s)")
     if args.metrics_json:
-        _write_json(args.metrics_json, {"test_accuracy": float(test["accuracy"]),
+        write_json(args.metrics_json, {"test_accuracy": float(test["accuracy"]),
                                         "test_loss": float(test["loss"]), "epochs": epochs_out,
                                         "seconds": float(seconds)})
     if args.plot:
