@@ -5,6 +5,8 @@ permutation drawn by the model's host RNG; nothing crosses to the host inside a 
 number is asked for.
 """
 
+import sys
+
 import numpy as np
 
 from gpubackprop.validation import positive_int, same_length, samples
@@ -344,8 +346,6 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
 
 def _progress_bar(total, progress):
     if isinstance(progress, str) and progress == "auto":
-        import sys
-
         # A bar redrawn with carriage returns is noise in a log file or a pipe.
         progress = sys.stderr is not None and sys.stderr.isatty()
     elif not isinstance(progress, (bool, np.bool_)):
