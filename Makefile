@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# -qq: errors only. With one -q setuptools still prints its notice about editable installs of a
+# package-dir mapping (kernels/ -> gpubackprop.kernels), which the fixed layout needs.
+PIP_QUIET := -qq
 VENV_STAMP := $(VENV)/.created
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
@@ -19,20 +22,20 @@ $(VENV_STAMP):
 	touch $@
 
 $(DEMO_STAMP): pyproject.toml | $(VENV_STAMP)
-	$(PY) -m pip install --quiet -e ".[demo]"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[demo]"
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(VENV_STAMP)
-	$(PY) -m pip install --quiet -e ".[test,mpi]"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[test,mpi]"
 	touch $@
 
 # bench.mpi_scaling runs under mpiexec.
 $(BENCH_STAMP): pyproject.toml | $(VENV_STAMP)
-	$(PY) -m pip install --quiet -e ".[bench,mpi]"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[bench,mpi]"
 	touch $@
 
 $(LINT_STAMP): pyproject.toml | $(VENV_STAMP)
-	$(PY) -m pip install --quiet -e ".[lint]"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[lint]"
 	touch $@
 
 test: test-cpu test-cudasim
@@ -57,7 +60,7 @@ bench: $(BENCH_STAMP)
 # On a machine with an NVIDIA GPU: every test on the device, the demo on cuda, a host-sync count,
 # and the benchmarks (against PyTorch CUDA if it is installed); results in bench/results/gpu-check-<gpu>.json and .md.
 gpu-check: $(TEST_STAMP)
-	$(PY) -m pip install --quiet -e ".[gpu,test,bench,mpi]"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[gpu,test,bench,mpi]"
 	$(PY) -m bench.gpu_check
 
 lint: $(LINT_STAMP)
