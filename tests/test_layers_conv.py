@@ -90,6 +90,35 @@ def test_conv2d_gradients_accumulate_over_chunks_and_calls(backend_spec, rng):
         assert_close(np.array(be.to_host(layer.grads[name])), 2 * gt[name], what=name)
 
 
+def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(backend_spec, rng):
+    """A batch whose columns exceed the budget runs in chunks of at most ``ops.cols_cache_bytes``
+    (the fused CPU set: 2 MiB; the reference and CUDA sets: None, the budget alone); a batch within
+    the budget stays one chunk. Either way the layer equals torch."""
+    torch = pytest.importorskip("torch")
+    layer = gb.Conv2d(2, 3, 3, padding=1, activation="relu")
+    model = model_for(backend_spec, [layer], input_shape=(2, 4, 5))
+    ops = model.backend.ops
+    assert ops.cols_cache_bytes == (2 << 20 if backend_spec == ("cpu", "fused") else None)
+    per_sample = 2 * 3 * 3 * 4 * 5 * 8  # float64 columns of one sample
+    layer.max_cols_bytes = 4 * per_sample
+    ops.cols_cache_bytes = 2 * per_sample + 1
+    assert layer._chunks(4) == [(0, 4)]  # within the budget: no recompute, whatever the cache
+    assert layer._chunks(7) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    ops.cols_cache_bytes = None
+    assert layer._chunks(7) == [(0, 4), (4, 7)]
+    ops.cols_cache_bytes = 2 * per_sample
+    X, dY = rng.normal(size=(7, 2, 4, 5)), rng.normal(size=(7, 3, 4, 5))
+    params = {k[2:]: v for k, v in model.get_params().items()}
+    model.zero_grads()
+    Y, bp = model.forward(model.backend.to_device(X), train=True)
+    dX = bp(model.backend.to_device(dY))
+    Yt, dXt, gt = torch_grads(torch, torch_conv(torch, layer), X, dY, params)
+    assert_close(np.array(model.backend.to_host(Y)), Yt, what="Y")
+    assert_close(np.array(model.backend.to_host(dX)), dXt, what="dX")
+    for name in params:
+        assert_close(np.array(model.backend.to_host(layer.grads[name])), gt[name], what=name)
+
+
 @pytest.mark.parametrize("layers,shape", [
     (lambda: [gb.Conv2d(2, 3, 3, padding=1, activation="tanh"),
               gb.Conv2d(3, 4, (2, 3), stride=2, activation="gelu"), gb.Flatten(), gb.Dense(24, 3)],

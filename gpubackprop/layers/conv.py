@@ -15,6 +15,8 @@ The columns of a chunk are at most ``max_cols_bytes`` (32 MiB; one sample at lea
 balanced sizes), so memory does not grow with the batch. Backprop recomputes each chunk's columns
 rather than keeping all of them, except the last chunk's, still in the buffer from the forward
 pass: backprop runs over the chunks last first (with the whole batch in one chunk, no recompute).
+When the batch's columns exceed the budget, a kernel set may ask for smaller chunks that stay in its
+cache (``ops.cols_cache_bytes``; the CPU set's 2 MiB, see kernels/cpu/conv.py).
 BP3 takes one GEMM a sample and a sum over the chunk when C_out/G <= L (the products are then no
 larger than the columns), else one GEMM over the transposed chunk. A 1x1 convolution with stride 1
 and no padding needs no columns at all: cols is X reshaped.
@@ -186,6 +188,13 @@ class Conv2d(Layer):
         L = self.output_shape[1] * self.output_shape[2]
         per_sample = self._Ktot * L * self.backend.dtype.itemsize
         most = max(1, min(N, self.max_cols_bytes // per_sample))
+        cache = self.backend.ops.cols_cache_bytes
+        if most < N and cache:
+            # Backprop recomputes the columns of every chunk but the last anyway, so chunks whose
+            # columns stay in the cache cost no more im2col, and every pass over them (im2col, the
+            # GEMMs, col2im) then runs from the cache instead of memory (the kernel set's choice:
+            # the CPU set's; a GPU's launches want the largest chunks).
+            most = max(1, min(most, cache // per_sample))
         count = -(-N // most)
         size = -(-N // count)
         return [(s, min(N, s + size)) for s in range(0, N, size)]

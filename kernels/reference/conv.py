@@ -123,6 +123,10 @@ def check_channel_bias_grad(dZ, db):
 class ConvOps:
     """Plain-xp convolution ops (a mixin of ``ReferenceOps``: uses ``self.xp``)."""
 
+    # The columns' size up to which Conv2d's chunks shrink once a batch's columns exceed its budget
+    # (layers/conv.py); None: chunks as large as the budget allows.
+    cols_cache_bytes = None
+
     def im2col(self, X, cols, kernel, stride, padding, dilation):
         """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W); zeros where it lies in padding."""
         win = window(X, kernel, stride, padding, dilation)
