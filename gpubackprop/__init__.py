@@ -18,6 +18,7 @@ from gpubackprop.layers import (
     LastStep,
     LayerNorm,
     MaxPool2d,
+    Model,
     Reshape,
     Residual,
     Sequential,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "Dense", "Activation", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Dropout", "RNN", "LSTM", "GRU", "LastStep",
-    "Reshape", "Residual", "Sequential", "MSE",
+    "Reshape", "Residual", "Sequential", "Model", "MSE",
     "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step",
     "fit", "evaluate", "predict", "gradcheck", "renumber_state_dict", "__version__",
 ]

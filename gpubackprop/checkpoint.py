@@ -36,44 +36,20 @@ class CheckpointError(ValueError):
 
 # ---- describing a model -----------------------------------------------------------------------
 def architecture(layer):
-    """A JSON description of a layer tree: {"type": class name, **layer.config()}, recursively."""
-    from gpubackprop.layers import LAYER_TYPES, Residual, Sequential
+    """A JSON description of a layer tree: {"type": type name, **layer.config()} (the registry's)."""
+    from gpubackprop.layers import registry
 
-    if isinstance(layer, Residual):
-        return {"type": "Residual", "block": architecture(layer.block)}
-    if isinstance(layer, Sequential):
-        desc = {"type": "Sequential", "layers": [architecture(x) for x in layer.layers]}
-        if layer.explicit_input_shape is not None:
-            desc["input_shape"] = list(layer.explicit_input_shape)
-        return desc
-    name = type(layer).__name__
-    if LAYER_TYPES.get(name) is not type(layer):
-        raise TypeError(f"layer: expected one of the layers in gpubackprop.layers.LAYER_TYPES "
-                        f"({', '.join(LAYER_TYPES)}), got {name}")
-    return {"type": name, **layer.config()}
+    return registry.describe(layer)
 
 
 def build_layer(desc):
-    """The layer tree that ``architecture`` describes (a Sequential's model options aside)."""
-    from gpubackprop.layers import LAYER_TYPES
+    """The layer tree that ``architecture`` describes (a model's options aside)."""
+    from gpubackprop.layers import registry
 
-    kind = desc.get("type") if isinstance(desc, dict) else None
-    cls = LAYER_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise CheckpointError(f"architecture: unknown layer description {desc!r}")
-    config = {k: v for k, v in desc.items() if k != "type"}
     try:
-        if kind == "Residual":
-            return cls(build_layer(config["block"]))
-        if kind == "Sequential":
-            return cls([build_layer(x) for x in config["layers"]],
-                       input_shape=config.get("input_shape"))
-        return cls.from_config(config)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"architecture: bad layer description {desc!r} "
-                              f"({type(e).__name__}: {e})") from None
+        return registry.rebuild(desc)
+    except registry.DescriptionError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def describe_architecture(desc):
@@ -132,7 +108,7 @@ def save_checkpoint(path, model, opt=None, loss=None, state=None, config=None, s
     meta = {
         "format": FORMAT, "version": VERSION,
         "model": {"architecture": architecture(model), "dtype": be.dtype.name,
-                  "seed": model.config["seed"], "device": be.device, "kernels": be.kernels},
+                  "seed": model.seed, "device": be.device, "kernels": be.kernels},
         "loss": None if loss is None else type(loss).__name__,
         "rng": _jsonable(be.rng.bit_generator.state),
         "config": _jsonable(config or {}),
@@ -254,16 +230,19 @@ class Checkpoint:
         return s
 
     def build_model(self, device="auto", kernels="fused"):
-        """A fresh Sequential with this checkpoint's architecture, dtype and parameters."""
-        from gpubackprop.layers import Sequential
+        """A fresh model (a Sequential, or a functional Model) with this checkpoint's architecture,
+        dtype and parameters."""
+        from gpubackprop.layers import registry
 
         desc, m = self.architecture, self.meta["model"]
+        cls = registry.LAYER_TYPES.get(desc.get("type")) if isinstance(desc, dict) else None
         try:
-            layers = [build_layer(x) for x in desc["layers"]]
-            model = Sequential(layers, device=device, dtype=m["dtype"], seed=m["seed"],
-                               kernels=kernels, input_shape=desc.get("input_shape"))
-        except CheckpointError:
-            raise
+            if cls is None or not hasattr(cls, "_init_model"):
+                raise ValueError(f"expected a model description, got {desc!r}")
+            model = cls.from_config({k: v for k, v in desc.items() if k != "type"}, device=device,
+                                    dtype=m["dtype"], seed=m["seed"], kernels=kernels)
+        except registry.DescriptionError as e:
+            raise CheckpointError(str(e)) from None
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {self.path}: bad architecture ({e})") from None
         self.restore_model(model)

@@ -39,42 +39,24 @@ and the character position where it starts, e.g.
 ``model: token 3 'maxpool(x)' at character 17: k: expected an integer or HxW, got 'x'``.
 """
 
-import math
 import os
 import re
 
-from gpubackprop.kernels.reference import ACTIVATIONS
+from gpubackprop.kernels.reference import ACTIVATIONS  # noqa: F401 (modelspec.ACTIVATIONS, as before)
+from gpubackprop.layers import LAYER_TYPES, SPEC_TOKENS
+from gpubackprop.layers.registry import REQUIRED
 
 PRESETS = ("mlp", "lenet5", "resnet", "lstm")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PAIR = re.compile(r"^(\d+)x(\d+)$")
 
-# name: (positional parameters, keyword parameters with defaults); REQUIRED marks a must-give.
-REQUIRED = object()
-LAYER_TOKENS = {
-    "conv": (("out", "k"), {"out": REQUIRED, "k": REQUIRED, "stride": 1, "pad": 0, "dil": 1,
-                            "groups": 1, "bias": True, "init": None}),
-    "maxpool": (("k",), {"k": REQUIRED, "stride": None, "pad": 0, "dil": 1}),
-    "avgpool": (("k",), {"k": REQUIRED, "stride": None, "pad": 0, "count_include_pad": True}),
-    "gap": ((), {}),
-    "flatten": ((), {}),
-    "dense": (("n",), {"n": REQUIRED, "init": None}),
-    "bn": ((), {"eps": 1e-5, "momentum": 0.1}),
-    "ln": ((), {"eps": 1e-5}),
-    "dropout": (("p",), {"p": 0.5}),
-    "rnn": (("h",), {"h": REQUIRED, "layers": 1, "relu": False}),
-    "lstm": (("h",), {"h": REQUIRED, "layers": 1}),
-    "gru": (("h",), {"h": REQUIRED, "layers": 1}),
-    "last": ((), {}),
-}
-RECURRENT = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
-# Every name a token may have, as errors list them: derived, so that a new layer is never left out.
-TOKEN_NAMES = (*LAYER_TOKENS, "res", *ACTIVATIONS)
-# How each keyword value is read: "int", "pair" (int or HxW), "float", "bool", "init".
-KINDS = {"out": "int", "n": "int", "groups": "int", "k": "pair", "stride": "pair", "pad": "pair",
-         "dil": "pair", "eps": "float", "momentum": "float", "p": "float", "bias": "bool",
-         "count_include_pad": "bool", "init": "init", "h": "int", "layers": "int",
-         "relu": "bool"}
+# Every token comes from the layer registry (each layer module declares its own): the names, the
+# arguments with their kinds and defaults, and what each makes (gpubackprop.layers.registry).
+LAYER_TOKENS = {name: (tok.positional, tok.defaults) for name, tok in SPEC_TOKENS.items()
+                if not tok.block and tok.activation is None}
+# Every name a token may have, as errors list them: the layers, then res, then the activations.
+TOKEN_NAMES = (*LAYER_TOKENS, *(n for n, t in SPEC_TOKENS.items() if t.block),
+               *(n for n, t in SPEC_TOKENS.items() if t.activation is not None))
 INITS = ("he", "xavier", "lecun", "normal")
 
 
@@ -197,11 +179,12 @@ def _split_args(text, start, end, index, token_text, name_start):
 
 def _read_params(tok):
     """Fill ``tok.params`` from its arguments: positional, then keywords; values converted."""
-    if tok.name in ACTIVATIONS or tok.name == "res":
+    spec = SPEC_TOKENS[tok.name]
+    if spec.activation is not None or spec.block:
         if tok.args:
             raise tok.error(f"{tok.name} takes no arguments")
         return
-    positional, defaults = LAYER_TOKENS[tok.name]
+    positional, defaults = spec.positional, spec.defaults
     params = dict(defaults)
     given = set()
     seen_keyword = False
@@ -223,46 +206,41 @@ def _read_params(tok):
         if key in given:
             raise tok.error(f"argument {key!r} given twice")
         given.add(key)
-        params[key] = _convert(tok, key, value)
+        params[key] = _convert(tok, key, spec.args[key][0], value)
     missing = [k for k, v in params.items() if v is REQUIRED]
     if missing:
-        raise tok.error(f"missing argument {missing[0]!r}; e.g. {_EXAMPLES[tok.name]}")
+        raise tok.error(f"missing argument {missing[0]!r}; e.g. {spec.example}")
     tok.params = params
 
 
-_EXAMPLES = {"conv": "conv(32,3,pad=1)", "maxpool": "maxpool(2)", "avgpool": "avgpool(2)",
-             "dense": "dense(128)", "rnn": "rnn(64)", "lstm": "lstm(64)", "gru": "gru(64)"}
+_FLOATS = {"eps": "a number > 0", "unit": "a number in [0, 1]", "prob": "a probability in [0, 1)"}
 
 
-def _convert(tok, key, value):
-    kind = KINDS[key]
+def _convert(tok, key, kind, value):
     low = value.lower()
-    if kind in ("int", "pair"):
+    if kind in ("int", "pair", "pair0"):
         if low == "classes" and kind == "int":
             return "classes"
-        m = _PAIR.match(low) if kind == "pair" else None
+        m = _PAIR.match(low) if kind != "int" else None
         if m:
             v = (int(m.group(1)), int(m.group(2)))
         elif low.isdigit():
             v = int(low)
         else:
-            raise tok.error(f"{key}: expected {'an integer or HxW' if kind == 'pair' else 'an integer'}"
+            raise tok.error(f"{key}: expected {'an integer' if kind == 'int' else 'an integer or HxW'}"
                             f", got {value!r}")
-        low_ok = 0 if key == "pad" else 1
+        low_ok = 0 if kind == "pair0" else 1
         if min(v if isinstance(v, tuple) else (v,)) < low_ok:
             raise tok.error(f"{key}: expected {'>= 0' if low_ok == 0 else 'a positive value'}, "
                             f"got {value!r}")
         return v
-    if kind == "float":
+    if kind in _FLOATS:
         try:
             v = float(value)
         except ValueError:
             raise tok.error(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(v) or v < 0 or (key == "p" and v >= 1) or (key == "eps" and v == 0) \
-                or (key == "momentum" and v > 1):
-            want = {"p": "a probability in [0, 1)", "eps": "a number > 0",
-                    "momentum": "a number in [0, 1]"}[key]
-            raise tok.error(f"{key}: expected {want}, got {value!r}")
+        if not (v >= 0 and (v > 0 if kind == "eps" else v <= 1 if kind == "unit" else v < 1)):
+            raise tok.error(f"{key}: expected {_FLOATS[kind]}, got {value!r}")
         return v
     if kind == "bool":
         if low in ("true", "yes", "1", "on"):
@@ -343,20 +321,13 @@ def _fmt(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]} features"
 
 
-def _pair(v):
-    return v if isinstance(v, tuple) else (v, v)
-
-
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 class Plan:
     """A parsed and shape-checked model: ``entries`` of (kind, kwargs, in shape, out shape, token)
     ready to become layers (``layers()``), the ``spec`` it came from and the ``output_shape``."""
 
-    def __init__(self, spec, entries, input_shape):
+    def __init__(self, spec, entries, input_shape, layers):
         self.spec, self.entries, self.input_shape = spec, entries, tuple(input_shape)
+        self._layers = layers  # built while planning: their shapes are the entries'
 
     @property
     def output_shape(self):
@@ -371,7 +342,9 @@ class Plan:
 
     def layers(self):
         """The layer objects (gpubackprop.Conv2d, Dense, ...) of this plan, freshly made."""
-        return [_make(e) for e in self.entries]
+        from gpubackprop.layers import registry
+
+        return [registry.rebuild(registry.describe(layer)) for layer in self._layers]
 
 
 _DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": True,
@@ -397,20 +370,6 @@ def _entry_text(e):
     return f"{kind}({args}) {_fmt(out)}"
 
 
-def _make(entry):
-    import gpubackprop as gb
-
-    kind, kw, _, _, tok = entry
-    if kind == "Residual":
-        # The block's own model options are never used (the outer model's apply); "cpu" only
-        # keeps "auto" from being resolved, and noted on stderr, once per block.
-        return gb.Residual(gb.Sequential([_make(e) for e in kw["block"]], device="cpu"))
-    cls = getattr(gb, kind, None)
-    if cls is None:
-        raise tok.error(f"this gpubackprop has no {kind} layer")
-    return cls(**{k: v for k, v in kw.items() if v is not None})
-
-
 def plan(spec, input_shape, n_classes, hidden=(128, 64), activation="relu", init=None):
     """Parse ``spec`` (or a preset name), infer every size from ``input_shape`` (one sample's shape:
     ``(features,)``, ``(time steps, features)`` or ``(channels, height, width)``) and check that
@@ -421,7 +380,7 @@ def plan(spec, input_shape, n_classes, hidden=(128, 64), activation="relu", init
                         f"(channels, height, width), got {shape}")
     text = expand(spec, shape, hidden, activation, init)
     tokens = parse(text)
-    entries, out = _plan_chain(tokens, shape, n_classes)
+    entries, layers, out = _plan_chain(tokens, shape, n_classes)
     if len(out) != 1:
         raise tokens[-1].error(f"the model's output is {_fmt(out)} per sample; end with "
                                f"flatten or gap and dense(classes)")
@@ -429,129 +388,74 @@ def plan(spec, input_shape, n_classes, hidden=(128, 64), activation="relu", init
         raise tokens[-1].error(f"the model ends with {out[0]} outputs but the data has "
                                f"{n_classes} classes; end with dense({n_classes}) or "
                                f"dense(classes)")
-    return Plan(text, entries, shape)
+    return Plan(text, entries, shape, layers)
+
+
+class _Context:
+    """What a token's ``make`` sees: its parameters, the input shape, the class count, the activation
+    fused into it, and how to raise an error that names the token."""
+
+    fmt = staticmethod(_fmt)
+
+    def __init__(self, tok, shape, n_classes, activation):
+        self.tok, self.params, self.shape = tok, tok.params, shape
+        self.n_classes, self.activation = n_classes, activation
+
+    def error(self, message):
+        return self.tok.error(message)
+
+    def size(self, key):
+        """The integer argument ``key``, ``classes`` read as the number of classes."""
+        value = self.params[key]
+        if value != "classes":
+            return value
+        if self.n_classes is None:
+            raise self.error(f"{self.tok.name}(classes) needs the number of classes")
+        return self.n_classes
+
+    def inner(self):
+        """The chain inside ``res(...)``, planned on this token's input shape."""
+        entries, layers, out = _plan_chain(self.tok.inner, self.shape, self.n_classes)
+        inner = Plan(self.tok.text, entries, self.shape, layers)
+        assert inner.output_shape == out
+        return inner
+
+
+_NEEDS = {"image": (3, "image input (channels, height, width)"),
+          "sequence": (2, "sequences (time steps, features)")}
 
 
 def _plan_chain(tokens, shape, n_classes):
-
-    entries = []
+    """(entries, layers, output shape): each token's layers made and built in turn."""
+    fused, prev = {}, None
+    for t in tokens:  # an activation right after conv/dense is that layer's activation=
+        act = SPEC_TOKENS[t.name].activation
+        if act is not None and prev is not None and SPEC_TOKENS[prev.name].fuses_activation \
+                and id(prev) not in fused:
+            fused[id(prev)] = act
+            fused[id(t)] = None  # consumed
+        prev = t
+    entries, layers = [], []
     for t in tokens:
-        p = t.params
-        if t.name in ACTIVATIONS:
-            prev = entries[-1] if entries else None
-            if prev is not None and prev[0] in ("Conv2d", "Dense") and prev[4] is not None \
-                    and prev[1]["activation"] == "identity" and not prev[1].get("_fused"):
-                prev[1]["activation"] = t.name
-                prev[1]["_fused"] = True
-                continue
-            entries.append(("Activation", {"activation": t.name}, shape, shape, t))
+        if fused.get(id(t), "") is None:
             continue
-        if t.name == "res":
-            inner, out = _plan_chain(t.inner, shape, n_classes)
-            if out != shape:
-                raise t.error(f"the residual block maps {_fmt(shape)} to {_fmt(out)}; it must "
-                              f"keep the shape (Y = X + block(X))")
-            entries.append(("Residual", {"block": inner}, shape, shape, t))
-            continue
-        if t.name == "dense":
-            if len(shape) > 1:
-                entries.append(("Flatten", {}, shape, (math.prod(shape),), None))
-                shape = (math.prod(shape),)
-            n = n_classes if p["n"] == "classes" else p["n"]
-            if n is None:
-                raise t.error("dense(classes) needs the number of classes")
-            entries.append(("Dense", {"n_in": shape[0], "n_out": n, "activation": "identity",
-                                      "init": p["init"]}, shape, (n,), t))
-            shape = (n,)
-            continue
-        if t.name in RECURRENT:
-            if len(shape) == 3 and shape[0] == 1:  # a one-channel image, row by row
-                entries.append(("Reshape", {"shape": shape[1:]}, shape, shape[1:], None))
-                shape = shape[1:]
-            if len(shape) != 2:
-                raise t.error(f"needs sequences (time steps, features), got {_fmt(shape)}")
-            h = n_classes if p["h"] == "classes" else p["h"]
-            kw = {"input_size": shape[1], "hidden_size": h, "num_layers": p["layers"]}
-            if t.name == "rnn":
-                kw["nonlinearity"] = "relu" if p["relu"] else "tanh"
-            out = (shape[0], h)
-            entries.append((RECURRENT[t.name], kw, shape, out, t))
+        spec = SPEC_TOKENS[t.name]
+        if spec.needs is not None and len(shape) != _NEEDS[spec.needs][0]:
+            raise t.error(f"needs {_NEEDS[spec.needs][1]}, got {_fmt(shape)}")
+        made = spec.make(_Context(t, shape, n_classes, fused.get(id(t), "identity")))
+        for n, item in enumerate(made):
+            kind, kw = item[0], item[1]
+            try:
+                layer = item[2] if len(item) > 2 else \
+                    LAYER_TYPES[kind](**{k: v for k, v in kw.items() if v is not None})
+                out = tuple(layer.build(shape))
+            except ValueError as e:  # the layer's own words, with where the token is
+                raise t.error(str(e)) from None
+            # The token's own layer is its last; those before it adapt the input (a Flatten).
+            entries.append((kind, kw, shape, out, t if n == len(made) - 1 else None))
+            layers.append(layer)
             shape = out
-            continue
-        if t.name == "last":
-            if len(shape) != 2:
-                raise t.error(f"needs sequences (time steps, features), got {_fmt(shape)}")
-            entries.append(("LastStep", {}, shape, (shape[1],), t))
-            shape = (shape[1],)
-            continue
-        if t.name in ("conv", "maxpool", "avgpool", "gap") and len(shape) != 3:
-            raise t.error(f"needs image input (channels, height, width), got {_fmt(shape)}")
-        if t.name == "conv":
-            C, H, W = shape
-            out_c = n_classes if p["out"] == "classes" else p["out"]
-            k, s, pad, d = (_pair(p[x]) for x in ("k", "stride", "pad", "dil"))
-            g = p["groups"]
-            if C % g or out_c % g:
-                raise t.error(f"groups={g} must divide the input channels ({C}) and the output "
-                              f"channels ({out_c})")
-            oh, ow = (_out_size(n, kk, ss, pp, dd) for n, kk, ss, pp, dd in
-                      zip((H, W), k, s, pad, d, strict=True))
-            if oh < 1 or ow < 1:
-                raise t.error(f"the {_fmt(shape)} input is too small for this kernel "
-                              f"(output {oh}x{ow})")
-            out = (out_c, oh, ow)
-            entries.append(("Conv2d", {"in_channels": C, "out_channels": out_c,
-                                       "kernel_size": _plain(k), "stride": _plain(s),
-                                       "padding": _plain(pad), "dilation": _plain(d),
-                                       "groups": g, "bias": p["bias"], "activation": "identity",
-                                       "init": p["init"]}, shape, out, t))
-            shape = out
-        elif t.name in ("maxpool", "avgpool"):
-            C, H, W = shape
-            k = _pair(p["k"])
-            s = _pair(p["stride"]) if p["stride"] is not None else k
-            pad = _pair(p["pad"])
-            d = _pair(p.get("dil", 1))
-            if pad[0] > k[0] // 2 or pad[1] > k[1] // 2:
-                raise t.error(f"pad={_plain(pad)} must be at most half the kernel size {_plain(k)}")
-            oh, ow = (_out_size(n, kk, ss, pp, dd) for n, kk, ss, pp, dd in
-                      zip((H, W), k, s, pad, d, strict=True))
-            if oh < 1 or ow < 1:
-                raise t.error(f"the {_fmt(shape)} input is too small to pool (output {oh}x{ow})")
-            out = (C, oh, ow)
-            if t.name == "maxpool":
-                kw = {"kernel_size": _plain(k), "stride": _plain(s), "padding": _plain(pad),
-                      "dilation": _plain(d)}
-                entries.append(("MaxPool2d", kw, shape, out, t))
-            else:
-                kw = {"kernel_size": _plain(k), "stride": _plain(s), "padding": _plain(pad),
-                      "count_include_pad": p["count_include_pad"]}
-                entries.append(("AvgPool2d", kw, shape, out, t))
-            shape = out
-        elif t.name == "gap":
-            entries.append(("GlobalAvgPool2d", {}, shape, (shape[0],), t))
-            shape = (shape[0],)
-        elif t.name == "flatten":
-            out = (math.prod(shape),)
-            entries.append(("Flatten", {}, shape, out, t))
-            shape = out
-        elif t.name == "bn":
-            kind = "BatchNorm2d" if len(shape) == 3 else "BatchNorm1d"
-            entries.append((kind, {"num_features": shape[0], "eps": p["eps"],
-                                   "momentum": p["momentum"]}, shape, shape, t))
-        elif t.name == "ln":
-            ns = shape[0] if len(shape) == 1 else tuple(shape)
-            entries.append(("LayerNorm", {"normalized_shape": ns, "eps": p["eps"]}, shape, shape,
-                            t))
-        elif t.name == "dropout":
-            entries.append(("Dropout", {"p": p["p"]}, shape, shape, t))
-    for e in entries:
-        e[1].pop("_fused", None)
-    return entries, shape
-
-
-def _plain(pair):
-    return pair[0] if pair[0] == pair[1] else tuple(pair)
+    return entries, layers, shape
 
 
 def build_layers(spec, input_shape, n_classes, hidden=(128, 64), activation="relu", init=None):

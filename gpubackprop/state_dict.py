@@ -47,8 +47,9 @@ _Slot = collections.namedtuple("_Slot", ["key", "buffer", "offset", "shape"])
 def _layout(model):
     """[_Slot] for every state-dict entry of ``model``, in torch's order (per layer: its parameters,
     then its buffers)."""
-    if getattr(model, "_nested", False):
-        raise RuntimeError("this Sequential is part of another model: use the outer model's state dict")
+    if getattr(model, "_outer", None) is not None:
+        raise RuntimeError(f"this {type(model).__name__} is part of another model: use the outer "
+                           f"model's state dict")
     model.backend  # noqa: B018 (build first)
     per_layer = collections.defaultdict(list)
     for key, layer, name, offset, shape in model._params:
@@ -151,9 +152,9 @@ def _write(be, staged):
 def _entries(target, name):
     """[(key, shape or None)] of ``target``: a gpubackprop model, anything with a ``state_dict()``
     method (a torch module), or a mapping {key: array}."""
-    from gpubackprop.layers.combinators import Sequential  # here: combinators imports this module
+    from gpubackprop.layers.model import Model  # here: the model module imports this one
 
-    if isinstance(target, Sequential):
+    if isinstance(target, Model):
         return [(slot.key, slot.shape) for slot in _layout(target)]
     if not isinstance(target, collections.abc.Mapping) and callable(getattr(target, "state_dict", None)):
         target = target.state_dict()

@@ -257,3 +257,29 @@ def test_early_stopping_state_survives_resume(tmp_path):
     assert h == h_ref
     for k, v in model.get_params().items():
         assert np.array_equal(v, ref[k])
+
+
+# ---- checkpoints written by earlier versions ---------------------------------------------------
+def test_a_checkpoint_written_before_the_model_split_loads_and_resumes():
+    """tests/data/checkpoint_v1_sequential.npz was written by the code before Model was split out
+    of Sequential (tests/data/make_checkpoint_v1.py, at epoch 1 of 2); it rebuilds, predicts as
+    then and resumes to the parameters the uninterrupted run ended with."""
+    import importlib.util
+
+    here = os.path.join(os.path.dirname(__file__), "data")
+    spec = importlib.util.spec_from_file_location("make_v1", os.path.join(here, "make_checkpoint_v1.py"))
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    expected = np.load(os.path.join(here, "checkpoint_v1_expected.npz"))
+    ck = load_checkpoint(os.path.join(here, "checkpoint_v1_sequential.npz"))
+    assert ck.architecture["type"] == "Sequential"
+    X, y = maker.data()
+    rebuilt = ck.build_model(device="cpu", kernels="reference")
+    assert isinstance(rebuilt, gb.Sequential) and isinstance(rebuilt.layers[2], gb.Residual)
+    np.testing.assert_allclose(rebuilt.predict(X), expected["predict_epoch1"], rtol=1e-12, atol=1e-13)
+    model, loss, opt = maker.make()
+    state = ck.restore(model, opt, loss)
+    assert state.epoch == 1 and model.step == 3  # Dropout's step counter came back too
+    gb.fit(model, loss, opt, X, y, epochs=2, batch_size=8, progress=False, state=state)
+    for key, value in model.get_params().items():
+        np.testing.assert_allclose(value, expected[f"param/{key}"], rtol=1e-10, atol=1e-12)

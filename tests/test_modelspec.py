@@ -152,8 +152,9 @@ ERRORS = [
                  r"character 5"),
     ("conv(8,3)--dense(10)", r"token 2 at character 11: expected a layer name .* got '-'"),
     ("dense(10)-maxpool(2)", r"token 2 'maxpool\(2\)' at character 11: needs image input"),
-    ("conv(3,9)-flatten-dense(10)", r"token 1 'conv\(3,9\)' at character 1: the 1x8x8 input is "
-                                    r"too small for this kernel \(output 0x0\)"),
+    # Shape rules are the layers' own (their words, with where the token is).
+    ("conv(3,9)-flatten-dense(10)", r"token 1 'conv\(3,9\)' at character 1: kernel 9x9 larger "
+                                    r"than the padded input 8x8 \(input shape \(1, 8, 8\)"),
     ("flatten-dense(5)", r"token 2 'dense\(5\)' at character 9: the model ends with 5 outputs but "
                          r"the data has 10 classes"),
     ("conv(8,3)", r"token 1 'conv\(8,3\)' at character 1: the model's output is 8x6x6 per sample"),
@@ -170,8 +171,12 @@ ERRORS = [
                                 r"maps 1x8x8 to 5 features"),
     ("res-dense(10)", r"token 1 'res' at character 1: expected a block in parentheses"),
     ("relu(2)-dense(10)", r"token 1 'relu\(2\)' at character 1: relu takes no arguments"),
-    ("conv(6,3,groups=4)-gap-dense(10)", r"groups=4 must divide the input channels \(1\)"),
-    ("maxpool(2,pad=2)-dense(10)", r"pad=2 must be at most half the kernel size 2"),
+    ("conv(6,3,groups=4)-gap-dense(10)", r"token 1 'conv\(6,3,groups=4\)' at character 1: groups: "
+                                         r"expected a divisor of in_channels \(1\)"),
+    ("maxpool(2,pad=2)-dense(10)", r"token 1 'maxpool\(2,pad=2\)' at character 1: padding: expected "
+                                   r"at most half the kernel size 2"),
+    ("conv(2,3)-conv(4,3)-conv(4,3)-conv(4,3)-dense(10)",
+     r"token 4 'conv\(4,3\)' at character 31: kernel 3x3 larger than the padded input 2x2"),
     ("conv(8,3,bias=maybe)-gap-dense(10)", r"bias: expected true or false, got 'maybe'"),
     ("dense(10,init=zeros)", r"init: expected one of he, xavier, lecun, normal, got 'zeros'"),
     ("conv(0,3)-gap-dense(10)", r"out: expected a positive value, got '0'"),

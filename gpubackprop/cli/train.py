@@ -24,7 +24,7 @@ from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score
 from gpubackprop.datasets import HEADERS, SCALINGS
 from gpubackprop.distributed import COMMUNICATORS, require_launcher
 from gpubackprop.kernels.reference import ACTIVATIONS
-from gpubackprop.layers import INITS
+from gpubackprop.layers import INITS, SPEC_TOKENS
 from gpubackprop.modelspec import PRESETS
 from gpubackprop.optimizers import OPTIMIZER_NAMES
 from gpubackprop.outputs import check_output_path, lock_output, write_json
@@ -37,18 +37,12 @@ MUST_MATCH = ("dataset", "label_column", "header", "val_split", "test_split", "s
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
 
 
+# The tokens' lines come from the layer registry: each layer module declares its own.
+_TOKEN_LINES = "\n".join(f"  {tok.help}" for tok in SPEC_TOKENS.values() if tok.activation is None)
 MODEL_HELP = f"""\
 --model: a preset name or a spec, tokens joined by '-', sizes inferred from the data:
-  conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true,init=)   2-D convolution (k etc.: N or HxW)
-  maxpool(k,stride=k,pad=0,dil=1)  avgpool(k,stride=k,pad=0,count_include_pad=true)
-  gap (global average pool)  flatten  dense(n,init=)  bn(eps=1e-5,momentum=0.1)  ln(eps=1e-5)
-  dropout(p=0.5)
-  lstm(h,layers=1)  gru(h,layers=1)  rnn(h,layers=1,relu=false)   recurrent layers over sequences
-                (time steps, features) -> (time steps, h); a one-channel image is read as its
-                rows, e.g. digits as 8 steps of 8 pixels (rnn: tanh, or relu=true)
-  last          the last time step of a sequence: (time steps, h) -> h features, e.g. lstm(64)-last
-  res(SPEC)     residual block Y = X + SPEC(X), e.g. res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
-  {'|'.join(ACTIVATIONS)}
+{_TOKEN_LINES}
+  {'|'.join(t.name for t in SPEC_TOKENS.values() if t.activation is not None)}
                 after conv/dense: fused into that layer; elsewhere an activation layer
   init=         weights of conv/dense: {' | '.join(INITS)} (default: dense he before
                 relu/leaky_relu/gelu, else xavier; conv PyTorch's uniform), e.g. dense(128,init=lecun)

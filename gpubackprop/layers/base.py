@@ -2,10 +2,11 @@
 bookkeeping.
 
 A layer is a subclass of ``Layer`` written against this protocol, nothing more (the base class
-gives a default for every method below but ``forward``); the model (the outermost ``Sequential``)
-does the rest: it infers shapes, owns the flat buffers, seeds the initial values and counts steps.
-Combinators (``Sequential``, ``Residual``) are layers too; ``leaves(prefix)`` lists the leaf
-layers under one with their key prefixes, and only leaves get ``attach``.
+gives a default for every method below but ``forward``); the model (``gpubackprop.layers.model``:
+the outermost ``Sequential``, or a functional ``Model``) does the rest: it infers shapes, owns the
+flat buffers, seeds the initial values and counts steps. Combinators (``Sequential``,
+``Residual``) are layers too; ``leaves(prefix)`` lists the leaf layers under one with their key
+prefixes, ``children()`` the layers directly under it, and only leaves get ``attach``.
 
 **Declaring (pure Python, before any backend exists).**
 
@@ -38,8 +39,10 @@ layers under one with their key prefixes, and only leaves get ``attach``.
     default ``initial_state`` is zeros.
 ``config() -> dict``
     JSON-able constructor keyword arguments: ``type(layer)(**config())`` is an equal layer, also
-    after a JSON round trip (tuples come back as lists, so constructors take both). Checkpoints
-    store ``{"type": class name, **config()}``; the class must be in ``gpubackprop.layers.LAYER_TYPES``.
+    after a JSON round trip (tuples come back as lists, so constructors take both); a combinator
+    describes its children inside it (``registry.describe``) and overrides ``from_config``.
+    Checkpoints store ``{"type": type name, **config()}``; the class must be registered
+    (``gpubackprop.layers.registry.register``, which also declares its model-spec tokens).
 
 **Binding (once per model build).** ``attach(backend, params, grads, state, context, index)``:
 ``params``/``grads``/``state`` are {name: device array} views into the model's flat buffers,
@@ -139,6 +142,10 @@ class Layer:
     def leaves(self, prefix=""):
         """[(key prefix, layer)] of the leaf layers under this one, in forward order."""
         return [(prefix, self)]
+
+    def children(self):
+        """The layers directly under this one (a combinator's); [] for a leaf."""
+        return []
 
     # ---- binding --------------------------------------------------------------------------------
     backend = None

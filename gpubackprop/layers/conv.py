@@ -29,6 +29,7 @@ import numpy as np
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
 from gpubackprop.layers.base import Layer, fmt_shape, int_pair, no_backprop, pair_repr
 from gpubackprop.layers.dense import INITS, init_weights
+from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
 from gpubackprop.validation import check_choice, positive_int
 
 MAX_COLS_BYTES = 32 << 20
@@ -304,3 +305,21 @@ class Conv2d(Layer):
             dZg.reshape(G, Cog, n, L)[...] = dZc.transpose(1, 2, 0, 3)
             colsg.reshape(G, K, n, L)[...] = cols.transpose(1, 2, 0, 3)
             xp.matmul(dZg, colsg.transpose(0, 2, 1), out=dW)
+
+
+# ---- registry declarations ------------------------------------------------------------------
+def _make_conv(ctx):
+    p = ctx.params
+    return [("Conv2d", {"in_channels": ctx.shape[0], "out_channels": ctx.size("out"),
+                        "kernel_size": plain(p["k"]), "stride": plain(p["stride"]),
+                        "padding": plain(p["pad"]), "dilation": plain(p["dil"]),
+                        "groups": p["groups"], "bias": p["bias"], "activation": ctx.activation,
+                        "init": p["init"]})]
+
+
+register(Conv2d, SpecToken(
+    "conv", _make_conv, {"out": ("int", REQUIRED), "k": ("pair", REQUIRED), "stride": ("pair", 1),
+                         "pad": ("pair0", 0), "dil": ("pair", 1), "groups": ("int", 1),
+                         "bias": ("bool", True), "init": ("init", None)},
+    positional=("out", "k"), needs="image", fuses_activation=True, example="conv(32,3,pad=1)",
+    help="conv(out,k,stride=1,pad=0,dil=1,groups=1,bias=true,init=)   2-D convolution (k etc.: N or HxW)"))

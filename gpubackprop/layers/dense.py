@@ -6,6 +6,7 @@ import numpy as np
 
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, size_of
+from gpubackprop.layers.registry import REQUIRED, SpecToken, register
 from gpubackprop.validation import check_choice, positive_int
 
 INITS = ("he", "xavier", "lecun", "normal")
@@ -258,3 +259,25 @@ class Activation(Layer):
             return ops.act_backward(dY.reshape(dZbuf.shape), saved, act, dZbuf).reshape(X.shape)
 
         return Y, backprop
+
+
+# ---- registry declarations ------------------------------------------------------------------
+def _make_dense(ctx):
+    shape, made = ctx.shape, []
+    if len(shape) > 1:  # a dense on images flattens them first
+        made.append(("Flatten", {}))
+    return made + [("Dense", {"n_in": size_of(shape), "n_out": ctx.size("n"),
+                              "activation": ctx.activation, "init": ctx.params["init"]})]
+
+
+def _activation_token(name):
+    return SpecToken(name, lambda ctx: [("Activation", {"activation": name})], activation=name)
+
+
+register(Dense, SpecToken("dense", _make_dense, {"n": ("int", REQUIRED), "init": ("init", None)},
+                          positional=("n",), fuses_activation=True, example="dense(128)",
+                          help="dense(n,init=)   fully connected; on images it flattens them first"))
+register(Reshape)
+register(Flatten, SpecToken("flatten", lambda ctx: [("Flatten", {})],
+                           help="flatten       (C, H, W) -> (C·H·W,)"))
+register(Activation, *(_activation_token(name) for name in ACTIVATIONS))

@@ -11,6 +11,7 @@ import math
 import numbers
 
 from gpubackprop.layers.base import Layer, no_backprop
+from gpubackprop.layers.registry import SpecToken, register
 
 
 class _DropoutWorkspace:
@@ -58,3 +59,8 @@ class Dropout(Layer):
             return ops.dropout_backward(dY, ws.dX, p, seed, layer, step)
 
         return ws.Y, backprop
+
+
+register(Dropout, SpecToken("dropout", lambda ctx: [("Dropout", {"p": ctx.params["p"]})],
+                            {"p": ("prob", 0.5)}, positional=("p",),
+                            help="dropout(p=0.5)   inverted dropout"))

@@ -19,6 +19,7 @@ import numbers
 import numpy as np
 
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, shape_tuple, size_of
+from gpubackprop.layers.registry import SpecToken, register
 from gpubackprop.validation import positive_int
 
 
@@ -240,3 +241,23 @@ class LayerNorm(Layer):
             return ws.dX if input_grad else None
 
         return ws.Y, backprop
+
+
+# ---- registry declarations ------------------------------------------------------------------
+def _make_bn(ctx):  # BatchNorm2d on images, BatchNorm1d on vectors and sequences
+    kind = "BatchNorm2d" if len(ctx.shape) == 3 else "BatchNorm1d"
+    return [(kind, {"num_features": ctx.shape[0], "eps": ctx.params["eps"],
+                    "momentum": ctx.params["momentum"]})]
+
+
+def _make_ln(ctx):  # over the whole sample
+    shape = ctx.shape
+    return [("LayerNorm", {"normalized_shape": shape[0] if len(shape) == 1 else tuple(shape),
+                           "eps": ctx.params["eps"]})]
+
+
+register(BatchNorm1d, SpecToken("bn", _make_bn, {"eps": ("eps", 1e-5), "momentum": ("unit", 0.1)},
+                                help="bn(eps=1e-5,momentum=0.1)   batch norm (2d on images)"))
+register(BatchNorm2d)
+register(LayerNorm, SpecToken("ln", _make_ln, {"eps": ("eps", 1e-5)},
+                              help="ln(eps=1e-5)  layer norm over the whole sample"))

@@ -5,6 +5,7 @@ import numpy as np
 
 from gpubackprop.layers.base import Layer, fmt_shape, int_pair, no_backprop, pair_repr
 from gpubackprop.layers.conv import _geometry
+from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
 
 
 def _contiguous(xp, a):
@@ -151,3 +152,29 @@ class GlobalAvgPool2d(Layer):
             return dX
 
         return Y, backprop
+
+
+# ---- registry declarations ------------------------------------------------------------------
+def _make_pool(kind, extra):
+    def make(ctx):
+        p = ctx.params
+        k = plain(p["k"])
+        kw = {"kernel_size": k, "stride": k if p["stride"] is None else plain(p["stride"]),
+              "padding": plain(p["pad"])}
+        return [(kind, {**kw, **{name: plain(p[key]) if key == "dil" else p[key]
+                                 for key, name in extra.items()}})]
+    return make
+
+
+_WINDOW = {"k": ("pair", REQUIRED), "stride": ("pair", None), "pad": ("pair0", 0)}
+register(MaxPool2d, SpecToken("maxpool", _make_pool("MaxPool2d", {"dil": "dilation"}),
+                              {**_WINDOW, "dil": ("pair", 1)}, positional=("k",), needs="image",
+                              example="maxpool(2)",
+                              help="maxpool(k,stride=k,pad=0,dil=1)   max pooling"))
+register(AvgPool2d, SpecToken("avgpool", _make_pool("AvgPool2d",
+                                                    {"count_include_pad": "count_include_pad"}),
+                              {**_WINDOW, "count_include_pad": ("bool", True)}, positional=("k",),
+                              needs="image", example="avgpool(2)",
+                              help="avgpool(k,stride=k,pad=0,count_include_pad=true)   average pooling"))
+register(GlobalAvgPool2d, SpecToken("gap", lambda ctx: [("GlobalAvgPool2d", {})], needs="image",
+                                    help="gap           global average pool: (C, H, W) -> (C,)"))

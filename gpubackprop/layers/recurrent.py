@@ -45,6 +45,7 @@ import numpy as np
 
 from gpubackprop.kernels.reference.recurrent import RNN_ACTIVATIONS
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
+from gpubackprop.layers.registry import REQUIRED, SpecToken, register
 from gpubackprop.validation import check_choice, positive_int
 
 # Per mode: gates G, and the width (in H) of the per-step saved gates (0: none, h is enough).
@@ -462,3 +463,36 @@ class LastStep(Layer):
             return dX
 
         return Y, backprop
+
+
+# ---- registry declarations ------------------------------------------------------------------
+def _make_recurrent(kind):
+    def make(ctx):
+        shape, made = ctx.shape, []
+        if len(shape) == 3 and shape[0] == 1:  # a one-channel image, row by row
+            shape = shape[1:]
+            made.append(("Reshape", {"shape": shape}))
+        if len(shape) != 2:
+            raise ctx.error(f"needs sequences (time steps, features), got {ctx.fmt(shape)}")
+        kw = {"input_size": shape[1], "hidden_size": ctx.size("h"), "num_layers": ctx.params["layers"]}
+        if kind == "RNN":
+            kw["nonlinearity"] = "relu" if ctx.params["relu"] else "tanh"
+        return made + [(kind, kw)]
+    return make
+
+
+_RECURRENT_ARGS = {"h": ("int", REQUIRED), "layers": ("int", 1)}
+register(RNN, SpecToken("rnn", _make_recurrent("RNN"), {**_RECURRENT_ARGS, "relu": ("bool", False)},
+                        positional=("h",), example="rnn(64)",
+                        help="rnn(h,layers=1,relu=false)   Elman RNN (tanh, or relu=true)"))
+register(LSTM, SpecToken("lstm", _make_recurrent("LSTM"), _RECURRENT_ARGS, positional=("h",),
+                         example="lstm(64)",
+                         help="lstm(h,layers=1)   LSTM over sequences (time steps, features) -> "
+                              "(time steps, h);\n                a one-channel image is read as its "
+                              "rows, e.g. digits as 8 steps of 8 pixels"))
+register(GRU, SpecToken("gru", _make_recurrent("GRU"), _RECURRENT_ARGS, positional=("h",),
+                        example="gru(64)",
+                        help="gru(h,layers=1)   GRU, as lstm"))
+register(LastStep, SpecToken("last", lambda ctx: [("LastStep", {})], needs="sequence",
+                             help="last          the last time step of a sequence: (time steps, h) -> h "
+                                  "features, e.g. lstm(64)-last"))
