@@ -1,7 +1,8 @@
 """``python -m bench`` from the repository root: the full benchmark, results into bench/results/.
 
 Extra arguments go to ``gpubackprop bench`` (see ``python -m bench --help``); without ``--out``
-the files are written as bench/results/<machine-type>.json, .md and .png.
+the files are written as bench/results/<machine-type>.json, .md and .png (a run of some sections
+only, e.g. ``python -m bench --sections vgg``, as <machine-type>-vgg.json and .md).
 """
 
 import os

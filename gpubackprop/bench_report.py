@@ -9,6 +9,19 @@ import os
 TARGETS = {"L": 1.25, "S": 1.7, "T": 5.0}  # issue 4: fused float32 over PyTorch, CPU
 GEMM_TARGET = ("L", 0.9)
 OPS_TARGET = ((256, 1024), 2.0)
+# issue 15, CPU, fused float32: network -> (× PyTorch, fraction of the step's GEMM limit or None)
+NETWORK_TARGETS = {"lenet5": (1.5, 0.7), "vgg": (1.0, 0.7), "resnet": (1.3, 0.7), "lstm": (1.1, None),
+                   "gru": (1.5, None)}
+NETWORK_ORDER = ("lenet5", "vgg", "resnet", "lstm", "gru")
+SPLIT_NOTES = {
+    "conv GEMM": "the conv layers' forward, weight- and input-gradient GEMMs",
+    "conv other": "the conv layers' bias+activation, its derivative, the bias gradient, the weight "
+                  "gradient's sum over a chunk and copies",
+    "activation": "Activation layers (after a norm or a sum)",
+    "pooling": "max, average and global average pooling",
+    "recurrent other": "the recurrent layers' input bias, bias gradients and copies",
+    "dense": "the dense layers whole (GEMMs, bias, activation)",
+    "rest": "loss, optimizer, reshapes and Python between the layers"}
 
 
 def _fmt(x, spec=".0f", none="—"):
@@ -45,24 +58,10 @@ def markdown(results):
     if "throughput" in results:
         out += ["", "## Training step throughput", ""]
         out += _throughput_table(results["throughput"], results["shapes"])
-    if "lenet5" in results:
-        out += ["", "## LeNet-5", ""]
-        out += _lenet_tables(results["lenet5"])
-    if "lstm" in results:
-        r = results["lstm"]
-        out += ["", "## LSTM", "",
-                f"LSTM({r['input_size']}, {r['hidden_size']}) over T={r['T']} steps -> last step -> "
-                f"Dense({r['hidden_size']}, {r['classes']}), batch {r['batch']}, SGD momentum; "
-                f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step.", "",
-                "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch |",
-                "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for row in r["rows"]:
-            if row.get("samples_per_s") is None:
-                out.append(f"| {row['device']} | {row['contender']} | {row.get('note', '')} | | | |")
-                continue
-            out.append(f"| {row['device']} | {row['contender']} | {row['samples_per_s']:.0f} | "
-                       f"{row['step_ms']:.2f} | {row['gflops']:.1f} | "
-                       f"{_fmt(row.get('ratio_to_pytorch'), '.2f')} |")
+    for key in NETWORK_ORDER:
+        if key in results:
+            out += ["", f"## {results[key]['title']}", ""]
+            out += _network_tables(key, results[key])
     if "gemm" in results:
         out += ["", "## GEMM rates of the step's shapes (xp.matmul, out=)", ""]
         out.append("| device | m×k×n | GFLOP/s | µs |")
@@ -85,7 +84,7 @@ def markdown(results):
             g = "—" if r["growth_bytes"] is None else f"{r['growth_bytes']} B ({r['growth_steps']})"
             out.append(f"| {r['device']} | {r['shape']} | {r['contender']} | "
                        f"{r['step_peak_bytes']} B | {g} | {r['tool']} |")
-    targets = _targets(results) if "throughput" in results or "ops" in results else []
+    targets = _targets(results)
     if len(targets) > 2:  # rows beyond the header: the targets are CPU ones, a GPU-only run has none
         out += ["", "## Targets (CPU, fused float32)", ""]
         out += targets
@@ -120,12 +119,16 @@ def _throughput_table(rows, shapes):
     return out
 
 
-def _lenet_tables(r):
+def _network_tables(key, r):
     shape = "x".join(map(str, r["input_shape"]))
-    out = [f"`--model lenet5` on {shape} inputs, batch {r['batch']}: {r['summary']}.", "",
-           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step.", "",
-           "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch | of GEMM limit | "
-           "of peak sgemm |",
+    want_ratio, want_gemm = NETWORK_TARGETS.get(key, (None, None))
+    out = [f"`--model {r.get('model', r['spec'])}` on {shape} inputs, batch {r['batch']}: "
+           f"{r['summary']}.", "",
+           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step. Targets (issue 15) on the CPU, "
+           f"fused: × PyTorch ≥ {want_ratio}"
+           + (f", of GEMM limit ≥ {want_gemm}" if want_gemm else "") + ".", "",
+           "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch (target) | "
+           "of GEMM limit (target) | of peak sgemm |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["rows"]:
         if row.get("samples_per_s") is None:
@@ -133,30 +136,37 @@ def _lenet_tables(r):
             continue
         gemm_only = row["contender"].startswith("GEMMs only")
         frac = row.get("gemm_fraction")
+        ratio = _fmt(row.get("ratio_to_pytorch"), ".2f")
+        frac_s = "" if gemm_only or frac is None else f"{frac:.2f}"
+        if row["device"] == "cpu" and row["contender"] == "gpubackprop fused":
+            ratio = f"**{ratio}** (≥ {want_ratio})" if want_ratio else ratio
+            frac_s += f" (≥ {want_gemm})" if want_gemm and frac_s else ""
         out.append(f"| {row['device']} | {row['contender']} | {row['samples_per_s']:.0f} | "
-                   f"{row['step_ms']:.2f} | {row['gflops']:.1f} | "
-                   f"{_fmt(row.get('ratio_to_pytorch'), '.2f')} | "
-                   f"{'' if gemm_only or frac is None else f'{frac:.2f}'} | "
+                   f"{row['step_ms']:.2f} | {row['gflops']:.1f} | {ratio} | {frac_s} | "
                    f"{row['peak_fraction']:.2f} |")
     peaks = ", ".join(f"{p['device']} {p['gflops']:.0f} GFLOP/s ({p['n']}³ sgemm)"
                       for p in r.get("peak", []))
-    out += ["", "Of GEMM limit: t(the step's conv and dense GEMMs alone, in the layers' layouts) / "
+    out += ["", "Of GEMM limit: t(the step's GEMMs alone, back to back, in the layers' layouts) / "
             "t(step), median of per-round ratios, each library against its own GEMMs. Of peak "
             f"sgemm: step FLOPs / peak rate / t(step); peak: {peaks}."]
     if r.get("split"):
-        cats = list(r["split"][0]["ms"])
-        out += ["", "Conv layers' time split (ms a step, share of the step), from an instrumented "
-                "run that clocks each call:", "",
-                "| device | contender | step ms | " + " | ".join(cats) + " | rest |",
-                "| --- | --- | ---: | " + " | ".join("---:" for _ in cats) + " | ---: |"]
+        cats = []
         for sp in r["split"]:
-            rest = 1 - sum(sp["fraction"].values())
+            cats += [c for c in sp["ms"] if c not in cats and c != "rest"]
+        out += ["", "Where a step's time goes (ms a step, share of the instrumented step), from an "
+                "instrumented run that clocks every layer's passes and the conv and recurrent "
+                "layers' kernel calls:", "",
+                "| device | contender | step ms | instrumented ms | " + " | ".join(cats)
+                + " | rest |",
+                "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in cats) + " | ---: |"]
+        for sp in r["split"]:
+            cells = [f"{sp['ms'][c]:.2f} ({sp['fraction'][c]:.0%})" if c in sp["ms"] else ""
+                     for c in [*cats, "rest"]]
             out.append(f"| {sp['device']} | {sp['contender']} | {sp['step_ms']:.2f} | "
-                       + " | ".join(f"{sp['ms'][c]:.2f} ({sp['fraction'][c]:.0%})" for c in cats)
-                       + f" | {rest:.0%} |")
-        out += ["", "bias+activation: channel_bias_act, its derivative (act_backward) and the bias "
-                "gradient of the conv layers; GEMM: the conv layers' GEMMs (forward, weight and "
-                "input gradient); rest: dense layers, loss, optimizer, transposes, Python."]
+                       f"{sp.get('instrumented_ms', sp['step_ms']):.2f} | " + " | ".join(cells)
+                       + " |")
+        notes = [f"{c}: {SPLIT_NOTES[c]}" for c in [*cats, "rest"] if c in SPLIT_NOTES]
+        out += ["", "; ".join(notes) + "."]
     return out
 
 
@@ -203,7 +213,7 @@ def _scaling_table(rows):
 
 
 def target_checks(results):
-    """[(what, measured, target, met)] for the CPU targets of issue 4."""
+    """[(what, measured, target, met)] for the CPU targets of issues 4 (MLPs, ops) and 15 (networks)."""
     checks = []
     for r in results.get("throughput", []):
         if r["device"] != "cpu" or r["contender"] != "gpubackprop fused":
@@ -215,6 +225,18 @@ def target_checks(results):
         if r["shape"] == GEMM_TARGET[0] and r.get("gemm_fraction") is not None:
             checks.append((f"{r['shape']}: fraction of the GEMM limit", r["gemm_fraction"],
                            GEMM_TARGET[1], r["gemm_fraction"] >= GEMM_TARGET[1]))
+    for key in NETWORK_ORDER:
+        want_ratio, want_gemm = NETWORK_TARGETS[key]
+        for r in results.get(key, {}).get("rows", []):
+            if r["device"] != "cpu" or r["contender"] != "gpubackprop fused":
+                continue
+            title = results[key]["title"]
+            if r.get("ratio_to_pytorch") is not None:
+                checks.append((f"{title}: fused × PyTorch", r["ratio_to_pytorch"], want_ratio,
+                               r["ratio_to_pytorch"] >= want_ratio))
+            if want_gemm is not None and r.get("gemm_fraction") is not None:
+                checks.append((f"{title}: fraction of the GEMM limit", r["gemm_fraction"],
+                               want_gemm, r["gemm_fraction"] >= want_gemm))
     shape, t = OPS_TARGET
     for r in results.get("ops", []):
         if r["device"] == "cpu" and r["kernels"] == "fused" and tuple(r["shape"]) == shape:

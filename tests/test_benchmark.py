@@ -155,11 +155,21 @@ def test_machine_type_is_a_file_name():
     assert benchmark.machine_type("NVIDIA H100 80GB HBM3") == "gpu-nvidia-h100-80gb-hbm3"
 
 
-# ---- LeNet-5 ----------------------------------------------------------------------------------
-def test_lenet_step_flops_by_hand():
-    p = benchmark.lenet_plan()
+# ---- networks (issue 15) -------------------------------------------------------------------------
+def _plan(key, quick=False):
+    return benchmark.network_plan((benchmark.QUICK_NETWORKS if quick else benchmark.NETWORKS)[key])
+
+
+def _tiny_plan(spec, input_shape=(3, 6, 6), classes=4):
+    from gpubackprop.modelspec import plan
+
+    return plan(spec, input_shape, classes)
+
+
+def test_lenet_step_gemms_by_hand():
+    p = _plan("lenet5")
     B = 128
-    gemms = benchmark.cnn_step_gemms(p, B)
+    gemms = benchmark.plan_step_gemms(p, B)
     # conv1 6x(1·5·5) on 28x28: forward and weight gradient only (first layer: no input gradient)
     assert gemms[:2] == [("conv forward", B, 6, 25, 784), ("conv weight gradient", 1, 6, B * 784, 25)]
     # conv2 16x(6·5·5) on 10x10 outputs: all three
@@ -170,75 +180,213 @@ def test_lenet_step_flops_by_hand():
                                          "dense input gradient"] * 3
     per_sample = 2 * (2 * 6 * 25 * 784) + 3 * (2 * 16 * 150 * 100) + 6 * (400 * 120 + 120 * 84 + 84 * 10)
     assert per_sample == 2_263_920
-    assert benchmark.cnn_step_flops(p, B) == B * per_sample
+    assert benchmark.plan_step_flops(p, B) == B * per_sample
 
 
-def test_cnn_gemm_contender_runs_the_layers_shapes():
-    p = benchmark.lenet_plan((1, 12, 12), 10)
-    c = benchmark.cnn_gemm_contender(p, 3)
-    c.step()  # shapes agree (matmul with out= checks them)
+def test_vgg_and_resnet_step_gemms_by_hand():
+    B = 64
+    vgg = benchmark.plan_step_gemms(_plan("vgg"), B)
+    # conv(3->32) at 32x32 (first: no input gradient), conv(32->32) at 32x32, conv(32->64) at 16x16
+    # after the first pool; BatchNorm, pooling and gap have no GEMMs; dense(64 -> 10)
+    assert vgg == [("conv forward", B, 32, 27, 1024), ("conv weight gradient", 1, 32, B * 1024, 27),
+                   ("conv forward", B, 32, 288, 1024), ("conv weight gradient", 1, 32, B * 1024, 288),
+                   ("conv input gradient", B, 288, 32, 1024),
+                   ("conv forward", B, 64, 288, 256), ("conv weight gradient", 1, 64, B * 256, 288),
+                   ("conv input gradient", B, 288, 64, 256),
+                   ("dense forward", 1, B, 64, 10), ("dense weight gradient", 1, 10, B, 64),
+                   ("dense input gradient", 1, B, 10, 64)]
+    res = benchmark.plan_step_gemms(_plan("resnet"), B)
+    convs = [g for g in res if g[0] == "conv forward"]
+    # the stem, two convs in each residual block and the stride-2 conv (16 -> 32 at 16x16 outputs)
+    assert [g[2:] for g in convs] == [(16, 27, 1024)] + [(16, 144, 1024)] * 2 + [(32, 144, 256)] \
+        + [(32, 288, 256)] * 2
+    assert sum(g[0] == "conv input gradient" for g in res) == 5  # all but the stem's
+    assert len(res) == 6 * 2 + 5 + 3
 
 
-def test_torch_lenet_matches_the_plan():
-    pytest.importorskip("torch")
-    p = benchmark.lenet_plan()
-    net = benchmark.torch_cnn(p)
-    import torch
-
-    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
-    n_torch = sum(t.numel() for t in net.parameters())
-    c = benchmark.cnn_contender(p, 2, "cpu", "reference")
-    assert c.model.n_params == n_torch == 61706  # LeNet-5's parameter count
-    pc = benchmark.cnn_gemm_contender(p, 2, "cpu", "pytorch")
-    pc.step()
+def test_a_first_residual_block_computes_no_input_gradient_for_its_first_layer():
+    gemms = benchmark.plan_step_gemms(_tiny_plan("res(conv(3,3,pad=1)-conv(3,3,pad=1))-gap-dense(4)"), 2)
+    assert [g[0] for g in gemms if g[0].startswith("conv")] == [
+        "conv forward", "conv weight gradient",
+        "conv forward", "conv weight gradient", "conv input gradient"]
 
 
-def test_conv_time_split_clocks_conv_and_pooling_calls():
-    p = benchmark.lenet_plan((1, 12, 12), 10)
-    c = benchmark.cnn_contender(p, 4, "cpu", "fused")
-    split = benchmark.conv_time_split(c, steps=2)
-    assert tuple(split) == benchmark.SPLIT_CATEGORIES
-    assert all(v > 0 for v in split.values())
-    assert type(c.model.backend.ops).__name__ != "_TimedOps"  # restored
+def test_recurrent_step_gemms_by_hand():
+    from gpubackprop.modelspec import plan
+
+    T, F, H, N, C = 3, 2, 5, 4, 6
+    gemms = benchmark.plan_step_gemms(plan("gru(5,layers=2)-last-dense(classes)", (T, F), C), N)
+    G = 3 * H
+    layer0 = [("recurrent input projection", 1, T * N, F, G), ("recurrent hidden", T, N, H, G),
+              ("recurrent hidden gradient", T - 1, N, G, H),
+              ("recurrent weight gradient", 1, G, T * N, F), ("recurrent weight gradient", 1, G, T * N, H)]
+    layer1 = [("recurrent input projection", 1, T * N, H, G), ("recurrent hidden", T, N, H, G),
+              ("recurrent hidden gradient", T - 1, N, G, H),
+              ("recurrent weight gradient", 1, G, T * N, H), ("recurrent weight gradient", 1, G, T * N, H),
+              ("recurrent input gradient", 1, T * N, G, H)]  # into layer 0's outputs
+    head = [("dense forward", 1, N, H, C), ("dense weight gradient", 1, C, N, H),
+            ("dense input gradient", 1, N, C, H)]
+    assert gemms == layer0 + layer1 + head
+    lstm = benchmark.plan_step_gemms(plan("lstm(5)-last-dense(classes)", (T, F), C), N)
+    assert lstm[1] == ("recurrent hidden", T, N, H, 4 * H)
+
+
+class _MatmulRecorder:
+    """An array module whose matmul records the FLOPs of every call (2 per multiply-add)."""
+
+    def __init__(self, xp):
+        self._xp, self.flops = xp, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._xp, name)
+        if name != "matmul":
+            return attr
+
+        def matmul(a, b, **kw):
+            out = attr(a, b, **kw)
+            self.flops += 2 * out.size * a.shape[-1]
+            return out
+        return matmul
+
+
+@pytest.mark.parametrize("key", sorted(benchmark.QUICK_NETWORKS))
+def test_plan_gemms_are_the_gemms_a_step_performs(key):
+    """The conv and recurrent layers' xp.matmul calls in a real step add up to the plan's FLOPs
+    (Dense binds its matmul at build time, so its GEMMs are counted by hand above)."""
+    net = benchmark.QUICK_NETWORKS[key]
+    p = benchmark.network_plan(net)
+    c = benchmark.network_contender(p, net.batch, "cpu", "fused")
+    be = c.model.backend
+    c.step()
+    be.xp = rec = _MatmulRecorder(be.xp)
+    try:
+        c.step()
+    finally:
+        be.xp = rec._xp
+    expected = sum(count * benchmark.gemm_flops(m, k, n)
+                   for what, count, m, k, n in benchmark.plan_step_gemms(p, net.batch)
+                   if not what.startswith("dense"))
+    assert rec.flops == expected
+
+
+@pytest.mark.parametrize("library", ["gpubackprop", "pytorch"])
+def test_gemm_limit_contender_runs_every_layout(library):
+    if library == "pytorch":
+        pytest.importorskip("torch")
+    for key, net in benchmark.QUICK_NETWORKS.items():
+        gemms = benchmark.plan_step_gemms(benchmark.network_plan(net), net.batch)
+        c = benchmark.gemm_limit_contender(gemms, net.batch, "cpu", library)
+        c.step()  # shapes agree (matmul with out= checks them)
+        assert {g[0] for g in gemms} <= set(benchmark.LAYOUTS), key
+
+
+@pytest.mark.parametrize("key", sorted(benchmark.NETWORKS))
+def test_torch_twin_is_the_same_network(key):
+    """Same parameter count and, with the same weights, the same forward pass in float64: in
+    training mode (batch statistics) and, after it, in eval mode (the running statistics)."""
+    torch = pytest.importorskip("torch")
+    p = _plan(key)
+    net = benchmark.torch_twin(p).double()
+    model = benchmark.network_contender(p, 3, "cpu", "fused", dtype="float64").model
+    assert model.n_params == sum(t.numel() for t in net.parameters())
+    if key == "lenet5":
+        assert model.n_params == 61706  # LeNet-5's parameter count
+    benchmark.load_weights(net, model)
+    X = np.random.default_rng(1).standard_normal((3, *p.input_shape))
+    Y, _ = model.forward(model.backend.to_device(X), train=True)
+    net.train()
+    with torch.no_grad():
+        Yt = net(torch.from_numpy(X))
+    assert np.abs(np.asarray(Y) - Yt.numpy()).max() < 1e-10
+    Y, _ = model.forward(model.backend.to_device(X), train=False)
+    net.eval()
+    with torch.no_grad():
+        Yt = net(torch.from_numpy(X))
+    assert np.abs(np.asarray(Y) - Yt.numpy()).max() < 1e-10
+
+
+def test_torch_twin_builds_every_kind_it_names():
+    torch = pytest.importorskip("torch")
+    p = _tiny_plan("conv(4,3,pad=1,bias=false)-tanh-avgpool(2)-ln-dropout(0.1)-flatten-res(dense(36)-gelu)-"
+                   "sigmoid-dense(classes)")
+    net = benchmark.torch_twin(p)
+    assert net(torch.zeros(2, 3, 6, 6)).shape == (2, 4)
+    model = benchmark.network_contender(p, 2).model
+    assert model.n_params == sum(t.numel() for t in net.parameters())
+    benchmark.load_weights(net, model)
+
+
+@pytest.mark.parametrize("key", ["lenet5", "resnet", "gru"])
+def test_step_time_split_clocks_every_layer_kind(key):
+    net = benchmark.QUICK_NETWORKS[key]
+    c = benchmark.network_contender(benchmark.network_plan(net), net.batch, "cpu", "fused")
+    be = c.model.backend
+    ops = be.ops
+    split = benchmark.step_time_split(c, steps=2)
+    assert list(split) == benchmark.categories_of(c.model) and list(split)[-1] == "rest"
+    assert set(split) <= set(benchmark.SPLIT_CATEGORIES)
+    expected = {"lenet5": {"im2col", "conv GEMM", "col2im", "conv other", "pooling", "dense"},
+                "resnet": {"im2col", "conv GEMM", "col2im", "conv other", "batch norm", "activation",
+                           "pooling", "residual add", "dense"},
+                "gru": {"recurrent GEMM", "recurrent cell", "recurrent other", "dense"}}[key]
+    assert set(split) == expected | {"rest"}
+    assert all(split[k] > 0 for k in expected) and split["rest"] >= 0
+    # restored: the kernel set, the array module and every layer's own forward
+    assert be.ops is ops and type(be.xp).__name__ != "_TimedOps"
+    assert all("forward" not in vars(layer) for _, layer in c.model.leaves())
     c.step()
 
 
-def test_quick_lenet_section_with_and_without_torch(monkeypatch):
+def test_quick_network_sections_with_and_without_torch(monkeypatch):
     args = benchmark.build_parser().parse_args(["--quick", "--device", "cpu", "--sections",
-                                                "lenet5"])
+                                                "vgg,resnet,gru"])
     results = benchmark.run(args, log=lambda *a: None)
-    r = results["lenet5"]
-    names = {row["contender"] for row in r["rows"]}
-    assert {"gpubackprop reference", "gpubackprop fused", "GEMMs only", "pytorch"} <= names
-    fused = next(row for row in r["rows"] if row["contender"] == "gpubackprop fused")
-    assert fused["samples_per_s"] > 0 and fused["peak_fraction"] > 0
-    assert fused["gemm_fraction"] > 0
-    if benchmark.torch_module() is not None:
-        assert fused["ratio_to_pytorch"] > 0
-    assert [s["contender"] for s in r["split"]] == ["gpubackprop reference", "gpubackprop fused"]
+    assert results["sections"] == ["vgg", "resnet", "gru"]
     md = results["markdown"]
-    assert "## LeNet-5" in md and "Conv layers' time split" in md and "im2col" in md
+    for key in ("vgg", "resnet", "gru"):
+        r = results[key]
+        names = {row["contender"] for row in r["rows"]}
+        assert {"gpubackprop reference", "gpubackprop fused", "GEMMs only", "pytorch"} <= names
+        fused = next(row for row in r["rows"] if row["contender"] == "gpubackprop fused")
+        assert fused["samples_per_s"] > 0 and fused["peak_fraction"] > 0 and fused["gemm_fraction"] > 0
+        if benchmark.torch_module() is not None:
+            assert fused["ratio_to_pytorch"] > 0
+        assert [s["contender"] for s in r["split"]] == ["gpubackprop reference", "gpubackprop fused"]
+        assert f"## {r['title']}" in md
+    assert "(≥ 1.0)" in md and "(≥ 1.3)" in md and "(≥ 1.5)" in md and "(≥ 0.7)" in md
+    assert "batch norm" in md and "residual add" in md and "recurrent cell" in md
+    assert "VGG-style BatchNorm net: fused × PyTorch" in md or benchmark.torch_module() is None
     monkeypatch.setattr(benchmark.contenders, "torch_module", lambda: None)
+    args = benchmark.build_parser().parse_args(["--quick", "--device", "cpu", "--sections", "gru"])
     results = benchmark.run(args, log=lambda *a: None)
-    rows = [row for row in results["lenet5"]["rows"] if row["library"] == "pytorch"]
+    rows = [row for row in results["gru"]["rows"] if row["library"] == "pytorch"]
     assert rows and all(row["note"] == "not installed" and row["samples_per_s"] is None
                         for row in rows)
+    assert "not installed" in results["markdown"]
 
 
-def test_lstm_step_flops_count_every_gemm():
-    from gpubackprop.benchmark import lstm_step_flops
+def test_a_partial_run_writes_files_named_by_its_sections(tmp_path):
+    code = benchmark.main(["--quick", "--device", "cpu", "--sections", "lstm", "--no-torch",
+                           "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    stem = f"{benchmark.machine_type()}-lstm"
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md"]
+    assert "## LSTM" in (tmp_path / f"{stem}.md").read_text()
 
-    T, F, H, B, C = 3, 2, 5, 4, 6
-    proj, rec, head = 2 * B * T * F * 4 * H, 2 * B * (T - 1) * H * 4 * H, 2 * B * H * C
-    # forward, weight gradients and input gradients, without the gradient of X itself
-    assert lstm_step_flops(T, F, H, B, C) == 3 * proj + 3 * rec + 3 * head - proj
 
-
-def test_lstm_section_quick_without_torch():
-    from gpubackprop.benchmark import QUICK_LSTM_SHAPE, Timer, lstm_section
-
-    r = lstm_section(Timer(rounds=2, block_s=0.005, warmup_s=0.01, quiesce_s=0.0), ["cpu"],
-                     QUICK_LSTM_SHAPE, with_torch=False, log=lambda *a: None)
-    names = [row["contender"] for row in r["rows"]]
-    assert names == ["gpubackprop reference", "gpubackprop fused", "pytorch"]
-    assert r["rows"][1]["samples_per_s"] > 0 and r["rows"][2]["note"] == "not installed"
+def test_network_target_checks_read_the_fused_cpu_rows():
+    def section(title, ratio, frac):
+        return {"title": title, "rows": [
+            {"device": "cpu", "contender": "gpubackprop fused", "ratio_to_pytorch": ratio,
+             "gemm_fraction": frac},
+            {"device": "cpu", "contender": "gpubackprop reference", "ratio_to_pytorch": 9.0,
+             "gemm_fraction": 9.0}]}
+    results = {"lenet5": section("LeNet-5", 1.6, 0.5), "resnet": section("resnet", 1.2, 0.8),
+               "gru": section("GRU", 1.5, 0.1)}
+    checks = {what: (measured, target, met) for what, measured, target, met
+              in bench_report.target_checks(results)}
+    assert checks == {"LeNet-5: fused × PyTorch": (1.6, 1.5, True),
+                      "LeNet-5: fraction of the GEMM limit": (0.5, 0.7, False),
+                      "resnet: fused × PyTorch": (1.2, 1.3, False),
+                      "resnet: fraction of the GEMM limit": (0.8, 0.7, True),
+                      "GRU: fused × PyTorch": (1.5, 1.5, True)}  # no GEMM-limit target for the GRU

@@ -20,35 +20,28 @@ How it measures (the same on every device):
   6·B·Σ n_(l−1)·n_l (forward GEMM, weight-gradient GEMM, input-gradient GEMM, 2 FLOPs a
   multiply-add each). The GEMM limit is the time the step's own GEMMs take alone, back to back.
 - Bytes of an elementwise op: the minimal bytes read plus written (``op_bytes``).
-- LeNet-5 (section ``lenet5``): the ``lenet5`` model preset on 1x28x28 inputs, batch 128, against
-  the same network in torch.nn. Its FLOPs are those of the GEMMs the step performs
-  (``cnn_step_gemms``: per convolution the forward GEMM W·cols, the weight-gradient GEMM and, except
-  for the first layer, the input-gradient GEMM Wᵀ·Δ; three per dense layer, 2 FLOPs a
-  multiply-add). "Of GEMM limit" is again t(those GEMMs alone, same layouts) / t(step); "of peak"
-  is FLOPs / (the peak sgemm rate, a large square GEMM) / t(step). The conv layers' time split
-  comes from a separate, instrumented run that clocks every im2col, conv GEMM, col2im,
-  bias+activation (forward, derivative and bias gradient) and pooling call inside real steps.
+- Networks (sections ``lenet5``, ``vgg``, ``resnet``, ``lstm``, ``gru``; ``NETWORKS``): each a model
+  spec on a per-sample input shape, against its torch.nn twin built from the same plan and loaded
+  with the same weights (``twins``). Its FLOPs are those of the GEMMs the step performs
+  (``plan_step_gemms``: per convolution the forward GEMM W·cols, the weight-gradient GEMM and,
+  except for the model's first layer, the input-gradient GEMM Wᵀ·Δ; three per dense layer; per
+  recurrent layer the input projection, one hidden GEMM a time step, one hidden-gradient GEMM a
+  step after the first, two weight-gradient GEMMs and the input gradient; residual blocks count
+  their layers; 2 FLOPs a multiply-add). "Of GEMM limit" is t(those GEMMs alone, same layouts,
+  ``gemm_limit``) / t(step); "of peak" is FLOPs / (the peak sgemm rate, a large square GEMM) /
+  t(step). The time split (``split``) comes from a separate, instrumented run of real steps that
+  clocks every layer's forward and backward pass and, inside conv and recurrent layers, every
+  im2col, col2im, GEMM and cell-kernel call.
 
 The package, one module a network family: ``timing`` (Contender, Timer, medians), ``contenders``
-(the shared step and PyTorch), ``mlp``, ``cnn``, ``lstm``, ``gemm``, ``ops``, ``memory``,
-``environment`` (machine facts) and ``runner`` (``build_parser``, ``run``, ``main``).
+(the shared step and PyTorch), ``mlp``, ``networks`` (the conv and recurrent nets, with ``twins``:
+their torch.nn twins, ``gemm_limit``: their GEMMs, ``split``: where their steps' time goes),
+``gemm``, ``ops``, ``memory``, ``environment`` (machine facts) and ``runner`` (``build_parser``,
+``run``, ``main``). A run of some sections only (``--sections vgg``) writes its files as
+<machine-type>-<sections>.json/.md, so that it leaves the full run's files alone.
 """
 
 from gpubackprop.benchmark import contenders
-from gpubackprop.benchmark.cnn import (
-    LENET,
-    QUICK_LENET,
-    SPLIT_CATEGORIES,
-    cnn_contender,
-    cnn_gemm_contender,
-    cnn_step_flops,
-    cnn_step_gemms,
-    conv_time_split,
-    lenet_plan,
-    lenet_section,
-    torch_cnn,
-    torch_cnn_contender,
-)
 from gpubackprop.benchmark.contenders import (
     LR,
     MOMENTUM,
@@ -65,13 +58,11 @@ from gpubackprop.benchmark.environment import (
     machine_type,
 )
 from gpubackprop.benchmark.gemm import PEAK_GEMM, QUICK_PEAK_GEMM, gemm_flops, gemm_section, peak_gemm_gflops
-from gpubackprop.benchmark.lstm import (
-    LSTM_SHAPE,
-    QUICK_LSTM_SHAPE,
-    lstm_contender,
-    lstm_section,
-    lstm_step_flops,
-    torch_lstm_contender,
+from gpubackprop.benchmark.gemm_limit import (
+    LAYOUTS,
+    gemm_limit_contender,
+    plan_step_flops,
+    plan_step_gemms,
 )
 from gpubackprop.benchmark.memory import memory_section
 from gpubackprop.benchmark.mlp import (
@@ -90,21 +81,33 @@ from gpubackprop.benchmark.mlp import (
     throughput_section,
     torch_contender,
 )
+from gpubackprop.benchmark.networks import (
+    NETWORKS,
+    QUICK_NETWORKS,
+    Network,
+    network_contender,
+    network_plan,
+    network_section,
+    torch_network_contender,
+    vgg_spec,
+)
 from gpubackprop.benchmark.ops import OP_NAMES, OP_SHAPES, op_bytes, op_contenders, ops_section
 from gpubackprop.benchmark.runner import SECTIONS, build_parser, main, run
+from gpubackprop.benchmark.split import SPLIT_CATEGORIES, categories_of, step_time_split
 from gpubackprop.benchmark.timing import Contender, Timer, median, ratio_median, sync_for, xp_for
+from gpubackprop.benchmark.twins import load_weights, torch_twin
 
 __all__ = [
-    "LENET", "LR", "LSTM_SHAPE", "MOMENTUM", "OP_NAMES", "OP_SHAPES", "PEAK_GEMM", "QUICK_LENET",
-    "QUICK_LSTM_SHAPE", "QUICK_PEAK_GEMM", "QUICK_SHAPES", "SCALING_BASE", "SCALING_BATCHES",
-    "SCALING_WIDTHS", "SECTIONS", "SHAPES", "SPLIT_CATEGORIES", "Contender", "Timer", "blas_threads",
-    "build_parser", "cnn_contender", "cnn_gemm_contender", "cnn_step_flops", "cnn_step_gemms",
-    "configure_torch", "contenders", "conv_time_split", "cpu_model", "devices_available",
-    "environment", "gemm_contender", "gemm_flops", "gemm_section", "gpu_name",
-    "gpubackprop_contender", "lenet_plan", "lenet_section", "lstm_contender", "lstm_section",
-    "lstm_step_flops", "machine_type", "main", "median", "memory_section", "mlp_layers",
-    "op_bytes", "op_contenders", "ops_section", "peak_gemm_gflops", "ratio_median", "run",
-    "scaling_section", "sklearn_contender", "step_flops", "step_gemms", "sync_for",
-    "throughput_section", "torch_cnn", "torch_cnn_contender", "torch_contender",
-    "torch_lstm_contender", "torch_module", "torch_step_contender", "xp_for",
+    "Contender", "LAYOUTS", "LR", "MOMENTUM", "NETWORKS", "Network", "OP_NAMES", "OP_SHAPES",
+    "PEAK_GEMM", "QUICK_NETWORKS", "QUICK_PEAK_GEMM", "QUICK_SHAPES", "SCALING_BASE",
+    "SCALING_BATCHES", "SCALING_WIDTHS", "SECTIONS", "SHAPES", "SPLIT_CATEGORIES", "Timer",
+    "blas_threads", "build_parser", "categories_of", "configure_torch", "contenders", "cpu_model",
+    "devices_available", "environment", "gemm_contender", "gemm_flops", "gemm_limit_contender",
+    "gemm_section", "gpu_name", "gpubackprop_contender", "load_weights", "machine_type", "main",
+    "median", "memory_section", "mlp_layers", "network_contender", "network_plan",
+    "network_section", "op_bytes", "op_contenders", "ops_section", "peak_gemm_gflops",
+    "plan_step_flops", "plan_step_gemms", "ratio_median", "run", "scaling_section",
+    "sklearn_contender", "step_flops", "step_gemms", "step_time_split", "sync_for",
+    "throughput_section", "torch_contender", "torch_module", "torch_network_contender",
+    "torch_step_contender", "torch_twin", "vgg_spec", "xp_for",
 ]

@@ -6,11 +6,9 @@ import sys
 import time
 
 from gpubackprop.benchmark import contenders
-from gpubackprop.benchmark.cnn import LENET, QUICK_LENET, lenet_section
 from gpubackprop.benchmark.contenders import LR, MOMENTUM, configure_torch
 from gpubackprop.benchmark.environment import blas_threads, devices_available, environment
 from gpubackprop.benchmark.gemm import PEAK_GEMM, QUICK_PEAK_GEMM, gemm_section
-from gpubackprop.benchmark.lstm import LSTM_SHAPE, QUICK_LSTM_SHAPE, lstm_section
 from gpubackprop.benchmark.memory import memory_section
 from gpubackprop.benchmark.mlp import (
     QUICK_SHAPES,
@@ -21,10 +19,11 @@ from gpubackprop.benchmark.mlp import (
     scaling_section,
     throughput_section,
 )
+from gpubackprop.benchmark.networks import NETWORKS, QUICK_NETWORKS, network_section
 from gpubackprop.benchmark.ops import OP_SHAPES, ops_section
 from gpubackprop.benchmark.timing import Timer, median
 
-SECTIONS = ("throughput", "lenet5", "lstm", "gemm", "ops", "scaling", "memory")
+SECTIONS = ("throughput", *NETWORKS, "gemm", "ops", "scaling", "memory")
 
 
 def build_parser():
@@ -37,12 +36,15 @@ def build_parser():
     p.add_argument("--device", default="all", choices=("all", "cpu", "cuda"),
                    help="devices to measure (default: every available one)")
     p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (networks: "
+                        f"{', '.join(f'{k} {n.title}' for k, n in NETWORKS.items())})")
     p.add_argument("--shapes", default="L,S,T", help="comma-separated subset of L,S,T")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 11; quick 2)")
     p.add_argument("--out", default=None,
                    help="folder for <machine-type>.json/.md/.png (default: print only)")
-    p.add_argument("--name", default=None, help="file name stem (default: the machine type)")
+    p.add_argument("--name", default=None,
+                   help="file name stem (default: the machine type, and the sections when only "
+                        "some run, so that a partial run leaves the full results alone)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     p.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     p.add_argument("--no-plot", action="store_true", help="no PNG")
@@ -66,14 +68,12 @@ def run(args, log=print):
         shapes = {k: QUICK_SHAPES[k] for k in keys}
         timer = Timer(rounds=args.rounds or 2, block_s=0.005, warmup_s=0.01, quiesce_s=0.0)
         op_shapes, batches, widths, growth = ((8, 16), (16, 32)), (1, 8), (8, 16), 20
-        lenet, peak_n, split_steps = QUICK_LENET, QUICK_PEAK_GEMM, 2
-        lstm_shape = QUICK_LSTM_SHAPE
+        networks, peak_n, split_steps = QUICK_NETWORKS, QUICK_PEAK_GEMM, 2
     else:
         shapes = {k: SHAPES[k] for k in keys}
         timer = Timer(rounds=args.rounds or 11)
         op_shapes, batches, widths, growth = OP_SHAPES, SCALING_BATCHES, SCALING_WIDTHS, 1000
-        lenet, peak_n, split_steps = LENET, PEAK_GEMM, 20
-        lstm_shape = LSTM_SHAPE
+        networks, peak_n, split_steps = NETWORKS, PEAK_GEMM, 20
     if args.rounds is not None and args.rounds < 1:
         raise ValueError(f"rounds: expected a positive integer, got {args.rounds}")
     with_torch = not args.no_torch
@@ -91,13 +91,12 @@ def run(args, log=print):
         log("throughput (samples/s), interleaved:")
         results["throughput"] = throughput_section(timer, devices, shapes, with_torch,
                                                    not args.no_sklearn, log)
-    if "lenet5" in sections:
-        log("LeNet-5 (samples/s), interleaved:")
-        results["lenet5"] = lenet_section(timer, devices, lenet, with_torch, peak_n, split_steps,
-                                          log)
-    if "lstm" in sections:
-        log("LSTM (samples/s), interleaved:")
-        results["lstm"] = lstm_section(timer, devices, lstm_shape, with_torch, log)
+    peaks = {}  # the peak sgemm rate per device, measured once for every network
+    for key, net in networks.items():
+        if key in sections:
+            log(f"{net.title} (samples/s), interleaved:")
+            results[key] = network_section(timer, devices, net, with_torch, peak_n, split_steps,
+                                           peaks=peaks, log=log)
     if "gemm" in sections:
         log("GEMM shapes (GFLOP/s):")
         results["gemm"] = gemm_section(timer, devices, shapes, log)
@@ -121,6 +120,7 @@ def run(args, log=print):
         "over_threshold": sum(b > timer.max_busy for b in busy), "blocks": len(busy),
         "threshold": timer.max_busy}
     results["seconds"] = time.perf_counter() - t_start
+    results["sections"] = [s for s in SECTIONS if s in sections]
     results["markdown"] = bench_report.markdown(results)
     return results
 
@@ -138,6 +138,9 @@ def main(argv=None):
     print()
     print(results["markdown"])
     if args.out:
-        paths = bench_report.write(results, args.out, args.name, plot_png=not args.no_plot)
+        name = args.name
+        if name is None and results["sections"] != list(SECTIONS):
+            name = "-".join([results["environment"]["machine_type"], *results["sections"]])
+        paths = bench_report.write(results, args.out, name, plot_png=not args.no_plot)
         print("wrote " + ", ".join(paths))
     return 0
