@@ -48,10 +48,10 @@ def out_size(H, W, k, s, p, d):
             (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
 
 
-def cols_shape(case):
+def cols_shape(case, batch_inner=False):
     (N, C, H, W), k, s, p, d = case
     OH, OW = out_size(H, W, k, s, p, d)
-    return (N, C * k[0] * k[1], OH * OW)
+    return (C * k[0] * k[1], N, OH * OW) if batch_inner else (N, C * k[0] * k[1], OH * OW)
 
 
 def pool_out(case, dilation=True):
@@ -85,22 +85,25 @@ def poisoned(dev, shape, dtype):
 
 
 # ---- conv family -------------------------------------------------------------------------------
-def check_im2col_col2im(ops, dev, rng, case, dtype):
-    """im2col copies exactly; col2im sums as the reference does; the two are adjoint."""
+def check_im2col_col2im(ops, dev, rng, case, dtype, batch_inner=False):
+    """im2col copies exactly; col2im sums as the reference does; the two are adjoint. With
+    ``batch_inner`` the (C·kh·kw, N, OH·OW) columns (the keyword passed only then)."""
     shape, k, s, p, d = case
+    kw = {"batch_inner": True} if batch_inner else {}
+    cshape = cols_shape(case, batch_inner)
     X = random(rng, shape, dtype)
-    ref = REF.im2col(X, np.empty(cols_shape(case), dtype), k, s, p, d)
-    cols = poisoned(dev, cols_shape(case), dtype)
-    assert ops.im2col(dev(X), cols, k, s, p, d) is cols
+    ref = REF.im2col(X, np.empty(cshape, dtype), k, s, p, d, **kw)
+    cols = poisoned(dev, cshape, dtype)
+    assert ops.im2col(dev(X), cols, k, s, p, d, **kw) is cols
     assert_equal(cols, ref, f"im2col {case_id(case)}")
 
-    dcols = random(rng, cols_shape(case), dtype)
-    ref = REF.col2im(dcols, np.empty(shape, dtype), k, s, p, d)
+    dcols = random(rng, cshape, dtype)
+    ref = REF.col2im(dcols, np.empty(shape, dtype), k, s, p, d, **kw)
     dX = poisoned(dev, shape, dtype)
-    assert ops.col2im(dev(dcols), dX, k, s, p, d) is dX
+    assert ops.col2im(dev(dcols), dX, k, s, p, d, **kw) is dX
     assert_close(dX, ref, f"col2im {case_id(case)}")
     dX2 = poisoned(dev, shape, dtype)
-    ops.col2im(dev(dcols), dX2, k, s, p, d)
+    ops.col2im(dev(dcols), dX2, k, s, p, d, **kw)
     assert_equal(dX2, to_numpy(dX), "col2im is not deterministic")
 
     # Adjoint: <im2col(X), dcols> == <X, col2im(dcols)>.

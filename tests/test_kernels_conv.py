@@ -32,6 +32,23 @@ def test_reference_im2col_col2im_match_naive_loops(rng, case):
     np.testing.assert_allclose(np.vdot(cols, dcols), np.vdot(X, dX), rtol=1e-12)
 
 
+@pytest.mark.parametrize("case", cc.CONV_CASES, ids=CONV_IDS)
+def test_reference_batch_inner_columns_are_the_columns_transposed(rng, case):
+    """Batch-inner columns (C·kh·kw, N, OH·OW) hold the same rows as (N, C·kh·kw, OH·OW) ones, and
+    col2im of them is col2im of the transposed ones, bit for bit."""
+    shape, k, s, p, d = case
+    X = rng.standard_normal(shape)
+    cols = REF.im2col(X, np.empty(cc.cols_shape(case, batch_inner=True)), k, s, p, d, batch_inner=True)
+    np.testing.assert_array_equal(cols, cc.naive_im2col(X, k, s, p, d).transpose(1, 0, 2))
+    dcols = rng.standard_normal(cc.cols_shape(case, batch_inner=True))
+    dX = REF.col2im(dcols, np.empty(shape), k, s, p, d, batch_inner=True)
+    want = REF.col2im(np.ascontiguousarray(dcols.transpose(1, 0, 2)), np.empty(shape), k, s, p, d)
+    np.testing.assert_array_equal(dX, want)
+    if cc.cols_shape(case) != cc.cols_shape(case, batch_inner=True):  # the other layout's buffer
+        with pytest.raises(ValueError, match=r"cols: expected shape"):
+            REF.im2col(X, np.empty(cc.cols_shape(case)), k, s, p, d, batch_inner=True)
+
+
 @pytest.mark.parametrize("data", ["normal", "ties", "nan", "-inf"])
 @pytest.mark.parametrize("case", cc.POOL_CASES, ids=POOL_IDS)
 def test_reference_max_pool_matches_naive_loops(rng, case, data):
@@ -152,6 +169,13 @@ def test_im2col_col2im(ops, rng, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", cc.DTYPES)
+@pytest.mark.parametrize("case", cc.CONV_CASES, ids=CONV_IDS)
+def test_im2col_col2im_batch_inner(ops, rng, case, dtype):
+    """The CPU set's batch-inner columns (Conv2d's one GEMM a chunk) against the reference's."""
+    cc.check_im2col_col2im(ops, dev, rng, case, dtype, batch_inner=True)
+
+
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 @pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
 def test_channel_bias_act(ops, rng, dtype, activation):
     for shape in [(1, 1, 1), (2, 3, 7), (3, 7, 33)]:
@@ -195,6 +219,7 @@ def test_random_geometries(ops, rng, dtype):
         np.testing.assert_array_equal(REF.im2col(X, np.empty(cc.cols_shape(case)), k, s, p, d),
                                       cc.naive_im2col(X, k, s, p, d), err_msg=cc.case_id(case))
         cc.check_im2col_col2im(ops, dev, rng, case, dtype)
+        cc.check_im2col_col2im(ops, dev, rng, case, dtype, batch_inner=True)
         if cc.poolable(case):
             cc.check_max_pool(ops, dev, rng, case, dtype, "ties")
             for count_include_pad in (True, False):

@@ -27,6 +27,12 @@ CONV_CASES = [
     # More output channels (a group) than output positions: BP3's other GEMM arrangement.
     (3, 12, 3, {"stride": 2, "activation": "relu"}, (4, 5)),
     (4, 8, 2, {"stride": 2, "groups": 2}, (3, 3)),
+    # 32+ output channels a group and 64+ rows of columns a group: the fused CPU set's one GEMM a
+    # chunk on batch-inner columns (chunks of one sample keep a GEMM a sample).
+    (8, 32, 3, {"padding": 1, "activation": "relu"}, (5, 6)),
+    (7, 33, (3, 4), {"stride": (2, 1), "padding": (2, 1), "dilation": (1, 2), "activation": "tanh"},
+     (7, 8)),
+    (16, 64, 3, {"stride": 2, "groups": 2, "bias": False}, (7, 6)),
 ]
 
 
@@ -117,6 +123,20 @@ def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(back
     assert_close(np.array(model.backend.to_host(dX)), dXt, what="dX")
     for name in params:
         assert_close(np.array(model.backend.to_host(layer.grads[name])), gt[name], what=name)
+
+
+def test_conv2d_one_gemm_a_chunk_is_taken_where_the_kernel_set_offers_it(backend_spec):
+    """The batch-inner path the wider CONV_CASES exercise: the fused CPU set's, for chunks of
+    several samples of a layer not too thin (32+ channels out and 64+ column rows a group)."""
+    model = model_for(backend_spec, [gb.Conv2d(8, 32, 3, padding=1), gb.Conv2d(32, 16, 3, padding=1),
+                                     gb.Conv2d(16, 32, (1, 3), padding=(0, 1))], input_shape=(8, 5, 6))
+    offered = model.backend.ops.batch_inner_gemm  # (binds the layers)
+    assert offered is (backend_spec == ("cpu", "fused"))
+    wide, thin_out, thin_k = model.layers
+    assert wide._batch_inner(wide._chunks(5)) is offered
+    assert not wide._batch_inner([(0, 1), (1, 2)])  # one sample a chunk: a GEMM a sample is one
+    assert not thin_out._batch_inner(thin_out._chunks(5))  # 16 channels out
+    assert not thin_k._batch_inner(thin_k._chunks(5))  # 16·1·3 = 48 column rows
 
 
 @pytest.mark.parametrize("layers,shape", [

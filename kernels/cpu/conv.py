@@ -79,18 +79,20 @@ def _add(dst, d, src, s, count, step):
 
 
 # ---- im2col: cols[n, (c·kh + i)·kw + j, oh·OW + ow] = X[n, c, oh·sh − ph + i·dh, ow·sw − pw + j·dw] ----
+# (batch-inner columns: cols[(c·kh + i)·kw + j, n, oh·OW + ow], the same rows at other offsets)
 @njit(cache=True, error_model="numpy")
-def _im2col_plane(x, cols, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW):
-    """The kh·kw column rows of plane p = n·C + c, from the flat X ``x`` into the flat ``cols``:
-    per output row one strided copy of the pixels inside, zeros for those in the padding."""
+def _im2col_plane(x, cols, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, rs, ss):
+    """The kh·kw column rows of plane p = n·C + c, from the flat X ``x`` into the flat ``cols``
+    (row r of sample n at r·rs + n·ss): per output row one strided copy of the pixels inside, zeros
+    for those in the padding."""
     u = np.uint64
     zero = cols.dtype.type(0)
-    L = OH * OW
+    n, c = p // C, p % C
     xb = p * H * W
     for i in range(kh):
         oh_lo, oh_hi = _valid(i * dh - ph, sh, H, OH)  # the output rows whose pixel is inside
         for j in range(kw):
-            rb = ((p * kh + i) * kw + j) * L  # row (c·kh + i)·kw + j of sample n, flat
+            rb = ((c * kh + i) * kw + j) * rs + n * ss  # row (c·kh + i)·kw + j of sample n
             w0 = j * dw - pw
             ow_lo, ow_hi = _valid(w0, sw, W, OW)
             _fill(cols, u(rb), u(oh_lo * OW), zero)
@@ -104,36 +106,36 @@ def _im2col_plane(x, cols, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW):
 
 
 @njit(cache=True, error_model="numpy")
-def _im2col_serial(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+def _im2col_serial(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = X.shape
     x, c = X.reshape(-1), cols.reshape(-1)
     for p in range(N * C):
-        _im2col_plane(x, c, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, cols.shape[2] // OW, OW)
+        _im2col_plane(x, c, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, cols.shape[2] // OW, OW, rs, ss)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _im2col_parallel(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+def _im2col_parallel(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = X.shape
     x, c = X.reshape(-1), cols.reshape(-1)
     for p in prange(N * C):
-        _im2col_plane(x, c, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, cols.shape[2] // OW, OW)
+        _im2col_plane(x, c, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, cols.shape[2] // OW, OW, rs, ss)
 
 
 # ---- col2im: dX[n, c, h, w] = Σ over the (i, j) whose window position is integral and in range ------
 @njit(cache=True, error_model="numpy")
-def _col2im_plane(dcols, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW):
+def _col2im_plane(dcols, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, rs, ss):
     """One dX plane (flat ``dx``), owned by this call: zeroed, then for each kernel offset (i, j) in
     row-major order every pixel adds the column entry that read it. A pixel is read at most once per
     offset, so its sum runs over the offsets in the gather's (and the reference's) order, bit for
-    bit."""
+    bit. Rows of ``dcols`` as im2col's (r·rs + n·ss)."""
     u = np.uint64
-    L = OH * OW
+    n, c = p // C, p % C
     xb = p * H * W
     _fill(dx, u(xb), u(H * W), dx.dtype.type(0))
     for i in range(kh):
         oh_lo, oh_hi = _valid(i * dh - ph, sh, H, OH)
         for j in range(kw):
-            rb = ((p * kh + i) * kw + j) * L
+            rb = ((c * kh + i) * kw + j) * rs + n * ss
             w0 = j * dw - pw
             ow_lo, ow_hi = _valid(w0, sw, W, OW)
             for oh in range(oh_lo, oh_hi):
@@ -142,19 +144,19 @@ def _col2im_plane(dcols, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW)
 
 
 @njit(cache=True, error_model="numpy")
-def _col2im_serial(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+def _col2im_serial(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = dX.shape
     c, dx = dcols.reshape(-1), dX.reshape(-1)
     for p in range(N * C):
-        _col2im_plane(c, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, dcols.shape[2] // OW, OW)
+        _col2im_plane(c, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, dcols.shape[2] // OW, OW, rs, ss)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _col2im_parallel(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW):
+def _col2im_parallel(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = dX.shape
     c, dx = dcols.reshape(-1), dX.reshape(-1)
     for p in prange(N * C):
-        _col2im_plane(c, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, dcols.shape[2] // OW, OW)
+        _col2im_plane(c, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, dcols.shape[2] // OW, OW, rs, ss)
 
 
 # ---- Z[n, c, :] += b[c]; A = σ(Z): rows of the (N·C, L) view, row r in channel r % C -----------------
@@ -259,35 +261,50 @@ def window_args(win):
     return win.kernel + win.stride + win.padding + win.dilation + (win.out[1],)
 
 
+def _row_strides(shape, batch_inner):
+    """(rs, ss): the flat offset of column row r of sample n is r·rs + n·ss, in the columns of
+    ``shape`` ((N, K, L), or (K, N, L) batch-inner)."""
+    if batch_inner:
+        K, N, L = shape
+        return (N * L, L)
+    N, K, L = shape
+    return (L, K * L)
+
+
 class ConvOps:
     """Fused convolution ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
 
     # Conv2d's chunks when a batch's columns exceed its budget (layers/conv.py): columns about one
     # core's L2, so that im2col, the GEMMs and col2im pass over them in the cache. Measured on the
     # VGG-style 32->32 3x3 layer, batch 64 (75 MB of columns), forward + backward: 32 MiB chunks
-    # (3) 51 ms, 2 MiB (one sample) 46 ms.
+    # (3) 49 ms, 2 MiB (one sample) 43 ms.
     cols_cache_bytes = 2 << 20
+    batch_inner_gemm = True  # Conv2d may run one GEMM a chunk on batch-inner columns
 
-    def im2col(self, X, cols, kernel, stride, padding, dilation):
-        """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W), zeros in the padding; one pass."""
+    def im2col(self, X, cols, kernel, stride, padding, dilation, batch_inner=False):
+        """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W), zeros in the padding; one pass.
+        ``batch_inner``: cols is (C·kh·kw, N, OH·OW), one matrix for one GEMM over the N samples."""
         checks.float_arrays(checks.NAMES_IM2COL, X, cols)
         win = window(X, kernel, stride, padding, dilation)
-        expect_shape("cols", cols, cols_shape(X.shape, win))
+        expect_shape("cols", cols, cols_shape(X.shape, win, batch_inner))
+        args = window_args(win) + _row_strides(cols.shape, batch_inner)
         if self.parallel and cols.size >= self.par_cheap:
-            _im2col_parallel(X, cols, *window_args(win))
+            _im2col_parallel(X, cols, *args)
         else:
-            _im2col_serial(X, cols, *window_args(win))
+            _im2col_serial(X, cols, *args)
         return cols
 
-    def col2im(self, dcols, dX, kernel, stride, padding, dilation):
-        """dX (N, C, H, W) = Σ of the dcols entries that read each pixel: a gather, written."""
+    def col2im(self, dcols, dX, kernel, stride, padding, dilation, batch_inner=False):
+        """dX (N, C, H, W) = Σ of the dcols entries that read each pixel: a gather, written.
+        ``batch_inner``: dcols is (C·kh·kw, N, OH·OW), as im2col's."""
         checks.float_arrays(checks.NAMES_COL2IM, dcols, dX)
         win = window(dX, kernel, stride, padding, dilation, name="dX")
-        expect_shape("dcols", dcols, cols_shape(dX.shape, win))
+        expect_shape("dcols", dcols, cols_shape(dX.shape, win, batch_inner))
+        args = window_args(win) + _row_strides(dcols.shape, batch_inner)
         if self.parallel and dcols.size >= self.par_cheap:
-            _col2im_parallel(dcols, dX, *window_args(win))
+            _col2im_parallel(dcols, dX, *args)
         else:
-            _col2im_serial(dcols, dX, *window_args(win))
+            _col2im_serial(dcols, dX, *args)
         return dX
 
     def channel_bias_act(self, Z, b, activation, A):

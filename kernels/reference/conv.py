@@ -95,10 +95,12 @@ def expect_int64(name, a):
         raise ValueError(f"{name}: expected a C-contiguous array, got strides {tuple(a.strides)}")
 
 
-def cols_shape(X_shape, win):
-    """The shape of im2col's ``cols`` for an input of shape (N, C, H, W): (N, C·kh·kw, OH·OW)."""
+def cols_shape(X_shape, win, batch_inner=False):
+    """The shape of im2col's ``cols`` for an input of shape (N, C, H, W): (N, C·kh·kw, OH·OW), or
+    with ``batch_inner`` (C·kh·kw, N, OH·OW)."""
     N, C = X_shape[0], X_shape[1]
-    return (N, C * win.kernel[0] * win.kernel[1], win.out[0] * win.out[1])
+    K, L = C * win.kernel[0] * win.kernel[1], win.out[0] * win.out[1]
+    return (K, N, L) if batch_inner else (N, K, L)
 
 
 def offset_slices(win, i, j):
@@ -126,36 +128,51 @@ class ConvOps:
     # The columns' size up to which Conv2d's chunks shrink once a batch's columns exceed its budget
     # (layers/conv.py); None: chunks as large as the budget allows.
     cols_cache_bytes = None
+    # Whether Conv2d may ask im2col/col2im for batch-inner columns (one GEMM a chunk; the layer
+    # decides per layer, layers/conv.py). The reference set gives them (its tests define the
+    # fused ones) but keeps the layer on one GEMM a sample, the plain definition.
+    batch_inner_gemm = False
 
-    def im2col(self, X, cols, kernel, stride, padding, dilation):
-        """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W); zeros where it lies in padding."""
+    def im2col(self, X, cols, kernel, stride, padding, dilation, batch_inner=False):
+        """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W); zeros where it lies in padding.
+
+        ``batch_inner``: cols is (C·kh·kw, N, OH·OW) instead, the samples inside each row, so that
+        the columns of N samples are one (C·kh·kw, N·OH·OW) matrix: one GEMM for the whole chunk.
+        """
         win = window(X, kernel, stride, padding, dilation)
-        expect_shape("cols", cols, cols_shape(X.shape, win))
+        expect_shape("cols", cols, cols_shape(X.shape, win, batch_inner))
         if not cols.flags.c_contiguous:  # the reshape below must be a view, not a copy
             raise ValueError(f"cols: expected a C-contiguous array, got strides {tuple(cols.strides)}")
         xp = self.xp
         N, C = X.shape[:2]
         (kh, kw), (ph, pw), (OH, OW) = win.kernel, win.padding, win.out
         Xp = xp.pad(X, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else X
-        c6 = cols.reshape(N, C, kh, kw, OH, OW)  # a view: cols is C-contiguous
+        if batch_inner:  # a view of cols (C, kh, kw, N, OH, OW) as (N, C, kh, kw, OH, OW)
+            c6 = cols.reshape(C, kh, kw, N, OH, OW).transpose(3, 0, 1, 2, 4, 5)
+        else:
+            c6 = cols.reshape(N, C, kh, kw, OH, OW)  # a view: cols is C-contiguous
         for i in range(kh):
             for j in range(kw):
                 hs, ws = offset_slices(win, i, j)
                 c6[:, :, i, j] = Xp[:, :, hs, ws]
         return cols
 
-    def col2im(self, dcols, dX, kernel, stride, padding, dilation):
+    def col2im(self, dcols, dX, kernel, stride, padding, dilation, batch_inner=False):
         """dX (N, C, H, W) = Σ of the dcols entries that read each pixel (the adjoint of im2col).
 
         Kernel offsets are added in row-major (i, j) order, the order of the fused gathers.
+        ``batch_inner``: dcols is (C·kh·kw, N, OH·OW), as im2col's.
         """
         win = window(dX, kernel, stride, padding, dilation, name="dX")
-        expect_shape("dcols", dcols, cols_shape(dX.shape, win))
+        expect_shape("dcols", dcols, cols_shape(dX.shape, win, batch_inner))
         xp = self.xp
         N, C, H, W = dX.shape
         (kh, kw), (ph, pw), (OH, OW) = win.kernel, win.padding, win.out
         dXp = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dX.dtype)
-        c6 = dcols.reshape(N, C, kh, kw, OH, OW)
+        if batch_inner:
+            c6 = dcols.reshape(C, kh, kw, N, OH, OW).transpose(3, 0, 1, 2, 4, 5)
+        else:
+            c6 = dcols.reshape(N, C, kh, kw, OH, OW)
         for i in range(kh):
             for j in range(kw):
                 hs, ws = offset_slices(win, i, j)
