@@ -127,3 +127,59 @@ def test_run_every_op_calls_every_family_with_valid_arguments():
                "channel_bias_act", "batch_norm_backward", "layer_norm_backward",
                "dropout_backward", "lstm_cell_backward", "gru_cell_backward", "adam"):
         assert op in calls, op
+
+
+# ---- max pooling's backward: a scatter that adds in the reference's order ----------------------
+# Overlapping windows (stride < kernel) give a pixel up to kh·kw terms; small-integer "ties" data
+# makes many pixels the argmax of several outputs. W = 4099: a·(1/W) as a float is off by one for
+# some a, which the kernel corrects (a wrong row would drop or misplace terms).
+MAX_POOL_SUMS = [
+    ((3, 2, 11, 13), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((2, 3, 9, 10), (3, 2), (1, 1), (0, 1), (2, 1)),
+    ((1, 2, 7, 9), (4, 3), (1, 2), (2, 1), (1, 2)),
+    ((1, 1, 3, 4099), (2, 3), (1, 1), (0, 1), (1, 1)),
+]
+
+
+def _ties(rng, shape, dtype):
+    return rng.integers(-2, 3, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("case", MAX_POOL_SUMS, ids=str)
+def test_max_pool_backward_equals_reference_bit_for_bit(ops, rng, case, dtype):
+    shape, k, s, p, d = case
+    N, C, H, W = shape
+    OH = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    OW = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    out = (N, C, OH, OW)
+    X = _ties(rng, shape, dtype)
+    Y, am = np.empty(out, dtype), np.empty(out, np.int64)
+    Yr, amr = kc.REF.max_pool2d(X, np.empty(out, dtype), np.empty(out, np.int64), k, s, p, d)
+    ops.max_pool2d(X, Y, am, k, s, p, d)
+    np.testing.assert_array_equal(am, amr)
+    dY = rng.standard_normal(out).astype(dtype) * 1e3
+    ref = kc.REF.max_pool2d_backward(dY, amr, np.empty(shape, dtype), k, s, p, d)
+    got = ops.max_pool2d_backward(dY, am, np.full(shape, np.nan, dtype), k, s, p, d)
+    np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
+
+
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 2)])
+def test_max_pool_backward_ignores_an_argmax_outside_its_window(ops, rng, dilation):
+    # What the reference does: only an argmax equal to a pixel of the output's own window counts.
+    shape, k, s, p = (2, 2, 9, 8), (3, 2), (2, 2), (1, 1)
+    out = (2, 2, (9 + 2 - dilation[0] * 2 - 1) // 2 + 1, (8 + 2 - dilation[1] - 1) // 2 + 1)
+    _, am = kc.REF.max_pool2d(rng.standard_normal(shape), np.empty(out), np.empty(out, np.int64),
+                              k, s, p, dilation)
+    wrong = rng.random(out) < 0.5  # half of them: other windows' pixels, padding, outside the plane
+    am[wrong] = rng.integers(-3, 9 * 8 + 3, out)[wrong]
+    dY = rng.standard_normal(out)
+    ref = kc.REF.max_pool2d_backward(dY, am, np.empty(shape), k, s, p, dilation)
+    got = ops.max_pool2d_backward(dY, am, np.empty(shape), k, s, p, dilation)
+    np.testing.assert_array_equal(got, ref)
+    assert np.count_nonzero(ref) > 0
+    naive = np.zeros(shape)  # a scatter that trusts the argmax: what the test must tell apart
+    for idx in np.ndindex(out):
+        if 0 <= am[idx] < 9 * 8:
+            naive[idx[:2]].flat[am[idx]] += dY[idx]
+    assert not np.allclose(naive, ref)

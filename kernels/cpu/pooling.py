@@ -1,14 +1,16 @@
-"""CPU pooling ops: max and average pooling, forward per output, backward as a gather by rows.
+"""CPU pooling ops: max and average pooling, forward per output row, backward per plane.
 
-The backward passes are gathers by rows, as col2im: each dX row belongs to one loop iteration, which
-adds the gradients of the outputs whose window holds its pixels, kernel offset by offset in
-row-major order (per pixel the sum, and the order, of a per-pixel gather and of the reference), so
-the result does not depend on the thread count. The parallel kernels split the N·C planes over
-threads.
+Each dX plane belongs to one loop iteration. Average pooling's backward is a gather by rows, as
+col2im: each row adds the gradients of the outputs whose window holds its pixels, kernel offset by
+offset in row-major order; max pooling's is a scatter of each output's gradient to its argmax in
+an order that adds the same terms in the same order. Either way each pixel's sum is the
+reference's, bit for bit, and does not depend on the thread count. The parallel kernels split the
+N·C planes over threads.
 """
 
 import math
 
+import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
@@ -17,79 +19,128 @@ from gpubackprop.kernels.reference.conv import expect_int64, expect_shape, windo
 
 
 # ---- max pooling -------------------------------------------------------------------------------
+# Flat arrays with uint64 indices (as im2col in conv.py): with signed indices Numba wraps negative
+# ones, a compare and a select per access. Every index is formed in int64 and is >= 0 by
+# construction before the cast.
 @njit(cache=True, error_model="numpy")
-def _max_pool_plane(X, Y, argmax, p, kh, kw, sh, sw, ph, pw, dh, dw):
-    C, H, W = X.shape[1], X.shape[2], X.shape[3]
-    OH, OW = Y.shape[2], Y.shape[3]
-    n, c = p // C, p % C
-    ninf = X.dtype.type(-math.inf)
+def _ow_ranges(kw, sw, pw, dw, W, OW):
+    """Per kernel column j, [lo, hi) of the outputs whose pixel lies inside: once a call, since
+    the two integer divisions of _valid per output row and offset cost more than the row itself."""
+    r = np.empty((kw, 2), np.int64)
+    for j in range(kw):
+        r[j, 0], r[j, 1] = _valid(j * dw - pw, sw, W, OW)
+    return r
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool_plane(x, y, am, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, ranges):
+    """Plane p of the flat X, Y and argmax: per output row, the kernel offsets in row-major order,
+    each a pass over the row's outputs with selects, not branches (a window's compares are coin
+    tosses on random data: branching on them cost ~90 cycles a window in mispredictions)."""
+    u = np.uint64
+    ninf = y.dtype.type(-math.inf)
+    xb = p * H * W
     for oh in range(OH):
-        for ow in range(OW):
-            best = ninf
-            arg = -1
-            for i in range(kh):
-                h = oh * sh - ph + i * dh
-                if h < 0 or h >= H:
-                    continue
-                for j in range(kw):
-                    w = ow * sw - pw + j * dw
-                    if w < 0 or w >= W:
-                        continue
-                    v = X[n, c, h, w]
+        ob = (p * OH + oh) * OW
+        for t in range(u(OW)):
+            y[u(ob) + t] = ninf
+            am[u(ob) + t] = -1
+        for i in range(kh):
+            h = oh * sh - ph + i * dh
+            if h < 0 or h >= H:
+                continue
+            for j in range(kw):
+                ow_lo, ow_hi = ranges[j, 0], ranges[j, 1]
+                s0 = h * W + j * dw - pw + ow_lo * sw  # pixel of output ow_lo, inside the plane
+                o0 = ob + ow_lo
+                for t in range(u(ow_hi - ow_lo)):
+                    idx = s0 + np.int64(t) * sw
+                    v = x[u(xb + idx)]
+                    o = u(o0) + t
+                    b = y[o]
+                    a = am[o]
                     # The window's first pixel, then a strictly larger one or a NaN (PyTorch's rule).
-                    if arg < 0 or v > best or v != v:
-                        best = v
-                        arg = h * W + w
-            Y[n, c, oh, ow] = best
-            argmax[n, c, oh, ow] = arg
+                    take = (a < 0) | (v > b) | (v != v)
+                    y[o] = v if take else b
+                    am[o] = idx if take else a
 
 
 @njit(cache=True, error_model="numpy")
 def _max_pool_serial(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
-    for p in range(X.shape[0] * X.shape[1]):
-        _max_pool_plane(X, Y, argmax, p, kh, kw, sh, sw, ph, pw, dh, dw)
+    N, C, H, W = X.shape
+    OH, OW = Y.shape[2], Y.shape[3]
+    x, y, am = X.reshape(-1), Y.reshape(-1), argmax.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, dw, W, OW)
+    for p in range(N * C):
+        _max_pool_plane(x, y, am, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, ranges)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _max_pool_parallel(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
-    for p in prange(X.shape[0] * X.shape[1]):
-        _max_pool_plane(X, Y, argmax, p, kh, kw, sh, sw, ph, pw, dh, dw)
+    N, C, H, W = X.shape
+    OH, OW = Y.shape[2], Y.shape[3]
+    x, y, am = X.reshape(-1), Y.reshape(-1), argmax.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, dw, W, OW)
+    for p in prange(N * C):
+        _max_pool_plane(x, y, am, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, ranges)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _on_grid(d, step, k):
+    """Whether d = i·step for an i in [0, k): the kernel offset of a pixel at distance d."""
+    if step == 1:
+        return np.uint64(d) < np.uint64(k)  # one compare: d < 0 wraps to a huge value
+    return d >= 0 and d % step == 0 and d // step < k
 
 
 @njit(cache=True, error_model="numpy")
-def _max_pool_backward_plane(dY, argmax, dX, p, kh, kw, sh, sw, ph, pw, dh, dw):
-    C, H, W = dX.shape[1], dX.shape[2], dX.shape[3]
-    OH, OW = dY.shape[2], dY.shape[3]
-    n, c = p // C, p % C
-    for h in range(H):
-        row = dX[n, c, h]
-        row[:] = 0
-        for i in range(kh):
-            hh = h + ph - i * dh  # = oh·sh for the output row that holds row h at offset i
-            if hh < 0:
-                break  # hh falls as i grows
-            oh = hh // sh
-            if oh * sh != hh or oh >= OH:
+def _max_pool_backward_plane(dy, am, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw):
+    """dX plane p (flat), owned by this call: zeroed, then each output adds its dY to its argmax
+    pixel, outputs in reverse row-major order. A pixel is the argmax of at most one output per
+    kernel offset, and the outputs that hold it at offsets (i, j) in row-major order are those
+    (oh, ow) in reverse row-major order: so each pixel's sum runs over the offsets in the
+    reference's order, bit for bit. An argmax that is not a pixel of its output's window adds
+    nothing (as in the reference)."""
+    u = np.uint64
+    zero = dx.dtype.type(0)
+    HW = H * W
+    xb = p * HW
+    inv_w = 1.0 / W
+    for t in range(u(HW)):
+        dx[u(xb) + t] = zero
+    for oh in range(OH - 1, -1, -1):
+        ob = (p * OH + oh) * OW
+        h0 = oh * sh - ph
+        for ow in range(OW - 1, -1, -1):
+            a = am[u(ob + ow)]
+            if u(a) >= u(HW):  # outside the plane (a < 0 included)
                 continue
-            for j in range(kw):
-                w0 = j * dw - pw
-                ow_lo, ow_hi = _valid(w0, sw, W, OW)
-                for ow in range(ow_lo, ow_hi):
-                    w = w0 + ow * sw
-                    if argmax[n, c, oh, ow] == h * W + w:
-                        row[w] += dY[n, c, oh, ow]
+            # a // W without a 64-bit division (~40 cycles here): a float quotient, off by one at most.
+            h = np.int64(np.float64(a) * inv_w)
+            if h * W > a:
+                h -= 1
+            elif (h + 1) * W <= a:
+                h += 1
+            if _on_grid(h - h0, dh, kh) and _on_grid(a - h * W - (ow * sw - pw), dw, kw):
+                dx[u(xb + a)] += dy[u(ob + ow)]
 
 
 @njit(cache=True, error_model="numpy")
 def _max_pool_backward_serial(dY, argmax, dX, kh, kw, sh, sw, ph, pw, dh, dw):
-    for p in range(dX.shape[0] * dX.shape[1]):
-        _max_pool_backward_plane(dY, argmax, dX, p, kh, kw, sh, sw, ph, pw, dh, dw)
+    N, C, H, W = dX.shape
+    OH, OW = dY.shape[2], dY.shape[3]
+    dy, am, dx = dY.reshape(-1), argmax.reshape(-1), dX.reshape(-1)
+    for p in range(N * C):
+        _max_pool_backward_plane(dy, am, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _max_pool_backward_parallel(dY, argmax, dX, kh, kw, sh, sw, ph, pw, dh, dw):
-    for p in prange(dX.shape[0] * dX.shape[1]):
-        _max_pool_backward_plane(dY, argmax, dX, p, kh, kw, sh, sw, ph, pw, dh, dw)
+    N, C, H, W = dX.shape
+    OH, OW = dY.shape[2], dY.shape[3]
+    dy, am, dx = dY.reshape(-1), argmax.reshape(-1), dX.reshape(-1)
+    for p in prange(N * C):
+        _max_pool_backward_plane(dy, am, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 # ---- average pooling ---------------------------------------------------------------------------
