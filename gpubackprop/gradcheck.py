@@ -4,7 +4,8 @@ import numbers
 
 import numpy as np
 
-from gpubackprop.training import check_pair
+from gpubackprop.losses import as_loss
+from gpubackprop.training import check_pair, upload
 
 # The step of the central differences, for the float64 models gradcheck takes. Their error is the
 # truncation, ~eps² times the loss's third derivative, plus the loss's rounding over the step,
@@ -60,8 +61,9 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
     if be.dtype != np.float64:
         raise TypeError(f"model dtype: gradcheck expects a float64 model, got {be.dtype}; build "
                         f"it with dtype='float64'")
+    loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    Xd, Td = be.to_device(Xh), be.to_device(Th, Th.dtype)
+    Xd, Td = upload(be, Xh), upload(be, Th, True)
     xp = be.xp
     saved = {dt: xp.array(buf, copy=True) for dt, buf in model.state_buffers.items()}
     step = model.context.step

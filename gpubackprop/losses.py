@@ -149,5 +149,75 @@ class BinaryCrossEntropy(Loss):
         return ((Y > 0) == (T > 0.5)).all(axis=1).sum()
 
 
+class MultiLoss(Loss):
+    """The loss of a model with several outputs: sum_i weights[i] * losses[i](Y_i, T_i).
+
+    ``losses`` has one loss per output, in the order of the model's ``outputs=``; ``weights``
+    (default all 1) one number per output. Targets ``y`` are a list in that order; the gradient of
+    output i is weights[i] times its loss's. fit, evaluate and gradcheck take it (or a plain list of
+    losses, weights 1); fit reports the weighted loss (no accuracy: say which output's with
+    ``evaluate`` on that output's loss).
+    """
+
+    def __init__(self, losses, weights=None):
+        super().__init__()
+        if not isinstance(losses, (list, tuple)) or not losses \
+                or not all(isinstance(x, Loss) and not isinstance(x, MultiLoss) for x in losses):
+            raise TypeError(f"losses: expected a non-empty list of losses (one per output), got "
+                            f"{losses!r}")
+        self.losses = list(losses)
+        weights = [1.0] * len(self.losses) if weights is None else list(weights)
+        if len(weights) != len(self.losses) or not all(
+                isinstance(w, (int, float, np.number)) and not isinstance(w, bool)
+                and np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"weights: expected {len(self.losses)} finite numbers >= 0 (one per "
+                             f"loss), got {weights!r}")
+        self.weights = [float(w) for w in weights]
+
+    def __repr__(self):
+        return f"MultiLoss({self.losses!r}, weights={self.weights!r})"
+
+    def _pairs(self, Y, T):
+        if not isinstance(Y, (list, tuple)) or len(Y) != len(self.losses):
+            raise ValueError(f"MultiLoss: expected a list of {len(self.losses)} outputs, got "
+                             f"{type(Y).__name__}")
+        return zip(self.losses, self.weights, Y, T, strict=True)
+
+    def targets(self, y, n_outputs, dtype, name="y"):
+        if not isinstance(y, (list, tuple)) or len(y) != len(self.losses):
+            raise ValueError(f"{name}: expected a list of {len(self.losses)} target arrays (one per "
+                             f"output), got {type(y).__name__}")
+        if not isinstance(n_outputs, (list, tuple)) or len(n_outputs) != len(self.losses):
+            raise ValueError(f"MultiLoss of {len(self.losses)} losses: expected a model with as "
+                             f"many outputs, got one of {n_outputs!r} outputs per sample")
+        return [loss.targets(t, n, dtype, f"{name}[{i}]")
+                for i, (loss, t, n) in enumerate(zip(self.losses, y, n_outputs, strict=True))]
+
+    def loss_and_grad(self, be, Y, T):
+        total, grads = 0, []
+        for i, (loss, w, y, t) in enumerate(self._pairs(Y, T)):
+            value, dY = loss.loss_and_grad(be, y, t)
+            # Own buffers: one loss object may serve several outputs (its buffer is reused).
+            g = self._buffer(be, f"dY{i}", dY.shape, dY.dtype)
+            be.xp.multiply(dY, w, out=g)
+            total = total + w * value
+            grads.append(g)
+        return total, grads
+
+    def value(self, be, Y, T):
+        total = 0
+        for loss, w, y, t in self._pairs(Y, T):
+            total = total + w * loss.value(be, y, t)
+        return total
+
+    def link(self, be, Y):
+        return [loss.link(be, y) for loss, y in zip(self.losses, Y, strict=True)]
+
+
+def as_loss(loss):
+    """A loss, or a list of them (one per output of a model) as a ``MultiLoss``."""
+    return MultiLoss(loss) if isinstance(loss, (list, tuple)) else loss
+
+
 # The command-line names of the losses (--loss), in the order help texts list them.
 LOSSES = {"ce": SoftmaxCrossEntropy, "mse": MSE, "bce": BinaryCrossEntropy}

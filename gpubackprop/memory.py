@@ -117,7 +117,8 @@ def activation_bytes(model, batch_size):
     """A floor on the training-mode activation memory of one batch: each leaf layer's output and
     its gradient (layers keep both for reuse), plus the input batch, in the model dtype."""
     itemsize = model.backend.dtype.itemsize
-    per_sample = _size(model.input_shape)
+    inputs = model.input_shape if isinstance(model.input_shape, list) else [model.input_shape]
+    per_sample = sum(_size(shape) for shape in inputs)
     per_sample += sum(2 * _size(layer.output_shape) for _, layer in model.leaves())
     return per_sample * int(batch_size) * itemsize
 

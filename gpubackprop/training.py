@@ -9,20 +9,62 @@ import sys
 
 import numpy as np
 
+from gpubackprop.losses import as_loss
 from gpubackprop.validation import positive_int, same_length, samples
 
 
 def check_pair(model, loss, X, y, x_name="X", y_name="y"):
-    """Host-checked (X, targets) as arrays in the model's dtype; X is (n, *model.input_shape)."""
+    """Host-checked (X, targets) as arrays in the model's dtype; X is (n, *model.input_shape).
+
+    A model with several inputs (its ``input_shape`` a list) takes X as a list in ``inputs=``
+    order, one with several outputs a ``MultiLoss`` and y as a list: those come back as lists."""
     be = model.backend  # builds the model: its input and output shapes are known from here on
-    if len(model.output_shape) != 1:
-        raise ValueError(f"model output: expected one vector of outputs per sample for "
-                         f"{type(loss).__name__}, got per-sample shape {model.output_shape}; end "
-                         f"the model with Flatten() or GlobalAvgPool2d()")
-    Xh = samples(X, model.input_shape, x_name)
+    outs = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
+    for i, shape in enumerate(outs):
+        if len(shape) != 1:
+            what = "model output" + (f" {i}" if len(outs) > 1 else "")
+            raise ValueError(f"{what}: expected one vector of outputs per sample for "
+                             f"{type(loss).__name__}, got per-sample shape {shape}; end "
+                             f"the model with Flatten() or GlobalAvgPool2d()")
+    if isinstance(model.input_shape, list):
+        if not isinstance(X, (list, tuple)) or len(X) != len(model.input_shape):
+            raise ValueError(f"{x_name}: expected a list of {len(model.input_shape)} input arrays "
+                             f"(the model's inputs= order), got {type(X).__name__}")
+        Xh = [samples(x, s, f"{x_name}[{i}]") for i, (x, s) in
+              enumerate(zip(X, model.input_shape, strict=True))]
+        for i, h in enumerate(Xh[1:], 1):
+            same_length(Xh[0], h, f"{x_name}[0]", f"{x_name}[{i}]")
+    else:
+        Xh = samples(X, model.input_shape, x_name)
+    if len(outs) > 1 and not hasattr(loss, "losses"):
+        raise ValueError(f"loss: the model has {len(outs)} outputs; expected a gb.MultiLoss (or a "
+                         f"list) of {len(outs)} losses, got {type(loss).__name__}")
     Th = loss.targets(y, model.n_out, be.dtype, y_name)
-    same_length(Xh, Th, x_name, y_name)
+    for i, t in enumerate(Th if isinstance(Th, list) else [Th]):
+        same_length(_first(Xh), t, x_name, f"{y_name}[{i}]" if isinstance(Th, list) else y_name)
     return Xh, Th
+
+
+# A model's data is an array, or a list of arrays (several inputs or outputs): these treat both.
+def _first(A):
+    return A[0] if isinstance(A, list) else A
+
+
+def rows(A):
+    """The number of samples of a batch (an array or a list of them)."""
+    return _first(A).shape[0]
+
+
+def take(A, index):
+    """The rows ``index`` (an index array or a slice) of an array or of each array of a list."""
+    return [a[index] for a in A] if isinstance(A, list) else A[index]
+
+
+def upload(be, A, keep_dtype=False):
+    """Host data onto the device: in the model dtype, or (targets) in its own dtype."""
+    if isinstance(A, list):
+        return [upload(be, a, keep_dtype) for a in A]
+    return be.to_device(A, A.dtype) if keep_dtype else be.to_device(A)
 
 
 def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
@@ -32,7 +74,7 @@ def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
     the local gradient (a mean over the local rows) times ``share``, summed over the ranks, is the
     gradient of the mean over the global batch; one all-reduce of the flat gradient buffer.
     """
-    if Xd.shape[0] == 0:  # a rank whose share of a short last batch is empty adds nothing
+    if rows(Xd) == 0:  # a rank whose share of a short last batch is empty adds nothing
         model.flat_grads[...] = 0
         value, Y = model.backend.xp.zeros((), model.backend.dtype), None
     else:
@@ -61,8 +103,9 @@ def _broadcast_model(comm, model, opt):
 def train_step(model, loss, opt, X_batch, y_batch):
     """One gradient step on one batch; returns the batch's mean loss (before the update)."""
     be = model.backend
+    loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X_batch, y_batch, "X_batch", "y_batch")
-    value, _ = step_on_device(model, loss, opt, be.to_device(Xh), be.to_device(Th, Th.dtype))
+    value, _ = step_on_device(model, loss, opt, upload(be, Xh), upload(be, Th, True))
     return float(value)
 
 
@@ -137,17 +180,18 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     checkpoint_every = None if not checkpoint_every else positive_int(checkpoint_every,
                                                                       "checkpoint_every")
     be = model.backend
+    loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    Xd, Td = be.to_device(Xh), be.to_device(Th, Th.dtype)
+    Xd, Td = upload(be, Xh), upload(be, Th, True)
     val = None
     if validation is not None:
         if not isinstance(validation, (tuple, list)) or len(validation) != 2:
             raise ValueError(f"validation: expected a pair (X_val, y_val), got "
                              f"{type(validation).__name__}")
         Xv, Tv = check_pair(model, loss, *validation, "X_val", "y_val")
-        val = (be.to_device(Xv), be.to_device(Tv, Tv.dtype))
+        val = (upload(be, Xv), upload(be, Tv, True))
 
-    n = Xh.shape[0]
+    n = rows(Xh)
     n_batches = -(-n // batch_size)
     # The largest batch this rank gathers (a batch_size beyond the data takes all of it), checked
     # against the device before the first step: a clear ValueError instead of a MemoryError.
@@ -201,7 +245,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 start, stop = b * batch_size, min(n, (b + 1) * batch_size)
                 lo, hi = shard_bounds(start, stop, rank, size)
                 idx = order_d[lo:hi]
-                Xb, Tb = Xd[idx], Td[idx]  # device-side gather
+                Xb, Tb = take(Xd, idx), take(Td, idx)  # device-side gather
                 if schedule is not None:
                     opt.lr = float(schedule(step))
                 value, Y = step_on_device(model, loss, opt, Xb, Tb, comm, (hi - lo) / (stop - start))
@@ -323,7 +367,9 @@ def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):
         if not all(bool(xp.isfinite(p).all()) for p in layer.params.values()):
             where = f"the parameters of layer {key[:-1]} ({layer!r})"
             break
-    if where is None and Xb is not None:
+    from gpubackprop.layers import Sequential
+
+    if where is None and Xb is not None and isinstance(model, Sequential):  # a chain, layer by layer
         A = Xb
         for i, layer in enumerate(model.layers):
             A, _ = layer.forward(A, train=False)
@@ -359,12 +405,12 @@ def _progress_bar(total, progress):
 
 def _evaluate_device(model, loss, Xd, Td, batch_size=4096):
     be = model.backend
-    n = Xd.shape[0]
+    n = rows(Xd)
     total_loss = total_correct = 0
     for s in range(0, n, batch_size):
-        Xb, Tb = Xd[s:s + batch_size], Td[s:s + batch_size]
+        Xb, Tb = take(Xd, slice(s, s + batch_size)), take(Td, slice(s, s + batch_size))
         Y = model(Xb)
-        total_loss = total_loss + loss.value(be, Y, Tb) * Xb.shape[0]
+        total_loss = total_loss + loss.value(be, Y, Tb) * rows(Xb)
         if loss.classification:
             total_correct = total_correct + loss.correct(be, Y, Tb)
     metrics = {"loss": float(total_loss) / n}
@@ -377,8 +423,9 @@ def evaluate(model, loss, X, y, batch_size=4096):
     """{"loss": mean loss, "accuracy": fraction correct (classification losses only)}."""
     batch_size = positive_int(batch_size, "batch_size")
     be = model.backend
+    loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    return _evaluate_device(model, loss, be.to_device(Xh), be.to_device(Th, Th.dtype), batch_size)
+    return _evaluate_device(model, loss, upload(be, Xh), upload(be, Th, True), batch_size)
 
 
 def predict(model, X, loss=None, batch_size=4096):

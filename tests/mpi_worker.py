@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under ``mpiexec -n 2``: data-parallel fit through the Python API.
 
 usage: mpi_worker.py OUT_DIR MODE [KILL_AT_STEP]
-MODE: "mlp" | "cnn" (train and save each rank's parameters), "resume" (continue from OUT_DIR's
+MODE: "mlp" | "cnn" | "graph" (train and save each rank's parameters; graph: a functional model), "resume" (continue from OUT_DIR's
 checkpoint), "bad-data" (rank 1 gets a NaN in X and must end the job), "collectives" (the
 communicator's broadcast and all-reduce on device arrays, checked against their definition).
 Environment: GB_COMM (default "mpi"), GB_DEVICE (default "cpu"; "cuda" puts the model on the GPU).
@@ -33,6 +33,11 @@ def model_for(mode, device="cpu"):
         layers = [gb.Conv2d(1, 4, 3, padding=1, activation="relu"), gb.MaxPool2d(2), gb.Flatten(),
                   gb.Dense(36, 3)]
         return gb.Sequential(layers, device=device, dtype="float64", seed=3, input_shape=(1, 6, 6))
+    if mode == "graph":  # a skip connection and a concatenation
+        x = gb.Input((7,))
+        h = gb.Dense(7, 7, activation="tanh")(x)
+        y = gb.Dense(14, 3)(gb.Concatenate()([gb.Add()([h, x]), x]))
+        return gb.Model(inputs=x, outputs=y, device=device, dtype="float64", seed=3)
     return gb.Sequential([gb.Dense(7, 9, activation="tanh"), gb.Dense(9, 3)], device=device,
                          dtype="float64", seed=3)
 
@@ -57,10 +62,11 @@ def main(out, mode, kill_at=None):
     comm = communicator(os.environ.get("GB_COMM", "mpi"))
     if mode == "collectives":
         return check_collectives(comm, out)
-    X, y = data("cnn" if mode == "cnn" else "mlp")
+    kind = mode if mode in ("cnn", "graph") else "mlp"
+    X, y = data(kind)
     if mode == "bad-data" and comm.rank == 1:
         X[3, 2] = np.nan
-    model = model_for("cnn" if mode == "cnn" else "mlp", os.environ.get("GB_DEVICE", "cpu"))
+    model = model_for(kind, os.environ.get("GB_DEVICE", "cpu"))
     loss, opt = gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1, momentum=0.9)
     ckpt_path = os.path.join(out, "run.npz")
     state = None

@@ -99,7 +99,7 @@ def gpu_count():
 
 
 @needs_mpi
-@pytest.mark.parametrize("mode", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["mlp", "cnn", "graph"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, mode):
     done, _ = mpiexec(tmp_path, mode)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -147,6 +147,13 @@ class Layer:
         """The layers directly under this one (a combinator's); [] for a leaf."""
         return []
 
+    def __call__(self, inputs):
+        """``layer(x)`` on symbolic tensors (``gb.Input``, layer outputs): a node of a functional
+        graph (``gpubackprop.layers.graph``); device arrays go through a model."""
+        from gpubackprop.layers.graph import apply
+
+        return apply(self, inputs)
+
     # ---- binding --------------------------------------------------------------------------------
     backend = None
     context = None

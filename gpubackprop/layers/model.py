@@ -259,7 +259,12 @@ class Model(Layer):
         return out
 
     def __call__(self, X):
-        """Inference on device arrays: the model's outputs (logits for a classifier)."""
+        """Inference on device arrays: the model's outputs (logits for a classifier). On symbolic
+        tensors (``gb.Input``, layer outputs): this model as a node of a functional graph."""
+        from gpubackprop.layers.graph import apply, is_symbolic
+
+        if is_symbolic(X):
+            return apply(self, X)
         Y, _ = self.forward(X, train=False)
         return Y
 
