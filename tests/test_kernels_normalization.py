@@ -41,6 +41,24 @@ def test_backward_in_place(ops, rng, dtype):
     nc.check_norm_in_place(ops, dev, rng, dtype)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 9, 9), (2, 3, 64)])
+def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape):
+    """Each channel's float64 lanes (positions l mod 64 of every row, rows in order) are summed in
+    an order fixed by the shape: one thread and three chunks of channels give the same bits."""
+    X, gamma, beta = nc._bn_inputs(rng, shape, np.float32)
+    dY = nc.random(rng, shape, np.float32)
+    C = shape[1]
+    outs = []
+    for ops in (CpuOps(np, num_threads=1), CpuOps(np, num_threads=3, parallel_min=0)):
+        m, s = np.empty(C, np.float32), np.empty(C, np.float32)
+        Y = ops.batch_norm_train(X, gamma, beta, nc.EPS, np.empty_like(X), m, s)
+        dg, db = np.empty(C, np.float32), np.empty(C, np.float32)
+        dX = ops.batch_norm_backward(dY, X, gamma, m, s, np.empty_like(X), dg, db)
+        outs.append((Y, m, s, dX, dg, db))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_float32_large_mean_keeps_accuracy(ops):
     """A float32 channel with mean 1e4 and spread 1: two-pass float64 sums keep invstd exact to
     float32 rounding, where a one-pass E[x²] − E[x]² would lose every digit."""
