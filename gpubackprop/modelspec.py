@@ -52,11 +52,23 @@ _PAIR = re.compile(r"^(\d+)x(\d+)$")
 
 # Every token comes from the layer registry (each layer module declares its own): the names, the
 # arguments with their kinds and defaults, and what each makes (gpubackprop.layers.registry).
-LAYER_TOKENS = {name: (tok.positional, tok.defaults) for name, tok in SPEC_TOKENS.items()
-                if not tok.block and tok.activation is None}
-# Every name a token may have, as errors list them: the layers, then res, then the activations.
-TOKEN_NAMES = (*LAYER_TOKENS, *(n for n, t in SPEC_TOKENS.items() if t.block),
-               *(n for n, t in SPEC_TOKENS.items() if t.activation is not None))
+
+
+def layer_tokens():
+    """{name: (positional names, {argument: default})} of the layer tokens (not res, activations)."""
+    return {name: (tok.positional, tok.defaults) for name, tok in SPEC_TOKENS.items()
+            if not tok.block and tok.activation is None}
+
+
+def token_names():
+    """Every name a token may have, as errors list them: the layers, then res, the activations."""
+    return (*layer_tokens(), *(n for n, t in SPEC_TOKENS.items() if t.block),
+            *(n for n, t in SPEC_TOKENS.items() if t.activation is not None))
+
+
+# As the package's own layers registered them (a layer registered later is in the functions').
+LAYER_TOKENS = layer_tokens()
+TOKEN_NAMES = token_names()
 INITS = ("he", "xavier", "lecun", "normal")
 
 
@@ -106,7 +118,7 @@ def _parse_chain(text, start, end):
             bad = text[i:end].split("-")[0].strip() or text[i:i + 1]
             what = f"{bad!r}" if i < end else "the end of the spec"
             raise SpecError(f"model: token {index} at character {i + 1}: expected a layer name "
-                            f"({', '.join(TOKEN_NAMES)}), got {what}")
+                            f"({', '.join(token_names())}), got {what}")
         name_start, i = i, m.end()
         name = m.group().lower()
         args, inner = [], None
@@ -126,11 +138,12 @@ def _parse_chain(text, start, end):
         tok = Token(name, token_text, index, name_start + 1, args, inner)
         if name == "res" and inner is None:
             raise tok.error("expected a block in parentheses, e.g. res(conv(16,3,pad=1)-bn)")
-        if name not in TOKEN_NAMES:
+        names = token_names()
+        if name not in names:
             # The name sharing the longest prefix ("relux": relu, not res).
-            near = sorted((n for n in TOKEN_NAMES if n[:2] == name[:2]),
+            near = sorted((n for n in names if n[:2] == name[:2]),
                           key=lambda n: -len(os.path.commonprefix([n, name])))
-            raise tok.error(f"unknown layer {name!r}; expected one of {', '.join(TOKEN_NAMES)}"
+            raise tok.error(f"unknown layer {name!r}; expected one of {', '.join(names)}"
                             + (f" (did you mean {near[0]}?)" if near else ""))
         tokens.append(tok)
         while i < end and text[i].isspace():

@@ -1,9 +1,10 @@
 """Run by tests/test_distributed.py under ``mpiexec -n 2``: data-parallel fit through the Python API.
 
 usage: mpi_worker.py OUT_DIR MODE [KILL_AT_STEP]
-MODE: "mlp" | "cnn" | "graph" (train and save each rank's parameters; graph: a functional model), "resume" (continue from OUT_DIR's
-checkpoint), "bad-data" (rank 1 gets a NaN in X and must end the job), "collectives" (the
-communicator's broadcast and all-reduce on device arrays, checked against their definition).
+MODE: "mlp" | "cnn" | "graph" (train and save each rank's parameters; graph: a functional model),
+"resume" (continue from OUT_DIR's checkpoint), "bad-data" (rank 1 gets a NaN in X and must end
+the job), "collectives" (the communicator's broadcast and all-reduce on device arrays, checked
+against their definition).
 Environment: GB_COMM (default "mpi"), GB_DEVICE (default "cpu"; "cuda" puts the model on the GPU).
 """
 

@@ -25,7 +25,7 @@ from gpubackprop.datasets import HEADERS, SCALINGS
 from gpubackprop.distributed import COMMUNICATORS, require_launcher
 from gpubackprop.kernels.reference import ACTIVATIONS
 from gpubackprop.layers import INITS, SPEC_TOKENS
-from gpubackprop.modelspec import PRESETS
+from gpubackprop.modelspec import PRESETS, token_names
 from gpubackprop.optimizers import OPTIMIZER_NAMES
 from gpubackprop.outputs import check_output_path, lock_output, write_json
 from gpubackprop.schedules import SCHEDULE_NAMES
@@ -37,12 +37,16 @@ MUST_MATCH = ("dataset", "label_column", "header", "val_split", "test_split", "s
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
 
 
-# The tokens' lines come from the layer registry: each layer module declares its own.
-_TOKEN_LINES = "\n".join(f"  {tok.help}" for tok in SPEC_TOKENS.values() if tok.activation is None)
-MODEL_HELP = f"""\
+def model_help():
+    """The spec grammar of --model; the tokens' lines come from the layer registry (each layer
+    module declares its own), in the parser's order."""
+    names = token_names()
+    lines = "\n".join(f"  {SPEC_TOKENS[n].help}" for n in names if SPEC_TOKENS[n].activation is None)
+    acts = "|".join(n for n in names if SPEC_TOKENS[n].activation is not None)
+    return f"""\
 --model: a preset name or a spec, tokens joined by '-', sizes inferred from the data:
-{_TOKEN_LINES}
-  {'|'.join(t.name for t in SPEC_TOKENS.values() if t.activation is not None)}
+{lines}
+  {acts}
                 after conv/dense: fused into that layer; elsewhere an activation layer
   init=         weights of conv/dense: {' | '.join(INITS)} (default: dense he before
                 relu/leaky_relu/gelu, else xavier; conv PyTorch's uniform), e.g. dense(128,init=lecun)
@@ -58,7 +62,7 @@ def add_parser(sub):
     p = sub.add_parser(
         "train", help="train a model on a data set", formatter_class=Formatter,
         description="Train a model on a data set, then report its test accuracy."
-                    "\n\n" + MODEL_HELP + "\n\nWith --checkpoint the full training state is "
+                    "\n\n" + model_help() + "\n\nWith --checkpoint the full training state is "
                     "saved at the end of every epoch (atomically:\na crash leaves the previous "
                     "checkpoint intact); --resume "
                     "continues from it and ends\nexactly where the uninterrupted run would have "

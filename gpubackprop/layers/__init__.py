@@ -1,23 +1,27 @@
 """Layers, one module per family, all written to the protocol in ``gpubackprop.layers.base``.
 
-``LAYER_TYPES`` maps each layer type name to its class (``gpubackprop.layers.registry``, filled by
-the modules' ``register`` calls): checkpoints rebuild a model from it.
+Every module of this package is imported here, and each registers its layer classes and their
+model-spec tokens with ``gpubackprop.layers.registry``; ``LAYER_TYPES`` (type name -> class) is the
+registry's, which checkpoints rebuild models from, and ``LAYERS`` the classes exported as
+``gpubackprop.<Name>`` and from here. A new layer is therefore one module (plus its kernels).
 """
 
+import importlib
+import pkgutil
+
 from gpubackprop.layers.base import Layer, ModelContext
-from gpubackprop.layers.combinators import Residual, Sequential
-from gpubackprop.layers.conv import Conv2d
-from gpubackprop.layers.dense import INITS, Activation, Dense, Flatten, Reshape, init_weights
-from gpubackprop.layers.dropout import Dropout
-from gpubackprop.layers.graph import Add, Concatenate, GraphModel, Input, SymbolicTensor
+from gpubackprop.layers.dense import INITS, init_weights
+from gpubackprop.layers.graph import GraphModel, Input, SymbolicTensor
 from gpubackprop.layers.model import LayerShapeError, Model
-from gpubackprop.layers.normalization import BatchNorm1d, BatchNorm2d, LayerNorm
-from gpubackprop.layers.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
-from gpubackprop.layers.recurrent import GRU, LSTM, RNN, LastStep
 from gpubackprop.layers.registry import LAYER_TYPES, SPEC_TOKENS
 
-__all__ = ["Activation", "Add", "Concatenate", "GRU", "GraphModel", "INITS", "Input", "LSTM", "RNN",
-           "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dense", "Dropout", "Flatten",
-           "LastStep", "GlobalAvgPool2d", "LAYER_TYPES", "Layer", "LayerNorm", "LayerShapeError",
-           "MaxPool2d", "Model", "ModelContext", "SPEC_TOKENS", "Reshape", "Residual", "Sequential",
-           "SymbolicTensor", "init_weights"]
+for _module in pkgutil.iter_modules(__path__):  # each registers its layers as it is imported
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+# By class name ("Model" is the functional graph's type name; gb.Model stays the base class).
+LAYERS = {cls.__name__: cls for cls in LAYER_TYPES.values() if cls is not GraphModel}
+globals().update(LAYERS)
+
+__all__ = [*LAYERS, "GraphModel", "INITS", "Input", "LAYERS", "LAYER_TYPES", "Layer",
+           "LayerShapeError", "Model", "ModelContext", "SPEC_TOKENS", "SymbolicTensor",
+           "init_weights"]
