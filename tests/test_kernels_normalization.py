@@ -59,6 +59,23 @@ def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(33, 200), (5, 64), (9, 7)])
+def test_layer_norm_sums_do_not_depend_on_the_thread_count(rng, shape):
+    """Each row's float64 lanes (positions j mod 64), then the lanes pairwise: the same bits from
+    one thread and from three chunks of rows."""
+    X = nc.random(rng, shape, np.float32, 2.0, 1.0)
+    gamma, beta, dY = (nc.random(rng, s, np.float32) for s in (shape[1], shape[1], shape))
+    outs = []
+    for ops in (CpuOps(np, num_threads=1), CpuOps(np, num_threads=3, parallel_min=0)):
+        m, s = np.empty(shape[0], np.float32), np.empty(shape[0], np.float32)
+        Y = ops.layer_norm(X, gamma, beta, nc.EPS, np.empty_like(X), m, s)
+        dg, db = np.empty(shape[1], np.float32), np.empty(shape[1], np.float32)
+        dX = ops.layer_norm_backward(dY, X, gamma, m, s, np.empty_like(X), dg, db)
+        outs.append((Y, m, s, dX, dg, db))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_float32_large_mean_keeps_accuracy(ops):
     """A float32 channel with mean 1e4 and spread 1: two-pass float64 sums keep invstd exact to
     float32 rounding, where a one-pass E[x²] − E[x]² would lose every digit."""

@@ -275,18 +275,18 @@ def _bn_backward_parallel(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumul
 # ---- layer norm: X (M, D) ----------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
 def _ln_rows(X, gamma, beta, eps, Y, mean, invstd, r0, r1):
-    """Rows r0..r1: two-pass statistics, then Y. Deliberate float64 accumulator (module docstring)."""
+    """Rows r0..r1: two-pass statistics, then Y. Deliberate float64 accumulator (module docstring),
+    over LANES lanes a row as in _bn_stats_channels."""
     D = X.shape[1]
     t = X.dtype.type
+    x = X.reshape(-1)
+    acc = np.zeros(LANES)
     for i in range(r0, r1):
-        s = 0.0
-        for j in range(D):
-            s += np.float64(X[i, j])
-        mu = s / D
-        q = 0.0
-        for j in range(D):
-            d = np.float64(X[i, j]) - mu
-            q += d * d
+        base = np.uint64(i * D)
+        _add_lanes(acc, x, base, D, None)
+        mu = _lanes_total(acc) / D
+        _add_lanes(acc, x, base, D, mu)
+        q = _lanes_total(acc)
         m = t(mu)
         r = t(1.0 / math.sqrt(q / D + eps))
         mean[i] = m
@@ -324,22 +324,30 @@ def _ln_param_grads_cols(dY, X, mean, invstd, dgamma, dbeta, accumulate, j0, j1)
 @njit(cache=True, error_model="numpy")
 def _ln_dx_rows(dY, X, gamma, mean, invstd, dX, r0, r1):
     """dX = invstd/D·(D·g − Σg − x̂·Σ g·x̂), g = γ·dY, for rows r0..r1.
-    Deliberate float64 accumulator (module docstring)."""
+    Deliberate float64 accumulator (module docstring), over LANES lanes a row."""
+    u = np.uint64
     D = X.shape[1]
     t = X.dtype.type
     fD = t(D)
+    x, dy = X.reshape(-1), dY.reshape(-1)
+    acc_a = np.zeros(LANES)
+    acc_b = np.zeros(LANES)
+    K = u(LANES)
+    nb = u(D) // K
     for i in range(r0, r1):
         m = mean[i]
         s = invstd[i]
-        sg = 0.0
-        sgx = 0.0
-        for j in range(D):
-            g = dY[i, j] * gamma[j]
-            xh = (X[i, j] - m) * s
-            sg += np.float64(g)
-            sgx += np.float64(g) * np.float64(xh)
-        a = t(sg)
-        b = t(sgx)
+        base = u(i * D)
+        for blk in range(nb + u(1)):
+            j0 = blk * K
+            n = K if blk < nb else u(D) - nb * K
+            for k in range(n):
+                g = dy[base + j0 + k] * gamma[j0 + k]
+                xh = (x[base + j0 + k] - m) * s
+                acc_a[k] += np.float64(g)
+                acc_b[k] += np.float64(g) * np.float64(xh)
+        a = t(_lanes_total(acc_a))
+        b = t(_lanes_total(acc_b))
         k = s / fD
         for j in range(D):
             g = dY[i, j] * gamma[j]
