@@ -183,3 +183,28 @@ def test_max_pool_backward_ignores_an_argmax_outside_its_window(ops, rng, dilati
         if 0 <= am[idx] < 9 * 8:
             naive[idx[:2]].flat[am[idx]] += dY[idx]
     assert not np.allclose(naive, ref)
+
+
+# ---- average pooling: the reference's sums, in its order ----------------------------------------
+AVG_POOL_SUMS = [
+    ((3, 2, 11, 13), (3, 3), (1, 1), (1, 1)),
+    ((2, 3, 9, 10), (3, 2), (2, 1), (1, 1)),
+    ((1, 2, 7, 9), (4, 3), (1, 2), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("case", AVG_POOL_SUMS, ids=str)
+def test_avg_pool_equals_reference_bit_for_bit(ops, rng, case, dtype, count_include_pad):
+    shape, k, s, p = case
+    N, C, H, W = shape
+    out = (N, C, (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1)
+    X = (rng.standard_normal(shape) * 1e3).astype(dtype)
+    ref = kc.REF.avg_pool2d(X, np.empty(out, dtype), k, s, p, count_include_pad)
+    got = ops.avg_pool2d(X, np.full(out, np.nan, dtype), k, s, p, count_include_pad)
+    np.testing.assert_array_equal(got, ref)
+    dY = (rng.standard_normal(out) * 1e3).astype(dtype)
+    ref = kc.REF.avg_pool2d_backward(dY, np.empty(shape, dtype), k, s, p, count_include_pad)
+    got = ops.avg_pool2d_backward(dY, np.full(shape, np.nan, dtype), k, s, p, count_include_pad)
+    np.testing.assert_array_equal(got, ref)

@@ -154,71 +154,110 @@ def _count(oh, ow, kh, kw, sh, sw, ph, pw, H, W, include_pad):
 
 
 @njit(cache=True, error_model="numpy")
-def _avg_pool_plane(X, Y, p, kh, kw, sh, sw, ph, pw, include_pad):
-    C, H, W = X.shape[1], X.shape[2], X.shape[3]
-    OH, OW = Y.shape[2], Y.shape[3]
-    n, c = p // C, p % C
-    t = X.dtype.type
+def _avg_pool_plane(x, y, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges):
+    """Plane p of the flat X and Y: per output row, the sum over the kernel offsets in row-major
+    order, each a pass over the row's outputs (flat, uint64 indices), then the division."""
+    u = np.uint64
+    t = y.dtype.type
+    zero = t(0)
+    xb = p * H * W
     for oh in range(OH):
+        ob = (p * OH + oh) * OW
+        for q in range(u(OW)):
+            y[u(ob) + q] = zero
+        for i in range(kh):
+            h = oh * sh - ph + i
+            if h < 0 or h >= H:
+                continue
+            for j in range(kw):
+                ow_lo, ow_hi = ranges[j, 0], ranges[j, 1]
+                s0 = xb + h * W + j - pw + ow_lo * sw  # pixel of output ow_lo, inside the plane
+                o0 = u(ob + ow_lo)
+                if sw == 1:
+                    for q in range(u(ow_hi - ow_lo)):
+                        y[o0 + q] += x[u(s0) + q]
+                else:
+                    for q in range(u(ow_hi - ow_lo)):
+                        y[o0 + q] += x[u(s0) + q * u(sw)]
         for ow in range(OW):
-            s = t(0)
-            for i in range(kh):
-                h = oh * sh - ph + i
-                if h < 0 or h >= H:
-                    continue
-                for j in range(kw):
-                    w = ow * sw - pw + j
-                    if w >= 0 and w < W:
-                        s += X[n, c, h, w]
-            Y[n, c, oh, ow] = s / t(_count(oh, ow, kh, kw, sh, sw, ph, pw, H, W, include_pad))
+            o = u(ob + ow)
+            y[o] = y[o] / t(_count(oh, ow, kh, kw, sh, sw, ph, pw, H, W, include_pad))
 
 
 @njit(cache=True, error_model="numpy")
 def _avg_pool_serial(X, Y, kh, kw, sh, sw, ph, pw, include_pad):
-    for p in range(X.shape[0] * X.shape[1]):
-        _avg_pool_plane(X, Y, p, kh, kw, sh, sw, ph, pw, include_pad)
+    N, C, H, W = X.shape
+    OH, OW = Y.shape[2], Y.shape[3]
+    x, y = X.reshape(-1), Y.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, 1, W, OW)
+    for p in range(N * C):
+        _avg_pool_plane(x, y, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _avg_pool_parallel(X, Y, kh, kw, sh, sw, ph, pw, include_pad):
-    for p in prange(X.shape[0] * X.shape[1]):
-        _avg_pool_plane(X, Y, p, kh, kw, sh, sw, ph, pw, include_pad)
+    N, C, H, W = X.shape
+    OH, OW = Y.shape[2], Y.shape[3]
+    x, y = X.reshape(-1), Y.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, 1, W, OW)
+    for p in prange(N * C):
+        _avg_pool_plane(x, y, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges)
 
 
 @njit(cache=True, error_model="numpy")
-def _avg_pool_backward_plane(dY, dX, p, kh, kw, sh, sw, ph, pw, include_pad):
-    C, H, W = dX.shape[1], dX.shape[2], dX.shape[3]
-    OH, OW = dY.shape[2], dY.shape[3]
-    n, c = p // C, p % C
-    t = dX.dtype.type
+def _avg_pool_backward_plane(dy, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges):
+    """dX plane p (flat), owned by this call: g = dY / count once per output, then each row zeroed
+    and, per kernel offset (i, j) in row-major order, the g of the outputs that read its pixels
+    added (each pixel at most once per offset): the reference's sum, in its order."""
+    u = np.uint64
+    t = dx.dtype.type
+    zero = t(0)
+    g = np.empty(OH * OW, dx.dtype)
+    for oh in range(OH):
+        for ow in range(OW):
+            o = oh * OW + ow
+            g[o] = dy[u(p * OH * OW + o)] / t(_count(oh, ow, kh, kw, sh, sw, ph, pw, H, W, include_pad))
     for h in range(H):
-        row = dX[n, c, h]
-        row[:] = 0
+        rb = (p * H + h) * W
+        for q in range(u(W)):
+            dx[u(rb) + q] = zero
         for i in range(kh):
-            hh = h + ph - i
+            hh = h + ph - i  # = oh·sh for the output row that holds row h at offset i
             if hh < 0:
-                break
+                break  # hh falls as i grows
             oh = hh // sh
             if oh * sh != hh or oh >= OH:
                 continue
             for j in range(kw):
-                w0 = j - pw
-                ow_lo, ow_hi = _valid(w0, sw, W, OW)
-                for ow in range(ow_lo, ow_hi):
-                    cnt = _count(oh, ow, kh, kw, sh, sw, ph, pw, H, W, include_pad)
-                    row[w0 + ow * sw] += dY[n, c, oh, ow] / t(cnt)
+                ow_lo, ow_hi = ranges[j, 0], ranges[j, 1]
+                d0 = rb + j - pw + ow_lo * sw  # the pixel output ow_lo reads, inside the row
+                g0 = u(oh * OW + ow_lo)
+                if sw == 1:
+                    for q in range(u(ow_hi - ow_lo)):
+                        dx[u(d0) + q] += g[g0 + q]
+                else:
+                    for q in range(u(ow_hi - ow_lo)):
+                        dx[u(d0) + q * u(sw)] += g[g0 + q]
 
 
 @njit(cache=True, error_model="numpy")
 def _avg_pool_backward_serial(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
-    for p in range(dX.shape[0] * dX.shape[1]):
-        _avg_pool_backward_plane(dY, dX, p, kh, kw, sh, sw, ph, pw, include_pad)
+    N, C, H, W = dX.shape
+    OH, OW = dY.shape[2], dY.shape[3]
+    dy, dx = dY.reshape(-1), dX.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, 1, W, OW)
+    for p in range(N * C):
+        _avg_pool_backward_plane(dy, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _avg_pool_backward_parallel(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
-    for p in prange(dX.shape[0] * dX.shape[1]):
-        _avg_pool_backward_plane(dY, dX, p, kh, kw, sh, sw, ph, pw, include_pad)
+    N, C, H, W = dX.shape
+    OH, OW = dY.shape[2], dY.shape[3]
+    dy, dx = dY.reshape(-1), dX.reshape(-1)
+    ranges = _ow_ranges(kw, sw, pw, 1, W, OW)
+    for p in prange(N * C):
+        _avg_pool_backward_plane(dy, dx, p, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad, ranges)
 
 
 def pool_args(win):
