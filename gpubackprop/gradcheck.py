@@ -5,7 +5,7 @@ import numbers
 import numpy as np
 
 from gpubackprop.losses import as_loss
-from gpubackprop.training import check_pair, upload
+from gpubackprop.training import check_pair, upload_inputs, upload_targets
 
 # The step of the central differences, for the float64 models gradcheck takes. Their error is the
 # truncation, ~eps² times the loss's third derivative, plus the loss's rounding over the step,
@@ -63,7 +63,7 @@ def gradcheck(model, loss, X, y, eps=1e-6, max_params=None, seed=0):
                         f"it with dtype='float64'")
     loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    Xd, Td = upload(be, Xh), upload(be, Th, True)
+    Xd, Td = upload_inputs(be, model, Xh), upload_targets(be, Th)
     xp = be.xp
     saved = {dt: xp.array(buf, copy=True) for dt, buf in model.state_buffers.items()}
     step = model.context.step

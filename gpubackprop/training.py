@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from gpubackprop.losses import as_loss
-from gpubackprop.validation import positive_int, same_length, samples
+from gpubackprop.validation import describe, positive_int, same_length, samples
 
 
 def check_pair(model, loss, X, y, x_name="X", y_name="y"):
@@ -26,16 +26,7 @@ def check_pair(model, loss, X, y, x_name="X", y_name="y"):
             raise ValueError(f"{what}: expected one vector of outputs per sample for "
                              f"{type(loss).__name__}, got per-sample shape {shape}; end "
                              f"the model with Flatten() or GlobalAvgPool2d()")
-    if isinstance(model.input_shape, list):
-        if not isinstance(X, (list, tuple)) or len(X) != len(model.input_shape):
-            raise ValueError(f"{x_name}: expected a list of {len(model.input_shape)} input arrays "
-                             f"(the model's inputs= order), got {type(X).__name__}")
-        Xh = [samples(x, s, f"{x_name}[{i}]") for i, (x, s) in
-              enumerate(zip(X, model.input_shape, strict=True))]
-        for i, h in enumerate(Xh[1:], 1):
-            same_length(Xh[0], h, f"{x_name}[0]", f"{x_name}[{i}]")
-    else:
-        Xh = samples(X, model.input_shape, x_name)
+    Xh = check_inputs(model, X, x_name)
     if len(outs) > 1 and not hasattr(loss, "losses"):
         raise ValueError(f"loss: the model has {len(outs)} outputs; expected a gb.MultiLoss (or a "
                          f"list) of {len(outs)} losses, got {type(loss).__name__}")
@@ -43,6 +34,38 @@ def check_pair(model, loss, X, y, x_name="X", y_name="y"):
     for i, t in enumerate(Th if isinstance(Th, list) else [Th]):
         same_length(_first(Xh), t, x_name, f"{y_name}[{i}]" if isinstance(Th, list) else y_name)
     return Xh, Th
+
+
+def check_inputs(model, X, x_name="X"):
+    """X as host arrays, checked against the model's inputs: an array, or for a model with several
+    inputs (its ``input_shape`` a list) a list in ``inputs=`` order; integer and bool inputs
+    (``gb.Input(..., dtype="int64")``) must hold integers (bools)."""
+    several = isinstance(model.input_shape, list)
+    shapes = model.input_shape if several else [model.input_shape]
+    if several and (not isinstance(X, (list, tuple)) or len(X) != len(shapes)):
+        raise ValueError(f"{x_name}: expected a list of {len(shapes)} input arrays (the model's "
+                         f"inputs= order), got {type(X).__name__}")
+    Xs = list(X) if several else [X]
+    Xh = []
+    for i, (x, shape, dtype) in enumerate(zip(Xs, shapes, model.input_dtypes, strict=True)):
+        name = f"{x_name}[{i}]" if several else x_name
+        h = samples(x, shape, name)
+        if dtype is not None and not (np.issubdtype(h.dtype, np.integer) if dtype.kind in "iu"
+                                      else h.dtype == bool):
+            raise TypeError(f"{name}: expected {'integers' if dtype.kind in 'iu' else 'booleans'} "
+                            f"for an input of dtype {dtype.name}, got {describe(h)}")
+        Xh.append(h)
+    for i, h in enumerate(Xh[1:], 1):
+        same_length(Xh[0], h, f"{x_name}[0]", f"{x_name}[{i}]")
+    return Xh if several else Xh[0]
+
+
+def upload_inputs(be, model, Xh):
+    """Checked host inputs onto the device: the model dtype, integer and bool inputs their own."""
+    several = isinstance(Xh, list)
+    out = [be.to_device(h) if dt is None else be.to_device(h, dt)
+           for h, dt in zip(Xh if several else [Xh], model.input_dtypes, strict=True)]
+    return out if several else out[0]
 
 
 # A model's data is an array, or a list of arrays (several inputs or outputs): these treat both.
@@ -60,11 +83,11 @@ def take(A, index):
     return [a[index] for a in A] if isinstance(A, list) else A[index]
 
 
-def upload(be, A, keep_dtype=False):
-    """Host data onto the device: in the model dtype, or (targets) in its own dtype."""
-    if isinstance(A, list):
-        return [upload(be, a, keep_dtype) for a in A]
-    return be.to_device(A, A.dtype) if keep_dtype else be.to_device(A)
+def upload_targets(be, T):
+    """Checked host targets (an array or a list of them) onto the device, in their own dtypes."""
+    if isinstance(T, list):
+        return [upload_targets(be, t) for t in T]
+    return be.to_device(T, T.dtype)
 
 
 def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
@@ -105,7 +128,8 @@ def train_step(model, loss, opt, X_batch, y_batch):
     be = model.backend
     loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X_batch, y_batch, "X_batch", "y_batch")
-    value, _ = step_on_device(model, loss, opt, upload(be, Xh), upload(be, Th, True))
+    value, _ = step_on_device(model, loss, opt, upload_inputs(be, model, Xh),
+                              upload_targets(be, Th))
     return float(value)
 
 
@@ -182,14 +206,14 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     be = model.backend
     loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    Xd, Td = upload(be, Xh), upload(be, Th, True)
+    Xd, Td = upload_inputs(be, model, Xh), upload_targets(be, Th)
     val = None
     if validation is not None:
         if not isinstance(validation, (tuple, list)) or len(validation) != 2:
             raise ValueError(f"validation: expected a pair (X_val, y_val), got "
                              f"{type(validation).__name__}")
         Xv, Tv = check_pair(model, loss, *validation, "X_val", "y_val")
-        val = (upload(be, Xv), upload(be, Tv, True))
+        val = (upload_inputs(be, model, Xv), upload_targets(be, Tv))
 
     n = rows(Xh)
     n_batches = -(-n // batch_size)
@@ -425,7 +449,8 @@ def evaluate(model, loss, X, y, batch_size=4096):
     be = model.backend
     loss = as_loss(loss)
     Xh, Th = check_pair(model, loss, X, y)
-    return _evaluate_device(model, loss, upload(be, Xh), upload(be, Th, True), batch_size)
+    return _evaluate_device(model, loss, upload_inputs(be, model, Xh), upload_targets(be, Th),
+                            batch_size)
 
 
 def predict(model, X, loss=None, batch_size=4096):

@@ -302,3 +302,63 @@ def test_the_command_line_evaluates_and_predicts_a_graph_checkpoint(tmp_path):
                        capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr
     assert '"accuracy"' in r.stdout
+
+
+class OneHot(gb.layers.Layer):
+    """Integer class indices (N, 1) -> one-hot rows (N, n) in the model dtype; no input gradient.
+    (A test layer reading an integer input, as an embedding would.)"""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __repr__(self):
+        return f"OneHot({self.n})"
+
+    def config(self):
+        return {"n": self.n}
+
+    def infer_shape(self, input_shape):
+        return (self.n,)
+
+    def forward(self, X, train=False, input_grad=True):
+        xp = self.backend.xp
+        assert X.dtype == np.int64 and not input_grad  # indices arrive unconverted, need no gradient
+        Y = (X == xp.arange(self.n)).astype(self.backend.dtype)
+        return Y, (lambda dY: None) if train else gb.layers.base.no_backprop
+
+
+@pytest.fixture
+def one_hot_registered():
+    from gpubackprop.layers import registry
+
+    registry.register(OneHot)
+    yield
+    del registry.LAYER_TYPES["OneHot"]
+
+
+def test_integer_inputs_reach_layers_unconverted_and_get_no_gradient(backend_spec, rng,
+                                                                     one_hot_registered):
+    device, kernels = backend_spec
+    idx, feats = gb.Input((1,), dtype="int64"), gb.Input((3,))
+    y = gb.Dense(7, 2)(gb.Concatenate()([OneHot(4)(idx), feats]))
+    model = gb.Model(inputs=[idx, feats], outputs=y, device=device, dtype="float64",
+                     kernels=kernels)
+    assert model.input_dtypes == [np.dtype("int64"), None]
+    be = model.backend
+    ids, F = rng.integers(0, 4, (6, 1)), rng.normal(size=(6, 3))
+    _, backprop = model.forward([be.to_device(ids, np.int64), be.to_device(F)], train=True,
+                                input_grad=True)
+    dI, dF = backprop(be.to_device(rng.normal(size=(6, 2))))
+    assert dI is None and tuple(dF.shape) == (6, 3)
+    labels = rng.integers(0, 2, 6)
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), [ids, F], labels) < 1e-6
+    gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(0.1), [ids, F], labels, epochs=2, batch_size=4,
+           progress=False)
+    assert model.predict([ids, F]).shape == (6, 2)
+    with pytest.raises(TypeError, match=r"X\[0\]: expected integers for an input of dtype int64, "
+                                        r"got array of shape \(6, 1\) and dtype float64"):
+        model.predict([ids.astype(float), F])
+    again = gb.Model.from_config(model.config(), device=device, kernels=kernels, dtype="float64")
+    assert again.input_dtypes == model.input_dtypes
+    with pytest.raises(ValueError, match=r"dtype: expected None \(the model's dtype\) or an integer"):
+        gb.Input((3,), dtype="float16")

@@ -31,21 +31,35 @@ from gpubackprop.layers.model import Model, one_line
 
 
 class SymbolicTensor:
-    """A placeholder for a batch of per-sample ``shape`` in a graph: an ``Input`` or a node's output."""
+    """A placeholder for a batch of per-sample ``shape`` in a graph: an ``Input`` or a node's output.
+    ``dtype`` is None for the model's floating-point dtype, else an integer or bool NumPy dtype."""
 
-    __slots__ = ("shape", "node", "name")
+    __slots__ = ("shape", "node", "name", "dtype")
 
-    def __init__(self, shape, node=None, name=None):
-        self.shape, self.node, self.name = tuple(shape), node, name
+    def __init__(self, shape, node=None, name=None, dtype=None):
+        self.shape, self.node, self.name, self.dtype = tuple(shape), node, name, dtype
 
     def __repr__(self):
         where = "Input" if self.node is None else f"output of {one_line(self.node.layer)}"
-        return f"SymbolicTensor(shape={self.shape}, {where})"
+        dtype = "" if self.dtype is None else f", dtype={self.dtype.name!r}"
+        return f"SymbolicTensor(shape={self.shape}{dtype}, {where})"
 
 
-def Input(shape, name=None):  # noqa: N802 (a constructor, as in Keras)
-    """A symbolic input of per-sample ``shape`` (no batch axis), e.g. ``Input((1, 28, 28))``."""
-    return SymbolicTensor(shape_tuple(shape, "shape"), None, name)
+def Input(shape, dtype=None, name=None):  # noqa: N802 (a constructor, as in Keras)
+    """A symbolic input of per-sample ``shape`` (no batch axis), e.g. ``Input((1, 28, 28))``.
+
+    ``dtype``: None for the model's dtype, or an integer or bool dtype ("int32", "int64", "bool")
+    for indices and masks, which reach the layers unconverted and get no gradient (None)."""
+    if dtype is not None:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt is None or dt.kind not in "iub":
+            raise ValueError(f"dtype: expected None (the model's dtype) or an integer or bool "
+                             f"dtype such as 'int64' or 'bool', got {dtype!r}")
+        dtype = dt
+    return SymbolicTensor(shape_tuple(shape, "shape"), None, name, dtype)
 
 
 class _Node:
@@ -323,6 +337,11 @@ class GraphModel(Model):
         return list(self._layers)
 
     @property
+    def input_dtypes(self):
+        """Per input: None (the model's dtype) or its integer/bool dtype, in inputs= order."""
+        return [t.dtype for t in self._inputs]
+
+    @property
     def n_in(self):
         sizes = [size_of(t.shape) for t in self._inputs]
         return sizes if self._multi_in else sizes[0]
@@ -333,13 +352,15 @@ class GraphModel(Model):
         return sizes if self._multi_out else sizes[0]
 
     def config(self):
-        """{"inputs": [shape, ...], "layers": [description, ...], "nodes": [[layer, [tensor, ...]],
-        ...], "outputs": [tensor, ...]}: tensors numbered inputs first, then node outputs."""
+        """{"inputs": [shape, ...], "input_dtypes": [None or name, ...], "layers": [description,
+        ...], "nodes": [[layer, [tensor, ...]], ...], "outputs": [tensor, ...]} (and whether inputs
+        and outputs are lists): tensors numbered inputs first, then node outputs."""
         number = {id(t): i for i, t in enumerate(self._inputs)}
         for j, node in enumerate(self._nodes):
             number[id(node.output)] = len(self._inputs) + j
         position = {id(layer): i for i, layer in enumerate(self._layers)}
         return {"inputs": [list(t.shape) for t in self._inputs], "multi_input": self._multi_in,
+                "input_dtypes": [None if t.dtype is None else t.dtype.name for t in self._inputs],
                 "layers": [registry.describe(layer) for layer in self._layers],
                 "nodes": [[position[id(n.layer)], [number[id(x)] for x in n.inputs]]
                           for n in self._nodes],
@@ -349,7 +370,8 @@ class GraphModel(Model):
     def from_config(cls, config, **model_options):
         model_options.setdefault("device", "cpu")  # a block's options are unused (as Sequential's)
         layers = [registry.rebuild(d) for d in config["layers"]]
-        tensors = [Input(s) for s in config["inputs"]]
+        dtypes = config.get("input_dtypes") or [None] * len(config["inputs"])
+        tensors = [Input(s, dtype) for s, dtype in zip(config["inputs"], dtypes, strict=True)]
         n_inputs = len(tensors)
         for layer_index, refs in config["nodes"]:
             args = [tensors[r] for r in refs]
@@ -364,8 +386,8 @@ class GraphModel(Model):
         """{tensor id: True} for the tensors whose gradient backprop needs (parameters upstream,
         or an input when input_grad)."""
         req = self._requires.get(input_grad)
-        if req is None:
-            req = {id(t): bool(input_grad) for t in self._inputs}
+        if req is None:  # integer and bool inputs (indices, masks) have no gradient
+            req = {id(t): bool(input_grad) and t.dtype is None for t in self._inputs}
             for node in self._nodes:
                 has_params = any(leaf.param_specs() for _, leaf in node.layer.leaves())
                 req[id(node.output)] = has_params or any(req[id(x)] for x in node.inputs)
@@ -458,21 +480,18 @@ class GraphModel(Model):
     def predict(self, X, loss=None, batch_size=4096):
         """Outputs for X (a list in inputs= order for several inputs) as host arrays (a list for
         several outputs): the outputs, or through ``loss.link`` (a MultiLoss: each output's)."""
-        from gpubackprop.validation import positive_int, samples
+        from gpubackprop.training import check_inputs, upload_inputs
+        from gpubackprop.validation import positive_int
 
         be = self._top()
         batch_size = positive_int(batch_size, "batch_size")
-        Xs = self._split_inputs(X)
-        Xh = [samples(x, t.shape, f"X[{i}]" if self._multi_in else "X")
-              for i, (x, t) in enumerate(zip(Xs, self._inputs, strict=True))]
-        n = Xh[0].shape[0]
-        if any(h.shape[0] != n for h in Xh):
-            raise ValueError(f"X: expected the same number of samples in every input, got "
-                             f"{[h.shape[0] for h in Xh]}")
+        Xh = check_inputs(self, X)
+        Xs = Xh if self._multi_in else [Xh]
+        n = Xs[0].shape[0]
         links = getattr(loss, "losses", None) or [loss] * len(self._outputs)
         outs = [np.empty((n, *t.shape), dtype=be.dtype) for t in self._outputs]
         for s in range(0, n, batch_size):
-            batch = [be.to_device(h[s:s + batch_size]) for h in Xh]
+            batch = upload_inputs(be, self, [h[s:s + batch_size] for h in Xs])
             Y = self(batch if self._multi_in else batch[0])
             for out, y, link in zip(outs, Y if self._multi_out else [Y], links, strict=True):
                 out[s:s + batch_size] = be.to_host(y if link is None else link.link(be, y))

@@ -76,9 +76,22 @@ class Model(Layer):
         self._outer = None  # the model this one is a block of, set when that one builds
         self._context = None
 
+    @classmethod
+    def from_config(cls, config, **model_options):
+        """The model that ``config()`` describes, with these model options (device, dtype, ...);
+        ``Model.from_config`` makes a functional graph (as ``Model(inputs=..., outputs=...)``)."""
+        from gpubackprop.layers.graph import GraphModel
+
+        return GraphModel.from_config(config, **model_options)
+
     @property
     def seed(self):
         return self.options["seed"]
+
+    @property
+    def input_dtypes(self):
+        """Per input: None for the model's dtype (a functional graph may take integer inputs)."""
+        return [None]
 
     # ---- the network (subclasses) ------------------------------------------------------------
     def run(self, X, train, input_grad):
