@@ -61,6 +61,8 @@ def describe_architecture(desc):
         return f"Residual({describe_architecture(desc['block'])})"
     if kind == "Sequential" or kind is None:
         return "[" + ", ".join(describe_architecture(x) for x in desc.get("layers", [])) + "]"
+    if kind == "Model":  # a functional graph: its distinct layers, in their key order
+        return "Model[" + ", ".join(describe_architecture(x) for x in desc.get("layers", [])) + "]"
     try:
         return " ".join(repr(build_layer(desc)).split())  # as the constructor call
     except CheckpointError:

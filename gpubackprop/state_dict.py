@@ -3,7 +3,8 @@ layouts, safetensors files, and ``renumber_state_dict`` for chains numbered diff
 
 **Keys.** ``"{position}.{name}"``, the position being the layer's index in the model (nested
 ``Sequential``: ``"{i}.{j}.{name}"``; a ``Residual`` is transparent, its block's keys are the
-Residual's position, as in ``get_params()``), and the name and layout torch's for the equivalent
+Residual's position, as in ``get_params()``; a functional ``Model``: its distinct layers' positions
+in the order the graph first uses them), and the name and layout torch's for the equivalent
 module: ``Dense`` -> ``nn.Linear`` (``weight`` (n_out, n_in), ``bias``; ``get_params()`` calls them
 ``W``/``b``), ``Conv2d`` (``weight`` (C_out, C_in/groups, kH, kW), ``bias``), ``BatchNorm1d/2d``
 (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked`` as an int64 0-d

@@ -11,7 +11,14 @@ import pytest
 from layer_cases import assert_close, assert_steps_follow_torch, central_differences
 
 import gpubackprop as gb
-from gpubackprop.checkpoint import Checkpointer, architecture, build_layer, load_checkpoint, save_checkpoint
+from gpubackprop.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    architecture,
+    build_layer,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def branchy(spec, dropout=False, seed=0):
@@ -271,6 +278,11 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, backend_spec, rng):
     np.testing.assert_array_equal(rebuilt.predict(X), model.predict(X))
     again = build_layer(architecture(model))
     assert architecture(again) == architecture(model)
+    other, *_ = branchy(backend_spec)  # no Dropout: another architecture
+    with pytest.raises(CheckpointError, match=r"made for the architecture Model\[Conv2d\(2, 4, 3, "
+                                              r".*Dropout\(p=0.3\), Dense\(32, 3, identity\)\], but "
+                                              r"the model is Model\[Conv2d"):
+        load_checkpoint(path).restore_model(other)
 
 
 def test_the_command_line_evaluates_and_predicts_a_graph_checkpoint(tmp_path):
