@@ -289,8 +289,7 @@ class GraphModel(Model):
             if layer.children():
                 raise ValueError(f"{one_line(layer)}: a combinator or model called at several "
                                  f"places is not supported; call its layers instead")
-            shapes = {tuple(map(tuple, s)) if isinstance(s, list) else s
-                      for s in ([x.shape for x in n.inputs] for n in nodes)}
+            shapes = {tuple(x.shape for x in n.inputs) for n in nodes}
             if len(shapes) > 1:
                 raise ValueError(f"{one_line(layer)}: called at several places with different "
                                  f"input shapes ({', '.join(map(str, sorted(shapes)))}); a shared "
