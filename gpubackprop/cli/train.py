@@ -292,8 +292,9 @@ def _already_done(args, cfg, ckpt, comm):
                    f"(--overwrite or another --checkpoint)")
     elif state.batch == 0 and state.epoch >= epochs:
         more = f"resume with a larger --epochs, e.g. --epochs {state.epoch + 10}"
-        message = (f"checkpoint {args.checkpoint}: the run already completed its {state.epoch} "
-                   f"epochs; nothing to resume: to train more, {more}")
+        count = f"{state.epoch} epoch{'s' if state.epoch != 1 else ''}"
+        message = (f"checkpoint {args.checkpoint}: the run already completed its {count}; "
+                   f"nothing to resume: to train more, {more}")
     elif state.epoch >= epochs:
         raise ValueError(f"epochs: the run in {args.checkpoint} is in epoch {state.epoch + 1} "
                          f"already; --epochs {epochs} ends before it (give at least "
