@@ -19,6 +19,7 @@ checkpoint fails, naming it, instead of overwriting the first one's checkpoints.
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
@@ -27,7 +28,9 @@ from gpubackprop.outputs import FAULT_ENV, atomic_write, fault_point, lock_outpu
 from gpubackprop.training import TrainingState
 
 FORMAT = "gpubackprop-checkpoint"
-VERSION = 1
+# 2: activation "gelu" is the exact (erf) GELU; before, it was the tanh form, now "gelu_tanh".
+VERSION = 2
+READS = (1, 2)  # the versions load_checkpoint upgrades (upgrade_meta) and reads
 
 
 class CheckpointError(ValueError):
@@ -332,9 +335,39 @@ def load_checkpoint(path):
                               f"'meta' entry)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a gpubackprop checkpoint")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READS:
         raise CheckpointError(f"checkpoint {path}: format version {meta.get('version')}, this "
-                              f"gpubackprop reads version {VERSION}")
+                              f"gpubackprop reads versions {', '.join(map(str, READS))}")
     if meta.get("digest") != _digest(arrays):
         raise CheckpointError(f"checkpoint {path}: corrupt (its arrays do not match its digest)")
-    return Checkpoint(path, meta, arrays)
+    return Checkpoint(path, upgrade_meta(meta), arrays)
+
+
+def upgrade_meta(meta):
+    """A checkpoint's meta as the current version writes it. Version 1's "gelu" was the tanh form:
+    it becomes "gelu_tanh" in the architecture and the training configuration (--activation and
+    the --model spec's gelu tokens), so the model rebuilds, and resumes, as it was trained."""
+    if meta["version"] >= 2:
+        return meta
+    meta = dict(meta, version=VERSION)
+    if isinstance(meta.get("model"), dict) and "architecture" in meta["model"]:
+        meta["model"] = dict(meta["model"], architecture=_gelu_as_tanh(meta["model"]["architecture"]))
+    config = meta.get("config")
+    if isinstance(config, dict):
+        config = dict(config)
+        if config.get("activation") == "gelu":
+            config["activation"] = "gelu_tanh"
+        if isinstance(config.get("model"), str):
+            config["model"] = re.sub(r"(?<!\w)gelu(?![\w(])", "gelu_tanh", config["model"])
+        meta["config"] = config
+    return meta
+
+
+def _gelu_as_tanh(desc):
+    """A layer description with every activation "gelu" as "gelu_tanh" (nested layers too)."""
+    if isinstance(desc, list):
+        return [_gelu_as_tanh(x) for x in desc]
+    if not isinstance(desc, dict):
+        return desc
+    return {k: "gelu_tanh" if k == "activation" and v == "gelu" else _gelu_as_tanh(v)
+            for k, v in desc.items()}

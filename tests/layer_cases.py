@@ -10,7 +10,8 @@ TORCH_ACTS = {
     "tanh": lambda F, z: F.tanh(z),
     "sigmoid": lambda F, z: F.sigmoid(z),
     "leaky_relu": lambda F, z: F.leaky_relu(z, 0.01),
-    "gelu": lambda F, z: F.gelu(z, approximate="tanh"),
+    "gelu": lambda F, z: F.gelu(z),
+    "gelu_tanh": lambda F, z: F.gelu(z, approximate="tanh"),
 }
 
 

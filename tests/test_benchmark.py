@@ -316,6 +316,20 @@ def test_torch_twin_builds_every_kind_it_names():
     benchmark.load_weights(net, model)
 
 
+def test_torch_twin_gelu_is_exact_and_gelu_tanh_the_approximation():
+    torch = pytest.importorskip("torch")
+    p = _tiny_plan("dense(16)-gelu-dense(16)-gelu_tanh-dense(classes)", input_shape=(5,))
+    net = benchmark.torch_twin(p).double()
+    assert [m.approximate for m in net if isinstance(m, torch.nn.GELU)] == ["none", "tanh"]
+    model = benchmark.network_contender(p, 3, "cpu", "fused", dtype="float64").model
+    benchmark.load_weights(net, model)
+    X = np.random.default_rng(1).standard_normal((3, 5)) * 4
+    Y, _ = model.forward(model.backend.to_device(X), train=False)
+    with torch.no_grad():
+        Yt = net(torch.from_numpy(X))
+    assert np.abs(np.asarray(Y) - Yt.numpy()).max() < 1e-10
+
+
 @pytest.mark.parametrize("key", ["lenet5", "resnet", "gru"])
 def test_step_time_split_clocks_every_layer_kind(key):
     net = benchmark.QUICK_NETWORKS[key]

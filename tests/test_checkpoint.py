@@ -263,7 +263,8 @@ def test_early_stopping_state_survives_resume(tmp_path):
 def test_a_checkpoint_written_before_the_model_split_loads_and_resumes():
     """tests/data/checkpoint_v1_sequential.npz was written by the code before Model was split out
     of Sequential (tests/data/make_checkpoint_v1.py, at epoch 1 of 2); it rebuilds, predicts as
-    then and resumes to the parameters the uninterrupted run ended with."""
+    then and resumes to the parameters the uninterrupted run ended with. Its Dense(16, 8, "gelu")
+    was the tanh form, so it rebuilds as "gelu_tanh" (format version 1 -> 2)."""
     import importlib.util
 
     here = os.path.join(os.path.dirname(__file__), "data")
@@ -276,10 +277,47 @@ def test_a_checkpoint_written_before_the_model_split_loads_and_resumes():
     X, y = maker.data()
     rebuilt = ck.build_model(device="cpu", kernels="reference")
     assert isinstance(rebuilt, gb.Sequential) and isinstance(rebuilt.layers[2], gb.Residual)
+    assert rebuilt.layers[6].activation == "gelu_tanh"
     np.testing.assert_allclose(rebuilt.predict(X), expected["predict_epoch1"], rtol=1e-12, atol=1e-13)
-    model, loss, opt = maker.make()
+    model, loss, opt = maker.make()  # the maker's "gelu" is now the exact one: not that model
+    with pytest.raises(CheckpointError, match=r"Dense\(16, 8, gelu_tanh\).*Dense\(16, 8, gelu\)"):
+        ck.restore(model, opt, loss)
+    model = ck.build_model(device="cpu", kernels="reference")
     state = ck.restore(model, opt, loss)
     assert state.epoch == 1 and model.step == 3  # Dropout's step counter came back too
     gb.fit(model, loss, opt, X, y, epochs=2, batch_size=8, progress=False, state=state)
     for key, value in model.get_params().items():
         np.testing.assert_allclose(value, expected[f"param/{key}"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_checkpoint_records_its_format_version_and_keeps_the_exact_gelu(tmp_path):
+    """Written now: version 2, and "gelu" (exact) reloads as "gelu", not as the tanh form."""
+    from gpubackprop.checkpoint import VERSION, save_checkpoint
+
+    model = gb.Sequential([gb.Dense(3, 4, activation="gelu"), gb.Dense(4, 2, activation="gelu_tanh")],
+                          device="cpu", dtype="float64", seed=0)
+    path = tmp_path / "ck.npz"
+    save_checkpoint(path, model)
+    with np.load(path) as z:
+        assert VERSION == 2 and json.loads(str(z["meta"]))["version"] == 2
+    rebuilt = load_checkpoint(path).build_model(device="cpu")
+    assert [layer.activation for layer in rebuilt.layers] == ["gelu", "gelu_tanh"]
+    X = np.random.default_rng(0).normal(size=(5, 3)) * 3
+    np.testing.assert_array_equal(rebuilt.predict(X), model.predict(X))
+
+
+def test_a_version_1_training_configuration_says_gelu_tanh_for_its_gelu():
+    """The run's --activation and --model spec of a version-1 checkpoint name the tanh form, so that
+    `train --resume` rebuilds the model it was trained with."""
+    from gpubackprop.checkpoint import upgrade_meta
+
+    meta = {"version": 1, "model": {"architecture": {"type": "Sequential", "layers": [
+        {"type": "Dense", "n_in": 2, "n_out": 2, "activation": "gelu", "init": "he"},
+        {"type": "Residual", "block": {"type": "Activation", "activation": "gelu"}}]}},
+        "config": {"activation": "gelu", "model": "conv(8)-gelu-dense(16)-gelu-dense(classes)"}}
+    new = upgrade_meta(meta)
+    assert new["version"] == 2 and meta["version"] == 1  # a copy: the loaded dict is not changed
+    layers = new["model"]["architecture"]["layers"]
+    assert layers[0]["activation"] == "gelu_tanh" and layers[1]["block"]["activation"] == "gelu_tanh"
+    assert new["config"] == {"activation": "gelu_tanh",
+                             "model": "conv(8)-gelu_tanh-dense(16)-gelu_tanh-dense(classes)"}

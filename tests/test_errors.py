@@ -71,7 +71,7 @@ def test_bad_training_arguments(setup):
 
 @pytest.mark.parametrize("make,error,pattern", [
     (lambda: gb.Dense(3, 4, activation="swish"), ValueError,
-     r"activation: expected one of \('identity', .*'gelu'\), got 'swish'"),
+     r"activation: expected one of \('identity', .*'gelu', 'gelu_tanh'\), got 'swish'"),
     (lambda: gb.Dense(3, 4, init="orthogonal"), ValueError,
      r"init: expected one of \('he', 'xavier', 'lecun', 'normal'\), got 'orthogonal'"),
     (lambda: gb.Dense(0, 4), ValueError, r"n_in: expected a positive integer, got 0"),

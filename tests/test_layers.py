@@ -134,8 +134,28 @@ def test_init_schemes_have_their_scale_and_are_seeded(init, check):
 
 def test_default_init_follows_the_activation():
     assert gb.Dense(2, 3, activation="relu").init == "he"
+    assert gb.Dense(2, 3, activation="gelu").init == gb.Dense(2, 3, activation="gelu_tanh").init == "he"
     assert gb.Dense(2, 3, activation="tanh").init == "xavier"
     assert "activation='relu'" in repr(gb.Dense(2, 3, activation="relu"))
+
+
+@pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_dense_gelus_follow_torch(backend_spec, activation, approximate, rng):
+    """gelu is torch.nn.GELU() (erf), gelu_tanh its approximate="tanh": outputs, input and parameter
+    gradients in float64 to 1e-10, on inputs wide enough to reach both tails."""
+    torch = pytest.importorskip("torch")
+    from layer_cases import assert_close, run_layer, torch_grads
+
+    X, dY = rng.normal(size=(9, 7)) * 4, rng.normal(size=(9, 5))
+    params = {"W": rng.normal(size=(5, 7)), "b": rng.normal(size=5)}
+    Y, dX, grads = run_layer(backend_spec, gb.Dense(7, 5, activation=activation), X, dY, params=params)
+    gelu = torch.nn.GELU(approximate=approximate)
+    Yt, dXt, gt = torch_grads(torch, lambda X, W, b: gelu(torch.nn.functional.linear(X, W, b)), X, dY,
+                              params)
+    assert_close(Y, Yt, what="Y")
+    assert_close(dX, dXt, what="dX")
+    assert_close(grads["W"], gt["W"], what="dW")
+    assert_close(grads["b"], gt["b"], what="db")
 
 
 def test_training_buffers_are_reused_and_inference_is_fresh(backend_spec, rng):

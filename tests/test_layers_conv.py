@@ -188,7 +188,7 @@ def torch_cnn(torch, params):
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 6, (3, 2), stride=(1, 2), groups=2), nn.Tanh(), nn.AvgPool2d(2, stride=1),
-        nn.Flatten(), nn.Linear(6, 5), nn.GELU(approximate="tanh"), nn.Linear(5, 3)).double()
+        nn.Flatten(), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)).double()
     names = {"0.weight": "0.weight", "0.bias": "0.bias", "2.weight": "3.weight",
              "2.bias": "3.bias", "5.W": "7.weight", "5.b": "7.bias", "6.W": "9.weight",
              "6.b": "9.bias"}

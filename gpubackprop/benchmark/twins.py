@@ -19,8 +19,8 @@ def torch_twin(p):
 def _activation(nn, name):
     return {"identity": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "leaky_relu": nn.LeakyReLU,  # both default to a slope of 0.01
-            # gpubackprop's gelu is the tanh approximation (kernels/reference/dense.py)
-            "gelu": lambda: nn.GELU(approximate="tanh")}[name]()
+            # gpubackprop's gelu is the exact (erf) GELU, gelu_tanh the tanh approximation
+            "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[name]()
 
 
 def _modules(nn, entries):

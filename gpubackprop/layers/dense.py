@@ -34,7 +34,7 @@ class _Workspace:
 
     def __init__(self, be, B, n_in, n_out, activation):
         self.Z = be.empty((B, n_out))
-        # A overwrites Z unless the derivative needs Z (gelu).
+        # A overwrites Z unless the derivative needs Z (the gelus).
         self.A = be.empty((B, n_out)) if saves_input(activation) else self.Z
         self.dZ = be.empty((B, n_out))
         self.dX = be.empty((B, n_in))
@@ -55,7 +55,7 @@ class Dense(Layer):
         self.n_out = positive_int(n_out, "n_out")
         self.activation = check_choice(activation, ACTIVATIONS, "activation")
         if init is None:
-            init = "he" if activation in ("relu", "leaky_relu", "gelu") else "xavier"
+            init = "he" if activation in ("relu", "leaky_relu", "gelu", "gelu_tanh") else "xavier"
         self.init = check_choice(init, INITS, "init")
         self.W = self.b = self.dW = self.db = None  # views into the model's flat buffers
         self._workspaces = {}

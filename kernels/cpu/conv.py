@@ -13,12 +13,14 @@ from numba import njit, prange
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cpu.dense import (
     ACT_CODE,
+    GELU,
     IDENTITY,
     LEAKY_RELU,
     RELU,
     SIGMOID,
     TANH,
     _gelu,
+    _gelu_tanh,
     _leaky_relu,
     _relu,
     _sigmoid,
@@ -32,6 +34,7 @@ from gpubackprop.kernels.reference.conv import (
     expect_shape,
     window,
 )
+from gpubackprop.kernels.reference.dense import SQRT1_2
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -165,7 +168,7 @@ def _act_row(src, dst, bias, act, r):
     """dst[r, :] = σ(src[r, :] + bias); one activation per loop so that LLVM can vectorize it."""
     t = src.dtype.type
     zero, one, half = t(0), t(1), t(0.5)
-    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    slope, c, k, s = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K), t(SQRT1_2)
     L = src.shape[1]
     if act == IDENTITY:
         for m in range(L):
@@ -182,9 +185,12 @@ def _act_row(src, dst, bias, act, r):
     elif act == LEAKY_RELU:
         for m in range(L):
             dst[r, m] = _leaky_relu(src[r, m] + bias, zero, slope)
-    else:  # GELU, tanh approximation
+    elif act == GELU:
         for m in range(L):
-            dst[r, m] = _gelu(src[r, m] + bias, half, one, c, k)
+            dst[r, m] = _gelu(src[r, m] + bias, half, s)
+    else:  # GELU_TANH
+        for m in range(L):
+            dst[r, m] = _gelu_tanh(src[r, m] + bias, half, one, c, k)
 
 
 @njit(cache=True, error_model="numpy")
@@ -308,7 +314,7 @@ class ConvOps:
         return dX
 
     def channel_bias_act(self, Z, b, activation, A):
-        """Z (N, C, L) += b[c] in place, then A = σ(Z), in one pass. A may be Z unless gelu."""
+        """Z (N, C, L) += b[c] in place, then A = σ(Z), in one pass. A may be Z unless a gelu."""
         checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         check_channel_bias_act(Z, b, A)
         act = ACT_CODE.get(activation)

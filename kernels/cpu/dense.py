@@ -1,15 +1,18 @@
 """CPU dense-layer ops: bias + activation forward, the σ' Hadamard product (BP1/BP2), BP4."""
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cpu.numerics import _exp, _span, _tanh
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
+from gpubackprop.kernels.reference.dense import INV_SQRT_2PI, SQRT1_2
 
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU = range(6)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU, GELU_TANH = range(7)
 ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
-assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu")
+assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "gelu_tanh")
 GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
 
 
@@ -34,7 +37,13 @@ def _leaky_relu(z, zero, slope):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _gelu(z, half, one, c, k):
+def _gelu(z, half, s):
+    """Exact GELU z·Φ(z), Φ(z) = 0.5·erfc(-z/√2) (s = 1/√2): erfc keeps the left tail accurate."""
+    return z * (half * math.erfc(-z * s))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _gelu_tanh(z, half, one, c, k):
     return half * z * (one + _tanh(c * (z + k * (z * z * z))))
 
 
@@ -44,7 +53,7 @@ def _bias_act_rows(Z, b, A, act, r0, r1):
     n = Z.shape[1]
     t = Z.dtype.type
     zero, one, half = t(0), t(1), t(0.5)
-    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    slope, c, k, s = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K), t(SQRT1_2)
     for i in range(r0, r1):
         if act == IDENTITY:
             for j in range(n):
@@ -71,11 +80,16 @@ def _bias_act_rows(Z, b, A, act, r0, r1):
                 z = Z[i, j] + b[j]
                 Z[i, j] = z
                 A[i, j] = _leaky_relu(z, zero, slope)
-        else:  # GELU, tanh approximation
+        elif act == GELU:
             for j in range(n):
                 z = Z[i, j] + b[j]
                 Z[i, j] = z
-                A[i, j] = _gelu(z, half, one, c, k)
+                A[i, j] = _gelu(z, half, s)
+        else:  # GELU_TANH
+            for j in range(n):
+                z = Z[i, j] + b[j]
+                Z[i, j] = z
+                A[i, j] = _gelu_tanh(z, half, one, c, k)
 
 
 @njit(cache=True, error_model="numpy")
@@ -85,7 +99,7 @@ def _bias_act_rows_inplace(Z, b, act, r0, r1):
     n = Z.shape[1]
     t = Z.dtype.type
     zero, one, half = t(0), t(1), t(0.5)
-    slope, c, k = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K)
+    slope, c, k, s = t(LEAKY_SLOPE), t(GELU_C), t(GELU_K), t(SQRT1_2)
     for i in range(r0, r1):
         if act == IDENTITY:
             for j in range(n):
@@ -102,9 +116,13 @@ def _bias_act_rows_inplace(Z, b, act, r0, r1):
         elif act == LEAKY_RELU:
             for j in range(n):
                 Z[i, j] = _leaky_relu(Z[i, j] + b[j], zero, slope)
-        else:  # GELU in place (a caller that keeps Z for the derivative passes a separate A)
+        # The gelus in place (a caller that keeps Z for the derivative passes a separate A).
+        elif act == GELU:
             for j in range(n):
-                Z[i, j] = _gelu(Z[i, j] + b[j], half, one, c, k)
+                Z[i, j] = _gelu(Z[i, j] + b[j], half, s)
+        else:  # GELU_TANH
+            for j in range(n):
+                Z[i, j] = _gelu_tanh(Z[i, j] + b[j], half, one, c, k)
 
 
 @njit(cache=True, error_model="numpy")
@@ -150,7 +168,14 @@ def _act_backward_span(dA, S, dZ, act, i0, i1):
         for i in range(i0, i1):
             d = dA[i]
             dZ[i] = d if S[i] > zero else d * slope
-    else:  # GELU: S is Z
+    elif act == GELU:  # S is Z: Φ(z) + z·φ(z)
+        half = dA.dtype.type(0.5)
+        s = dA.dtype.type(SQRT1_2)
+        p = dA.dtype.type(INV_SQRT_2PI)
+        for i in range(i0, i1):
+            z = S[i]
+            dZ[i] = dA[i] * (half * math.erfc(-z * s) + z * (p * _exp(-half * z * z)))
+    else:  # GELU_TANH: S is Z
         half = dA.dtype.type(0.5)
         c = dA.dtype.type(GELU_C)
         k = dA.dtype.type(GELU_K)
@@ -211,7 +236,7 @@ class DenseOps:
     """Fused dense-layer ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
 
     def bias_act(self, Z, b, activation, A):
-        """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is gelu."""
+        """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is a gelu."""
         checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
             checks.check_bias_act(Z, b, A)
@@ -226,7 +251,7 @@ class DenseOps:
         return A
 
     def act_backward(self, dA, saved, activation, dZ):
-        """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for gelu). dZ may be dA."""
+        """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for the gelus). dZ may be dA."""
         checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
         if saved.shape != dA.shape or dZ.shape != dA.shape:
             checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))

@@ -156,7 +156,7 @@ class ConvOps:
         return dX
 
     def channel_bias_act(self, Z, b, activation, A):
-        """Z (N, C, L) += b[c] in place, then A = σ(Z), one kernel. A may be Z unless gelu."""
+        """Z (N, C, L) += b[c] in place, then A = σ(Z), one kernel. A may be Z unless a gelu."""
         dt = checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         check_channel_bias_act(Z, b, A)
         act = ACT_CODE.get(activation)

@@ -6,9 +6,11 @@ from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import imin, mul
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
+from gpubackprop.kernels.reference.dense import INV_SQRT_2PI, SQRT1_2
 
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU = range(6)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU, GELU_TANH = range(7)
 ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+assert ACTIVATIONS == ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "gelu_tanh")
 GELU_3K = 3 * GELU_K  # the reference evaluates 3 * GELU_K in Python first
 # BP4 sums a column over chunks of this many rows in parallel, then the chunks in order: a fixed
 # order (it depends on the batch size only), and enough threads to fill a GPU at 1024 columns.
@@ -22,6 +24,7 @@ def activate(z, act, like):
     zero, one, nz = like.dtype.type(0), like.dtype.type(1), like.dtype.type(-0.0)
     slope = like.dtype.type(LEAKY_SLOPE)
     half, c, k = like.dtype.type(0.5), like.dtype.type(GELU_C), like.dtype.type(GELU_K)
+    s = like.dtype.type(SQRT1_2)
     if act == IDENTITY:
         a = z
     elif act == SIGMOID:
@@ -34,7 +37,9 @@ def activate(z, act, like):
         a = zero if z < zero else z  # keeps NaN, as np.maximum does
     elif act == LEAKY_RELU:
         a = z if z > zero else z * slope
-    else:  # GELU, tanh approximation
+    elif act == GELU:  # exact: z·Φ(z), Φ(z) = 0.5·erfc(-z/√2) (accurate in the left tail)
+        a = z * (half * math.erfc(-z * s))
+    else:  # GELU_TANH
         t = math.tanh(c * (z + mul(k, z * z * z, nz)))
         a = half * z * (one + t)
     return a
@@ -59,6 +64,7 @@ def _act_backward(dA, S, dZ, act):
     slope = dA.dtype.type(LEAKY_SLOPE)
     half, c, k, k3 = (dA.dtype.type(0.5), dA.dtype.type(GELU_C), dA.dtype.type(GELU_K),
                       dA.dtype.type(GELU_3K))
+    s2, p = dA.dtype.type(SQRT1_2), dA.dtype.type(INV_SQRT_2PI)
     for idx in range(cuda.grid(1), B * n, cuda.gridsize(1)):
         i = idx // n
         j = idx - i * n
@@ -74,7 +80,9 @@ def _act_backward(dA, S, dZ, act):
             r = d if s > zero else zero
         elif act == LEAKY_RELU:
             r = d if s > zero else d * slope
-        else:  # GELU: S is Z
+        elif act == GELU:  # S is Z: Φ(z) + z·φ(z)
+            r = d * (half * math.erfc(-s * s2) + s * (p * math.exp(-half * s * s)))
+        else:  # GELU_TANH: S is Z
             t = math.tanh(c * (s + mul(k, s * s * s, nz)))
             left = mul(half, one + t, nz)
             right = mul(half * s * (one - mul(t, t, nz)) * c, one + mul(k3 * s, s, nz), nz)
@@ -123,7 +131,7 @@ class DenseOps:
     """Fused dense-layer ops (a mixin of ``CudaOps``: uses its launcher)."""
 
     def bias_act(self, Z, b, activation, A):
-        """Z += b (in place), then A = σ(Z), one kernel. A may be Z unless the activation is gelu."""
+        """Z += b (in place), then A = σ(Z), one kernel. A may be Z unless the activation is a gelu."""
         dt = checks.float_arrays(checks.NAMES_BIAS_ACT, Z, b, A)
         if Z.ndim != 2 or b.shape != Z.shape[1:] or A.shape != Z.shape:
             checks.check_bias_act(Z, b, A)
@@ -134,7 +142,7 @@ class DenseOps:
         return A
 
     def act_backward(self, dA, saved, activation, dZ):
-        """dZ = dA ⊙ σ'(saved), one kernel (saved is A, or Z for gelu). dZ may be dA."""
+        """dZ = dA ⊙ σ'(saved), one kernel (saved is A, or Z for the gelus). dZ may be dA."""
         dt = checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
         if saved.shape != dA.shape or dZ.shape != dA.shape:
             checks.check_same_shape("dA", dA, ("saved", saved), ("dZ", dZ))

@@ -181,7 +181,7 @@ class ConvOps:
         return dX
 
     def channel_bias_act(self, Z, b, activation, A):
-        """Z (N, C, L) += b[c] (in place), then A = σ(Z). A may be Z unless the activation is gelu."""
+        """Z (N, C, L) += b[c] (in place), then A = σ(Z). A may be Z unless the activation is a gelu."""
         check_channel_bias_act(Z, b, A)
         # The dense reference's activation code, with b as a (C, 1) column that broadcasts over L.
         return DenseOps.bias_act(self, Z, b.reshape(-1, 1), activation, A)
