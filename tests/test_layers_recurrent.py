@@ -22,6 +22,15 @@ CASES = [
     (gb.GRU, "GRU", {"num_layers": 2}),
     (gb.GRU, "GRU", {"bias": False, "batch_first": False}),
     (gb.LSTM, "LSTM", {"num_layers": 2, "batch_first": False}),
+    # Bidirectional: layer 1 reads both directions of layer 0; states (num_layers * 2, N, H).
+    (gb.LSTM, "LSTM", {"num_layers": 2, "bidirectional": True}),
+    (gb.GRU, "GRU", {"num_layers": 2, "bidirectional": True}),
+    (gb.RNN, "RNN", {"num_layers": 2, "bidirectional": True}),
+    (gb.RNN, "RNN", {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
+    (gb.LSTM, "LSTM", {"num_layers": 2, "bidirectional": True, "batch_first": False}),
+    (gb.GRU, "GRU", {"bidirectional": True, "bias": False}),
+    # Dropout between layers does nothing in inference and, at p = 0, in training: as torch.
+    (gb.LSTM, "LSTM", {"num_layers": 2, "bidirectional": True, "dropout": 0.0}),
 ]
 
 
@@ -39,7 +48,9 @@ def standalone(spec, layer, T=T):
 def torch_twin(torch, name, layer, params):
     kw = {"nonlinearity": layer.nonlinearity} if name == "RNN" else {}
     tm = getattr(torch.nn, name)(layer.input_size, layer.hidden_size, num_layers=layer.num_layers,
-                                 bias=layer.bias, batch_first=layer.batch_first, **kw).double()
+                                 bias=layer.bias, batch_first=layer.batch_first,
+                                 bidirectional=layer.bidirectional, dropout=layer.dropout,
+                                 **kw).double()
     tm.load_state_dict({k.split(".", 1)[1]: torch.tensor(v) for k, v in params.items()})
     return tm
 
@@ -53,9 +64,10 @@ def test_run_matches_torch_outputs_states_and_gradients(backend_spec, rng, case)
     params = {k: rng.uniform(-0.6, 0.6, v.shape) for k, v in model.get_params().items()}
     model.set_params(params)
     tm = torch_twin(torch, name, layer, params)
-    L, lstm = layer.num_layers, cls is gb.LSTM
+    D = 2 if layer.bidirectional else 1
+    L, lstm = layer.num_layers * D, cls is gb.LSTM
     x_shape = (N, T, F) if layer.batch_first else (T, N, F)
-    X, dout = rng.normal(size=x_shape), rng.normal(size=(*x_shape[:2], H))
+    X, dout = rng.normal(size=x_shape), rng.normal(size=(*x_shape[:2], D * H))
     h0, c0, dh, dc = (rng.normal(size=(L, N, H)) for _ in range(4))
     dev = be.to_device
 
@@ -85,17 +97,19 @@ def test_run_matches_torch_outputs_states_and_gradients(backend_spec, rng, case)
         assert_close(host(state_n[1]), tcn.detach().numpy(), what="c_n")
         assert_close(host(dstate0[1]), t["c0"].grad.numpy(), what="dc0")
     tgrads = {k: v.grad.numpy() for k, v in tm.named_parameters()}
-    assert sorted(layer.grads) == sorted(tgrads)
+    assert list(layer.grads) == list(tgrads)  # names and order (get_params, state_dict) as torch's
+    assert list(layer.params) == list(tgrads)
     for k, g in tgrads.items():
         assert_close(host(layer.grads[k]), g, what=f"d{k}")
 
 
-def test_parameter_names_and_shapes_are_torchs(backend_spec):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_parameter_names_and_shapes_are_torchs(backend_spec, bidirectional):
     torch = pytest.importorskip("torch")
     for cls, name, G in ((gb.RNN, "RNN", 1), (gb.LSTM, "LSTM", 4), (gb.GRU, "GRU", 3)):
-        layer = cls(F, H, num_layers=2)
+        layer = cls(F, H, num_layers=2, bidirectional=bidirectional)
         params = standalone(backend_spec, layer)[0].get_params()
-        tm = getattr(torch.nn, name)(F, H, num_layers=2)
+        tm = getattr(torch.nn, name)(F, H, num_layers=2, bidirectional=bidirectional)
         assert [(k[2:], v.shape) for k, v in params.items()] == \
             [(k, tuple(v.shape)) for k, v in tm.named_parameters()]
         assert params["0.weight_ih_l0"].shape == (G * H, F)
@@ -141,7 +155,13 @@ def test_inference_equals_training_forward(backend_spec, rng):
     lambda: [gb.RNN(3, 4, num_layers=2), gb.Flatten(), gb.Dense(6 * 4, 3)],
     lambda: [gb.RNN(3, 5, nonlinearity="relu"), gb.LSTM(5, 4, bias=False), gb.Flatten(),
              gb.Dense(6 * 4, 3)],
-], ids=["lstm2-laststep", "gru2-laststep", "rnn2-flatten", "relu-rnn-lstm"])
+    lambda: [gb.LSTM(3, 4, num_layers=2, bidirectional=True), gb.LastStep(), gb.Dense(8, 3)],
+    lambda: [gb.GRU(3, 4, num_layers=2, bidirectional=True), gb.Flatten(), gb.Dense(6 * 8, 3)],
+    lambda: [gb.RNN(3, 4, num_layers=2, bidirectional=True), gb.Flatten(), gb.Dense(6 * 8, 3)],
+    lambda: [gb.RNN(3, 4, num_layers=2, nonlinearity="relu", bidirectional=True), gb.Flatten(),
+             gb.Dense(6 * 8, 3)],
+], ids=["lstm2-laststep", "gru2-laststep", "rnn2-flatten", "relu-rnn-lstm", "bilstm2-laststep",
+        "bigru2-flatten", "birnn2-flatten", "birnn2-relu-flatten"])
 def test_gradcheck_through_time(backend_spec, rng, layers):
     model = model_for(backend_spec, layers(), input_shape=(6, 3))
     err = gb.gradcheck(model, gb.SoftmaxCrossEntropy(), rng.normal(size=(4, 6, 3)),
@@ -200,11 +220,13 @@ def test_clip_norm_bounds_the_update_across_time(backend_spec, rng):
 
 def test_config_round_trip_and_checkpoint(backend_spec, rng, tmp_path):
     layers = [gb.RNN(F, H, num_layers=2, nonlinearity="relu", bias=False), gb.GRU(H, H),
-              gb.LSTM(H, 5), gb.LastStep(), gb.Dense(5, 3)]
+              gb.LSTM(H, 5, num_layers=2, bidirectional=True, dropout=0.25), gb.LastStep(),
+              gb.Dense(10, 3)]
     for layer in layers[:4]:
         again = type(layer)(**json.loads(json.dumps(layer.config())))
         assert repr(again) == repr(layer)
     assert repr(layers[0]) == "RNN(4, 6, num_layers=2, nonlinearity='relu', bias=False)"
+    assert repr(layers[2]) == "LSTM(6, 5, num_layers=2, dropout=0.25, bidirectional=True)"
     model = model_for(backend_spec, layers, input_shape=(T, F))
     X = rng.normal(size=(N, T, F))
     expected = model.predict(X)
@@ -353,3 +375,197 @@ def test_a_checkpointed_lstm_run_resumes_bit_for_bit(tmp_path, backend_spec, sto
     for k, v in model.get_params().items():
         assert np.array_equal(v, ref[k]), k
     assert hist == ref_hist
+
+
+# ---- bidirectional layers and dropout between layers ------------------------------------------
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_sgd_steps_of_a_bidirectional_classifier_follow_torch(backend_spec, rng, name):
+    """LastStep after a bidirectional layer is torch's out[:, -1] (the forward direction's last
+    step beside the reverse direction's first)."""
+    torch = pytest.importorskip("torch")
+    cls = getattr(gb, name)
+    model = model_for(backend_spec, [cls(F, H, num_layers=2, bidirectional=True), gb.LastStep(),
+                                     gb.Dense(2 * H, 3)], input_shape=(T, F))
+    nn = torch.nn
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(nn, name)(F, H, num_layers=2, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(2 * H, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    tmodel = Twin().double()
+    names = {k: (f"rnn.{k[2:]}" if k[0] == "0" else {"2.W": "fc.weight", "2.b": "fc.bias"}[k])
+             for k in model.get_params()}
+    assert list(names.values()) == [k for k, _ in tmodel.named_parameters()]
+    tmodel.load_state_dict({names[k]: torch.tensor(v) for k, v in model.get_params().items()})
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.5, momentum=0.9)
+    opt = gb.SGD(lr=0.5, momentum=0.9)
+    X, y = rng.normal(size=(24, T, F)), rng.integers(0, 3, 24)
+    assert_steps_follow_torch(torch, model, opt, tmodel, topt, names, X, y)
+
+
+def test_bidirectional_shapes_states_and_the_reverse_direction_reads_backwards(backend_spec, rng):
+    layer = gb.GRU(F, H, bidirectional=True)
+    model, be = standalone(backend_spec, layer)
+    X = rng.normal(size=(N, T, F))
+    out, h_n, _ = layer.run(be.to_device(X))
+    out, h_n = np.array(be.to_host(out)), np.array(be.to_host(h_n))
+    assert out.shape == (N, T, 2 * H) and h_n.shape == (2, N, H)
+    np.testing.assert_array_equal(h_n[0], out[:, -1, :H])  # forward: ends at the last step
+    np.testing.assert_array_equal(h_n[1], out[:, 0, H:])  # reverse: ends at the first step
+    # The reverse direction on X is a forward layer with its weights on X reversed in time.
+    fwd = gb.GRU(F, H)
+    m2, be2 = standalone(backend_spec, fwd)
+    m2.set_params({"0." + n.replace("_reverse", ""): np.array(be.to_host(v))
+                   for n, v in layer.params.items() if n.endswith("_reverse")})
+    rev, _, _ = fwd.run(be2.to_device(X[:, ::-1].copy()))
+    assert_close(np.array(be2.to_host(rev))[:, ::-1], out[:, :, H:], tol=1e-13, what="reverse")
+    with pytest.raises(ValueError, match=r"state: expected shape \(2, 3, 6\) "
+                                         r"\(num_layers \* 2, batch, hidden_size\), got shape "
+                                         r"\(1, 3, 6\)"):
+        layer.run(be.to_device(X), be.to_device(np.zeros((1, N, H))))
+
+
+def _hand_dropout_twin(torch, name, layer, params, masks, p):
+    """torch layers one at a time, with the given masks (N, T, 2H) applied by hand between them."""
+    tms = []
+    for k in range(layer.num_layers):
+        tm = getattr(torch.nn, name)(layer.input_size if k == 0 else 2 * layer.hidden_size,
+                                     layer.hidden_size, batch_first=True,
+                                     bidirectional=True).double()
+        tm.load_state_dict({n.replace(f"_l{k}", "_l0"): torch.tensor(v) for n, v in params.items()
+                            if f"_l{k}" in n})
+        tms.append(tm)
+
+    def run(x):
+        for k, tm in enumerate(tms):
+            x = tm(x)[0]
+            if k < len(tms) - 1:
+                x = x * torch.tensor(masks[k]) / (1 - p)
+        return x
+
+    return run, tms
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_dropout_between_layers_is_the_hashed_mask_applied_by_hand(backend_spec, rng, name):
+    """In training each layer's output but the last is multiplied by keep/(1 − p), keep the
+    library's counter-based hash of (seed, layer key, step, index over the time-major (T, N, 2H)
+    output): checked against torch layers run one by one with that mask applied by hand."""
+    torch = pytest.importorskip("torch")
+    p, L = 0.4, 3
+    layer = getattr(gb, name)(F, H, num_layers=L, bidirectional=True, dropout=p)
+    model, be = standalone(backend_spec, layer)
+    params = {k[2:]: rng.uniform(-0.6, 0.6, v.shape) for k, v in model.get_params().items()}
+    model.set_params({"0." + k: v for k, v in params.items()})
+    seed, step = layer.context.seed, layer.context.step
+    masks = [np.asarray(be.to_host(be.ops.dropout_mask((T, N, 2 * H), p, seed,
+                                                       layer.dropout_layer_key(k), step)))
+             .transpose(1, 0, 2).astype(np.float64) for k in range(L - 1)]
+    assert 0.2 < 1 - masks[0].mean() < 0.6 and not np.array_equal(masks[0], masks[1])
+    X, dout = rng.normal(size=(N, T, F)), rng.normal(size=(N, T, 2 * H))
+    model.zero_grads()
+    out, _, backward = layer.run(be.to_device(X), None, train=True)
+    dX, _ = backward(be.to_device(dout), None)
+
+    run, tms = _hand_dropout_twin(torch, name, layer, params, masks, p)
+    tx = torch.tensor(X, requires_grad=True)
+    to = run(tx)
+    (to * torch.tensor(dout)).sum().backward()
+    assert_close(np.array(be.to_host(out)), to.detach().numpy(), what="out")
+    assert_close(np.array(be.to_host(dX)), tx.grad.numpy(), what="dX")
+    for k, tm in enumerate(tms):
+        for n, v in tm.named_parameters():
+            key = n.replace("_l0", f"_l{k}")
+            assert_close(np.array(be.to_host(layer.grads[key])), v.grad.numpy(), what=key)
+    # Inference: no dropout, torch's eval mode.
+    tm = torch_twin(torch, name, layer, {"0." + k: v for k, v in params.items()}).eval()
+    assert_close(np.array(be.to_host(layer.run(be.to_device(X))[0])),
+                 tm(torch.tensor(X))[0].detach().numpy(), what="inference")
+
+
+def test_dropout_masks_change_with_the_step_and_are_the_same_on_every_kernel_set(rng):
+    outs = {}
+    for kernels in ("reference", "fused"):
+        layer = gb.LSTM(F, H, num_layers=2, dropout=0.5)
+        model = gb.Sequential([layer], input_shape=(T, F), device="cpu", kernels=kernels,
+                              dtype="float64", seed=3)
+        X = model.backend.to_device(np.random.default_rng(0).normal(size=(N, T, F)))
+        first = np.array(model.forward(X, train=True)[0])
+        model.context.step += 1
+        second = np.array(model.forward(X, train=True)[0])
+        assert not np.array_equal(first, second)
+        outs[kernels] = first
+    np.testing.assert_allclose(outs["fused"], outs["reference"], rtol=1e-12, atol=1e-13)
+
+
+def test_dropout_is_checked_and_warns_for_one_layer_as_torch():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1, but "
+                                         "got dropout=0.5 and num_layers=1"):
+        gb.GRU(F, H, dropout=0.5)
+    for bad in (1, 1.0, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"dropout: expected a drop probability in \[0, 1\), "
+                                             "got"):
+            gb.LSTM(F, H, num_layers=2, dropout=bad)
+    with pytest.raises(TypeError, match="bidirectional: expected True or False, got 1"):
+        gb.RNN(F, H, bidirectional=1)
+
+
+def test_the_modelspec_tokens_take_bidir_and_dropout():
+    from gpubackprop import modelspec
+    from gpubackprop.cli.train import model_help
+    from gpubackprop.layers.registry import SPEC_TOKENS
+
+    p = modelspec.plan("lstm(8,layers=2,bidir=true,dropout=0.1)-gru(4,bidir=true)-last-dense(3)",
+                       (5, 3), 3)
+    assert [e[0] for e in p.entries] == ["LSTM", "GRU", "LastStep", "Dense"]
+    assert p.entries[0][1] == {"input_size": 3, "hidden_size": 8, "num_layers": 2,
+                               "bidirectional": True, "dropout": 0.1}
+    assert p.entries[1][1]["input_size"] == 16
+    model, _ = modelspec.build_model("rnn(4,bidir=true,relu=true)-last-dense(classes)", (5, 3), 3,
+                                     device="cpu", seed=0)
+    assert repr(model.layers[0]) == "RNN(3, 4, nonlinearity='relu', bidirectional=True)"
+    with pytest.raises(ValueError, match=r"dropout: expected a probability in \[0, 1\)"):
+        modelspec.plan("lstm(8,layers=2,dropout=1.5)-last-dense(3)", (5, 3), 3)
+    for token in ("lstm", "gru", "rnn"):  # --model's help is the registry's
+        assert f"{token}(h,layers=1,bidir=false,dropout=0" in SPEC_TOKENS[token].help
+        assert SPEC_TOKENS[token].help in model_help()
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("make", [lambda: gb.LSTM(3, 4, num_layers=2, bidirectional=True, dropout=0.5),
+                                  lambda: gb.GRU(3, 4, bidirectional=True, batch_first=False)],
+                         ids=["bilstm2-dropout", "bigru-seq-major"])
+def test_a_bidirectional_layer_on_the_cuda_set_equals_the_reference(make):
+    """The whole bidirectional layer (both directions, dropout masks between layers, states) on the
+    CUDA kernel set, float64: in the simulator (NUMBA_ENABLE_CUDASIM=1, own process) or on a GPU."""
+    from gpubackprop.backend import has_cupy_gpu, is_cudasim
+
+    if not (is_cudasim() or has_cupy_gpu()):
+        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (set before import) or a CUDA GPU with CuPy")
+    N, T = 2, 3
+    results = []
+    for device, kernels in (("cuda", "fused"), ("cpu", "reference")):
+        layer = make()
+        model = gb.Sequential([layer], input_shape=(T, 3), device=device, kernels=kernels,
+                              dtype="float64", seed=0)
+        be = model.backend
+        assert be.ops.name == ("fused-cuda" if device == "cuda" else "reference")
+        r = np.random.default_rng(5)
+        x_shape = (N, T, 3) if layer.batch_first else (T, N, 3)
+        X, dout = r.normal(size=x_shape), r.normal(size=(*x_shape[:2], 8))
+        hs = [be.to_device(r.normal(size=(2 * layer.num_layers, N, 4))) for _ in range(4)]
+        lstm = isinstance(layer, gb.LSTM)
+        model.zero_grads()
+        out, state_n, backward = layer.run(be.to_device(X), (hs[0], hs[1]) if lstm else hs[0],
+                                           train=True)
+        dX, dstate = backward(be.to_device(dout), (hs[2], hs[3]) if lstm else hs[2])
+        flat = [out, *(state_n if lstm else (state_n,)), dX, *(dstate if lstm else (dstate,))]
+        results.append([np.array(be.to_host(a)) for a in flat]
+                       + [np.array(be.to_host(model.flat_grads))])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -392,3 +392,52 @@ def test_renumber_names_a_model_that_differs():
             gb.Dense(6, 8), gb.Dense(8, 8), gb.Dense(8, 8), gb.Dense(8, 3)], device="cpu"))
     with pytest.raises(TypeError, match="target: expected a model, a torch module or a dict"):
         gb.renumber_state_dict(fused_mlp().state_dict(), 3)
+
+
+# ---- bidirectional recurrent layers: the "*_reverse" keys ----------------------------------------
+def birnn(seed=0, dtype="float64"):
+    return gb.Sequential([gb.LSTM(5, 7, num_layers=2, bidirectional=True, dropout=0.2),
+                          gb.GRU(14, 6, bidirectional=True),
+                          gb.RNN(12, 4, nonlinearity="relu", bidirectional=True, num_layers=2),
+                          gb.LastStep(), gb.Dense(8, 3)],
+                         input_shape=(4, 5), device="cpu", dtype=dtype, seed=seed)
+
+
+def torch_birnn():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    def sequence_output(cls):
+        return type(cls.__name__, (cls,), {"forward": lambda self, x: cls.forward(self, x)[0]})
+
+    class LastStep(nn.Module):
+        def forward(self, x):
+            return x[:, -1]
+
+    return nn.Sequential(
+        sequence_output(nn.LSTM)(5, 7, num_layers=2, batch_first=True, bidirectional=True, dropout=0.2),
+        sequence_output(nn.GRU)(14, 6, batch_first=True, bidirectional=True),
+        sequence_output(nn.RNN)(12, 4, nonlinearity="relu", batch_first=True, bidirectional=True,
+                                num_layers=2),
+        LastStep(), nn.Linear(8, 3))
+
+
+def test_bidirectional_keys_and_shapes_equal_torchs_and_torch_weights_predict_the_same(rng):
+    torch = pytest.importorskip("torch")
+    reference = torch_birnn().double().eval()
+    model = birnn(seed=7)
+    torch_sd = reference.state_dict()
+    assert list(model.state_dict()) == list(torch_sd)  # l0, l0_reverse, l1, ...: torch's order
+    assert "0.weight_hh_l1_reverse" in torch_sd
+    for key, value in model.state_dict().items():
+        assert value.shape == tuple(torch_sd[key].shape), key
+    assert model.load_state_dict(torch_sd) == IncompatibleKeys([], [])
+    X = rng.normal(size=(9, 4, 5))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(model.predict(X), expected, rtol=0, atol=1e-12)
+    train(model, rng)  # and back: a trained model's weights into torch
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(reference(torch.from_numpy(X)).numpy(), model.predict(X),
+                                   rtol=0, atol=1e-12)

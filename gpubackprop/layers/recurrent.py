@@ -6,10 +6,20 @@ weights copy across 1:1: for each layer k, ``weight_ih_l{k}`` (G·H, I_k), ``wei
 (G·H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (G·H,), all drawn from U(−1/√H, 1/√H); G = 1 (RNN),
 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n, with b_hn inside the reset product).
 
+``bidirectional=True`` adds per layer a reverse direction (``weight_ih_l{k}_reverse``, …, right
+after layer k's own, PyTorch's order) that reads the sequence from its last step to its first; the
+layer's output per step is [forward h_t, reverse h_t] (2·H), which layer k+1 reads (I_k = 2·H), and
+states are (num_layers·2, N, H), layer-major (l0 forward, l0 reverse, l1 forward, …). The reverse
+direction runs the same GEMMs and fused cell kernels, its time loop indexed backwards (no copy of
+the sequence). ``dropout=p`` is applied, in training only, to every layer's output but the last,
+as PyTorch; its mask is ``Dropout``'s counter-based hash (seed, layer key, step, index), recomputed
+in backward, so the CPU and GPU kernel sets draw the same bits (PyTorch's own masks differ).
+
 **Inside a Sequential** a recurrent layer maps each sample's sequence (T, F) to its output
-sequence (T, H) (the last layer's h_t), from a zero initial state; put ``LastStep()`` after it for
-a sequence-to-one model (``LSTM → LastStep → Dense``), or ``Flatten()`` to use every step. The
-model's ``input_shape`` is the per-sample (T, F): ``Sequential([...], input_shape=(T, F))``.
+sequence (T, H) (the last layer's h_t; (T, 2·H) if bidirectional), from a zero initial state; put
+``LastStep()`` after it for a sequence-to-one model (``LSTM → LastStep → Dense``), or
+``Flatten()`` to use every step. The model's ``input_shape`` is the per-sample (T, F):
+``Sequential([...], input_shape=(T, F))``.
 
 **With initial and final states**, ``run`` (the layer must belong to a built model, which owns its
 parameters; a one-layer ``Sequential([lstm], input_shape=(T, F))`` will do)::
@@ -19,12 +29,12 @@ parameters; a one-layer ``Sequential([lstm], input_shape=(T, F))`` will do)::
     dX, dh0 = backward(d_out, dh_n)                      # train=True only
     dX, (dh0, dc0) = backward(d_out, (dh_n, dc_n))
 
-X is (N, T, F) with ``batch_first=True`` (the default), else (T, N, F); out likewise (…, H);
-states are (num_layers, N, H) either way, as in PyTorch. A state of None is zeros (initial) or
-not used by the loss (gradient); ``backward`` adds the parameter gradients to the model's, like
-every layer's backprop, and returns dX (None with ``input_grad=False``) and the initial state's
-gradient. ``forward`` (the layer protocol) is ``run`` with zero initial state and batch-major
-arrays; it needs ``batch_first=True``.
+X is (N, T, F) with ``batch_first=True`` (the default), else (T, N, F); out likewise (…, D·H);
+states are (num_layers·D, N, H) either way (D = 2 if bidirectional else 1), as in PyTorch. A
+state of None is zeros (initial) or not used by the loss (gradient); ``backward`` adds the
+parameter gradients to the model's, like every layer's backprop, and returns dX (None with
+``input_grad=False``) and the initial state's gradient. ``forward`` (the layer protocol) is
+``run`` with zero initial state and batch-major arrays; it needs ``batch_first=True``.
 
 How it runs (time-major inside, so every per-step slice is contiguous), per layer k::
 
@@ -36,10 +46,13 @@ How it runs (time-major inside, so every per-step slice is contiguous), per laye
            dh_rec = dgh_t W_hh                                 one GEMM per step
     ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3)
     ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        column sums (BP4)
-    dx = dgx W_ih                                               one GEMM: the layer below's dout
+    dx = Σ_d dgx_d W_ih_d                                       one GEMM per direction: the layer
+                                                                below's dout
 """
 
 import math
+import numbers
+import warnings
 
 import numpy as np
 
@@ -60,24 +73,34 @@ def _flag(value, name):
 
 
 class _Buffers:
-    """Time-major buffers of one (N, T) run: per layer the input projections gx (T, N, G·H), the
-    hidden states hs (T+1, N, H) with hs[0] = h0, and (LSTM) cs, (LSTM, GRU) the saved gates; the
-    backward buffers are made on first use."""
+    """Time-major buffers of one (N, T) run, per layer k and direction d: the input projections
+    gx (T, N, G·H), the hidden states hs (T+1, N, H) and (LSTM) cs, (LSTM, GRU) the saved gates; per
+    layer its input (``inputs``: x0, or the layer below's output after dropout); the backward
+    buffers are made on first use.
+
+    The forward direction keeps h_t at hs[t+1] (hs[0] = h0); the reverse one keeps h_t at hs[t]
+    (hs[T] = h0), so both read their output steps as one contiguous slice in time order."""
 
     def __init__(self, layer, be, N, T, train):
-        L, H, G = layer.num_layers, layer.hidden_size, layer._G
+        L, H, G, D = layer.num_layers, layer.hidden_size, layer._G, layer._D
         self.be, self.N, self.T = be, N, T
         self.x0 = be.empty((T, N, layer.input_size))
-        self.gx = [be.empty((T, N, G * H)) for _ in range(L)]
-        self.hs = [be.empty((T + 1, N, H)) for _ in range(L)]
-        self.cs = [be.empty((T + 1, N, H)) for _ in range(L)] if layer.mode == "LSTM" else None
+        self.gx = [[be.empty((T, N, G * H)) for _ in range(D)] for _ in range(L)]
+        self.hs = [[be.empty((T + 1, N, H)) for _ in range(D)] for _ in range(L)]
+        lstm = layer.mode == "LSTM"
+        self.cs = [[be.empty((T + 1, N, H)) for _ in range(D)] for _ in range(L)] if lstm else None
         ts = T if train else 1  # inference keeps one step of saved gates
         S = _SAVED[layer.mode]
-        self.saved = [be.empty((ts, N, S * H)) for _ in range(L)] if S else None
+        self.saved = [[be.empty((ts, N, S * H)) for _ in range(D)] for _ in range(L)] if S else None
+        # A bidirectional layer's output: both directions side by side (forward, then reverse).
+        self.cat = [be.empty((T, N, D * H)) for _ in range(L)] if D == 2 else None
+        drop = train and layer.dropout > 0
+        self.dropped = [be.empty((T, N, D * H)) for _ in range(L - 1)] if drop else None
+        self.inputs = [None] * L
         self.gh = be.empty((N, G * H))
-        self.Y = be.empty((N, T, H))
-        self.h_n = be.empty((L, N, H))
-        self.c_n = be.empty((L, N, H)) if layer.mode == "LSTM" else None
+        self.Y = be.empty((N, T, D * H))
+        self.h_n = be.empty((L * D, N, H))
+        self.c_n = be.empty((L * D, N, H)) if lstm else None
         self._more = {}
 
     def get(self, key, shape):
@@ -88,18 +111,48 @@ class _Buffers:
         return buf
 
 
+def _steps(d, T):
+    """(t, prev, cur) in the order direction d runs: h_t is computed from hs[prev] into hs[cur]."""
+    if d == 0:
+        return [(t, t, t + 1) for t in range(T)]
+    return [(t, t + 1, t) for t in reversed(range(T))]
+
+
+def _outputs(hs, d, T):
+    """Direction d's h_0 … h_{T−1} in time order (a contiguous view)."""
+    return hs[1:] if d == 0 else hs[:T]
+
+
+def _previous(hs, d, T):
+    """The state each step t read, in time order (h_{t−1} forward, h_{t+1} reverse)."""
+    return hs[:T] if d == 0 else hs[1:]
+
+
 class _Recurrent(Layer):
     """What RNN, LSTM and GRU share: parameters, shapes, the time loop and its backward pass."""
 
     mode = None
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=True):
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=True,
+                 dropout=0.0, bidirectional=False):
         self.input_size = positive_int(input_size, "input_size")
         self.hidden_size = positive_int(hidden_size, "hidden_size")
         self.num_layers = positive_int(num_layers, "num_layers")
         self.bias = _flag(bias, "bias")
         self.batch_first = _flag(batch_first, "batch_first")
+        self.bidirectional = _flag(bidirectional, "bidirectional")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+                or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a drop probability in [0, 1), got {dropout!r}"
+                             f"{' (dropout = 1 would drop every element)' if dropout == 1 else ''}")
+        self.dropout = float(dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            # PyTorch's warning: dropout acts between layers, so one layer has none.
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={self.num_layers}", stacklevel=2)
         self._G = _GATES[self.mode]
+        self._D = 2 if self.bidirectional else 1
         self._workspaces = {}
 
     def _extra_repr(self):
@@ -114,6 +167,10 @@ class _Recurrent(Layer):
             args.append("bias=False")
         if not self.batch_first:
             args.append("batch_first=False")
+        if self.dropout:
+            args.append(f"dropout={self.dropout!r}")
+        if self.bidirectional:
+            args.append("bidirectional=True")
         return f"{type(self).__name__}({', '.join(args)})"
 
     # ---- declaring --------------------------------------------------------------------------------
@@ -125,18 +182,25 @@ class _Recurrent(Layer):
         if input_shape[1] != F:
             raise ValueError(f"expected {F} input features per time step, got {input_shape[1]} "
                              f"(input shape {fmt_shape(input_shape)})")
-        return (input_shape[0], self.hidden_size)
+        return (input_shape[0], self._D * self.hidden_size)
 
     def _layer_sizes(self):
-        return [self.input_size] + [self.hidden_size] * (self.num_layers - 1)
+        return [self.input_size] + [self._D * self.hidden_size] * (self.num_layers - 1)
+
+    def _names(self):
+        """Per (layer, direction), layer-major as PyTorch: the parameter-name suffix."""
+        return [f"l{k}{'_reverse' if d else ''}" for k in range(self.num_layers)
+                for d in range(self._D)]
 
     def param_specs(self):
         GH, H = self._G * self.hidden_size, self.hidden_size
         specs = []
         for k, n_in in enumerate(self._layer_sizes()):
-            specs += [(f"weight_ih_l{k}", (GH, n_in)), (f"weight_hh_l{k}", (GH, H))]
-            if self.bias:
-                specs += [(f"bias_ih_l{k}", (GH,)), (f"bias_hh_l{k}", (GH,))]
+            for d in range(self._D):
+                s = f"l{k}{'_reverse' if d else ''}"
+                specs += [(f"weight_ih_{s}", (GH, n_in)), (f"weight_hh_{s}", (GH, H))]
+                if self.bias:
+                    specs += [(f"bias_ih_{s}", (GH,)), (f"bias_hh_{s}", (GH,))]
         return specs
 
     def initial_params(self, rng):
@@ -145,26 +209,36 @@ class _Recurrent(Layer):
         return {name: rng.uniform(-bound, bound, shape) for name, shape in self.param_specs()}
 
     def config(self):
-        return {"input_size": self.input_size, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first}
+        cfg = {"input_size": self.input_size, "hidden_size": self.hidden_size,
+               "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first}
+        if self.dropout:  # only when set: configs (checkpoints) of plain layers stay as they were
+            cfg["dropout"] = self.dropout
+        if self.bidirectional:
+            cfg["bidirectional"] = True
+        return cfg
 
     # ---- binding ----------------------------------------------------------------------------------
     def attach(self, backend, params, grads, state, context, index):
         super().attach(backend, params, grads, state, context, index)
-        L = self.num_layers
-        self._W_ih = [params[f"weight_ih_l{k}"] for k in range(L)]
-        self._W_hh = [params[f"weight_hh_l{k}"] for k in range(L)]
-        self._dW_ih = [grads[f"weight_ih_l{k}"] for k in range(L)]
-        self._dW_hh = [grads[f"weight_hh_l{k}"] for k in range(L)]
+        names = self._names()  # index j = k·D + d
+        self._W_ih = [params[f"weight_ih_{s}"] for s in names]
+        self._W_hh = [params[f"weight_hh_{s}"] for s in names]
+        self._dW_ih = [grads[f"weight_ih_{s}"] for s in names]
+        self._dW_hh = [grads[f"weight_hh_{s}"] for s in names]
         if self.bias:
-            self._b_ih = [params[f"bias_ih_l{k}"] for k in range(L)]
-            self._b_hh = [params[f"bias_hh_l{k}"] for k in range(L)]
-            self._db_ih = [grads[f"bias_ih_l{k}"] for k in range(L)]
-            self._db_hh = [grads[f"bias_hh_l{k}"] for k in range(L)]
+            self._b_ih = [params[f"bias_ih_{s}"] for s in names]
+            self._b_hh = [params[f"bias_hh_{s}"] for s in names]
+            self._db_ih = [grads[f"bias_ih_{s}"] for s in names]
+            self._db_hh = [grads[f"bias_hh_{s}"] for s in names]
         else:
             zeros = backend.zeros((self._G * self.hidden_size,))
             self._b_ih = None
-            self._b_hh = [zeros] * L
+            self._b_hh = [zeros] * len(names)
+
+    def dropout_layer_key(self, k):
+        """The ``layer`` argument of the dropout hash for the mask after layer k: above every plain
+        layer index (< 2^32), so no Dropout layer of the model draws the same bits."""
+        return ((k + 1) << 32) | int(self.index or 0)
 
     # ---- the protocol: sequences in, sequences out, zero initial state ---------------------------
     def forward(self, X, train=False, input_grad=True):
@@ -185,8 +259,9 @@ class _Recurrent(Layer):
     def run(self, X, state=None, train=False, input_grad=True):
         """(out, final state, backward) for the sequence batch X from ``state`` (None: zeros).
 
-        X: (N, T, F) if batch_first else (T, N, F); state: h0 (num_layers, N, H), for an LSTM
-        (h0, c0). ``backward(d_out, d_state) -> (dX, d_state0)`` when ``train``.
+        X: (N, T, F) if batch_first else (T, N, F); state: h0 (num_layers·D, N, H), D = 2 if
+        bidirectional else 1, for an LSTM (h0, c0). ``backward(d_out, d_state) -> (dX, d_state0)``
+        when ``train``.
         """
         return self._run(X, state, train, input_grad, state_grad=True)
 
@@ -206,8 +281,9 @@ class _Recurrent(Layer):
             bufs.x0[...] = X.transpose(1, 0, 2)  # time-major inside: each step's rows contiguous
         else:
             bufs.x0[...] = X
-        self._forward_layers(bufs, h0, c0, train)
-        top = bufs.hs[-1][1:]
+        # The dropout masks of this pass: fixed now, so backward recomputes the same ones.
+        drop = (self.context.seed, self.context.step) if train and self.dropout > 0 else None
+        top = self._forward_layers(bufs, h0, c0, train, drop)
         if self.batch_first:
             out = bufs.Y
             out[...] = top.transpose(1, 0, 2)
@@ -218,7 +294,7 @@ class _Recurrent(Layer):
             return out, state_n, no_backprop
 
         def backward(d_out, d_state=None):
-            return self._backward(bufs, d_out, d_state, input_grad, state_grad)
+            return self._backward(bufs, d_out, d_state, input_grad, state_grad, drop)
 
         return out, state_n, backward
 
@@ -242,15 +318,16 @@ class _Recurrent(Layer):
         return N, T
 
     def _check_state(self, state, N, name):
-        """(h, c) device arrays or None, checked against (num_layers, N, H)."""
+        """(h, c) device arrays or None, checked against (num_layers·D, N, H)."""
         if state is None:
             return None, None
-        shape = (self.num_layers, N, self.hidden_size)
+        shape = (self.num_layers * self._D, N, self.hidden_size)
+        axes = "(num_layers * 2, batch, hidden_size)" if self._D == 2 else \
+            "(num_layers, batch, hidden_size)"
         if self.mode == "LSTM":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise ValueError(f"{name}: expected a pair (h, c) of arrays of shape {shape} "
-                                 f"(num_layers, batch, hidden_size) for an LSTM, got "
-                                 f"{type(state).__name__}")
+                                 f"{axes} for an LSTM, got {type(state).__name__}")
             parts = ((f"{name}[0] (h)", state[0]), (f"{name}[1] (c)", state[1]))
         else:
             if isinstance(state, (tuple, list)):
@@ -265,124 +342,160 @@ class _Recurrent(Layer):
                 continue
             if not hasattr(a, "shape") or tuple(a.shape) != shape:
                 got = f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
-                raise ValueError(f"{what}: expected shape {shape} (num_layers, batch, "
-                                 f"hidden_size), got {got}")
+                raise ValueError(f"{what}: expected shape {shape} {axes}, got {got}")
             if a.dtype != self.backend.dtype:
                 raise TypeError(f"{what}: expected dtype {self.backend.dtype}, got {a.dtype}")
             out.append(a)
         return (out[0], out[1]) if len(out) == 2 else (out[0], None)
 
     # ---- the time loop -----------------------------------------------------------------------------
-    def _forward_layers(self, bufs, h0, c0, train):
+    def _forward_layers(self, bufs, h0, c0, train, drop):
+        """Runs every layer and direction; returns the top layer's output (T, N, D·H)."""
         be = self.backend
         xp, ops = be.xp, be.ops
-        N, T, H = bufs.N, bufs.T, self.hidden_size
+        N, T, H, D = bufs.N, bufs.T, self.hidden_size, self._D
         GH = self._G * H
         mode = self.mode
         x = bufs.x0
         for k in range(self.num_layers):
-            gx, hs, gh = bufs.gx[k], bufs.hs[k], bufs.gh
-            gx2 = gx.reshape(T * N, GH)
-            xp.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[k].T, out=gx2)  # all steps at once
-            if self.bias:
-                ops.bias_act(gx2, self._b_ih[k], "identity", gx2)
-            if h0 is None:
-                hs[0] = 0
+            bufs.inputs[k] = x
+            for d in range(D):
+                j = k * D + d
+                gx, hs, gh = bufs.gx[k][d], bufs.hs[k][d], bufs.gh
+                gx2 = gx.reshape(T * N, GH)
+                xp.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, out=gx2)  # all steps
+                if self.bias:
+                    ops.bias_act(gx2, self._b_ih[j], "identity", gx2)
+                first, last = (0, T) if d == 0 else (T, 0)
+                if h0 is None:
+                    hs[first] = 0
+                else:
+                    hs[first] = h0[j]
+                W_hhT, b_hh = self._W_hh[j].T, self._b_hh[j]
+                if mode == "LSTM":
+                    cs = bufs.cs[k][d]
+                    if c0 is None:
+                        cs[first] = 0
+                    else:
+                        cs[first] = c0[j]
+                saved = bufs.saved[k][d] if bufs.saved else None
+                for t, p, c in _steps(d, T):
+                    xp.matmul(hs[p], W_hhT, out=gh)
+                    if mode == "RNN":
+                        ops.rnn_cell(gx[t], gh, b_hh, hs[c], self.nonlinearity)
+                    elif mode == "LSTM":
+                        ops.lstm_cell(gx[t], gh, b_hh, cs[p], hs[c], cs[c], saved[t if train else 0])
+                    else:
+                        ops.gru_cell(gx[t], gh, b_hh, hs[p], hs[c], saved[t if train else 0])
+                bufs.h_n[j] = hs[last]
+                if mode == "LSTM":
+                    bufs.c_n[j] = cs[last]
+            if D == 1:
+                x = bufs.hs[k][0][1:]
             else:
-                hs[0] = h0[k]
-            W_hhT, b_hh = self._W_hh[k].T, self._b_hh[k]
-            if mode == "LSTM":
-                cs = bufs.cs[k]
-                if c0 is None:
-                    cs[0] = 0
-                else:
-                    cs[0] = c0[k]
-            for t in range(T):
-                xp.matmul(hs[t], W_hhT, out=gh)
-                if mode == "RNN":
-                    ops.rnn_cell(gx[t], gh, b_hh, hs[t + 1], self.nonlinearity)
-                elif mode == "LSTM":
-                    ops.lstm_cell(gx[t], gh, b_hh, cs[t], hs[t + 1], cs[t + 1],
-                                  bufs.saved[k][t if train else 0])
-                else:
-                    ops.gru_cell(gx[t], gh, b_hh, hs[t], hs[t + 1], bufs.saved[k][t if train else 0])
-            bufs.h_n[k] = hs[T]
-            if mode == "LSTM":
-                bufs.c_n[k] = cs[T]
-            x = hs[1:]
+                x = bufs.cat[k]
+                for d in range(D):
+                    x[:, :, d * H:(d + 1) * H] = _outputs(bufs.hs[k][d], d, T)
+            if drop is not None and k < self.num_layers - 1:
+                ops.dropout(x, bufs.dropped[k], self.dropout, drop[0], self.dropout_layer_key(k),
+                            drop[1])
+                x = bufs.dropped[k]
+        return x
 
-    def _backward(self, bufs, d_out, d_state, input_grad, state_grad):
+    def _backward(self, bufs, d_out, d_state, input_grad, state_grad, drop):
         be = self.backend
         xp, ops = be.xp, be.ops
-        N, T, H, L = bufs.N, bufs.T, self.hidden_size, self.num_layers
-        GH, mode = self._G * H, self.mode
-        out_shape = (N, T, H) if self.batch_first else (T, N, H)
+        N, T, H, L, D = bufs.N, bufs.T, self.hidden_size, self.num_layers, self._D
+        GH, mode, DH = self._G * H, self.mode, self._D * self.hidden_size
+        out_shape = (N, T, DH) if self.batch_first else (T, N, DH)
         dh_n, dc_n = self._check_state(d_state, N, "d_state")
         # The gradient reaching the top layer's outputs, time-major.
-        dout = bufs.get("dout", (T, N, H))
+        dY = bufs.get("dout", (T, N, DH))
         if d_out is None:
-            dout[...] = 0
+            dY[...] = 0
         else:
             if tuple(d_out.shape) != out_shape or d_out.dtype != be.dtype:
                 raise ValueError(f"d_out: expected shape {out_shape} and dtype {be.dtype} (the "
                                  f"output's), got shape {tuple(d_out.shape)}, dtype {d_out.dtype}")
-            dout[...] = d_out.transpose(1, 0, 2) if self.batch_first else d_out
-        dh0 = bufs.get("dh0", (L, N, H))
-        dc0 = bufs.get("dc0", (L, N, H)) if mode == "LSTM" else None
+            dY[...] = d_out.transpose(1, 0, 2) if self.batch_first else d_out
+        dh0 = bufs.get("dh0", (L * D, N, H))
+        dc0 = bufs.get("dc0", (L * D, N, H)) if mode == "LSTM" else None
         dh_rec = bufs.get("dh_rec", (N, H))
         carry = bufs.get("carry", (N, H)) if mode != "RNN" else None  # LSTM: dc; GRU: z ⊙ dh
         dgh = bufs.get("dgh", (T, N, GH)) if mode == "GRU" else None
         accumulate = self.take_accumulate()
         dX = None
         for k in reversed(range(L)):
-            hs = bufs.hs[k]
-            dgx = bufs.gx[k]  # the forward pass is done with gx: its gradient overwrites it
-            dg_h = dgh if mode == "GRU" else dgx  # RNN, LSTM: the same pre-activations
-            if dh_n is None:
-                dh_rec[...] = 0
+            # Each direction's share of dY, contiguous per step for the cell kernels.
+            if D == 1:
+                douts = [dY]
             else:
-                dh_rec[...] = dh_n[k]
-            if mode == "LSTM":
-                if dc_n is None:
+                douts = [bufs.get(("dsplit", d), (T, N, H)) for d in range(D)]
+                for d in range(D):
+                    douts[d][...] = dY[:, :, d * H:(d + 1) * H]
+            x = bufs.inputs[k]
+            n_in = x.shape[2]
+            x2 = x.reshape(T * N, n_in)
+            below = k > 0 or input_grad
+            dx = bufs.get(("dx", k == 0), (T, N, n_in)) if below else None
+            for d in range(D):
+                j = k * D + d
+                hs, dout = bufs.hs[k][d], douts[d]
+                dgx = bufs.gx[k][d]  # the forward pass is done with gx: its gradient overwrites it
+                dg_h = dgh if mode == "GRU" else dgx  # RNN, LSTM: the same pre-activations
+                saved = bufs.saved[k][d] if bufs.saved else None
+                if dh_n is None:
+                    dh_rec[...] = 0
+                else:
+                    dh_rec[...] = dh_n[j]
+                if mode == "LSTM":
+                    cs = bufs.cs[k][d]
+                    if dc_n is None:
+                        carry[...] = 0
+                    else:
+                        carry[...] = dc_n[j]
+                elif mode == "GRU":
                     carry[...] = 0
-                else:
-                    carry[...] = dc_n[k]
-            elif mode == "GRU":
-                carry[...] = 0
-            W_hh = self._W_hh[k]
-            for t in reversed(range(T)):
-                if mode == "RNN":
-                    ops.rnn_cell_backward(dout[t], dh_rec, hs[t + 1], dgx[t], self.nonlinearity)
-                elif mode == "LSTM":
-                    cs = bufs.cs[k]
-                    ops.lstm_cell_backward(dout[t], dh_rec, carry, cs[t], cs[t + 1],
-                                           bufs.saved[k][t], dgx[t])
-                else:
-                    ops.gru_cell_backward(dout[t], dh_rec, carry, hs[t], bufs.saved[k][t],
-                                          dgx[t], dgh[t])
-                if t > 0 or state_grad:
-                    xp.matmul(dg_h[t], W_hh, out=dh_rec)  # the part of ∂C/∂h_{t−1} through W_hh
-            if state_grad:
-                dh0[k] = dh_rec
-                if mode == "GRU":
-                    dh0[k] += carry
-                elif mode == "LSTM":
-                    dc0[k] = carry
-            # BP3/BP4 over all steps at once.
-            x = bufs.x0 if k == 0 else bufs.hs[k - 1][1:]
-            x2 = x.reshape(T * N, x.shape[2])
-            dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
-            hprev2 = hs[:T].reshape(T * N, H)
-            self._weight_grad(bufs, ("dW_ih", k), dgx2, x2, self._dW_ih[k], accumulate)
-            self._weight_grad(bufs, ("dW_hh", k), dgh2, hprev2, self._dW_hh[k], accumulate)
-            if self.bias:
-                ops.bias_grad(dgx2, self._db_ih[k], accumulate=accumulate)
-                ops.bias_grad(dgh2, self._db_hh[k], accumulate=accumulate)
+                W_hh = self._W_hh[j]
+                steps = _steps(d, T)[::-1]
+                for i, (t, p, c) in enumerate(steps):
+                    if mode == "RNN":
+                        ops.rnn_cell_backward(dout[t], dh_rec, hs[c], dgx[t], self.nonlinearity)
+                    elif mode == "LSTM":
+                        ops.lstm_cell_backward(dout[t], dh_rec, carry, cs[p], cs[c], saved[t],
+                                               dgx[t])
+                    else:
+                        ops.gru_cell_backward(dout[t], dh_rec, carry, hs[p], saved[t], dgx[t],
+                                              dgh[t])
+                    if i < T - 1 or state_grad:
+                        xp.matmul(dg_h[t], W_hh, out=dh_rec)  # the part of ∂C/∂h_prev through W_hh
+                if state_grad:
+                    dh0[j] = dh_rec
+                    if mode == "GRU":
+                        dh0[j] += carry
+                    elif mode == "LSTM":
+                        dc0[j] = carry
+                # BP3/BP4 over all steps at once.
+                dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
+                hprev2 = _previous(hs, d, T).reshape(T * N, H)
+                self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate)
+                self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j], accumulate)
+                if self.bias:
+                    ops.bias_grad(dgx2, self._db_ih[j], accumulate=accumulate)
+                    ops.bias_grad(dgh2, self._db_hh[j], accumulate=accumulate)
+                if below:  # dx = Σ_d dgx_d W_ih_d: the layer below's dout (or dX)
+                    if d == 0:
+                        xp.matmul(dgx2, self._W_ih[j], out=dx.reshape(T * N, n_in))
+                    else:
+                        tmp = bufs.get(("dxtmp", k == 0), (T, N, n_in))
+                        xp.matmul(dgx2, self._W_ih[j], out=tmp.reshape(T * N, n_in))
+                        dx += tmp
             if k > 0:
-                xp.matmul(dgx2, self._W_ih[k], out=dout.reshape(T * N, H))  # the layer below's
+                if drop is not None:  # through the dropout on the layer below's output
+                    ops.dropout_backward(dx, dx, self.dropout, drop[0],
+                                         self.dropout_layer_key(k - 1), drop[1])
+                dY = dx
             elif input_grad:
-                dx = bufs.get("dx0", (T, N, self.input_size))
-                xp.matmul(dgx2, self._W_ih[0], out=dx.reshape(T * N, self.input_size))
                 if self.batch_first:
                     dX = bufs.get("dX", (N, T, self.input_size))
                     dX[...] = dx.transpose(1, 0, 2)
@@ -410,8 +523,9 @@ class RNN(_Recurrent):
     mode = "RNN"
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=True):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first)
+                 batch_first=True, dropout=0.0, bidirectional=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional)
         self.nonlinearity = check_choice(nonlinearity, RNN_ACTIVATIONS, "nonlinearity")
 
     def _extra_repr(self):
@@ -436,7 +550,10 @@ class GRU(_Recurrent):
 
 
 class LastStep(Layer):
-    """(N, T, H) -> (N, H): the last time step of a sequence (sequence-to-one models)."""
+    """(N, T, H) -> (N, H): the last time step of a sequence (sequence-to-one models).
+
+    After a bidirectional layer this is ``out[:, -1]`` as in PyTorch: the forward direction's last
+    step beside the reverse direction's first (the reverse half has then seen only x_{T−1})."""
 
     def __repr__(self):
         return "LastStep()"
@@ -475,24 +592,32 @@ def _make_recurrent(kind):
         if len(shape) != 2:
             raise ctx.error(f"needs sequences (time steps, features), got {ctx.fmt(shape)}")
         kw = {"input_size": shape[1], "hidden_size": ctx.size("h"), "num_layers": ctx.params["layers"]}
+        if ctx.params["bidir"]:
+            kw["bidirectional"] = True
+        if ctx.params["dropout"]:
+            kw["dropout"] = ctx.params["dropout"]
         if kind == "RNN":
             kw["nonlinearity"] = "relu" if ctx.params["relu"] else "tanh"
         return made + [(kind, kw)]
     return make
 
 
-_RECURRENT_ARGS = {"h": ("int", REQUIRED), "layers": ("int", 1)}
+_RECURRENT_ARGS = {"h": ("int", REQUIRED), "layers": ("int", 1), "bidir": ("bool", False),
+                   "dropout": ("prob", 0.0)}
 register(RNN, SpecToken("rnn", _make_recurrent("RNN"), {**_RECURRENT_ARGS, "relu": ("bool", False)},
                         positional=("h",), example="rnn(64)",
-                        help="rnn(h,layers=1,relu=false)   Elman RNN (tanh, or relu=true)"))
+                        help="rnn(h,layers=1,bidir=false,dropout=0,relu=false)   Elman RNN (tanh, "
+                             "or relu=true)"))
 register(LSTM, SpecToken("lstm", _make_recurrent("LSTM"), _RECURRENT_ARGS, positional=("h",),
                          example="lstm(64)",
-                         help="lstm(h,layers=1)   LSTM over sequences (time steps, features) -> "
-                              "(time steps, h);\n                a one-channel image is read as its "
+                         help="lstm(h,layers=1,bidir=false,dropout=0)   LSTM over sequences (time "
+                              "steps, features) -> (time steps, h),\n                (time steps, "
+                              "2h) with bidir=true; dropout between layers (in training);\n"
+                              "                a one-channel image is read as its "
                               "rows, e.g. digits as 8 steps of 8 pixels"))
 register(GRU, SpecToken("gru", _make_recurrent("GRU"), _RECURRENT_ARGS, positional=("h",),
                         example="gru(64)",
-                        help="gru(h,layers=1)   GRU, as lstm"))
+                        help="gru(h,layers=1,bidir=false,dropout=0)   GRU, as lstm"))
 register(LastStep, SpecToken("last", lambda ctx: [("LastStep", {})], needs="sequence",
                              help="last          the last time step of a sequence: (time steps, h) -> h "
                                   "features, e.g. lstm(64)-last"))
