@@ -21,7 +21,7 @@ from gpubackprop import state_dict as torch_io
 from gpubackprop.backend import KERNEL_SETS, Backend, check_dtype, resolve_device
 from gpubackprop.layers.base import Layer, ModelContext, no_backprop, size_of
 from gpubackprop.memory import check_model
-from gpubackprop.validation import check_choice, check_finite, describe, host_array, positive_int, samples
+from gpubackprop.validation import check_choice, check_finite, describe, host_array, positive_int
 
 
 class LayerShapeError(ValueError):
@@ -90,8 +90,13 @@ class Model(Layer):
 
     @property
     def input_dtypes(self):
-        """Per input: None for the model's dtype (a functional graph may take integer inputs)."""
-        return [None]
+        """Per input: None for the model's dtype, else the integer dtype of a chain whose first
+        layer takes indices (``Embedding``: int64); a functional graph declares its own."""
+        first = self.layers[0]
+        if isinstance(first, Model):
+            return first.input_dtypes[:1]
+        dtype = getattr(first, "input_dtype", None)
+        return [None if dtype is None else np.dtype(dtype)]
 
     # ---- the network (subclasses) ------------------------------------------------------------
     def run(self, X, train, input_grad):
@@ -286,10 +291,12 @@ class Model(Layer):
         """Outputs for X as a host NumPy array: logits, or probabilities through ``loss.link``."""
         be = self._top()
         batch_size = positive_int(batch_size, "batch_size")
-        Xh = samples(X, self.input_shape)
+        from gpubackprop.training import check_inputs, upload_inputs
+
+        Xh = check_inputs(self, X)  # integer indices stay integers (an Embedding first)
         out = np.empty((Xh.shape[0], *self.output_shape), dtype=be.dtype)
         for s in range(0, Xh.shape[0], batch_size):
-            Y = self(be.to_device(Xh[s:s + batch_size]))
+            Y = self(upload_inputs(be, self, Xh[s:s + batch_size]))
             out[s:s + batch_size] = be.to_host(Y if loss is None else loss.link(be, Y))
         return out
 

@@ -22,6 +22,7 @@ import numpy as np
 from gpubackprop.kernels.cpu.conv import ConvOps
 from gpubackprop.kernels.cpu.dense import GELU, SIGMOID, TANH, DenseOps
 from gpubackprop.kernels.cpu.dropout import DropoutOps
+from gpubackprop.kernels.cpu.embedding import EmbeddingOps
 from gpubackprop.kernels.cpu.losses import LossOps
 from gpubackprop.kernels.cpu.normalization import NormalizationOps
 from gpubackprop.kernels.cpu.optimizers import OptimizerOps
@@ -42,7 +43,7 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
 class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
-             DropoutOps, ReferenceOps):
+             DropoutOps, EmbeddingOps, ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"

@@ -17,6 +17,7 @@ Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in Numba's simulator on Nu
 from gpubackprop.kernels.cuda.conv import ConvOps
 from gpubackprop.kernels.cuda.dense import DenseOps
 from gpubackprop.kernels.cuda.dropout import DropoutOps
+from gpubackprop.kernels.cuda.embedding import EmbeddingOps
 from gpubackprop.kernels.cuda.launch import THREADS, Launcher
 from gpubackprop.kernels.cuda.losses import LossOps
 from gpubackprop.kernels.cuda.normalization import NormalizationOps
@@ -29,7 +30,7 @@ __all__ = ["THREADS", "CudaOps"]
 
 
 class CudaOps(DenseOps, LossOps, OptimizerOps, NormalizationOps, DropoutOps, ConvOps, PoolingOps,
-              RecurrentOps, Launcher, ReferenceOps):
+              RecurrentOps, EmbeddingOps, Launcher, ReferenceOps):
     """The reference ops as fused Numba CUDA kernels (float32 and float64), on CuPy's stream."""
 
     name = "fused-cuda"

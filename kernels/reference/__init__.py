@@ -25,6 +25,7 @@ from gpubackprop.kernels.reference.dense import (
     saves_input,
 )
 from gpubackprop.kernels.reference.dropout import DropoutOps
+from gpubackprop.kernels.reference.embedding import EmbeddingOps
 from gpubackprop.kernels.reference.losses import LossOps
 from gpubackprop.kernels.reference.normalization import NormalizationOps
 from gpubackprop.kernels.reference.optimizers import OptimizerOps, adam_coefficients
@@ -36,7 +37,7 @@ __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "ad
 
 
 class ReferenceOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
-                   NormalizationOps, DropoutOps):
+                   NormalizationOps, DropoutOps, EmbeddingOps):
     """The unfused xp expressions; the baseline the fused sets are checked and benchmarked against."""
 
     name = "reference"
