@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 from gpubackprop.kernels.cpu.conv import ConvOps
-from gpubackprop.kernels.cpu.dense import GELU, SIGMOID, TANH, DenseOps
+from gpubackprop.kernels.cpu.dense import GELU, GELU_TANH, SIGMOID, TANH, DenseOps
 from gpubackprop.kernels.cpu.dropout import DropoutOps
 from gpubackprop.kernels.cpu.embedding import EmbeddingOps
 from gpubackprop.kernels.cpu.losses import LossOps
@@ -61,7 +61,7 @@ class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
             self.par_cheap, self.par_transcendental = PAR_MIN_CHEAP, PAR_MIN_TRANSCENDENTAL
         else:
             self.par_cheap = self.par_transcendental = int(parallel_min)
-        self.par_by_act = tuple(self.par_transcendental if a in (SIGMOID, TANH, GELU)
+        self.par_by_act = tuple(self.par_transcendental if a in (SIGMOID, TANH, GELU, GELU_TANH)
                                 else self.par_cheap for a in range(len(ACTIVATIONS)))
 
     def warm_up(self, dtype="float32", every=True):

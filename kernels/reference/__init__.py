@@ -6,7 +6,7 @@ writes into the ``out`` buffers it is given (the callers own and reuse them).
 
 Conventions shared by all kernel sets:
 - ``activation`` is one of ``ACTIVATIONS``; ``saved`` is what the forward pass kept for the
-  backward pass: the output A for every activation except gelu, whose derivative needs Z.
+  backward pass: the output A for every activation except the gelus, whose derivatives need Z.
 - ``scale`` is a 1-element device array holding the gradient-clipping factor, so clipping needs
   no host synchronisation.
 - ``labels`` is a 1-D integer device array already checked on the host to lie in [0, C).
