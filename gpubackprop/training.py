@@ -57,6 +57,12 @@ def check_inputs(model, X, x_name="X"):
         Xh.append(h)
     for i, h in enumerate(Xh[1:], 1):
         same_length(Xh[0], h, f"{x_name}[0]", f"{x_name}[{i}]")
+    # Layers with host-side rules for what they read straight from an input (an Embedding's index
+    # range) check the whole input here, once, on any device, before it is uploaded.
+    for i, (h, layers) in enumerate(zip(Xh, model.input_consumers(), strict=True)):
+        for layer in layers:
+            if hasattr(layer, "check_host_input"):
+                layer.check_host_input(h, f"{x_name}[{i}]" if several else x_name)
     return Xh if several else Xh[0]
 
 

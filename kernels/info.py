@@ -110,3 +110,9 @@ def run_every_op(ops, dtype):
     ops.lstm_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(1), cell(4), cell(4))
     ops.gru_cell(cell(3), cell(3), xp.zeros(3, dt), cell(1), cell(1), cell(4))
     ops.gru_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(4), cell(3), cell(3))
+    # Embedding: a gather of 3 rows of a (4, 2) weight and its scatter-add, both index dtypes.
+    for index_dtype in (np.int32, np.int64):
+        idx = xp.asarray(np.array([0, 3, 0], index_dtype))
+        W = xp.zeros((4, 2), dt)
+        ops.embedding(W, idx, xp.zeros((3, 2), dt))
+        ops.embedding_backward(xp.zeros((3, 2), dt), idx, W, 1, accumulate=True)

@@ -61,6 +61,16 @@ class Embedding(Layer):
             W[self.padding_idx] = 0.0
         return {"weight": W}
 
+    def check_host_input(self, X, name):
+        """Every index of a whole host input in range, once, before it is uploaded: on a GPU the
+        per-batch check below would synchronise the host every step."""
+        V = self.num_embeddings
+        bad = (X < 0) | (X >= V)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name}: expected indices in [0, {V}) for {self!r}, got {int(X[at])} "
+                             f"at {name}[{', '.join(map(str, at))}]")
+
     def _check_indices(self, X):
         if X.shape[1:] != self.input_shape:
             raise ValueError(f"{self!r} input: expected shape (batch, "
@@ -68,8 +78,10 @@ class Embedding(Layer):
         if X.dtype not in (np.int32, np.int64):
             raise TypeError(f"{self!r} input: expected int32 or int64 indices (an input "
                             f"gb.Input(shape, dtype='int64')), got dtype {X.dtype}")
-        # Checked where the indices are host memory (the CPU and the simulator), before any kernel;
-        # on a GPU that would synchronise the host every step, so there a bad index gives NaN rows.
+        # fit/evaluate/predict check their whole input on the host (check_host_input); a direct
+        # forward is checked here where the indices are host memory (the CPU and the simulator),
+        # before any kernel. On a GPU that would synchronise the host every step: a bad index
+        # given straight to forward there gives NaN rows.
         if isinstance(X, np.ndarray) and X.size:
             V = self.num_embeddings
             bad = (X < 0) | (X >= V)

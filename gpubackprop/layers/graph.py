@@ -335,6 +335,19 @@ class GraphModel(Model):
     def children(self):
         return list(self._layers)
 
+    def input_consumers(self):
+        """Per input (inputs= order), the leaf layers it feeds directly."""
+        out = []
+        for t in self._inputs:
+            layers = []
+            for node in self._nodes:
+                for k, x in enumerate(node.inputs):
+                    if x is t:
+                        inner = node.layer
+                        layers += inner.input_consumers()[k] if isinstance(inner, Model) else [inner]
+            out.append(layers)
+        return out
+
     @property
     def input_dtypes(self):
         """Per input: None (the model's dtype) or its integer/bool dtype, in inputs= order."""

@@ -88,6 +88,11 @@ class Model(Layer):
     def seed(self):
         return self.options["seed"]
 
+    def input_consumers(self):
+        """Per input, the leaf layers it feeds directly (a chain: its first leaf)."""
+        first = self.layers[0]
+        return [first.input_consumers()[0]] if isinstance(first, Model) else [[first]]
+
     @property
     def input_dtypes(self):
         """Per input: None for the model's dtype, else the integer dtype of a chain whose first
