@@ -18,7 +18,7 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
     bn(eps=1e-5, momentum=0.1)                      BatchNorm2d on images, BatchNorm1d on vectors
     ln(eps=1e-5)                                    LayerNorm over the whole sample
     dropout(p=0.5)                                  Dropout
-    lstm(h, layers=1) | gru(h, layers=1) | rnn(h, layers=1, relu=false)
+    lstm(h, layers=1, bidir=false, dropout=0) | gru(...) | rnn(..., relu=false)
                                                     LSTM / GRU / RNN over (T, F) sequences ->
                                                     (T, h); a one-channel image (1, H, W) is read
                                                     as H rows of W features (a Reshape in front)
@@ -26,7 +26,7 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
     res(SPEC)                                       Residual: Y = X + SPEC(X), SPEC maps a shape
                                                     to itself, e.g.
                                                     res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
-    identity | sigmoid | tanh | relu | leaky_relu | gelu
+    identity | sigmoid | tanh | relu | leaky_relu | gelu | gelu_tanh
                                                     right after conv or dense: that layer's fused
                                                     activation=; elsewhere an Activation layer
 

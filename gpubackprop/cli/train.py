@@ -49,7 +49,8 @@ def model_help():
   {acts}
                 after conv/dense: fused into that layer; elsewhere an activation layer
   init=         weights of conv/dense: {' | '.join(INITS)} (default: dense he before
-                relu/leaky_relu/gelu, else xavier; conv PyTorch's uniform), e.g. dense(128,init=lecun)
+                relu/leaky_relu/gelu/gelu_tanh, else xavier; conv PyTorch's uniform), e.g.
+                dense(128,init=lecun)
   'classes' is the number of classes (dense(classes)); a dense on images flattens them first.
 presets: {', '.join(PRESETS)}
   mlp (flatten-dense(h)-ACT-...-dense(classes) from --layers/--activation/--init),
