@@ -104,7 +104,8 @@ def test_train_help_documents_every_spec_token_and_preset():
     grammar = text.split("--model: ")[1].split("With --checkpoint")[0]
     for name in (*LAYER_TOKENS, "res", *ACTIVATIONS):
         assert re.search(rf"(^|[\s|]){name}(\(|\s|\|)", grammar, re.M), name
-    for part in ("lstm(h,layers=1)", "gru(h,layers=1)", "rnn(h,layers=1,relu=false)", "last ",
+    for part in ("lstm(h,layers=1,bidir=false,dropout=0)", "gru(h,layers=1,bidir=false,dropout=0)",
+                 "rnn(h,layers=1,bidir=false,dropout=0,relu=false)", "last ",
                  "dense(n,init=)", "bias=true,init=)", "init=         ", " | ".join(INITS)):
         assert part in grammar, part
     assert f"presets: {', '.join(PRESETS)}" in grammar and "lstm (lstm(128)-last-" in grammar
