@@ -19,6 +19,7 @@ Kernels compile on first use per dtype and are cached on disk (``cache=True``).
 import numba
 import numpy as np
 
+from gpubackprop.kernels.cpu.attention import AttentionOps
 from gpubackprop.kernels.cpu.conv import ConvOps
 from gpubackprop.kernels.cpu.dense import GELU, GELU_TANH, SIGMOID, TANH, DenseOps
 from gpubackprop.kernels.cpu.dropout import DropoutOps
@@ -43,7 +44,7 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
 class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
-             DropoutOps, EmbeddingOps, ReferenceOps):
+             DropoutOps, EmbeddingOps, AttentionOps, ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"

@@ -14,6 +14,7 @@ CUDA compiler and fails on float64 arithmetic in a float32 kernel that is not a 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in Numba's simulator on NumPy arrays.
 """
 
+from gpubackprop.kernels.cuda.attention import AttentionOps
 from gpubackprop.kernels.cuda.conv import ConvOps
 from gpubackprop.kernels.cuda.dense import DenseOps
 from gpubackprop.kernels.cuda.dropout import DropoutOps
@@ -30,7 +31,7 @@ __all__ = ["THREADS", "CudaOps"]
 
 
 class CudaOps(DenseOps, LossOps, OptimizerOps, NormalizationOps, DropoutOps, ConvOps, PoolingOps,
-              RecurrentOps, EmbeddingOps, Launcher, ReferenceOps):
+              RecurrentOps, EmbeddingOps, AttentionOps, Launcher, ReferenceOps):
     """The reference ops as fused Numba CUDA kernels (float32 and float64), on CuPy's stream."""
 
     name = "fused-cuda"

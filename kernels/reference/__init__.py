@@ -15,6 +15,7 @@ Each set is a package with one module per family of ops (``dense``, ``losses``, 
 ...), the same module names in every set, so the three versions of an op sit side by side.
 """
 
+from gpubackprop.kernels.reference.attention import AttentionOps
 from gpubackprop.kernels.reference.conv import ConvOps
 from gpubackprop.kernels.reference.dense import (
     ACTIVATIONS,
@@ -37,7 +38,7 @@ __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "ad
 
 
 class ReferenceOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
-                   NormalizationOps, DropoutOps, EmbeddingOps):
+                   NormalizationOps, DropoutOps, EmbeddingOps, AttentionOps):
     """The unfused xp expressions; the baseline the fused sets are checked and benchmarked against."""
 
     name = "reference"
