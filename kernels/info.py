@@ -116,3 +116,8 @@ def run_every_op(ops, dtype):
         W = xp.zeros((4, 2), dt)
         ops.embedding(W, idx, xp.zeros((3, 2), dt))
         ops.embedding_backward(xp.zeros((3, 2), dt), idx, W, 1, accumulate=True)
+    # Attention's masked softmax: 2 rows of 3 scores, without and with a mask.
+    S = xp.zeros((2, 3), dt)
+    for mask in (None, xp.zeros((2, 3), dt)):
+        ops.masked_softmax(S, mask, xp.zeros_like(S))
+    ops.masked_softmax_backward(S, S, xp.zeros_like(S))
