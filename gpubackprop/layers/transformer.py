@@ -1,0 +1,228 @@
+"""``TransformerEncoderLayer``: self-attention and a feed-forward block with residuals and layer
+norms, as torch.nn.TransformerEncoderLayer(batch_first=True).
+
+    x = gb.Input((T, 64))
+    y = gb.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.1)(x)
+
+Input and output (N, T, d_model). Post-norm (``norm_first=False``, torch's default)::
+
+    x = norm1(x + dropout1(self_attn(x)));  x = norm2(x + dropout2(ff(x)))
+
+pre-norm (``norm_first=True``)::
+
+    x = x + dropout1(self_attn(norm1(x)));  x = x + dropout2(ff(norm2(x)))
+
+with ``ff(x) = linear2(dropout(activation(linear1(x))))``, activation "relu" or "gelu" (the
+exact erf GELU, torch's default form). One leaf layer of the model that owns its parts (a
+``MultiheadAttention``, two ``Dense``, two ``LayerNorm``, three ``Dropout``) and chains their
+forward/backprop closures, so its parameters are torch's, named and ordered as
+``named_parameters()`` gives them: ``self_attn.in_proj_weight``, ``self_attn.in_proj_bias``,
+``self_attn.out_proj.weight``, ``self_attn.out_proj.bias``, ``linear1.weight``, ``linear1.bias``,
+``linear2.weight``, ``linear2.bias``, ``norm1.weight``, ``norm1.bias``, ``norm2.weight``,
+``norm2.bias``; a ``torch.nn.TransformerEncoder``'s state dict loads through
+``renumber_state_dict`` (its ``layers.{i}.`` prefixes become the model's positions).
+
+Masks: ``src_mask`` (a host (T, T) float or bool array) and ``is_causal`` are constructor
+arguments, handed to the attention (see ``MultiheadAttention``); ``src_key_padding_mask`` is not
+supported yet (it needs a second graph input). Dropout masks are Dropout's hashed ones, each part
+with its own stream (reproducible, not torch's draw).
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from gpubackprop.layers.attention import MultiheadAttention
+from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
+from gpubackprop.layers.dense import Dense
+from gpubackprop.layers.dropout import Dropout
+from gpubackprop.layers.normalization import LayerNorm
+from gpubackprop.layers.registry import register
+from gpubackprop.validation import check_choice, positive_int
+
+ACTIVATIONS = ("relu", "gelu")
+
+# The parts' dropout streams: part k of the leaf at index i draws with layer = i + k·2^32, which
+# no leaf index reaches, so no two dropouts of a model share a mask.
+_STREAM = 1 << 32
+
+
+class TransformerEncoderLayer(Layer):
+    """A transformer encoder layer as torch.nn.TransformerEncoderLayer(batch_first=True) (module
+    docstring); (N, T, d_model) in and out."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 layer_norm_eps=1e-5, batch_first=True, norm_first=False, src_mask=None,
+                 is_causal=False):
+        self.d_model = positive_int(d_model, "d_model")
+        self.nhead = positive_int(nhead, "nhead")
+        self.dim_feedforward = positive_int(dim_feedforward, "dim_feedforward")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a drop probability in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self.activation = check_choice(activation, ACTIVATIONS, "activation")
+        if not isinstance(norm_first, bool):
+            raise TypeError(f"norm_first: expected True or False, got {norm_first!r}")
+        self.norm_first = norm_first
+        if batch_first is not True:
+            raise ValueError(f"batch_first: expected True (graph tensors are (N, T, E), batch "
+                             f"first), got {batch_first!r}")
+        E, F, p = self.d_model, self.dim_feedforward, self.dropout
+        self.self_attn = MultiheadAttention(E, self.nhead, dropout=p, attn_mask=src_mask,
+                                            is_causal=is_causal)
+        self.linear1 = Dense(E, F, activation=self.activation)  # the activation fused into it
+        self.linear2 = Dense(F, E)
+        self.norm1 = LayerNorm(E, eps=layer_norm_eps)
+        self.norm2 = LayerNorm(E, eps=layer_norm_eps)
+        self.layer_norm_eps = self.norm1.eps
+        self.dropout_ff, self.dropout1, self.dropout2 = Dropout(p), Dropout(p), Dropout(p)
+        self._workspaces = {}
+
+    def __repr__(self):
+        extra = f", dim_feedforward={self.dim_feedforward}, dropout={self.dropout!r}"
+        extra += f", activation={self.activation!r}" if self.activation != "relu" else ""
+        extra += ", norm_first=True" if self.norm_first else ""
+        extra += f", layer_norm_eps={self.layer_norm_eps!r}" if self.layer_norm_eps != 1e-5 else ""
+        extra += ", is_causal=True" if self.self_attn.is_causal else ""
+        extra += ", src_mask=..." if self.self_attn.attn_mask is not None else ""
+        return f"TransformerEncoderLayer({self.d_model}, {self.nhead}{extra})"
+
+    def config(self):
+        attn = self.self_attn.config()
+        return {"d_model": self.d_model, "nhead": self.nhead,
+                "dim_feedforward": self.dim_feedforward, "dropout": self.dropout,
+                "activation": self.activation, "layer_norm_eps": self.layer_norm_eps,
+                "batch_first": True, "norm_first": self.norm_first, "src_mask": attn["attn_mask"],
+                "is_causal": attn["is_causal"]}
+
+    # ---- declaring --------------------------------------------------------------------------------
+    def _parts(self):
+        """(name prefix, part) of the parts with parameters, in torch's named_parameters order."""
+        return [("self_attn.", self.self_attn), ("linear1.", self.linear1),
+                ("linear2.", self.linear2), ("norm1.", self.norm1), ("norm2.", self.norm2)]
+
+    @staticmethod
+    def _torch_name(part, name):
+        return {"W": "weight", "b": "bias"}[name] if isinstance(part, Dense) else name
+
+    def infer_shape(self, input_shape):
+        shape = tuple(input_shape)
+        if len(shape) != 2 or shape[1] != self.d_model:
+            raise ValueError(f"expected a sequence of shape (T, {self.d_model}) (T, d_model), got "
+                             f"{fmt_shape(shape)}")
+        return shape
+
+    def build(self, input_shape):
+        shape = super().build(input_shape)
+        self.self_attn.build([shape] * 3)
+        for part in (self.norm1, self.norm2, self.dropout1, self.dropout2):
+            part.build(shape)
+        self.dropout_ff.build((self.dim_feedforward,))
+        return shape
+
+    def param_specs(self):
+        return [(prefix + self._torch_name(part, name), shape) for prefix, part in self._parts()
+                for name, shape in part.param_specs()]
+
+    def initial_params(self, rng):
+        """As torch: the attention's own, the Linears U(±1/√fan_in) (weights and biases), the
+        norms ones and zeros."""
+        out = {f"self_attn.{k}": v for k, v in self.self_attn.initial_params(rng).items()}
+        for name, n_in, n_out in (("linear1", self.d_model, self.dim_feedforward),
+                                  ("linear2", self.dim_feedforward, self.d_model)):
+            lim = 1.0 / math.sqrt(n_in)
+            out[f"{name}.weight"] = rng.uniform(-lim, lim, (n_out, n_in))
+            out[f"{name}.bias"] = rng.uniform(-lim, lim, n_out)
+        for name in ("norm1", "norm2"):
+            out[f"{name}.weight"], out[f"{name}.bias"] = np.ones(self.d_model), np.zeros(self.d_model)
+        return out
+
+    # ---- binding ----------------------------------------------------------------------------------
+    def attach(self, backend, params, grads, state, context, index):
+        super().attach(backend, params, grads, state, context, index)
+        for k, (prefix, part) in enumerate(self._parts()):
+            names = {name: prefix + self._torch_name(part, name) for name, _ in part.param_specs()}
+            part.attach(backend, {n: params[t] for n, t in names.items()},
+                        {n: grads[t] for n, t in names.items()}, {}, context, index + k * _STREAM)
+        for k, part in enumerate((self.dropout_ff, self.dropout1, self.dropout2)):
+            part.attach(backend, {}, {}, {}, context, index + (len(self._parts()) + k) * _STREAM)
+
+    def zero_grads(self):
+        super().zero_grads()
+        for _, part in self._parts():
+            part.zero_grads()
+
+    # ---- running ----------------------------------------------------------------------------------
+    def _drop(self, part, X, train):
+        """A dropout's (Y, backprop); the identity (no copy) when it drops nothing."""
+        if not train or self.dropout == 0:
+            return X, lambda dY: dY
+        return part.forward(X, train=True)
+
+    def _attention(self, X, train):
+        """dropout1(self_attn(X)) and its backprop (dX: the sum over query, key and value)."""
+        A, back_a = self.self_attn.forward([X, X, X], train=train)
+        Y, back_d = self._drop(self.dropout1, A, train)
+
+        def backprop(dY):
+            dq, dk, dv = back_a(back_d(dY))
+            return dq + dk + dv
+
+        return Y, backprop
+
+    def _feed_forward(self, X, train):
+        """dropout2(linear2(dropout(act(linear1(X))))) on the (N·T, E) rows, and its backprop."""
+        N, T, E = X.shape
+        H, back1 = self.linear1.forward(X.reshape(N * T, E), train=train)
+        Hd, back_h = self._drop(self.dropout_ff, H, train)
+        Out, back2 = self.linear2.forward(Hd, train=train)
+        Y, back_o = self._drop(self.dropout2, Out.reshape(N, T, E), train)
+
+        def backprop(dY):
+            dO = self.backend.xp.ascontiguousarray(back_o(dY)).reshape(N * T, E)
+            return back1(back_h(back2(dO))).reshape(N, T, E)
+
+        return Y, backprop
+
+    def _all_parts(self):
+        return [part for _, part in self._parts()] + [self.dropout_ff, self.dropout1, self.dropout2]
+
+    def forward(self, X, train=False, input_grad=True):
+        self.check_input(X)
+        # The parts' buffers live in this layer's workspaces, which a graph gives each use of a
+        # shared layer separately: two uses in one step then never overwrite each other's.
+        for k, part in enumerate(self._all_parts()):
+            part._workspaces = self._workspaces.setdefault(("part", k), {})
+        if self.norm_first:
+            H, back_n1 = self.norm1.forward(X, train=train)
+            S, back_s = self._attention(H, train)
+            X1 = X + S
+            G, back_n2 = self.norm2.forward(X1, train=train)
+            F, back_f = self._feed_forward(G, train)
+            Y = X1 + F
+        else:
+            S, back_s = self._attention(X, train)
+            X1, back_n1 = self.norm1.forward(X + S, train=train)
+            F, back_f = self._feed_forward(X1, train)
+            Y, back_n2 = self.norm2.forward(X1 + F, train=train)
+        if not train:
+            return Y, no_backprop
+
+        def backprop(dY):
+            # Each residual x + f(x) sends dY straight through and adds f's input gradient.
+            if self.norm_first:
+                dX1 = dY + back_n2(back_f(dY))
+                dX = dX1 + back_n1(back_s(dX1))
+            else:
+                dZ2 = back_n2(dY)
+                dX1 = dZ2 + back_f(dZ2)
+                dZ1 = back_n1(dX1)
+                dX = dZ1 + back_s(dZ1)
+            return dX if input_grad else None
+
+        return Y, backprop
+
+
+register(TransformerEncoderLayer)

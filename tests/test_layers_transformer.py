@@ -1,0 +1,224 @@
+"""TransformerEncoderLayer: PyTorch's nn.TransformerEncoderLayer (when installed) in float64 to 1e-10
+for the output, the input gradient and every parameter gradient, both norm orders, relu and gelu,
+causal; a 2-layer nn.TransformerEncoder's state dict loads and predicts the same; dropout in
+training against its definition (a NumPy forward with the hashed masks); gradcheck; state_dict
+keys, config and checkpoint round trips, errors; on every backend."""
+
+import json
+import math
+
+import layer_cases as lc
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop.checkpoint import load_checkpoint, save_checkpoint
+from gpubackprop.kernels.reference import ReferenceOps
+
+E, H, F, T, N = 8, 2, 12, 5, 3
+NAMES = ["self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+         "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+         "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"]
+SHAPES = [(3 * E, E), (3 * E,), (E, E), (E,), (F, E), (F,), (E, F), (E,), (E,), (E,), (E,), (E,)]
+
+
+def _params(rng):
+    return {n: rng.normal(size=s) * (0.5 if len(s) == 2 else 1.0) for n, s in zip(NAMES, SHAPES,
+                                                                                 strict=True)}
+
+
+def _model(spec, n_layers=1, dtype="float64", **kw):
+    device, kernels = spec
+    layers = [gb.TransformerEncoderLayer(E, H, dim_feedforward=F, **{"dropout": 0.0, **kw})
+              for _ in range(n_layers)]
+    return gb.Sequential(layers, input_shape=(T, E), device=device, dtype=dtype, kernels=kernels)
+
+
+def _pass(model, X, dY, params):
+    model.set_params({f"0.{k}": v for k, v in params.items()})
+    be = model.backend
+    model.zero_grads()
+    Y, backprop = model.forward(be.to_device(X), train=True, input_grad=True)
+    Y = np.array(be.to_host(Y))
+    dX = np.array(be.to_host(backprop(be.to_device(dY))))
+    return Y, dX, model.get_grads()
+
+
+def _torch_layer(torch, params, **kw):
+    tl = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.0, batch_first=True,
+                                          **kw).double()
+    assert [n for n, _ in tl.named_parameters()] == NAMES
+    with torch.no_grad():
+        for name, p in tl.named_parameters():
+            p.copy_(torch.tensor(params[name]))
+    return tl
+
+
+CASES = {  # name: constructor options
+    "post_relu": {},
+    "post_gelu": {"activation": "gelu"},
+    "pre_relu": {"norm_first": True},
+    "pre_gelu": {"norm_first": True, "activation": "gelu"},
+    "pre_causal": {"norm_first": True, "is_causal": True},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_follows_torch(backend_spec, rng, case):
+    torch = pytest.importorskip("torch")
+    kw = dict(CASES[case])
+    causal = kw.pop("is_causal", False)
+    X, dY, params = rng.normal(size=(N, T, E)), rng.normal(size=(N, T, E)), _params(rng)
+    Y, dX, grads = _pass(_model(backend_spec, is_causal=causal, **kw), X, dY, params)
+
+    tl = _torch_layer(torch, params, **kw)
+    tX = torch.tensor(X, requires_grad=True)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1) if causal else None
+    tY = tl(tX, src_mask=mask, is_causal=causal)
+    (tY * torch.tensor(dY)).sum().backward()
+    lc.assert_close(Y, tY.detach().numpy(), what="Y")
+    lc.assert_close(dX, tX.grad.numpy(), what="dX")
+    for name, p in tl.named_parameters():
+        lc.assert_close(grads[f"0.{name}"], p.grad.numpy(), what=name)
+
+
+def test_torch_encoder_state_dict_loads_and_predicts_the_same(rng):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.0, batch_first=True,
+                                             activation="gelu")
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()
+    with torch.no_grad():  # norms away from ones/zeros, so a swapped weight would show
+        for name, p in enc.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.tensor(rng.normal(size=p.shape)))
+    model = _model(("cpu", "fused"), n_layers=2, activation="gelu")
+    assert list(model.state_dict()) == [f"{i}.{n}" for i in range(2) for n in NAMES]
+    assert list(enc.state_dict()) == [f"layers.{i}.{n}" for i in range(2) for n in NAMES]
+    model.load_state_dict(gb.renumber_state_dict(enc.state_dict(), model))
+    X = rng.normal(size=(N, T, E))
+    with torch.no_grad():
+        expected = enc(torch.tensor(X)).numpy()
+    lc.assert_close(model.predict(X), expected, what="Y")
+    back = gb.renumber_state_dict(model.state_dict(), enc)  # and back into torch
+    enc.load_state_dict({k: torch.tensor(v) for k, v in back.items()})
+
+
+def _layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def _reference(X, P, p, masks, norm_first, activation):
+    """The layer's forward in NumPy, dropout applied with the given keep masks."""
+    keep_attn, keep_1, keep_ff, keep_2 = masks
+
+    def drop(a, keep):
+        return a * keep / (1 - p)
+
+    def self_attn(x):
+        D = E // H
+        W, b = P["self_attn.in_proj_weight"], P["self_attn.in_proj_bias"]
+        Qh, Kh, Vh = ((x @ W[i * E:(i + 1) * E].T + b[i * E:(i + 1) * E]).reshape(N, T, H, D)
+                      .transpose(0, 2, 1, 3) for i in range(3))
+        S = Qh @ Kh.transpose(0, 1, 3, 2) / math.sqrt(D)
+        A = np.exp(S - S.max(-1, keepdims=True))
+        A /= A.sum(-1, keepdims=True)
+        out = (drop(A, keep_attn) @ Vh).transpose(0, 2, 1, 3).reshape(N, T, E)
+        return drop(out @ P["self_attn.out_proj.weight"].T + P["self_attn.out_proj.bias"], keep_1)
+
+    def ff(x):
+        h = x @ P["linear1.weight"].T + P["linear1.bias"]
+        h = np.maximum(h, 0) if activation == "relu" else \
+            0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        return drop(drop(h, keep_ff) @ P["linear2.weight"].T + P["linear2.bias"], keep_2)
+
+    def n1(x):
+        return _layer_norm(x, P["norm1.weight"], P["norm1.bias"])
+
+    def n2(x):
+        return _layer_norm(x, P["norm2.weight"], P["norm2.bias"])
+
+    if norm_first:
+        x = X + self_attn(n1(X))
+        return x + ff(n2(x))
+    x = n1(X + self_attn(X))
+    return n2(x + ff(x))
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_dropout_follows_its_definition(backend_spec, rng, norm_first, activation):
+    """Training with dropout: each of the four dropouts (attention weights, after the attention,
+    inside and after the feed-forward) by its own hashed mask, recomputed by hand."""
+    p = 0.25
+    model = _model(backend_spec, dropout=p, norm_first=norm_first, activation=activation)
+    X, dY, params = rng.normal(size=(N, T, E)), rng.normal(size=(N, T, E)), _params(rng)
+    Y, _, _ = _pass(model, X, dY, params)
+    ref, seed = ReferenceOps(np), model.context.seed
+    # Leaf 0's parts: the attention draws as layer 0; the Dropouts (ff, 1, 2) as 0 + k·2^32, k = 5, 6, 7.
+    masks = [ref.dropout_mask((N, H, T, T), p, seed, 0, 0),
+             ref.dropout_mask((N, T, E), p, seed, 6 << 32, 0),
+             ref.dropout_mask((N * T, F), p, seed, 5 << 32, 0).reshape(N, T, F),
+             ref.dropout_mask((N, T, E), p, seed, 7 << 32, 0)]
+    assert all(0 < m.mean() < 1 for m in masks)
+    lc.assert_close(Y, _reference(X, params, p, masks, norm_first, activation), what="Y")
+    Yeval = model.predict(X)
+    ones = [np.ones_like(m) for m in masks]
+    lc.assert_close(Yeval, _reference(X, params, 0.0, ones, norm_first, activation), what="Y eval")
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_gradcheck(backend_spec, rng, norm_first, activation):
+    device, kernels = backend_spec
+    model = gb.Sequential([gb.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0,
+                                                      norm_first=norm_first, activation=activation),
+                           gb.Flatten(), gb.Dense(12, 3)],
+                          input_shape=(3, 4), device=device, dtype="float64", kernels=kernels)
+    X = rng.normal(size=(4, 3, 4))
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, rng.integers(0, 3, 4)) < 1e-6
+
+
+def test_gradcheck_of_a_layer_shared_by_two_graph_nodes(backend_spec, rng):
+    x = gb.Input((3, 4))
+    tel = gb.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)
+    y = gb.Dense(12, 3)(gb.Flatten()(tel(tel(x))))  # one set of weights, two uses in a step
+    device, kernels = backend_spec
+    model = gb.Model(inputs=x, outputs=y, device=device, dtype="float64", kernels=kernels)
+    X = rng.normal(size=(4, 3, 4))
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, rng.integers(0, 3, 4)) < 1e-6
+
+
+def test_config_and_checkpoint_round_trip(tmp_path, rng):
+    mask = rng.normal(size=(T, T))
+    mask[0, 1] = -np.inf
+    layer = gb.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.1, activation="gelu",
+                                       norm_first=True, layer_norm_eps=1e-6, src_mask=mask)
+    model = gb.Sequential([layer], input_shape=(T, E), device="cpu", dtype="float64")
+    assert repr(layer) == ("TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.1, "
+                           "activation='gelu', norm_first=True, layer_norm_eps=1e-06, src_mask=...)")
+    again = gb.Sequential.from_config(json.loads(json.dumps(model.config())), device="cpu",
+                                      dtype="float64")
+    assert again.config() == model.config()
+    X = rng.normal(size=(2, T, E))
+    again.set_params(model.get_params())
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))
+    save_checkpoint(tmp_path / "c.npz", model)
+    restored = load_checkpoint(tmp_path / "c.npz").build_model(device="cpu")
+    np.testing.assert_array_equal(restored.predict(X), model.predict(X))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_heads: expected a divisor of embed_dim=8, got 3"):
+        gb.TransformerEncoderLayer(E, 3)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        gb.TransformerEncoderLayer(E, H, activation="tanh")
+    with pytest.raises(ValueError, match="batch_first: expected True"):
+        gb.TransformerEncoderLayer(E, H, batch_first=False)
+    with pytest.raises(ValueError, match="dropout: expected a drop probability"):
+        gb.TransformerEncoderLayer(E, H, dropout=1.0)
+    with pytest.raises(TypeError, match="norm_first: expected True or False"):
+        gb.TransformerEncoderLayer(E, H, norm_first=1)
+    with pytest.raises(ValueError, match=r"expected a sequence of shape \(T, 8\)"):
+        gb.TransformerEncoderLayer(E, H).build((5, 4))
+    with pytest.raises(ValueError, match=r"attn_mask: expected shape \(5, 5\)"):
+        gb.TransformerEncoderLayer(E, H, src_mask=np.zeros((4, 4))).build((5, E))
