@@ -10,7 +10,7 @@ import math
 
 from gpubackprop.kernels.cuda.launch import THREADS, cuda, kernel_body
 from gpubackprop.kernels.cuda.losses import threads_for
-from gpubackprop.kernels.cuda.numerics import tree_sum
+from gpubackprop.kernels.cuda.numerics import tree_max, tree_sum
 from gpubackprop.kernels.reference.attention import (
     check_masked_softmax,
     check_masked_softmax_backward,
@@ -33,15 +33,7 @@ def _masked_softmax(X, mask, has_mask, Y):
             if z > m or z != z:
                 m = z
         red[tid] = m
-        cuda.syncthreads()
-        half = nt // 2
-        while half > 0:
-            if tid < half:
-                v = red[tid + half]
-                if v > red[tid] or v != v:
-                    red[tid] = v
-            cuda.syncthreads()
-            half //= 2
+        tree_max(red, tid, nt)
         mt = red[0]
         cuda.syncthreads()  # everyone has read the max before red is reused
         dead = mt == -math.inf  # every entry masked: zeros, not NaN

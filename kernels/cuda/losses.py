@@ -6,7 +6,7 @@ import numpy as np
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import SIMULATOR, THREADS, cuda, kernel_body
-from gpubackprop.kernels.cuda.numerics import tree_sum
+from gpubackprop.kernels.cuda.numerics import tree_max, tree_sum
 
 
 @kernel_body("void({t}[:, ::1], {l}[::1], {t}[:, ::1], {t}[::1])")
@@ -34,15 +34,7 @@ def _softmax_ce(logits, labels, dlogits, loss_rows):
             if v > m or v != v:
                 m = v
         red[tid] = m
-        cuda.syncthreads()
-        half = nt // 2
-        while half > 0:
-            if tid < half:
-                v = red[tid + half]
-                if v > red[tid] or v != v:
-                    red[tid] = v
-            cuda.syncthreads()
-            half //= 2
+        tree_max(red, tid, nt)
         m = logits.dtype.type(red[0])
         cuda.syncthreads()  # everyone has read the max before red is reused
         s = 0.0

@@ -53,6 +53,20 @@ def tree_sum(a, tid, nt):
 
 
 @device_function
+def tree_max(a, tid, nt):
+    """a[0] = max a[:nt] (nt a power of two), NaN if any is NaN; every thread has written its a[tid]."""
+    cuda.syncthreads()
+    half = nt // 2
+    while half > 0:
+        if tid < half:
+            v = a[tid + half]
+            if v > a[tid] or v != v:
+                a[tid] = v
+        cuda.syncthreads()
+        half //= 2
+
+
+@device_function
 def tree_sum2(a, b, tid, nt):
     """tree_sum of two arrays with the same barriers."""
     cuda.syncthreads()
