@@ -46,10 +46,13 @@ def test_cuda_cell_checks_shapes(target, rng):
 
 @pytest.mark.parametrize("make", [lambda: gb.RNN(3, 4, num_layers=2, nonlinearity="relu"),
                                   lambda: gb.LSTM(3, 4, num_layers=2),
-                                  lambda: gb.GRU(3, 4, batch_first=False)],
-                         ids=["rnn-relu", "lstm", "gru-seq-major"])
+                                  lambda: gb.GRU(3, 4, batch_first=False),
+                                  lambda: gb.LSTM(3, 4, num_layers=2, bidirectional=True, dropout=0.5),
+                                  lambda: gb.GRU(3, 4, bidirectional=True, batch_first=False)],
+                         ids=["rnn-relu", "lstm", "gru-seq-major", "bilstm2-dropout", "bigru-seq-major"])
 def test_layer_run_on_the_cuda_set_equals_the_reference(rng, make):
-    """The whole layer (GEMMs, cell kernels, BP3/BP4) on the CUDA set, float64, with states."""
+    """The whole layer (GEMMs, cell kernels, BP3/BP4; both directions and the dropout masks between
+    layers where it has them) on the CUDA set, float64, with states."""
     N, T = 2, 3
     results = []
     for device, kernels in (("cuda", "fused"), ("cpu", "reference")):
@@ -60,8 +63,9 @@ def test_layer_run_on_the_cuda_set_equals_the_reference(rng, make):
         assert be.ops.name == ("fused-cuda" if device == "cuda" else "reference")
         r = np.random.default_rng(5)
         x_shape = (N, T, 3) if layer.batch_first else (T, N, 3)
-        X, dout = r.normal(size=x_shape), r.normal(size=(*x_shape[:2], 4))
-        hs = [be.to_device(r.normal(size=(layer.num_layers, N, 4))) for _ in range(4)]
+        dirs = 2 if layer.bidirectional else 1
+        X, dout = r.normal(size=x_shape), r.normal(size=(*x_shape[:2], 4 * dirs))
+        hs = [be.to_device(r.normal(size=(layer.num_layers * dirs, N, 4))) for _ in range(4)]
         lstm = isinstance(layer, gb.LSTM)
         model.zero_grads()
         out, state_n, backward = layer.run(be.to_device(X), (hs[0], hs[1]) if lstm else hs[0],

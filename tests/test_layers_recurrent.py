@@ -534,38 +534,3 @@ def test_the_modelspec_tokens_take_bidir_and_dropout():
     for token in ("lstm", "gru", "rnn"):  # --model's help is the registry's
         assert f"{token}(h,layers=1,bidir=false,dropout=0" in SPEC_TOKENS[token].help
         assert SPEC_TOKENS[token].help in model_help()
-
-
-@pytest.mark.cudasim
-@pytest.mark.parametrize("make", [lambda: gb.LSTM(3, 4, num_layers=2, bidirectional=True, dropout=0.5),
-                                  lambda: gb.GRU(3, 4, bidirectional=True, batch_first=False)],
-                         ids=["bilstm2-dropout", "bigru-seq-major"])
-def test_a_bidirectional_layer_on_the_cuda_set_equals_the_reference(make):
-    """The whole bidirectional layer (both directions, dropout masks between layers, states) on the
-    CUDA kernel set, float64: in the simulator (NUMBA_ENABLE_CUDASIM=1, own process) or on a GPU."""
-    from gpubackprop.backend import has_cupy_gpu, is_cudasim
-
-    if not (is_cudasim() or has_cupy_gpu()):
-        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (set before import) or a CUDA GPU with CuPy")
-    N, T = 2, 3
-    results = []
-    for device, kernels in (("cuda", "fused"), ("cpu", "reference")):
-        layer = make()
-        model = gb.Sequential([layer], input_shape=(T, 3), device=device, kernels=kernels,
-                              dtype="float64", seed=0)
-        be = model.backend
-        assert be.ops.name == ("fused-cuda" if device == "cuda" else "reference")
-        r = np.random.default_rng(5)
-        x_shape = (N, T, 3) if layer.batch_first else (T, N, 3)
-        X, dout = r.normal(size=x_shape), r.normal(size=(*x_shape[:2], 8))
-        hs = [be.to_device(r.normal(size=(2 * layer.num_layers, N, 4))) for _ in range(4)]
-        lstm = isinstance(layer, gb.LSTM)
-        model.zero_grads()
-        out, state_n, backward = layer.run(be.to_device(X), (hs[0], hs[1]) if lstm else hs[0],
-                                           train=True)
-        dX, dstate = backward(be.to_device(dout), (hs[2], hs[3]) if lstm else hs[2])
-        flat = [out, *(state_n if lstm else (state_n,)), dX, *(dstate if lstm else (dstate,))]
-        results.append([np.array(be.to_host(a)) for a in flat]
-                       + [np.array(be.to_host(model.flat_grads))])
-    for got, want in zip(*results, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
