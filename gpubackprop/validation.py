@@ -29,6 +29,15 @@ def non_negative_float(value, name):
     return float(value)
 
 
+def drop_probability(value, name):
+    """A dropout probability: a real number in [0, 1) (1 would drop every element)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
+            or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a drop probability in [0, 1), got {value!r}"
+                         f"{f' ({name} = 1 would drop every element)' if value == 1 else ''}")
+    return float(value)
+
+
 def check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")

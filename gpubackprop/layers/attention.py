@@ -26,13 +26,12 @@ Dropout's hashed masks (seed, layer, step), so it is reproducible but is not tor
 """
 
 import math
-import numbers
 
 import numpy as np
 
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
 from gpubackprop.layers.registry import register
-from gpubackprop.validation import positive_int
+from gpubackprop.validation import drop_probability, positive_int
 
 
 def _mask_array(attn_mask):
@@ -67,10 +66,7 @@ class MultiheadAttention(Layer):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"num_heads: expected a divisor of embed_dim={self.embed_dim}, got "
                              f"{num_heads}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
-                or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a drop probability in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = drop_probability(dropout, "dropout")
         if not isinstance(bias, bool):
             raise TypeError(f"bias: expected True or False, got {bias!r}")
         self.bias = bias

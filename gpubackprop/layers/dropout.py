@@ -7,11 +7,9 @@ again in backprop, bit-identically on the CPU and the GPU. ``step`` is the model
 training passes (model state, saved in checkpoints), so a resumed run draws the same masks.
 """
 
-import math
-import numbers
-
 from gpubackprop.layers.base import Layer, no_backprop
 from gpubackprop.layers.registry import SpecToken, register
+from gpubackprop.validation import drop_probability
 
 
 class _DropoutWorkspace:
@@ -27,11 +25,7 @@ class Dropout(Layer):
     torch.nn.Dropout; the identity in inference. 0 <= p < 1."""
 
     def __init__(self, p=0.5):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) \
-                or not 0.0 <= p < 1.0:
-            raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}"
-                             f"{' (p = 1 would drop every element)' if p == 1 else ''}")
-        self.p = float(p)
+        self.p = drop_probability(p, "p")
         self._workspaces = {}
 
     def __repr__(self):

@@ -61,15 +61,22 @@ class Embedding(Layer):
             W[self.padding_idx] = 0.0
         return {"weight": W}
 
+    def _out_of_range(self, X):
+        """(position, index) of the first host index outside [0, num_embeddings), or None."""
+        bad = (X < 0) | (X >= self.num_embeddings)
+        if not bad.any():
+            return None
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        return at, int(X[at])
+
     def check_host_input(self, X, name):
         """Every index of a whole host input in range, once, before it is uploaded: on a GPU the
         per-batch check below would synchronise the host every step."""
-        V = self.num_embeddings
-        bad = (X < 0) | (X >= V)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{name}: expected indices in [0, {V}) for {self!r}, got {int(X[at])} "
-                             f"at {name}[{', '.join(map(str, at))}]")
+        found = self._out_of_range(X)
+        if found:
+            at, index = found
+            raise ValueError(f"{name}: expected indices in [0, {self.num_embeddings}) for "
+                             f"{self!r}, got {index} at {name}[{', '.join(map(str, at))}]")
 
     def _check_indices(self, X):
         if X.shape[1:] != self.input_shape:
@@ -82,13 +89,11 @@ class Embedding(Layer):
         # forward is checked here where the indices are host memory (the CPU and the simulator),
         # before any kernel. On a GPU that would synchronise the host every step: a bad index
         # given straight to forward there gives NaN rows.
-        if isinstance(X, np.ndarray) and X.size:
-            V = self.num_embeddings
-            bad = (X < 0) | (X >= V)
-            if bad.any():
-                at = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(f"{self!r} input: expected indices in [0, {V}), got {int(X[at])} "
-                                 f"at index {at} of the batch of shape {fmt_shape(X.shape)}")
+        found = self._out_of_range(X) if isinstance(X, np.ndarray) and X.size else None
+        if found:
+            at, index = found
+            raise ValueError(f"{self!r} input: expected indices in [0, {self.num_embeddings}), got "
+                             f"{index} at index {at} of the batch of shape {fmt_shape(X.shape)}")
 
     def forward(self, X, train=False, input_grad=True):
         self._check_indices(X)

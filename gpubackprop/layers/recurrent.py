@@ -51,7 +51,6 @@ How it runs (time-major inside, so every per-step slice is contiguous), per laye
 """
 
 import math
-import numbers
 import warnings
 
 import numpy as np
@@ -59,7 +58,7 @@ import numpy as np
 from gpubackprop.kernels.reference.recurrent import RNN_ACTIVATIONS
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
 from gpubackprop.layers.registry import REQUIRED, SpecToken, register
-from gpubackprop.validation import check_choice, positive_int
+from gpubackprop.validation import check_choice, drop_probability, positive_int
 
 # Per mode: gates G, and the width (in H) of the per-step saved gates (0: none, h is enough).
 _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
@@ -141,11 +140,7 @@ class _Recurrent(Layer):
         self.bias = _flag(bias, "bias")
         self.batch_first = _flag(batch_first, "batch_first")
         self.bidirectional = _flag(bidirectional, "bidirectional")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
-                or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a drop probability in [0, 1), got {dropout!r}"
-                             f"{' (dropout = 1 would drop every element)' if dropout == 1 else ''}")
-        self.dropout = float(dropout)
+        self.dropout = drop_probability(dropout, "dropout")
         if self.dropout > 0 and self.num_layers == 1:
             # PyTorch's warning: dropout acts between layers, so one layer has none.
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "

@@ -29,7 +29,6 @@ with its own stream (reproducible, not torch's draw).
 """
 
 import math
-import numbers
 
 import numpy as np
 
@@ -39,7 +38,7 @@ from gpubackprop.layers.dense import Dense
 from gpubackprop.layers.dropout import Dropout
 from gpubackprop.layers.normalization import LayerNorm
 from gpubackprop.layers.registry import register
-from gpubackprop.validation import check_choice, positive_int
+from gpubackprop.validation import check_choice, drop_probability, positive_int
 
 ACTIVATIONS = ("relu", "gelu")
 
@@ -58,10 +57,7 @@ class TransformerEncoderLayer(Layer):
         self.d_model = positive_int(d_model, "d_model")
         self.nhead = positive_int(nhead, "nhead")
         self.dim_feedforward = positive_int(dim_feedforward, "dim_feedforward")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
-                or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a drop probability in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = drop_probability(dropout, "dropout")
         self.activation = check_choice(activation, ACTIVATIONS, "activation")
         if not isinstance(norm_first, bool):
             raise TypeError(f"norm_first: expected True or False, got {norm_first!r}")
