@@ -222,3 +222,152 @@ def test_errors():
         gb.TransformerEncoderLayer(E, H).build((5, 4))
     with pytest.raises(ValueError, match=r"attn_mask: expected shape \(5, 5\)"):
         gb.TransformerEncoderLayer(E, H, src_mask=np.zeros((4, 4))).build((5, E))
+
+
+# ---- src_key_padding_mask ---------------------------------------------------------------------
+def _padded_model(spec, dtype="float64", src_mask=None, is_causal=False, **kw):
+    x, pad = gb.Input((T, E)), gb.Input((T,), dtype="bool")
+    tel = gb.TransformerEncoderLayer(E, H, dim_feedforward=F, **{"dropout": 0.0, **kw})
+    y = tel(x, src_mask=src_mask, src_key_padding_mask=pad, is_causal=is_causal)
+    device, kernels = spec
+    return gb.Model(inputs=[x, pad], outputs=y, device=device, dtype=dtype, kernels=kernels)
+
+
+def _padded_pass(model, X, kpm, dY, params):
+    model.set_params({f"0.{k}": v for k, v in params.items()})
+    be = model.backend
+    model.zero_grads()
+    Y, backprop = model.forward([be.to_device(X), be.to_device(kpm, np.bool_)], train=True,
+                                input_grad=True)
+    Y = np.array(be.to_host(Y))
+    dX, dpad = backprop(be.to_device(dY))
+    assert dpad is None  # a bool mask has no gradient
+    return Y, np.array(be.to_host(dX)), model.get_grads()
+
+
+PAD_CASES = {  # name: (constructor options, src_mask: None | "causal" | "float" | "bool")
+    "post_relu": ({}, None),
+    "pre_gelu": ({"norm_first": True, "activation": "gelu"}, None),
+    "post_causal": ({}, "causal"),
+    "pre_float_mask": ({"norm_first": True}, "float"),
+    "post_bool_mask": ({"activation": "gelu"}, "bool"),
+}
+
+
+def _kpm():
+    kpm = np.zeros((N, T), bool)
+    kpm[0, -1] = kpm[2, 1:3] = True  # key 0 never padded: no query loses every key
+    return kpm
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+def test_key_padding_follows_torch(backend_spec, rng, case):
+    torch = pytest.importorskip("torch")
+    kw, which = PAD_CASES[case]
+    src_mask = None
+    if which == "float":
+        src_mask = rng.normal(size=(T, T))
+        src_mask[3, 1] = -np.inf
+    elif which == "bool":
+        src_mask = rng.random((T, T)) < 0.3
+        src_mask[:, 0] = False
+    X, dY, params, kpm = rng.normal(size=(N, T, E)), rng.normal(size=(N, T, E)), _params(rng), _kpm()
+    model = _padded_model(backend_spec, src_mask=src_mask, is_causal=which == "causal", **kw)
+    Y, dX, grads = _padded_pass(model, X, kpm, dY, params)
+
+    tl = _torch_layer(torch, params, **kw)
+    tX = torch.tensor(X, requires_grad=True)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1) if which == "causal" else \
+        None if src_mask is None else torch.tensor(src_mask)
+    tpad = torch.tensor(kpm)
+    if which == "float":  # torch wants both masks of one kind (bool or float)
+        tpad = torch.zeros(N, T, dtype=torch.float64).masked_fill(tpad, -math.inf)
+    tY = tl(tX, src_mask=mask, src_key_padding_mask=tpad, is_causal=which == "causal")
+    (tY * torch.tensor(dY)).sum().backward()
+    lc.assert_close(Y, tY.detach().numpy(), what="Y")
+    lc.assert_close(dX, tX.grad.numpy(), what="dX")
+    for name, p in tl.named_parameters():
+        lc.assert_close(grads[f"0.{name}"], p.grad.numpy(), what=name)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_fully_padded_sample_attends_to_nothing(backend_spec, rng, norm_first):
+    """A sample whose every position is padding: its attention output is out_proj.bias (torch:
+    NaN), the rest of the layer runs on it as usual; the other samples are torch's."""
+    torch = pytest.importorskip("torch")
+    X, dY, params, kpm = rng.normal(size=(N, T, E)), rng.normal(size=(N, T, E)), _params(rng), _kpm()
+    kpm[1] = True
+    Y, dX, grads = _padded_pass(_padded_model(backend_spec, norm_first=norm_first), X, kpm, dY,
+                                params)
+    assert np.isfinite(Y).all() and np.isfinite(dX).all()
+
+    tl = _torch_layer(torch, params, norm_first=norm_first)
+    tX, tdY = torch.tensor(X, requires_grad=True), torch.tensor(dY)
+    keep = [0, 2]
+    t_rest = tl(tX[keep], src_key_padding_mask=torch.tensor(kpm[keep]))
+
+    def ff(h):
+        return tl.linear2(torch.relu(tl.linear1(h)))
+
+    a = tX[1] + tl.self_attn.out_proj.bias  # x + self_attn(.), the attention output its bias
+    t_pad = a + ff(tl.norm2(a)) if norm_first else tl.norm2(tl.norm1(a) + ff(tl.norm1(a)))
+    ((t_rest * tdY[keep]).sum() + (t_pad * tdY[1]).sum()).backward()
+    lc.assert_close(Y[keep], t_rest.detach().numpy(), what="Y (samples 0, 2)")
+    lc.assert_close(Y[1], t_pad.detach().numpy(), what="Y (the padded sample)")
+    lc.assert_close(dX, tX.grad.numpy(), what="dX")
+    for name, p in tl.named_parameters():
+        lc.assert_close(grads[f"0.{name}"], p.grad.numpy(), what=name)
+
+
+@pytest.mark.parametrize("norm_first,causal", [(False, False), (True, True)])
+def test_gradcheck_with_key_padding(backend_spec, rng, norm_first, causal):
+    x, pad = gb.Input((3, 4)), gb.Input((3,), dtype="bool")
+    h = gb.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, norm_first=norm_first)(
+        x, src_key_padding_mask=pad, is_causal=causal)
+    y = gb.Dense(12, 3)(gb.Flatten()(h))
+    device, kernels = backend_spec
+    model = gb.Model(inputs=[x, pad], outputs=y, device=device, dtype="float64", kernels=kernels)
+    kpm = np.zeros((5, 3), bool)
+    kpm[1, 2] = kpm[3, 1:] = True
+    kpm[4] = True  # a fully padded sample: zero attention, its gradients through the rest
+    X = [rng.normal(size=(5, 3, 4)), kpm]
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, rng.integers(0, 3, 5)) < 1e-6
+
+
+def test_key_padding_graph_round_trips(rng):
+    model = _padded_model(("cpu", "fused"), is_causal=True)
+    again = gb.Model.from_config(json.loads(json.dumps(model.config())), device="cpu",
+                                 dtype="float64")
+    again.set_params(model.get_params())
+    X, kpm = rng.normal(size=(2, T, E)), np.zeros((2, T), bool)
+    kpm[0, 3:] = True
+    np.testing.assert_array_equal(again.predict([X, kpm]), model.predict([X, kpm]))
+    plain = gb.Sequential([gb.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.0,
+                                                      is_causal=True)],
+                          input_shape=(T, E), device="cpu", dtype="float64")
+    plain.set_params(model.get_params())  # sample 1 has no padding: as the layer without a mask
+    np.testing.assert_allclose(model.predict([X, kpm])[1], plain.predict(X)[1], rtol=0, atol=1e-12)
+    assert not np.allclose(model.predict([X, kpm])[0], plain.predict(X)[0])
+
+
+def test_key_padding_errors(rng):
+    x = gb.Input((T, E))
+    tel = gb.TransformerEncoderLayer(E, H, dim_feedforward=F)
+    with pytest.raises(ValueError, match=r"src_key_padding_mask: expected shape \(5,\) \(T\), got"):
+        tel(x, src_key_padding_mask=gb.Input((T + 1,), dtype="bool"))
+    with pytest.raises(TypeError, match="src_key_padding_mask: expected a bool input"):
+        tel(x, src_key_padding_mask=gb.Input((T,)))
+    with pytest.raises(TypeError, match="src_key_padding_mask: expected a symbolic tensor"):
+        tel(x, src_key_padding_mask=np.zeros((2, T), bool))
+    with pytest.raises(TypeError, match="src: expected a symbolic tensor"):
+        tel(np.zeros((2, T, E)))
+    model = _padded_model(("cpu", "fused"))
+    X = np.zeros((2, T, E))
+    with pytest.raises(ValueError, match=r"src_key_padding_mask: expected a bool array of shape "
+                                         r"\(2, 5\) \(batch, T\), got float64"):
+        model.forward([X, np.zeros((2, T))])
+    with pytest.raises(ValueError, match=r"src_key_padding_mask: expected a bool array of shape "
+                                         r"\(2, 5\) \(batch, T\), got bool \(2, 4\)"):
+        model.forward([X, np.zeros((2, T - 1), bool)])
+    with pytest.raises(ValueError, match="attn_mask/is_causal differ from this layer's"):
+        gb.TransformerEncoderLayer(E, H, is_causal=True)(x, src_mask=np.zeros((T, T)))

@@ -22,10 +22,20 @@ forward/backprop closures, so its parameters are torch's, named and ordered as
 ``norm2.bias``; a ``torch.nn.TransformerEncoder``'s state dict loads through
 ``renumber_state_dict`` (its ``layers.{i}.`` prefixes become the model's positions).
 
-Masks: ``src_mask`` (a host (T, T) float or bool array) and ``is_causal`` are constructor
-arguments, handed to the attention (see ``MultiheadAttention``); ``src_key_padding_mask`` is not
-supported yet (it needs a second graph input). Dropout masks are Dropout's hashed ones, each part
-with its own stream (reproducible, not torch's draw).
+Masks, as torch: ``src_mask`` (a host (T, T) float (added) or bool (True = masked) array) and
+``is_causal`` belong to the layer (constructor arguments, or given at the first call), handed to
+the attention (see ``MultiheadAttention``); ``src_key_padding_mask`` is a symbolic bool input
+(T,), True = a padding position, given at the call and combined with them::
+
+    x, pad = gb.Input((T, 64)), gb.Input((T,), dtype="bool")
+    y = gb.TransformerEncoderLayer(64, 4)(x, src_key_padding_mask=pad)
+
+Padding keys get no attention; padded positions are still computed as queries (their outputs are
+what torch gives there too). A sample whose every position is padding attends to nothing: its
+attention output is ``self_attn.out_proj.bias`` at every position and the layer goes on from
+there (torch gives NaN for such a sample); no gradient flows through its attention weights.
+In a ``Sequential`` the layer takes the sequence alone. Dropout masks are Dropout's hashed ones,
+each part with its own stream (reproducible, not torch's draw).
 """
 
 import math
@@ -50,6 +60,10 @@ _STREAM = 1 << 32
 class TransformerEncoderLayer(Layer):
     """A transformer encoder layer as torch.nn.TransformerEncoderLayer(batch_first=True) (module
     docstring); (N, T, d_model) in and out."""
+
+    # In a graph the layer takes [src] or [src, src_key_padding_mask] (forward gets a list and
+    # backprop returns one); in a Sequential the sequence alone (an array, and dX).
+    multi_input = True
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, batch_first=True, norm_first=False, src_mask=None,
@@ -93,6 +107,28 @@ class TransformerEncoderLayer(Layer):
                 "batch_first": True, "norm_first": self.norm_first, "src_mask": attn["attn_mask"],
                 "is_causal": attn["is_causal"]}
 
+    def __call__(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        """The node ``layer(src)`` of a graph, as torch's forward: ``src_key_padding_mask`` a
+        symbolic bool input (T,) (True = pad); ``src_mask``/``is_causal`` as the constructor's
+        (a layer keeps one: a later call repeats them or gives none)."""
+        from gpubackprop.layers.graph import apply, is_symbolic
+
+        if isinstance(src, (list, tuple)):  # [src(, mask)], as a graph rebuilt from its config
+            return apply(self, list(src))
+        inputs = [src] + ([] if src_key_padding_mask is None else [src_key_padding_mask])
+        for name, t in zip(("src", "src_key_padding_mask"), inputs, strict=False):
+            if not is_symbolic(t) or isinstance(t, (list, tuple)):
+                raise TypeError(f"{name}: expected a symbolic tensor (gb.Input or a layer's "
+                                f"output), got {type(t).__name__}")
+        if src_key_padding_mask is not None and src_key_padding_mask.dtype != np.bool_:
+            raise TypeError(f"src_key_padding_mask: expected a bool input (gb.Input((T,), "
+                            f"dtype='bool')), got dtype {src_key_padding_mask.dtype}")
+        if src_mask is not None or is_causal:
+            self.self_attn._call_masks(src_mask, is_causal)
+        out = apply(self, inputs)
+        self.self_attn._called = True
+        return out
+
     # ---- declaring --------------------------------------------------------------------------------
     def _parts(self):
         """(name prefix, part) of the parts with parameters, in torch's named_parameters order."""
@@ -111,8 +147,15 @@ class TransformerEncoderLayer(Layer):
         return shape
 
     def build(self, input_shape):
-        shape = super().build(input_shape)
-        self.self_attn.build([shape] * 3)
+        shapes = _split_shapes(input_shape)
+        if len(shapes) not in (1, 2):
+            raise ValueError(f"expected src (and a key padding mask), got {len(shapes)} inputs")
+        shape = self._src_shape = super().build(shapes[0])
+        if len(shapes) == 2 and shapes[1] != shape[:1]:
+            raise ValueError(f"src_key_padding_mask: expected shape ({shape[0]},) (T), got "
+                             f"{fmt_shape(shapes[1])}")
+        self.self_attn.build([shape] * 3 + shapes[1:])
+        self.input_shape = shapes if _is_shape_list(input_shape) else shape
         for part in (self.norm1, self.norm2, self.dropout1, self.dropout2):
             part.build(shape)
         self.dropout_ff.build((self.dim_feedforward,))
@@ -157,13 +200,13 @@ class TransformerEncoderLayer(Layer):
             return X, lambda dY: dY
         return part.forward(X, train=True)
 
-    def _attention(self, X, train):
+    def _attention(self, X, pad, train):
         """dropout1(self_attn(X)) and its backprop (dX: the sum over query, key and value)."""
-        A, back_a = self.self_attn.forward([X, X, X], train=train)
+        A, back_a = self.self_attn.forward([X, X, X] + ([] if pad is None else [pad]), train=train)
         Y, back_d = self._drop(self.dropout1, A, train)
 
         def backprop(dY):
-            dq, dk, dv = back_a(back_d(dY))
+            dq, dk, dv = back_a(back_d(dY))[:3]
             return dq + dk + dv
 
         return Y, backprop
@@ -186,20 +229,22 @@ class TransformerEncoderLayer(Layer):
         return [part for _, part in self._parts()] + [self.dropout_ff, self.dropout1, self.dropout2]
 
     def forward(self, X, train=False, input_grad=True):
-        self.check_input(X)
+        listed = isinstance(X, (list, tuple))  # a graph's [src(, mask)]; a Sequential's src
+        Xs = list(X) if listed else [X]
+        X, pad = self._check(Xs)
         # The parts' buffers live in this layer's workspaces, which a graph gives each use of a
         # shared layer separately: two uses in one step then never overwrite each other's.
         for k, part in enumerate(self._all_parts()):
             part._workspaces = self._workspaces.setdefault(("part", k), {})
         if self.norm_first:
             H, back_n1 = self.norm1.forward(X, train=train)
-            S, back_s = self._attention(H, train)
+            S, back_s = self._attention(H, pad, train)
             X1 = X + S
             G, back_n2 = self.norm2.forward(X1, train=train)
             F, back_f = self._feed_forward(G, train)
             Y = X1 + F
         else:
-            S, back_s = self._attention(X, train)
+            S, back_s = self._attention(X, pad, train)
             X1, back_n1 = self.norm1.forward(X + S, train=train)
             F, back_f = self._feed_forward(X1, train)
             Y, back_n2 = self.norm2.forward(X1 + F, train=train)
@@ -216,9 +261,46 @@ class TransformerEncoderLayer(Layer):
                 dX1 = dZ2 + back_f(dZ2)
                 dZ1 = back_n1(dX1)
                 dX = dZ1 + back_s(dZ1)
-            return dX if input_grad else None
+            dX = dX if input_grad else None
+            return [dX] + [None] * (len(Xs) - 1) if listed else dX
 
         return Y, backprop
+
+    def _check(self, Xs):
+        """(src, key padding mask or None) of a forward's inputs, checked."""
+        if len(Xs) not in (1, 2):
+            raise ValueError(f"{self!r}: expected src (and src_key_padding_mask), got {len(Xs)} "
+                             f"inputs")
+        X, shape = Xs[0], self._src_shape
+        if X.shape[1:] != shape:
+            raise ValueError(f"{self!r} src: expected shape (batch, {shape[0]}, {shape[1]}), got "
+                             f"{tuple(X.shape)}")
+        if X.dtype != self.backend.dtype:
+            raise TypeError(f"{self!r} src: expected dtype {self.backend.dtype}, got {X.dtype}")
+        if len(Xs) != len(self.self_attn.input_shape) - 2:
+            raise ValueError(f"{self!r}: expected {len(self.self_attn.input_shape) - 2} inputs "
+                             f"(src{', src_key_padding_mask' if len(Xs) == 1 else ''}), as built, "
+                             f"got {len(Xs)}")
+        if len(Xs) == 1:
+            return X, None
+        pad = Xs[1]
+        if pad.dtype != np.bool_ or pad.shape != (X.shape[0], shape[0]):
+            raise ValueError(f"{self!r} src_key_padding_mask: expected a bool array of shape "
+                             f"({X.shape[0]}, {shape[0]}) (batch, T), got {pad.dtype} "
+                             f"{tuple(pad.shape)}")
+        return X, pad
+
+
+def _is_shape_list(shapes):
+    """True for a graph's list of per-input shapes, False for one shape (a tuple of ints)."""
+    return isinstance(shapes, (list, tuple)) and bool(shapes) and \
+        all(isinstance(s, (list, tuple)) for s in shapes)
+
+
+def _split_shapes(input_shape):
+    if _is_shape_list(input_shape):
+        return [tuple(s) for s in input_shape]
+    return [tuple(input_shape)]
 
 
 register(TransformerEncoderLayer)
