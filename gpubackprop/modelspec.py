@@ -23,6 +23,8 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
                                                     (T, h); a one-channel image (1, H, W) is read
                                                     as H rows of W features (a Reshape in front)
     last                                            LastStep: (T, h) -> (h,), the last time step
+    posemb(max_len=T)                               PositionalEmbedding: a learned (max_len, F)
+                                                    table added to (T, F) sequences, T <= max_len
     res(SPEC)                                       Residual: Y = X + SPEC(X), SPEC maps a shape
                                                     to itself, e.g.
                                                     res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
