@@ -63,10 +63,23 @@ class Optimizer:
         self._scale = be.xp.ones(1, dtype=p.dtype)
 
     def step(self, model):
-        """One update of ``model.flat_params`` from ``model.flat_grads``."""
+        """One update of ``model.flat_params`` from ``model.flat_grads``.
+
+        With ``model.context.step_values`` set (a captured CUDA graph's step), the learning rate
+        and the bias corrections are read from that device array instead of ``self.lr`` and
+        ``self.steps``; ``step_row`` gives what it must hold."""
         ops, p, g = self._prepare(model)
         self.steps += 1
-        self._update(ops, p, g, self._scale)
+        sv = model.context.step_values
+        if sv is None:
+            self._update(ops, p, g, self._scale)
+        else:
+            self._update_values(ops, p, g, self._scale, sv.values)
+
+    def step_row(self, lr, step):
+        """The StepValues host slots of the update that is optimizer step ``step`` (1 for the
+        first) at learning rate ``lr``, in the float64 arithmetic of the host-scalar ops."""
+        return {"lr": float(lr)}
 
     # ---- state for checkpoints -------------------------------------------------------------------
     def state_dict(self):
@@ -117,6 +130,10 @@ class SGD(Optimizer):
         buf = self.buffers.get("momentum", p)  # unused without momentum
         ops.sgd(p, g, buf, self.lr, self.momentum, self.nesterov, self.weight_decay, scale)
 
+    def _update_values(self, ops, p, g, scale, values):
+        buf = self.buffers.get("momentum", p)
+        ops.sgd_values(p, g, buf, values, self.momentum, self.nesterov, self.weight_decay, scale)
+
 
 class RMSprop(Optimizer):
     """square_avg = α·sa + (1−α)·d²; p −= lr·d / (√sa + eps) (through momentum if > 0)."""
@@ -138,6 +155,12 @@ class RMSprop(Optimizer):
         buf = self.buffers.get("momentum", sa)
         ops.rmsprop(p, g, sa, buf, self.lr, self.alpha, self.eps, self.weight_decay,
                     self.momentum, scale)
+
+    def _update_values(self, ops, p, g, scale, values):
+        sa = self.buffers["square_avg"]
+        buf = self.buffers.get("momentum", sa)
+        ops.rmsprop_values(p, g, sa, buf, values, self.alpha, self.eps, self.weight_decay,
+                           self.momentum, scale)
 
 
 class Adam(Optimizer):
@@ -161,6 +184,18 @@ class Adam(Optimizer):
         ops.adam(p, g, self.buffers["exp_avg"], self.buffers["exp_avg_sq"], self.lr,
                  self.betas[0], self.betas[1], self.eps, self.weight_decay, self.decoupled,
                  self.steps, scale)
+
+    def _update_values(self, ops, p, g, scale, values):
+        ops.adam_values(p, g, self.buffers["exp_avg"], self.buffers["exp_avg_sq"], values,
+                        self.betas[0], self.betas[1], self.eps, self.weight_decay, self.decoupled,
+                        scale)
+
+    def step_row(self, lr, step):
+        from gpubackprop.kernels.reference.optimizers import adam_coefficients
+
+        lr_c, sqrt_bc2, _, decay = adam_coefficients(float(lr), self.betas[0], self.betas[1],
+                                                     self.weight_decay, self.decoupled, step)
+        return {"lr": float(lr), "lr_c": float(lr_c), "sqrt_bc2": sqrt_bc2, "decay": float(decay)}
 
 
 class AdamW(Adam):

@@ -86,13 +86,16 @@ import numpy as np
 
 
 class ModelContext:
-    """What a model shares with its layers while it runs: the seed and the training step counter."""
+    """What a model shares with its layers while it runs: the seed and the training step counter;
+    ``step_values`` a ``StepValues`` while a CUDA graph's step runs (Dropout and the optimizer then
+    read the step and the learning rate from its device array), else None."""
 
-    __slots__ = ("seed", "step")
+    __slots__ = ("seed", "step", "step_values")
 
     def __init__(self, seed=0, step=0):
         self.seed = int(seed)
         self.step = int(step)
+        self.step_values = None
 
     def __repr__(self):
         return f"ModelContext(seed={self.seed}, step={self.step})"

@@ -43,14 +43,20 @@ class Dropout(Layer):
         # The mask of this pass: fixed now, so backprop recomputes the same one.
         seed, layer, step = self.context.seed, self.index, self.context.step
         ws = self.workspace(X.shape[0], lambda: _DropoutWorkspace(be, X.shape))
-        ops.dropout(X, ws.Y, p, seed, layer, step)
+        sv = self.context.step_values  # a CUDA graph's step: the step read on the device
+        if sv is None:
+            ops.dropout(X, ws.Y, p, seed, layer, step)
+        else:
+            ops.dropout_values(X, ws.Y, p, seed, layer, sv.values)
 
         def backprop(dY):
             if not input_grad:
                 return None
             if not dY.flags.c_contiguous:
                 dY = be.xp.ascontiguousarray(dY)
-            return ops.dropout_backward(dY, ws.dX, p, seed, layer, step)
+            if sv is None:
+                return ops.dropout_backward(dY, ws.dX, p, seed, layer, step)
+            return ops.dropout_backward_values(dY, ws.dX, p, seed, layer, sv.values)
 
         return ws.Y, backprop
 

@@ -46,11 +46,16 @@ def _as_int(name, value):
 
 def dropout_key(seed, layer, step):
     """The 64-bit key of one dropout call: SplitMix64 rounds over seed, then layer, then step."""
-    seed, layer, step = (_as_int("seed", seed) & MASK64, _as_int("layer", layer) & MASK64,
-                         _as_int("step", step) & MASK64)
+    return mix64(((dropout_layer_key(seed, layer) ^ (_as_int("step", step) & MASK64)) + GOLDEN)
+                 & MASK64)
+
+
+def dropout_layer_key(seed, layer):
+    """The first two rounds of ``dropout_key`` (seed, then layer): what stays fixed over steps, so a
+    kernel that reads the step from the device finishes the key with one more round."""
+    seed, layer = _as_int("seed", seed) & MASK64, _as_int("layer", layer) & MASK64
     k = mix64((seed + GOLDEN) & MASK64)
-    k = mix64(((k ^ layer) + GOLDEN) & MASK64)
-    return mix64(((k ^ step) + GOLDEN) & MASK64)
+    return mix64(((k ^ layer) + GOLDEN) & MASK64)
 
 
 def dropout_params(p, seed, layer, step):
@@ -101,3 +106,19 @@ class DropoutOps:
         t = X.dtype.type
         Y[...] = X * self.xp.where(keep, t(scale), t(0))
         return Y
+
+    # ``values``: ``StepValues.values``, the step read from its slot (a captured CUDA graph's
+    # kernels read it on the device; this set, and the fused CPU set inheriting it, on the host).
+    def dropout_values(self, X, Y, p, seed, layer, values):
+        """``dropout`` with the step from ``values[SLOT["step"]]``."""
+        return self.dropout(X, Y, p, seed, layer, _values_step(values))
+
+    def dropout_backward_values(self, dY, dX, p, seed, layer, values):
+        """``dropout_backward`` with the step from ``values[SLOT["step"]]``."""
+        return self.dropout_backward(dY, dX, p, seed, layer, _values_step(values))
+
+
+def _values_step(values):
+    from gpubackprop.step_values import SLOT
+
+    return int(values[SLOT["step"]])

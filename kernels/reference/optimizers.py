@@ -2,6 +2,9 @@
 
 import math
 
+from gpubackprop.step_values import SLOT
+
+LR, LR_C, SQRT_BC2, DECAY = SLOT["lr"], SLOT["lr_c"], SLOT["sqrt_bc2"], SLOT["decay"]
 
 def adam_coefficients(lr, beta1, beta2, weight_decay, decoupled, step):
     """The per-step scalars a fused Adam kernel takes, computed in float64 as the reference does.
@@ -74,4 +77,43 @@ class OptimizerOps:
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
         p -= (lr / bc1) * m / (xp.sqrt(v) / math.sqrt(bc2) + eps)
+        return p
+
+    # ---- the same updates with the per-step values read from a device array ----------------------
+    # ``values`` is ``StepValues.values`` (float64, slots ``gpubackprop.step_values.SLOT``), what a
+    # captured CUDA graph's kernels read instead of host scalars. Here (and in the fused CPU set,
+    # which inherits these) the values are read on the host and the host-scalar op runs: the same
+    # float64 numbers, so the same bits; the CUDA set reads them in the kernel.
+    def step_advance(self, table, counter, values):
+        """values[:k] = table[counter[0]] (k = table columns); counter += 1, on the device."""
+        xp = self.xp
+        values[:table.shape[1]] = xp.take(table, counter, axis=0)[0]
+        counter += 1
+        return values
+
+    def sgd_values(self, p, g, buf, values, momentum, nesterov, weight_decay, scale):
+        """``sgd`` with lr from ``values[SLOT["lr"]]``."""
+        return self.sgd(p, g, buf, float(values[LR]), momentum, nesterov, weight_decay, scale)
+
+    def rmsprop_values(self, p, g, square_avg, buf, values, alpha, eps, weight_decay, momentum,
+                       scale):
+        """``rmsprop`` with lr from ``values[SLOT["lr"]]``."""
+        return self.rmsprop(p, g, square_avg, buf, float(values[LR]), alpha, eps, weight_decay,
+                            momentum, scale)
+
+    def adam_values(self, p, g, m, v, values, beta1, beta2, eps, weight_decay, decoupled, scale):
+        """``adam`` with lr/(1 − β1^t), √(1 − β2^t) and 1 − lr·wd from ``values`` (the step's
+        ``adam_coefficients``); the plain-xp expressions, fed the same float64 numbers."""
+        xp = self.xp
+        lr_c, sqrt_bc2, decay = (float(values[i]) for i in (LR_C, SQRT_BC2, DECAY))
+        d = g * scale
+        if weight_decay and decoupled:
+            p *= decay
+        elif weight_decay:
+            d = d + weight_decay * p
+        m *= beta1
+        m += (1 - beta1) * d
+        v *= beta2
+        v += (1 - beta2) * d * d
+        p -= lr_c * m / (xp.sqrt(v) / sqrt_bc2 + eps)
         return p
