@@ -202,49 +202,83 @@ class MultiheadAttention(Layer):
             raise ValueError(f"{self!r} key_padding_mask: expected a bool array of shape "
                              f"({Xs[0].shape[0]}, {s[0]}), got {Xs[3].dtype} {tuple(Xs[3].shape)}")
 
+    def _mask(self, ws, Xs, N, Tq, Tk):
+        """The (N·H·T_q, T_k) mask the softmax adds (None: none): the layer's (T_q, T_k) mask and
+        the key padding (-inf for a padding key), broadcast into the workspace's buffer."""
+        base = self._base_mask(Tq, Tk)
+        if len(Xs) < 4 and base is None:
+            return None
+        be = self.backend
+        m4 = ws.get("mask", (N, self.num_heads, Tq, Tk))
+        if len(Xs) == 4:
+            pad = be.xp.where(Xs[3], be.dtype.type(-np.inf), be.dtype.type(0))[:, None, None, :]
+            if base is None:
+                m4[...] = pad
+            else:
+                be.xp.add(base[None, None], pad, out=m4)
+        elif not ws.filled:  # the layer's own mask alone: the same every step
+            m4[...] = base[None, None]
+            ws.filled = True
+        return m4.reshape(N * self.num_heads * Tq, Tk)
+
     def forward(self, Xs, train=False, input_grad=True):
         self._check(Xs)
         be = self.backend
         xp, ops = be.xp, be.ops
+        # Self-attention (one array for query, key and value, as TransformerEncoderLayer runs it)
+        # projects q, k and v in one GEMM (N·T, E)·(E, 3E) and sends the summed input gradient
+        # back in the query's place; otherwise one GEMM each.
+        fused = Xs[0] is Xs[1] and Xs[1] is Xs[2]
         q, k, v = (xp.ascontiguousarray(X) for X in Xs[:3])
         N, Tq, E = q.shape
         Tk, H = k.shape[1], self.num_heads
         D = E // H
         W, P = self.params["in_proj_weight"], self.params
         b = P.get("in_proj_bias")
+        Wo, bo = P["out_proj.weight"], P.get("out_proj.bias")
         scale = be.dtype.type(1.0 / math.sqrt(D))
+        ws = self.workspace((N, fused), lambda: _Workspace(be))
 
-        def project(x, i, T):  # (N, T, E) -> the heads (N, H, T, D)
-            y = xp.matmul(x, W[i * E:(i + 1) * E].T)
+        def heads(buf, T, slots, i):  # rows (N·T, slots·E) -> slot i's heads (N, H, T, D), a view
+            return buf.reshape(N, T, slots, H, D)[:, :, i].transpose(0, 2, 1, 3)
+
+        if fused:
+            Pr = ws.get("qkv", (N * Tq, 3 * E))
+            xp.matmul(q.reshape(N * Tq, E), W.T, out=Pr)  # [Q K V] = X W_inᵀ, one GEMM
             if b is not None:
-                y += b[i * E:(i + 1) * E]
-            return xp.ascontiguousarray(y.reshape(N, T, H, D).transpose(0, 2, 1, 3))
-
-        Qh, Kh, Vh = project(q, 0, Tq), project(k, 1, Tk), project(v, 2, Tk)
-        S = xp.matmul(Qh, Kh.transpose(0, 1, 3, 2))
-        S *= scale
+                ops.bias_act(Pr, b, "identity", Pr)
+            bufs = [(Pr, 3, i) for i in range(3)]
+            Pr[:, :E] *= scale  # Q/√D: the scores' scale, applied to the smaller operand
+        else:
+            bufs = []
+            for i, (x, T) in enumerate(((q, Tq), (k, Tk), (v, Tk))):
+                Pi = ws.get(f"p{i}", (N * T, E))
+                xp.matmul(x.reshape(N * T, E), W[i * E:(i + 1) * E].T, out=Pi)
+                if b is not None:
+                    ops.bias_act(Pi, b[i * E:(i + 1) * E], "identity", Pi)
+                bufs.append((Pi, 1, 0))
+            bufs[0][0][...] *= scale
+        Qh, Kh, Vh = (heads(buf, T, slots, i) for (buf, slots, i), T in zip(bufs, (Tq, Tk, Tk),
+                                                                                strict=True))
+        # Scores per (sample, head), one batched GEMM over N·H; the heads are strided views of
+        # the projections, which BLAS reads in place.
+        S = ws.get("S", (N, H, Tq, Tk))
+        xp.matmul(Qh, Kh.transpose(0, 1, 3, 2), out=S)
         S2 = S.reshape(N * H * Tq, Tk)
-        base = self._base_mask(Tq, Tk)
-        mask = None
-        if len(Xs) == 4 or base is not None:
-            m = xp.zeros((N, 1, 1, Tk), be.dtype) if base is None else base[None, None]
-            if len(Xs) == 4:
-                pad = xp.where(Xs[3], be.dtype.type(-np.inf), be.dtype.type(0))
-                m = m + pad[:, None, None, :]
-            mask = xp.ascontiguousarray(xp.broadcast_to(m, (N, H, Tq, Tk))).reshape(S2.shape)
-        A = ops.masked_softmax(S2, mask, S2).reshape(N, H, Tq, Tk)  # in place: the scores go
+        A = ops.masked_softmax(S2, self._mask(ws, Xs, N, Tq, Tk), S2).reshape(N, H, Tq, Tk)
         p = self.dropout if train else 0.0
         if p > 0:
             seed, layer, step = self.context.seed, self.index, self.context.step
-            Ad = ops.dropout(A, be.empty(A.shape), p, seed, layer, step)
+            Ad = ops.dropout(A, ws.get("Ad", A.shape), p, seed, layer, step)
         else:
             Ad = A
-        Oh = xp.matmul(Ad, Vh)  # (N, H, Tq, D)
-        Out = xp.ascontiguousarray(Oh.transpose(0, 2, 1, 3)).reshape(N, Tq, E)
-        Wo, bo = P["out_proj.weight"], P.get("out_proj.bias")
-        Y = xp.matmul(Out, Wo.T)
+        O = ws.get("O", (N * Tq, E))  # the heads side by side: (N, T_q, H, D) rows
+        xp.matmul(Ad, Vh, out=heads(O, Tq, 1, 0))
+        Y = ws.get("Y", (N * Tq, E)) if train else be.empty((N * Tq, E))
+        xp.matmul(O, Wo.T, out=Y)
         if bo is not None:
-            Y += bo
+            ops.bias_act(Y, bo, "identity", Y)
+        Y = Y.reshape(N, Tq, E)
         if not train:
             return Y, no_backprop
 
@@ -252,40 +286,68 @@ class MultiheadAttention(Layer):
             G = self.grads
             dY2 = xp.ascontiguousarray(dY).reshape(N * Tq, E)
             acc = self.take_accumulate()
-            grads = {"out_proj.weight": xp.matmul(dY2.T, Out.reshape(N * Tq, E))}
+
+            def weight_grad(name, a, c, rows=slice(None)):  # G[name][rows] (+)= aᵀ c
+                if acc:
+                    G[name][rows] += xp.matmul(a.T, c)
+                else:
+                    xp.matmul(a.T, c, out=G[name][rows])
+
+            weight_grad("out_proj.weight", dY2, O)
             if bo is not None:
-                grads["out_proj.bias"] = dY2.sum(axis=0)
-            dOh = xp.ascontiguousarray(xp.matmul(dY2, Wo).reshape(N, Tq, H, D).transpose(0, 2, 1, 3))
-            dVh = xp.matmul(Ad.transpose(0, 1, 3, 2), dOh)
-            dA = xp.matmul(dOh, Vh.transpose(0, 1, 3, 2))
+                ops.bias_grad(dY2, G["out_proj.bias"], accumulate=acc)
+            dO = xp.matmul(dY2, Wo, out=ws.get("dO", (N * Tq, E)))
+            dOh = heads(dO, Tq, 1, 0)
+            if fused:
+                dP = ws.get("dqkv", (N * Tq, 3 * E))
+                dbufs = [(dP, 3, i) for i in range(3)]
+            else:
+                dbufs = [(ws.get(f"dp{i}", (N * T, E)), 1, 0) for i, T in enumerate((Tq, Tk, Tk))]
+            dQh, dKh, dVh = (heads(buf, T, slots, i) for (buf, slots, i), T in
+                             zip(dbufs, (Tq, Tk, Tk), strict=True))
+            xp.matmul(Ad.transpose(0, 1, 3, 2), dOh, out=dVh)
+            dA = xp.matmul(dOh, Vh.transpose(0, 1, 3, 2), out=ws.get("dA", A.shape))
             if p > 0:
                 ops.dropout_backward(dA, dA, p, seed, layer, step)
-            dS = ops.masked_softmax_backward(dA.reshape(S2.shape), A.reshape(S2.shape),
-                                             dA.reshape(S2.shape)).reshape(N, H, Tq, Tk)
-            dS *= scale
-            dQh = xp.matmul(dS, Kh)
-            dKh = xp.matmul(dS.transpose(0, 1, 3, 2), Qh)
-            dW = xp.empty((3 * E, E), be.dtype)
-            db = xp.empty(3 * E, be.dtype) if b is not None else None
-            dxs = []
-            for i, (dh, x, T) in enumerate(((dQh, q, Tq), (dKh, k, Tk), (dVh, v, Tk))):
-                d2 = xp.ascontiguousarray(dh.transpose(0, 2, 1, 3)).reshape(N * T, E)
-                xp.matmul(d2.T, x.reshape(N * T, E), out=dW[i * E:(i + 1) * E])
-                if db is not None:
-                    db[i * E:(i + 1) * E] = d2.sum(axis=0)
-                dxs.append(xp.matmul(d2, W[i * E:(i + 1) * E]).reshape(N, T, E) if input_grad
-                           else None)
-            grads["in_proj_weight"] = dW
-            if db is not None:
-                grads["in_proj_bias"] = db
-            for name, g in grads.items():
-                if acc:
-                    G[name] += g
-                else:
-                    G[name][...] = g
+            dS2 = ops.masked_softmax_backward(dA.reshape(S2.shape), A.reshape(S2.shape),
+                                              dA.reshape(S2.shape))
+            dS = dS2.reshape(N, H, Tq, Tk)
+            xp.matmul(dS, Kh, out=dQh)  # ∂/∂(Q/√D); Kh, Qh as the forward used them
+            xp.matmul(dS.transpose(0, 1, 3, 2), Qh, out=dKh)
+            if fused:
+                dP[:, :E] *= scale
+                weight_grad("in_proj_weight", dP, q.reshape(N * Tq, E))
+                if b is not None:
+                    ops.bias_grad(dP, G["in_proj_bias"], accumulate=acc)
+                dX = xp.matmul(dP, W, out=ws.get("dX", (N * Tq, E))) if input_grad else None
+                dxs = [None if dX is None else dX.reshape(N, Tq, E), None, None]
+            else:
+                dbufs[0][0][...] *= scale
+                dxs = []
+                for i, ((d2, _, _), x, T) in enumerate(zip(dbufs, (q, k, v), (Tq, Tk, Tk),
+                                                           strict=True)):
+                    rows = slice(i * E, (i + 1) * E)
+                    weight_grad("in_proj_weight", d2, x.reshape(N * T, E), rows)
+                    if b is not None:
+                        ops.bias_grad(d2, G["in_proj_bias"][rows], accumulate=acc)
+                    dxs.append(xp.matmul(d2, W[rows], out=ws.get(f"dx{i}", (N * T, E)))
+                               .reshape(N, T, E) if input_grad else None)
             return dxs + ([None] if len(Xs) == 4 else [])
 
         return Y, backprop
+
+
+class _Workspace:
+    """Buffers one use of a MultiheadAttention reuses for one batch size, made on first need."""
+
+    def __init__(self, be):
+        self.be, self.bufs, self.filled = be, {}, False
+
+    def get(self, name, shape):
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = self.be.empty(shape)
+        return buf
 
 
 register(MultiheadAttention)

@@ -207,7 +207,8 @@ class TransformerEncoderLayer(Layer):
 
         def backprop(dY):
             dq, dk, dv = back_a(back_d(dY))[:3]
-            return dq + dk + dv
+            # One array for query, key and value: the attention sums their gradients itself.
+            return dq if dk is None else dq + dk + dv
 
         return Y, backprop
 
@@ -236,31 +237,47 @@ class TransformerEncoderLayer(Layer):
         # shared layer separately: two uses in one step then never overwrite each other's.
         for k, part in enumerate(self._all_parts()):
             part._workspaces = self._workspaces.setdefault(("part", k), {})
+        # The residual sums go into this use's buffers in training (a step allocates nothing);
+        # in inference every output is new.
+        own = self._workspaces.setdefault("sums", {})
+        if X.shape[0] not in own:
+            own.clear()
+            own[X.shape[0]] = {}
+        bufs = own[X.shape[0]]
+
+        def add(a, b, name):
+            if not train:
+                return a + b
+            out = bufs.get(name)
+            if out is None:
+                out = bufs[name] = self.backend.empty(a.shape)
+            return self.backend.xp.add(a, b, out=out)
+
         if self.norm_first:
             H, back_n1 = self.norm1.forward(X, train=train)
             S, back_s = self._attention(H, pad, train)
-            X1 = X + S
+            X1 = add(X, S, "x1")
             G, back_n2 = self.norm2.forward(X1, train=train)
             F, back_f = self._feed_forward(G, train)
-            Y = X1 + F
+            Y = add(X1, F, "y")
         else:
             S, back_s = self._attention(X, pad, train)
-            X1, back_n1 = self.norm1.forward(X + S, train=train)
+            X1, back_n1 = self.norm1.forward(add(X, S, "x1"), train=train)
             F, back_f = self._feed_forward(X1, train)
-            Y, back_n2 = self.norm2.forward(X1 + F, train=train)
+            Y, back_n2 = self.norm2.forward(add(X1, F, "y"), train=train)
         if not train:
             return Y, no_backprop
 
         def backprop(dY):
             # Each residual x + f(x) sends dY straight through and adds f's input gradient.
             if self.norm_first:
-                dX1 = dY + back_n2(back_f(dY))
-                dX = dX1 + back_n1(back_s(dX1))
+                dX1 = add(dY, back_n2(back_f(dY)), "dx1")
+                dX = add(dX1, back_n1(back_s(dX1)), "dx")
             else:
                 dZ2 = back_n2(dY)
-                dX1 = dZ2 + back_f(dZ2)
+                dX1 = add(dZ2, back_f(dZ2), "dx1")
                 dZ1 = back_n1(dX1)
-                dX = dZ1 + back_s(dZ1)
+                dX = add(dZ1, back_s(dZ1), "dx")
             dX = dX if input_grad else None
             return [dX] + [None] * (len(Xs) - 1) if listed else dX
 
