@@ -11,8 +11,8 @@ GEMM_TARGET = ("L", 0.9)
 OPS_TARGET = ((256, 1024), 2.0)
 # issue 15, CPU, fused float32: network -> (× PyTorch, fraction of the step's GEMM limit or None)
 NETWORK_TARGETS = {"lenet5": (1.5, 0.7), "vgg": (1.0, 0.7), "resnet": (1.3, 0.7), "lstm": (1.1, None),
-                   "gru": (1.5, None)}
-NETWORK_ORDER = ("lenet5", "vgg", "resnet", "lstm", "gru")
+                   "gru": (1.5, None), "transformer": (1.0, None)}  # transformer: issue 19
+NETWORK_ORDER = ("lenet5", "vgg", "resnet", "lstm", "gru", "transformer")
 SPLIT_NOTES = {
     "conv GEMM": "the conv layers' forward, weight- and input-gradient GEMMs",
     "conv other": "the conv layers' bias+activation, its derivative, the bias gradient, the weight "
@@ -20,6 +20,10 @@ SPLIT_NOTES = {
     "activation": "Activation layers (after a norm or a sum)",
     "pooling": "max, average and global average pooling",
     "recurrent other": "the recurrent layers' input bias, bias gradients and copies",
+    "attention GEMM": "the attention's projection, score, value and out_proj GEMMs and their "
+                      "gradients",
+    "softmax": "the attention's masked softmax, forward and backward",
+    "attention other": "the attention's bias adds, bias gradients, scale and masks",
     "dense": "the dense layers whole (GEMMs, bias, activation)",
     "rest": "loss, optimizer, reshapes and Python between the layers"}
 
@@ -124,7 +128,8 @@ def _network_tables(key, r):
     want_ratio, want_gemm = NETWORK_TARGETS.get(key, (None, None))
     out = [f"`--model {r.get('model', r['spec'])}` on {shape} inputs, batch {r['batch']}: "
            f"{r['summary']}.", "",
-           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step. Targets (issue 15) on the CPU, "
+           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step. Targets (issue "
+           f"{19 if key == 'transformer' else 15}) on the CPU, "
            f"fused: × PyTorch ≥ {want_ratio}"
            + (f", of GEMM limit ≥ {want_gemm}" if want_gemm else "") + ".", "",
            "| device | contender | samples/s | ms/step | GFLOP/s | × PyTorch (target) | "

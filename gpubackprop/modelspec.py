@@ -23,6 +23,9 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
                                                     (T, h); a one-channel image (1, H, W) is read
                                                     as H rows of W features (a Reshape in front)
     last                                            LastStep: (T, h) -> (h,), the last time step
+    transformer(heads, ff=2048, layers=1, dropout=0.1, gelu=false, prenorm=false, causal=false)
+                                                    TransformerEncoderLayers over (T, d_model)
+                                                    sequences (d_model: the features)
     posemb(max_len=T)                               PositionalEmbedding: a learned (max_len, F)
                                                     table added to (T, F) sequences, T <= max_len
     res(SPEC)                                       Residual: Y = X + SPEC(X), SPEC maps a shape

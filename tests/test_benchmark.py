@@ -231,6 +231,66 @@ def test_recurrent_step_gemms_by_hand():
     assert lstm[1] == ("recurrent hidden", T, N, H, 4 * H)
 
 
+def test_transformer_step_gemms_by_hand():
+    from gpubackprop.modelspec import plan
+
+    T, E, H, F, N, C = 3, 4, 2, 6, 5, 7
+    D = E // H
+    gemms = benchmark.plan_step_gemms(plan("transformer(2,ff=6,layers=2)-last-dense(classes)",
+                                           (T, E), C), N)
+    proj = "attention projection"
+
+    def layer(first):
+        qkv = [(proj, 1, N * T, E, 3 * E), (f"{proj} weight gradient", 1, 3 * E, N * T, E)]
+        if not first:  # a first post-norm layer sends no gradient through its attention
+            qkv.append((f"{proj} input gradient", 1, N * T, 3 * E, E))
+        heads = [("attention scores", N * H, T, D, T), ("attention values", N * H, T, T, D),
+                 ("attention value gradient", N * H, T, T, D),
+                 ("attention weight gradient", N * H, T, D, T),
+                 ("attention query gradient", N * H, T, T, D),
+                 ("attention key gradient", N * H, T, T, D)]
+        out_proj = [(proj, 1, N * T, E, E), (f"{proj} weight gradient", 1, E, N * T, E),
+                    (f"{proj} input gradient", 1, N * T, E, E)]
+        ff = [("dense forward", 1, N * T, E, F), ("dense weight gradient", 1, F, N * T, E),
+              ("dense input gradient", 1, N * T, F, E), ("dense forward", 1, N * T, F, E),
+              ("dense weight gradient", 1, E, N * T, F), ("dense input gradient", 1, N * T, E, F)]
+        return qkv + heads + out_proj + ff
+
+    head = [("dense forward", 1, N, E, C), ("dense weight gradient", 1, C, N, E),
+            ("dense input gradient", 1, N, C, E)]
+    assert gemms == layer(True) + layer(False) + head
+    pre = benchmark.plan_step_gemms(plan("transformer(2,ff=6,prenorm=true)-last-dense(classes)",
+                                         (T, E), C), N)
+    assert pre[2] == (f"{proj} input gradient", 1, N * T, 3 * E, E)  # norm1's parameters need it
+
+
+def test_torch_twin_of_an_encoder_is_one_transformer_encoder():
+    """A run of equal encoder layers is one nn.TransformerEncoder (gelu, pre-norm, causal: the
+    mask passed at each call), with the same forward pass in float64."""
+    torch = pytest.importorskip("torch")
+    p = _tiny_plan("transformer(2,ff=6,layers=2,dropout=0,gelu=true,prenorm=true,causal=true)-"
+                   "last-dense(classes)", input_shape=(5, 4))
+    net = benchmark.torch_twin(p).double()
+    assert isinstance(net[0], torch.nn.TransformerEncoder) and net[0].num_layers == 2
+    assert net[0].layers[0].norm_first and len(net) == 3
+    model = benchmark.network_contender(p, 3, "cpu", "fused", dtype="float64").model
+    benchmark.load_weights(net, model)
+    X = np.random.default_rng(1).standard_normal((3, 5, 4))
+    Y, _ = model.forward(model.backend.to_device(X), train=True)
+    with torch.no_grad():
+        Yt = net(torch.from_numpy(X))
+    assert np.abs(np.asarray(Y) - Yt.numpy()).max() < 1e-10
+    with pytest.raises(ValueError, match="src_mask has no twin"):
+        benchmark.torch_twin(_masked_plan())
+
+
+def _masked_plan():
+    p = _tiny_plan("transformer(2,ff=6)-last-dense(classes)", input_shape=(5, 4))
+    kind, kw, ins, outs, tok = p.entries[0]
+    p.entries[0] = (kind, {**kw, "src_mask": np.zeros((5, 5))}, ins, outs, tok)
+    return p
+
+
 class _MatmulRecorder:
     """An array module whose matmul records the FLOPs of every call (2 per multiply-add)."""
 
@@ -330,7 +390,7 @@ def test_torch_twin_gelu_is_exact_and_gelu_tanh_the_approximation():
     assert np.abs(np.asarray(Y) - Yt.numpy()).max() < 1e-10
 
 
-@pytest.mark.parametrize("key", ["lenet5", "resnet", "gru"])
+@pytest.mark.parametrize("key", ["lenet5", "resnet", "gru", "transformer"])
 def test_step_time_split_clocks_every_layer_kind(key):
     net = benchmark.QUICK_NETWORKS[key]
     c = benchmark.network_contender(benchmark.network_plan(net), net.batch, "cpu", "fused")
@@ -342,7 +402,9 @@ def test_step_time_split_clocks_every_layer_kind(key):
     expected = {"lenet5": {"im2col", "conv GEMM", "col2im", "conv other", "pooling", "dense"},
                 "resnet": {"im2col", "conv GEMM", "col2im", "conv other", "batch norm", "activation",
                            "pooling", "residual add", "dense"},
-                "gru": {"recurrent GEMM", "recurrent cell", "recurrent other", "dense"}}[key]
+                "gru": {"recurrent GEMM", "recurrent cell", "recurrent other", "dense"},
+                "transformer": {"layer norm", "residual add", "attention GEMM", "softmax",
+                                "attention other", "dense"}}[key]
     assert set(split) == expected | {"rest"}
     assert all(split[k] > 0 for k in expected) and split["rest"] >= 0
     # restored: the kernel set, the array module and every layer's own forward

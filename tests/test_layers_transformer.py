@@ -371,3 +371,23 @@ def test_key_padding_errors(rng):
         model.forward([X, np.zeros((2, T - 1), bool)])
     with pytest.raises(ValueError, match="attn_mask/is_causal differ from this layer's"):
         gb.TransformerEncoderLayer(E, H, is_causal=True)(x, src_mask=np.zeros((T, T)))
+
+
+def test_spec_token_makes_the_encoder_layers():
+    from gpubackprop.modelspec import SpecError, plan
+
+    p = plan("transformer(2,ff=12,layers=2,dropout=0.2,gelu=true,prenorm=true,causal=true)-last-"
+             "dense(classes)", (T, E), 3)
+    layers = p.layers()
+    assert [type(la).__name__ for la in layers] == ["TransformerEncoderLayer"] * 2 + ["LastStep",
+                                                                                     "Dense"]
+    assert repr(layers[0]) == ("TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.2, "
+                               "activation='gelu', norm_first=True, is_causal=True)")
+    assert repr(plan("transformer(4)-last-dense(3)", (T, E), None).layers()[0]) == \
+        "TransformerEncoderLayer(8, 4, dim_feedforward=2048, dropout=0.1)"
+    rows = plan("transformer(2,ff=4)-last-dense(classes)", (1, 6, 8), 3).layers()  # image rows
+    assert type(rows[0]).__name__ == "Reshape" and rows[1].d_model == 8
+    with pytest.raises(SpecError, match=r"needs sequences \(time steps, features\), got 8"):
+        plan("transformer(2)-dense(classes)", (8,), 3)
+    with pytest.raises(SpecError, match="num_heads: expected a divisor of embed_dim=8, got 3"):
+        plan("transformer(3)-last-dense(classes)", (T, E), 3)

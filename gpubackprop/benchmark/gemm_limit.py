@@ -3,7 +3,7 @@
 
 A GEMM is (what, count, m, k, n): ``count`` products of (m×k)·(k×n). How ``count`` is run and
 which operand is a transposed view follows the layer code (layers/conv.py, dense.py,
-recurrent.py); ``LAYOUTS`` holds it, one line per kind.
+recurrent.py, attention.py); ``LAYOUTS`` holds it, one line per kind.
 """
 
 import numpy as np
@@ -29,6 +29,18 @@ LAYOUTS = {
     "recurrent hidden gradient": (False, False, "loop"),  # dG_t W_hh, one call a step (t > 0)
     "recurrent weight gradient": (True, False, "loop"),   # dGᵀ A over all T·N rows
     "recurrent input gradient": (False, False, "loop"),   # dG W_ih: the layer below's gradient
+    # MultiheadAttention (layers/attention.py): its projections (q, k, v as one, out_proj) as
+    # dense's; then per (sample, head) over N·H, the heads strided views of the projections (timed
+    # here as plain stacks)
+    "attention projection": (False, True, "loop"),              # X W_inᵀ, O W_outᵀ
+    "attention projection weight gradient": (True, False, "loop"),  # dPᵀ X
+    "attention projection input gradient": (False, False, "loop"),  # dP W
+    "attention scores": (False, True, "stacked"),           # S = Q Kᵀ
+    "attention values": (False, False, "stacked"),          # O = A V
+    "attention value gradient": (True, False, "stacked"),   # dV = Aᵀ dO
+    "attention weight gradient": (False, True, "stacked"),  # dA = dO Vᵀ
+    "attention query gradient": (False, False, "stacked"),  # dQ = dS K
+    "attention key gradient": (True, False, "stacked"),     # dK = dSᵀ Q
 }
 
 
@@ -67,7 +79,31 @@ def _entries_gemms(entries, batch, first):
             out += _recurrent_gemms(kind, kw, ins[0], batch, first_here)
         elif kind == "Residual":
             out += _entries_gemms(kw["block"], batch, first_here)
+        elif kind == "TransformerEncoderLayer":
+            out += _encoder_gemms(kw, ins[0], batch, first_here)
     return out
+
+
+def _dense(n_rows, n_in, n_out, input_gradient=True, what="dense"):
+    """A Dense layer's GEMMs (or the attention's projections: ``what="attention projection"``)."""
+    out = [(f"{what} forward" if what == "dense" else what, 1, n_rows, n_in, n_out),
+           (f"{what} weight gradient", 1, n_out, n_rows, n_in)]
+    return out + ([(f"{what} input gradient", 1, n_rows, n_out, n_in)] if input_gradient else [])
+
+
+def _encoder_gemms(kw, T, N, first):
+    """A TransformerEncoderLayer's: the q, k, v projection as one GEMM, the attention's batched
+    GEMMs over N·H, out_proj, linear1, linear2; a first post-norm layer computes no input
+    gradient through the attention (pre-norm: norm1's parameters need it)."""
+    E, F, H = kw["d_model"], kw.get("dim_feedforward", 2048), kw["nhead"]
+    D, rows, NH = E // H, N * T, N * H
+    input_gradient = not first or kw.get("norm_first", False)
+    proj = "attention projection"
+    out = _dense(rows, E, 3 * E, input_gradient, proj)
+    out += [("attention scores", NH, T, D, T), ("attention values", NH, T, T, D),
+            ("attention value gradient", NH, T, T, D), ("attention weight gradient", NH, T, D, T),
+            ("attention query gradient", NH, T, T, D), ("attention key gradient", NH, T, T, D)]
+    return out + _dense(rows, E, E, True, proj) + _dense(rows, E, F) + _dense(rows, F, E)
 
 
 def _recurrent_gemms(kind, kw, T, N, first):

@@ -1,5 +1,5 @@
 """The network benchmarks of issue 15 (LeNet-5, a VGG-style BatchNorm net, the ``resnet`` preset, an
-LSTM and a 2-layer GRU): a training step of each against the same network in torch.nn, the
+LSTM and a 2-layer GRU) and issue 19 (a 2-layer TransformerEncoder): a training step of each against the same network in torch.nn, the
 fraction of the step's GEMM limit and of the peak sgemm rate, and the per-op time split.
 
 Every network is a model spec (gpubackprop.modelspec) on a per-sample input shape; the plan it
@@ -37,6 +37,11 @@ NETWORKS = {
     "resnet": Network("resnet preset", "resnet", (3, 32, 32), 64, 10),
     "lstm": Network("LSTM", "lstm(128)-last-dense(classes)", (28, 28), 128, 10),
     "gru": Network("2-layer GRU", "gru(128,layers=2)-last-dense(classes)", (28, 28), 128, 10),
+    # issue 19: d_model 128, 4 heads, dim_feedforward 512 (4·d_model; torch's default is 2048),
+    # sequences of 64, batch 32, no dropout; the head reads the last position.
+    "transformer": Network("2-layer TransformerEncoder",
+                           "transformer(4,ff=512,layers=2,dropout=0)-last-dense(classes)", (64, 128),
+                           32, 10),
 }
 QUICK_NETWORKS = {
     "lenet5": Network("LeNet-5", "lenet5", (1, 12, 12), 8, 10),
@@ -44,6 +49,9 @@ QUICK_NETWORKS = {
     "resnet": Network("resnet preset", "resnet", (3, 8, 8), 4, 10),
     "lstm": Network("LSTM", "lstm(8)-last-dense(classes)", (5, 4), 8, 3),
     "gru": Network("2-layer GRU", "gru(8,layers=2)-last-dense(classes)", (5, 4), 8, 3),
+    "transformer": Network("2-layer TransformerEncoder",
+                           "transformer(2,ff=16,layers=2,dropout=0)-last-dense(classes)", (5, 8), 4,
+                           3),
 }
 
 

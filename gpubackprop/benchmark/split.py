@@ -7,7 +7,10 @@ weight and input gradient) and col2im, and "conv other" (bias+activation, its de
 gradient, the weight gradient's sum over a chunk, copies); batch norm; activation (Activation
 layers after a norm or a sum); pooling (max, average, global average); residual add; the recurrent
 layers' GEMMs, cell kernels (forward and backward) and "recurrent other" (input bias, bias
-gradients, copies); dense layers (their GEMMs, bias and activation); and "rest": loss, optimizer,
+gradients, copies); the attention's GEMMs (projections, scores, values, out_proj, their
+gradients), its masked softmax forward and backward and "attention other" (bias adds, bias
+gradients, the scale, masks); inside a transformer encoder layer each part is clocked as its own
+kind and the layer's own time (its residual sums) counts as "residual add"; dense layers (their GEMMs, bias and activation); and "rest": loss, optimizer,
 reshapes and Python between the layers.
 """
 
@@ -17,7 +20,8 @@ from gpubackprop.benchmark.timing import no_sync, sync_for
 
 SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "conv other", "batch norm", "layer norm",
                     "activation", "pooling", "residual add", "recurrent GEMM", "recurrent cell",
-                    "recurrent other", "dense", "dropout", "rest")
+                    "recurrent other", "attention GEMM", "softmax", "attention other", "dense",
+                    "dropout", "rest")
 _RECURRENT_OPS = {"matmul": "recurrent GEMM", "rnn_cell": "recurrent cell",
                   "rnn_cell_backward": "recurrent cell", "lstm_cell": "recurrent cell",
                   "lstm_cell_backward": "recurrent cell", "gru_cell": "recurrent cell",
@@ -31,6 +35,11 @@ LAYER_CATEGORIES = {
     "Residual": ("residual add", {}), "Dense": ("dense", {}), "Dropout": ("dropout", {}),
     "RNN": ("recurrent other", _RECURRENT_OPS), "LSTM": ("recurrent other", _RECURRENT_OPS),
     "GRU": ("recurrent other", _RECURRENT_OPS),
+    "MultiheadAttention": ("attention other", {"matmul": "attention GEMM",
+                                               "masked_softmax": "softmax",
+                                               "masked_softmax_backward": "softmax"}),
+    # an encoder layer's own time: its residual sums and the glue between its parts (each clocked)
+    "TransformerEncoderLayer": ("residual add", {}),
 }
 _CLOCKED_OPS = {name for _, ops in LAYER_CATEGORIES.values() for name in ops}
 
@@ -94,6 +103,9 @@ def _layers(layer):
     elif isinstance(layer, Residual):
         yield layer
         yield from _layers(layer.block)
+    elif hasattr(layer, "parts"):  # a leaf that owns layers (TransformerEncoderLayer)
+        yield layer
+        yield from layer.parts()
     else:
         yield layer
 

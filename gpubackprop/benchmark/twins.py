@@ -1,5 +1,6 @@
 """A plan's network in torch.nn: one builder for every benchmarked network (conv, BatchNorm,
-residual blocks, pooling, recurrent layers, dense), and gpubackprop's weights loaded into it, so
+residual blocks, pooling, recurrent layers, transformer encoder layers (a run of equal ones as one
+nn.TransformerEncoder), dense), and gpubackprop's weights loaded into it, so
 that both libraries time the same network from the same starting point.
 
 Module positions follow torch's habit (a fused activation is its own module after the layer), so
@@ -25,8 +26,15 @@ def _activation(nn, name):
 
 def _modules(nn, entries):
     mods = []
-    for kind, kw, ins, _, _ in entries:
-        if kind == "Conv2d":
+    for i, (kind, kw, ins, _, _) in enumerate(entries):
+        if kind == "TransformerEncoderLayer":
+            if i > 0 and entries[i - 1][0] == kind and entries[i - 1][1] == kw:
+                continue  # a run of equal encoder layers is one nn.TransformerEncoder
+            n = 1
+            while i + n < len(entries) and entries[i + n][:2] == (kind, kw):
+                n += 1
+            mods.append(_encoder(nn, kw, n))
+        elif kind == "Conv2d":
             mods.append(nn.Conv2d(kw["in_channels"], kw["out_channels"], kw["kernel_size"],
                                   stride=kw["stride"], padding=kw["padding"],
                                   dilation=kw["dilation"], groups=kw["groups"], bias=kw["bias"]))
@@ -64,12 +72,37 @@ def _modules(nn, entries):
             mods.append(_last_step_class(nn)())
         else:
             raise ValueError(f"torch_twin: no torch counterpart for {kind} here")
-        if kw.get("activation", "identity") != "identity" and kind != "Activation":
+        if kw.get("activation", "identity") != "identity" and kind not in (
+                "Activation", "TransformerEncoderLayer"):  # the encoder's activation is inside it
             mods.append(_activation(nn, kw["activation"]))
     return mods
 
 
 _CLASSES = {}
+
+
+def _encoder(nn, kw, num_layers):
+    """nn.TransformerEncoder of ``num_layers`` copies of the encoder layer ``kw`` describes (batch
+    first), with its src_mask/is_causal passed at every call."""
+    if kw.get("src_mask") is not None:
+        raise ValueError("torch_twin: an encoder with src_mask has no twin here (is_causal has)")
+    layer = nn.TransformerEncoderLayer(kw["d_model"], kw["nhead"], kw.get("dim_feedforward", 2048),
+                                       kw.get("dropout", 0.1), kw.get("activation", "relu"),
+                                       layer_norm_eps=kw.get("layer_norm_eps", 1e-5),
+                                       batch_first=True, norm_first=kw.get("norm_first", False))
+    if "Encoder" not in _CLASSES:
+        class TorchEncoder(nn.TransformerEncoder):
+            def forward(self, x):
+                if not self.causal:
+                    return super().forward(x)
+                T = x.shape[1]
+                mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device,
+                                                                      dtype=x.dtype)
+                return super().forward(x, mask=mask, is_causal=True)
+        _CLASSES["Encoder"] = TorchEncoder
+    enc = _CLASSES["Encoder"](layer, num_layers, enable_nested_tensor=False)
+    enc.causal = bool(kw.get("is_causal", False))
+    return enc
 
 
 def _residual_class(nn):

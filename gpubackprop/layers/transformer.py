@@ -47,7 +47,7 @@ from gpubackprop.layers.base import Layer, fmt_shape, no_backprop
 from gpubackprop.layers.dense import Dense
 from gpubackprop.layers.dropout import Dropout
 from gpubackprop.layers.normalization import LayerNorm
-from gpubackprop.layers.registry import register
+from gpubackprop.layers.registry import REQUIRED, SpecToken, register
 from gpubackprop.validation import check_choice, drop_probability, positive_int
 
 ACTIVATIONS = ("relu", "gelu")
@@ -200,9 +200,11 @@ class TransformerEncoderLayer(Layer):
             return X, lambda dY: dY
         return part.forward(X, train=True)
 
-    def _attention(self, X, pad, train):
-        """dropout1(self_attn(X)) and its backprop (dX: the sum over query, key and value)."""
-        A, back_a = self.self_attn.forward([X, X, X] + ([] if pad is None else [pad]), train=train)
+    def _attention(self, X, pad, train, input_grad=True):
+        """dropout1(self_attn(X)) and its backprop (dX: the sum over query, key and value; None
+        without input_grad)."""
+        A, back_a = self.self_attn.forward([X, X, X] + ([] if pad is None else [pad]), train=train,
+                                           input_grad=input_grad)
         Y, back_d = self._drop(self.dropout1, A, train)
 
         def backprop(dY):
@@ -226,8 +228,10 @@ class TransformerEncoderLayer(Layer):
 
         return Y, backprop
 
-    def _all_parts(self):
-        return [part for _, part in self._parts()] + [self.dropout_ff, self.dropout1, self.dropout2]
+    def parts(self):
+        """The layers this one runs: those with parameters, then the dropouts (when it drops)."""
+        drops = [self.dropout_ff, self.dropout1, self.dropout2] if self.dropout > 0 else []
+        return [part for _, part in self._parts()] + drops
 
     def forward(self, X, train=False, input_grad=True):
         listed = isinstance(X, (list, tuple))  # a graph's [src(, mask)]; a Sequential's src
@@ -235,7 +239,7 @@ class TransformerEncoderLayer(Layer):
         X, pad = self._check(Xs)
         # The parts' buffers live in this layer's workspaces, which a graph gives each use of a
         # shared layer separately: two uses in one step then never overwrite each other's.
-        for k, part in enumerate(self._all_parts()):
+        for k, part in enumerate(self.parts()):
             part._workspaces = self._workspaces.setdefault(("part", k), {})
         # The residual sums go into this use's buffers in training (a step allocates nothing);
         # in inference every output is new.
@@ -261,7 +265,8 @@ class TransformerEncoderLayer(Layer):
             F, back_f = self._feed_forward(G, train)
             Y = add(X1, F, "y")
         else:
-            S, back_s = self._attention(X, pad, train)
+            # post-norm: the attention's input gradient only goes to dX (none for a first layer)
+            S, back_s = self._attention(X, pad, train, input_grad)
             X1, back_n1 = self.norm1.forward(add(X, S, "x1"), train=train)
             F, back_f = self._feed_forward(X1, train)
             Y, back_n2 = self.norm2.forward(add(X1, F, "y"), train=train)
@@ -277,7 +282,8 @@ class TransformerEncoderLayer(Layer):
                 dZ2 = back_n2(dY)
                 dX1 = add(dZ2, back_f(dZ2), "dx1")
                 dZ1 = back_n1(dX1)
-                dX = add(dZ1, back_s(dZ1), "dx")
+                dS = back_s(dZ1)  # the attention's parameter gradients, and its input's
+                dX = add(dZ1, dS, "dx") if input_grad else None
             dX = dX if input_grad else None
             return [dX] + [None] * (len(Xs) - 1) if listed else dX
 
@@ -320,4 +326,31 @@ def _split_shapes(input_shape):
     return [tuple(input_shape)]
 
 
-register(TransformerEncoderLayer)
+def _make_transformer(ctx):
+    """``layers`` encoder layers on sequences (T, d_model); a one-channel image is read as its rows."""
+    shape, made = ctx.shape, []
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+        made.append(("Reshape", {"shape": shape}))
+    if len(shape) != 2:
+        raise ctx.error(f"needs sequences (time steps, features), got {ctx.fmt(shape)}")
+    kw = {"d_model": shape[1], "nhead": ctx.size("heads"), "dim_feedforward": ctx.size("ff"),
+          "dropout": ctx.params["dropout"]}
+    if ctx.params["gelu"]:
+        kw["activation"] = "gelu"
+    if ctx.params["prenorm"]:
+        kw["norm_first"] = True
+    if ctx.params["causal"]:
+        kw["is_causal"] = True
+    return made + [("TransformerEncoderLayer", dict(kw)) for _ in range(ctx.size("layers"))]
+
+
+register(TransformerEncoderLayer, SpecToken(
+    "transformer", _make_transformer,
+    {"heads": ("int", REQUIRED), "ff": ("int", 2048), "layers": ("int", 1), "dropout": ("prob", 0.1),
+     "gelu": ("bool", False), "prenorm": ("bool", False), "causal": ("bool", False)},
+    positional=("heads",), example="transformer(4)",
+    help="transformer(heads,ff=2048,layers=1,dropout=0.1,gelu=false,prenorm=false,causal=false)\n"
+         "                TransformerEncoderLayers over sequences (time steps, d_model) -> the same "
+         "shape\n                (d_model: the features), as torch's; e.g. "
+         "transformer(4,ff=512,layers=2)-last-dense(classes)"))
