@@ -26,11 +26,13 @@ SPEC = ("conv(32,3,pad=1)-relu-bn-conv(32,3,pad=1)-relu-bn-maxpool(2)-conv(64,3,
         "maxpool(2)-flatten-dropout(0.3)-dense(10)")
 
 
-def main(device="auto", kernels="fused", epochs=15, seed=0, spec=SPEC, lr=0.003, batch_size=32):
+def main(device="auto", kernels="fused", epochs=15, seed=0, spec=SPEC, lr=0.003, batch_size=32,
+         precision="fp32"):
     X_train, X_test, y_train, y_test = load_digits_split(seed)
     X_train = X_train.reshape(-1, 1, 8, 8)  # rows of 64 pixels back to images
     X_test = X_test.reshape(-1, 1, 8, 8)
-    model, plan = build_model(spec, (1, 8, 8), 10, device=device, seed=seed, kernels=kernels)
+    model, plan = build_model(spec, (1, 8, 8), 10, device=device, seed=seed, kernels=kernels,
+                              precision=precision)
     loss = gb.SoftmaxCrossEntropy()
     opt = gb.Adam(lr=lr)
     schedule = make_schedule("cosine", lr, -(-len(X_train) // batch_size), epochs)
@@ -56,5 +58,7 @@ if __name__ == "__main__":
     p.add_argument("--spec", default=SPEC)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="bf16/fp16: mixed precision (on the CPU an emulation, not a speed-up)")
     a = p.parse_args()
-    main(a.device, a.kernels, a.epochs, a.seed, a.spec, a.lr, a.batch_size)
+    main(a.device, a.kernels, a.epochs, a.seed, a.spec, a.lr, a.batch_size, a.precision)

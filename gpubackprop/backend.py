@@ -163,9 +163,14 @@ def load_ops(device, kernels, xp):
 class Backend:
     """Device, dtype, kernel set and host RNG of one model."""
 
-    def __init__(self, device="auto", dtype="float32", kernels="fused", seed=0):
+    def __init__(self, device="auto", dtype="float32", kernels="fused", seed=0, precision="fp32"):
+        from gpubackprop.precision import check_precision
+
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype)
+        # "bf16"/"fp16": the 16-bit values the layers store (gpubackprop.precision); on the CPU an
+        # emulation of the GPU's numerics (float32 arrays holding 16-bit values), not a speed-up.
+        self.precision = check_precision(precision, self.dtype)
         # Under the simulator the CUDA kernels run on NumPy arrays; on a GPU, on CuPy arrays.
         self.xp = cupy_module() if self.device == "cuda" and has_cupy_gpu() else np
         self.kernels = kernels
@@ -173,7 +178,8 @@ class Backend:
         self.rng = np.random.default_rng(seed)
 
     def __repr__(self):
-        return (f"Backend(device={self.device!r}, dtype={self.dtype.name!r}, "
+        where = "" if self.precision == "fp32" else f", precision={self.precision!r}"
+        return (f"Backend(device={self.device!r}, dtype={self.dtype.name!r}{where}, "
                 f"ops={self.ops.name!r}, xp={self.xp.__name__})")
 
     @property

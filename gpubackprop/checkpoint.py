@@ -113,7 +113,10 @@ def save_checkpoint(path, model, opt=None, loss=None, state=None, config=None, s
     meta = {
         "format": FORMAT, "version": VERSION,
         "model": {"architecture": architecture(model), "dtype": be.dtype.name,
-                  "seed": model.seed, "device": be.device, "kernels": be.kernels},
+                  "seed": model.seed, "device": be.device, "kernels": be.kernels,
+                  # mixed precision (the fp16 loss scale itself is model state: buffer/loss_scale*)
+                  "precision": model.precision,
+                  "loss_scaler": None if model.loss_scaler is None else model.loss_scaler.config()},
         "loss": None if loss is None else type(loss).__name__,
         "rng": _jsonable(be.rng.bit_generator.state),
         "config": _jsonable(config or {}),
@@ -244,8 +247,10 @@ class Checkpoint:
         try:
             if cls is None or not hasattr(cls, "_init_model"):
                 raise ValueError(f"expected a model description, got {desc!r}")
+            mixed = {"precision": m["precision"], "loss_scaler": m.get("loss_scaler")} \
+                if m.get("precision", "fp32") != "fp32" else {}
             model = cls.from_config({k: v for k, v in desc.items() if k != "type"}, device=device,
-                                    dtype=m["dtype"], seed=m["seed"], kernels=kernels)
+                                    dtype=m["dtype"], seed=m["seed"], kernels=kernels, **mixed)
         except registry.DescriptionError as e:
             raise CheckpointError(str(e)) from None
         except (KeyError, TypeError, ValueError) as e:
@@ -265,6 +270,10 @@ class Checkpoint:
         if model.dtype.name != dtype:
             raise CheckpointError(f"checkpoint {self.path}: made for dtype {dtype}, but the model "
                                   f"is {model.dtype.name}")
+        precision = self.meta["model"].get("precision", "fp32")
+        if model.precision != precision:
+            raise CheckpointError(f"checkpoint {self.path}: made for precision {precision}, but the "
+                                  f"model is {model.precision}")
 
     def restore_model(self, model):
         self.check_model(model)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from gpubackprop.losses import as_loss
+from gpubackprop.precision import store16
 from gpubackprop.validation import describe, positive_int, same_length, samples
 
 
@@ -103,6 +104,7 @@ def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
     the local gradient (a mean over the local rows) times ``share``, summed over the ranks, is the
     gradient of the mean over the global batch; one all-reduce of the flat gradient buffer.
     """
+    scaler = getattr(model, "loss_scaler", None)  # fp16: the dynamic loss scale (precision.py)
     if rows(Xd) == 0:  # a rank whose share of a short last batch is empty adds nothing
         model.flat_grads[...] = 0
         value, Y = model.backend.xp.zeros((), model.backend.dtype), None
@@ -110,12 +112,22 @@ def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
         model.zero_grads()
         Y, backprop = model.forward(Xd, train=True, input_grad=False)
         value, dY = loss.loss_and_grad(model.backend, Y, Td)
+        if model.precision != "fp32":  # the loss in float32; its gradient enters as 16 bits
+            if scaler is not None:
+                dY = [scaler.scale_grad(d) for d in dY] if isinstance(dY, list) else \
+                    scaler.scale_grad(dY)
+            dY = store16(model.backend, dY)
         backprop(dY)
     if comm is not None and comm.size > 1:
         if share != 1.0:
             model.flat_grads *= share
         comm.allreduce_sum(model.flat_grads)
-    opt.step(model)
+    if scaler is None:
+        opt.step(model)
+    else:  # unscale + inf check in one pass, the update skipped on overflow, the scale updated
+        scaler.unscale(model.flat_grads)
+        scaler.step(opt, model)
+        scaler.update()
     return value, Y
 
 
@@ -384,8 +396,11 @@ def _nan_unless_params_finite(be, total, model):
 
 def _all_finite(be, value, model):
     xp = be.xp
-    return xp.isfinite(value) & xp.isfinite(model.flat_grads).all() & \
-        xp.isfinite(model.flat_params).all()
+    params = xp.isfinite(model.flat_params).all()
+    if getattr(model, "loss_scaler", None) is not None:
+        # fp16: an overflowing gradient is the loss scaler's to handle (the step was skipped)
+        return xp.isfinite(value) & params
+    return xp.isfinite(value) & xp.isfinite(model.flat_grads).all() & params
 
 
 def _diagnose(model, loss, value, Xb, step, epoch, b, n_batches):

@@ -8,9 +8,16 @@ import os
 import numpy as np
 
 from gpubackprop.backend import DEVICES, KERNEL_SETS
+from gpubackprop.precision import PRECISIONS  # noqa: F401 (train's --precision choices)
 
 PROG = "gpubackprop"
 
+
+# --precision (train): gpubackprop.precision's names, and what they mean on each device.
+PRECISION_HELP = ("mixed precision: fp32, or bf16/fp16 with float32 master weights and 16-bit "
+                  "activations (fp16 with a dynamic loss scale). On the CPU the 16-bit modes "
+                  "emulate the GPU's numerics for testing and are not a speed feature (slower than "
+                  "fp32); the speed-up is a GPU's")
 
 class UsageError(Exception):
     """A command-line usage problem (reported as one line, exit status 2)."""

@@ -11,6 +11,8 @@ import warnings
 from gpubackprop.backend import DTYPES
 from gpubackprop.cli.options import (
     HEADER_HELP,
+    PRECISION_HELP,
+    PRECISIONS,
     Formatter,
     Options,
     add_device_options,
@@ -32,7 +34,7 @@ from gpubackprop.schedules import SCHEDULE_NAMES
 
 # Options whose value a resumed run must share with the checkpoint (the rest may change).
 MUST_MATCH = ("dataset", "label_column", "header", "val_split", "test_split", "scale", "model", "layers",
-              "activation", "init", "dtype", "seed", "loss", "optimizer", "lr", "momentum",
+              "activation", "init", "dtype", "precision", "seed", "loss", "optimizer", "lr", "momentum",
               "weight_decay", "clip_norm", "batch_size", "schedule", "step_size", "gamma",
               "warmup_steps", "min_lr", "early_stopping", "monitor", "restore_best")
 
@@ -96,6 +98,7 @@ def add_parser(sub):
     g.add("--init", None, "weight initialisation (default: he for relu-like, xavier otherwise)",
           choices=INITS)
     g.add("--dtype", "float32", "floating-point type", choices=DTYPES)
+    g.add("--precision", "fp32", PRECISION_HELP, choices=PRECISIONS)
     g.add("--seed", 0, "seed of the weights, the batch order and the splits",
           type=int_at_least(0), metavar="N")
     g = Options(p.add_argument_group("training"), defaults)
@@ -176,7 +179,8 @@ def _model_from_config(cfg, sample_shape, n_classes, device, kernels):
 
     return build_model(cfg["model"], sample_shape, n_classes, hidden=cfg["layers"],
                        activation=cfg["activation"], init=cfg["init"], device=device,
-                       dtype=cfg["dtype"], seed=cfg["seed"], kernels=kernels)
+                       dtype=cfg["dtype"], seed=cfg["seed"], kernels=kernels,
+                       precision=cfg.get("precision") or "fp32")
 
 
 def _flat_first(architecture):

@@ -4,6 +4,7 @@ from gpubackprop.layers import registry
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, shape_tuple
 from gpubackprop.layers.model import LayerShapeError, Model, one_line
 from gpubackprop.layers.registry import SpecToken
+from gpubackprop.precision import store16
 
 
 def _is_layer(x):
@@ -72,16 +73,17 @@ class Residual(Layer):
         else:
             Y = xp.empty_like(H)
         xp.add(X, H, out=Y)
+        store16(self.backend, Y)
 
         def backprop(dY):
             dX = block_backprop(dY)
             if dX is None:
                 return None
             if xp.may_share_memory(dX, dY):  # a block that passes dY through (Flatten-like)
-                return dX + dY
+                return store16(self.backend, dX + dY)
             # The skip path passes dY straight through; dX is the block's own scratch buffer.
             dX += dY
-            return dX
+            return store16(self.backend, dX)
 
         return Y, backprop
 
@@ -97,13 +99,15 @@ class Sequential(Model):
     """A chain of layers; at the top level it is also the model and owns the flat buffers.
 
     device: "auto" | "cpu" | "cuda"; dtype: "float32" | "float64"; kernels: "fused" | "reference".
+    precision: "fp32" | "bf16" | "fp16" (float32 master weights, 16-bit activations; fp16 with a
+    dynamic loss scale, ``loss_scaler``: a gb.LossScaler or its options; see gpubackprop.precision).
     ``input_shape``: the per-sample input shape, e.g. (1, 28, 28) (NCHW); by default the first
     layer's (``Dense(n_in, .)``: (n_in,)). Parameters are initialised from ``seed`` when the
     model is first used. Inside another model it is a block of it (its model options unused).
     """
 
     def __init__(self, layers, device="auto", dtype="float32", seed=0, kernels="fused",
-                 input_shape=None):
+                 input_shape=None, precision="fp32", loss_scaler=None):
         layers = list(layers) if isinstance(layers, (list, tuple)) else layers
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"layers: expected a non-empty list of layers, got {layers!r}")
@@ -114,7 +118,7 @@ class Sequential(Model):
         self.layers = layers
         self.explicit_input_shape = (None if input_shape is None
                                      else shape_tuple(input_shape, "input_shape"))
-        self._init_model(device, dtype, seed, kernels)
+        self._init_model(device, dtype, seed, kernels, precision, loss_scaler)
         # Shapes are checked now when the input shape is known (else when the model builds).
         shape = self.input_shape_hint
         if shape is not None:
@@ -172,19 +176,24 @@ class Sequential(Model):
         return list(self.layers)
 
     def run(self, X, train, input_grad):
+        # Under a 16-bit precision every layer's output and input gradient is stored rounded
+        # (store16; a no-op in fp32): what the GPU keeps in 16 bits between layers.
+        be = self.backend
         if not train:
             for layer in self.layers:
                 X, _ = layer.forward(X, False)
+                X = store16(be, X)
             return X, no_backprop
         callbacks = []
         for i, layer in enumerate(self.layers):
             X, bp = layer.forward(X, True, input_grad or i > 0)
+            X = store16(be, X)
             callbacks.append(bp)
         callbacks.reverse()
 
         def backprop(dY):
             for bp in callbacks:
-                dY = bp(dY)
+                dY = store16(be, bp(dY))
             return dY
 
         return X, backprop

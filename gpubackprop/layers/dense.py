@@ -106,6 +106,7 @@ class Dense(Layer):
         self._matmul = backend.xp.matmul
         self._multiply = backend.xp.multiply
         self._saves_input = saves_input(self.activation)
+        self._precision = backend.precision  # bf16/fp16: W, b are views of the 16-bit copy
 
     def _workspace(self, B):
         return self.workspace(B, lambda: _Workspace(self.backend, B, self.n_in, self.n_out,
@@ -128,7 +129,10 @@ class Dense(Layer):
         act = self.activation
         ops.bias_act(Z, self.b, act, A)  # Z += b; A = σ(Z), one pass
         saved = Z if self._saves_input else A
-        matmul, dW, db, W, dZbuf, dX = self._matmul, self.dW, self.db, self.W, ws.dZ, ws.dX
+        lowp = self._precision != "fp32"
+        if lowp and self._saves_input:  # the gelus' saved Z is a 16-bit tensor too (A: the model)
+            ops.round16(Z, self._precision, Z)
+        dW, db, W, dZbuf, dX = self.dW, self.db, self.W, ws.dZ, ws.dX
         identity = act == "identity"
         # With one sample BP3 is an outer product, for which NumPy's matmul leaves BLAS for a
         # plain loop (4x slower than a broadcast multiply here); Δᵀ (n_out, 1) · X (1, n_in).
@@ -137,6 +141,8 @@ class Dense(Layer):
         def backprop(dA):
             # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z), one fused pass (identity: Δ = dA).
             dZ = dA if identity else ops.act_backward(dA, saved, act, dZbuf)
+            if lowp and not identity:  # 16-bit Δ: the input of both backward GEMMs
+                ops.round16(dZ, self._precision, dZ)
             if self._accumulate:
                 # BP3 (accumulating): ∂C/∂W += Δᵀ A_prev, through the workspace (no temporary).
                 tmp = ws.dW_tmp()

@@ -28,6 +28,7 @@ import numpy as np
 from gpubackprop.layers import registry
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, shape_tuple, size_of
 from gpubackprop.layers.model import Model, one_line
+from gpubackprop.precision import store16
 
 
 class SymbolicTensor:
@@ -217,7 +218,7 @@ class GraphModel(Model):
     type_name = "Model"
 
     def __init__(self, inputs=None, outputs=None, device="auto", dtype="float32", seed=0,
-                 kernels="fused"):
+                 kernels="fused", precision="fp32", loss_scaler=None):
         self._multi_in = isinstance(inputs, (list, tuple))
         self._multi_out = isinstance(outputs, (list, tuple))
         ins = list(inputs) if self._multi_in else [inputs]
@@ -242,7 +243,7 @@ class GraphModel(Model):
             if all(node.layer is not layer for layer in self._layers):
                 self._layers.append(node.layer)
         self._check_sharing()
-        self._init_model(device, dtype, seed, kernels)
+        self._init_model(device, dtype, seed, kernels, precision, loss_scaler)
         self._sum_buffers = {}
         self._requires = {}
 
@@ -426,7 +427,7 @@ class GraphModel(Model):
             many = getattr(layer, "multi_input", False)
             need = train and any(req[id(x)] for x in node.inputs)
             Y, bp = layer.forward(args if many else args[0], train, need)
-            values[id(node.output)] = Y
+            values[id(node.output)] = store16(self.backend, Y)  # 16-bit precisions: rounded
             calls.append(bp)
         outs = [values[id(t)] for t in self._outputs]
         result = outs if self._multi_out else outs[0]
@@ -460,7 +461,7 @@ class GraphModel(Model):
             xp.add(parts[0], parts[1], out=buf)  # parts are other layers' buffers: left alone
             for d in parts[2:]:
                 buf += d
-            return buf
+            return store16(self.backend, buf)
 
         for t, d in zip(self._outputs, dYs, strict=True):
             add(t, xp.zeros_like(values[id(t)]) if d is None else d)
@@ -470,7 +471,7 @@ class GraphModel(Model):
             g = total(node.output)
             if g is None:  # an output of a node no path to an output differentiates
                 g = xp.zeros_like(values[id(node.output)])
-            dX = bp(g)
+            dX = store16(self.backend, bp(g))
             parts = dX if getattr(node.layer, "multi_input", False) else [dX]
             for x, d in zip(node.inputs, parts, strict=True):
                 if d is not None and req[id(x)]:

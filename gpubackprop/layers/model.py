@@ -17,6 +17,7 @@ import numbers
 
 import numpy as np
 
+from gpubackprop import precision as mixed
 from gpubackprop import state_dict as torch_io
 from gpubackprop.backend import KERNEL_SETS, Backend, check_dtype, resolve_device
 from gpubackprop.layers.base import Layer, ModelContext, no_backprop, size_of
@@ -63,7 +64,7 @@ class Model(Layer):
             return super().__new__(GraphModel)
         return super().__new__(cls)
 
-    def _init_model(self, device, dtype, seed, kernels):
+    def _init_model(self, device, dtype, seed, kernels, precision="fp32", loss_scaler=None):
         # Bad configuration fails here, at construction, not at first use: each is checked (and
         # "cuda" without a usable GPU refused) as the backend will take it.
         resolve_device(device, announce=False)
@@ -72,6 +73,11 @@ class Model(Layer):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.options = {"device": device, "dtype": dtype, "seed": seed, "kernels": kernels}
+        mixed.check_precision(precision, dtype)
+        # The loss scaler's options (fp16 only; GradScaler's defaults without loss_scaler).
+        self.loss_scaler = mixed.make_scaler(loss_scaler, precision)
+        if precision != "fp32":  # a fp32 model's options (its repr, configs) stay as they were
+            self.options["precision"] = precision
         self._backend = None
         self._outer = None  # the model this one is a block of, set when that one builds
         self._context = None
@@ -157,6 +163,7 @@ class Model(Layer):
         self.build(self._model_input_shape())
         leaves = self.leaves()
         self._check_leaves(leaves)
+        mixed.check_layers(leaves, self.precision)
         be = Backend(**self.options)
         # Before anything big is allocated (the initial values included): a size that cannot fit
         # is an error naming the layer, not an out-of-memory traceback half way through.
@@ -186,11 +193,19 @@ class Model(Layer):
                 state_offsets[dt] = start + size_of(shape)
         self.flat_params = be.to_device(np.concatenate(host) if host else np.zeros(0))
         self.flat_grads = be.zeros(self.flat_params.shape)
+        # 16-bit precisions: the GEMM layers' forward reads a rounded copy of the master weights
+        # (refreshed by every top-level forward: gpubackprop.precision), the rest the masters.
+        lowp_layers = {id(layer) for layer in mixed.weight_layers(leaves)} \
+            if self.precision != "fp32" else set()
+        self.flat_params16 = be.empty(self.flat_params.shape) if lowp_layers else None
+        if self.loss_scaler is not None:
+            self.loss_scaler.attach(be)
         self.state_buffers = {dt: be.zeros((n,), dt) for dt, n in state_offsets.items()}
         views = {id(layer): ({}, {}, {}) for _, layer in leaves}
         for _, layer, name, o, shape in params:
             p, g, _ = views[id(layer)]
-            p[name] = self.flat_params[o:o + size_of(shape)].reshape(shape)
+            src = self.flat_params16 if id(layer) in lowp_layers else self.flat_params
+            p[name] = src[o:o + size_of(shape)].reshape(shape)
             g[name] = self.flat_grads[o:o + size_of(shape)].reshape(shape)
         for _, layer, name, dt, o, shape, h in states:
             view = self.state_buffers[dt][o:o + size_of(shape)].reshape(shape)
@@ -225,6 +240,11 @@ class Model(Layer):
     @property
     def dtype(self):
         return self.backend.dtype
+
+    @property
+    def precision(self):
+        """"fp32", "bf16" or "fp16" (gpubackprop.precision)."""
+        return self.options.get("precision", "fp32")
 
     @property
     def device(self):
@@ -274,12 +294,37 @@ class Model(Layer):
         if self._outer is not None:  # a block of another model: that model counts the steps
             return self.run(X, train, input_grad)
         self._top()
+        if self.precision != "fp32":
+            X = self._lowp_input(X, train)
         if not train:
             Y, _ = self.run(X, False, input_grad)
             return Y, no_backprop
         out = self.run(X, True, input_grad)
         self._context.step += 1  # one more training pass (Dropout's masks follow it)
         return out
+
+    def _lowp_input(self, X, train):
+        """The 16-bit weight copy from the master weights, and X rounded to 16 bits into a buffer
+        of the model's (the caller's X is left alone); integer inputs as they are."""
+        be, p = self._backend, self.precision
+        if self.flat_params16 is not None:
+            be.ops.round16(self.flat_params, p, self.flat_params16)
+        several = isinstance(X, (list, tuple))
+        out = []
+        for i, (x, dt) in enumerate(zip(X if several else [X], self.input_dtypes, strict=True)):
+            if dt is not None:
+                out.append(x)
+                continue
+            key = ("input16", i, tuple(x.shape))
+            buf = self._workspaces.get(key) if train else None
+            if buf is None:
+                buf = be.empty(x.shape)
+                if train:
+                    if len(self._workspaces) > 8:
+                        self._workspaces.clear()
+                    self._workspaces[key] = buf
+            out.append(be.ops.round16(be.xp.ascontiguousarray(x), p, buf))
+        return out if several else out[0]
 
     def __call__(self, X):
         """Inference on device arrays: the model's outputs (logits for a classifier). On symbolic
@@ -355,6 +400,8 @@ class Model(Layer):
         state = {key: self._host(self.state_buffers[dt], o, s)
                  for key, _, _, dt, o, s, _ in self._states}
         state["step"] = np.array(self._context.step, dtype=np.int64)
+        if self.loss_scaler is not None:  # fp16: the dynamic loss scale and its growth tracker
+            state.update(self.loss_scaler.get_state())
         return state
 
     def set_state(self, state):
@@ -367,11 +414,22 @@ class Model(Layer):
             state = {k: v for k, v in state.items() if k != "step"}
         else:
             step = None
+        scaler_state = None
+        if self.loss_scaler is not None and isinstance(state, dict):
+            names = ("loss_scale", "loss_scale_growth_tracker")
+            if not all(k in state for k in names):
+                raise ValueError(f"state: expected keys {list(names)} of the fp16 loss scaler, got "
+                                 f"{sorted(state)}")
+            scaler_state = [host_array(state[k], f"state[{k!r}]") for k in names]
+            self.loss_scaler.check_state(*scaler_state)  # checked before anything is written
+            state = {k: v for k, v in state.items() if k not in names}
         expected = {key: (self.state_buffers[dt], o, s, dt)
                     for key, _, _, dt, o, s, _ in self._states}
         self._copy_in(state, expected, "state", "get_state()")
         if step is not None:
             self._context.step = int(step)
+        if scaler_state is not None:
+            self.loss_scaler.set_state(*scaler_state)
 
     def _copy_in(self, arrays, expected, what, source):
         be = self._backend

@@ -28,6 +28,7 @@ from gpubackprop.kernels.cpu.losses import LossOps
 from gpubackprop.kernels.cpu.normalization import NormalizationOps
 from gpubackprop.kernels.cpu.optimizers import OptimizerOps
 from gpubackprop.kernels.cpu.pooling import PoolingOps
+from gpubackprop.kernels.cpu.precision import PrecisionOps
 from gpubackprop.kernels.cpu.recurrent import RecurrentOps
 from gpubackprop.kernels.reference import ACTIVATIONS, ReferenceOps
 
@@ -44,7 +45,7 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
 class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
-             DropoutOps, EmbeddingOps, AttentionOps, ReferenceOps):
+             DropoutOps, EmbeddingOps, AttentionOps, PrecisionOps, ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"

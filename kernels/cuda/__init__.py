@@ -24,6 +24,7 @@ from gpubackprop.kernels.cuda.losses import LossOps
 from gpubackprop.kernels.cuda.normalization import NormalizationOps
 from gpubackprop.kernels.cuda.optimizers import OptimizerOps
 from gpubackprop.kernels.cuda.pooling import PoolingOps
+from gpubackprop.kernels.cuda.precision import PrecisionOps
 from gpubackprop.kernels.cuda.recurrent import RecurrentOps
 from gpubackprop.kernels.reference import ReferenceOps
 
@@ -31,7 +32,7 @@ __all__ = ["THREADS", "CudaOps"]
 
 
 class CudaOps(DenseOps, LossOps, OptimizerOps, NormalizationOps, DropoutOps, ConvOps, PoolingOps,
-              RecurrentOps, EmbeddingOps, AttentionOps, Launcher, ReferenceOps):
+              RecurrentOps, EmbeddingOps, AttentionOps, PrecisionOps, Launcher, ReferenceOps):
     """The reference ops as fused Numba CUDA kernels (float32 and float64), on CuPy's stream."""
 
     name = "fused-cuda"

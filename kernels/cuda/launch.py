@@ -2,7 +2,8 @@
 compilation, launch sizes, and launching on CuPy's current stream.
 
 A kernel body is a plain Python function registered with ``@kernel_body(signature)``; the
-signature is a template in which ``{t}`` stands for the float type and ``{l}`` for the label type.
+signature is a template in which ``{t}`` stands for the float type, ``{l}`` for the label type and
+``{h}`` for a 16-bit storage type.
 ``kernel(body, dtype)`` compiles it for one dtype on first use, so that importing the set costs no
 compilation and needs no GPU; ``REGISTRY`` lists every body, which is how the compile check
 (tests/test_cuda_compile.py) finds them all.
@@ -43,6 +44,7 @@ REDUCE_BLOCKS = SIM_BLOCKS if SIMULATOR else 256  # fixed: the summation order d
 
 REGISTRY = {}  # body -> signature template
 LABEL_DTYPES = ("int32", "int64")  # what {l} is compiled for by the compile check
+HALF_DTYPES = ("float16", "uint16")  # what {h} is: fp16, and bf16 as its bits
 _KERNELS = {}
 _FAST = {}  # compiled kernel -> its FastLaunch
 
@@ -61,7 +63,10 @@ def device_function(fn):
 
 
 def signature(body, dtype, label_dtype=None):
-    return REGISTRY[body].format(t=dtype.name, l=label_dtype.name if label_dtype else "")
+    # A body has {l} (labels) or {h} (16-bit storage: float16, or uint16 holding bfloat16 bits,
+    # kernels/cuda/precision.py), filled from the same second dtype.
+    second = label_dtype.name if label_dtype else ""
+    return REGISTRY[body].format(t=dtype.name, l=second, h=second)
 
 
 def kernel(body, dtype, label_dtype=None):

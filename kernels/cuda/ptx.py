@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpubackprop.kernels.cuda.launch import LABEL_DTYPES, REGISTRY, cuda, signature
+from gpubackprop.kernels.cuda.launch import HALF_DTYPES, LABEL_DTYPES, REGISTRY, cuda, signature
 
 ARCHES = ((8, 0), (9, 0))
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -75,6 +75,10 @@ def ptxas_path():
 
 def signatures(body):
     """Every (float dtype, label dtype) a body is launched with."""
+    if "{h}" in REGISTRY[body]:  # the 16-bit storage bodies: float32 arithmetic, both storages
+        return [(np.dtype(np.float32), np.dtype(h)) for h in HALF_DTYPES]
+    if "{t}" not in REGISTRY[body]:  # float32 only (the loss scaler, the 16-bit rounding)
+        return [(np.dtype(np.float32), None)]
     labels = [np.dtype(x) for x in LABEL_DTYPES] if "{l}" in REGISTRY[body] else [None]
     return [(dt, lt) for dt in FLOAT_DTYPES for lt in labels]
 

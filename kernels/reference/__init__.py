@@ -31,6 +31,7 @@ from gpubackprop.kernels.reference.losses import LossOps
 from gpubackprop.kernels.reference.normalization import NormalizationOps
 from gpubackprop.kernels.reference.optimizers import OptimizerOps, adam_coefficients
 from gpubackprop.kernels.reference.pooling import PoolingOps
+from gpubackprop.kernels.reference.precision import PrecisionOps
 from gpubackprop.kernels.reference.recurrent import RecurrentOps
 
 __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "adam_coefficients",
@@ -38,7 +39,8 @@ __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "ad
 
 
 class ReferenceOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
-                   NormalizationOps, DropoutOps, EmbeddingOps, AttentionOps):
+                   NormalizationOps, DropoutOps, EmbeddingOps, AttentionOps,
+                   PrecisionOps):
     """The unfused xp expressions; the baseline the fused sets are checked and benchmarked against."""
 
     name = "reference"
