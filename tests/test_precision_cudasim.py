@@ -1,0 +1,83 @@
+"""The CUDA set's 16-bit ops against the reference: in Numba's simulator (fp16 only: it has no
+libdevice, which the bf16 bit moves call) and, on a real GPU with CuPy, both storages (marked gpu)."""
+
+import numpy as np
+import pytest
+
+from gpubackprop.backend import has_cupy_gpu, is_cudasim
+
+pytestmark = pytest.mark.cudasim
+
+if not (is_cudasim() or has_cupy_gpu()):
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (set before import) or a CUDA GPU with CuPy",
+                allow_module_level=True)
+
+from gpubackprop import precision as P  # noqa: E402
+from gpubackprop.backend import to_numpy  # noqa: E402
+from gpubackprop.kernels.reference import ACTIVATIONS, ReferenceOps, saves_input  # noqa: E402
+
+REF = ReferenceOps(np)
+PRECISIONS = ["fp16"] if is_cudasim() else ["fp16", "bf16"]
+
+
+def values(n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 30, n).astype(np.float32)
+    x[:6] = [65504, 65520, 1e-7, -0.0, np.inf, np.nan]
+    return x
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_round_cast_widen_equal_the_reference(ops, dev, precision):
+    X = values(300)  # several blocks and a ragged tail under the simulator's 2 x 32 threads
+    want = REF.round16(X, precision, np.empty_like(X))
+    got = to_numpy(ops.round16(dev(X), precision, dev(np.empty_like(X))))
+    np.testing.assert_array_equal(got, want)
+    H = ops.cast16(dev(X), dev(np.empty(X.shape, P.storage_dtype(precision))), precision)
+    Hr = REF.cast16(X, np.empty(X.shape, P.storage_dtype(precision)), precision)
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(to_numpy(H).view(np.uint16)[ok], Hr.view(np.uint16)[ok])
+    W = to_numpy(ops.widen16(H, dev(np.empty_like(X)), precision))
+    np.testing.assert_array_equal(W[ok], want[ok])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_bias_act16_and_act_backward16(ops, dev, activation, precision):
+    rng = np.random.default_rng(1)
+    B, n = 7, 23
+    Z = rng.normal(0, 2, (B, n)).astype(np.float32)
+    b = rng.normal(0, 1, n).astype(np.float32)
+    st = P.storage_dtype(precision)
+    Zr = Z.copy()
+    Ar = REF.bias_act16(Zr, b, activation, np.empty(Z.shape, st), precision)
+    Zd = dev(Z.copy())
+    Ad = ops.bias_act16(Zd, dev(b), activation, dev(np.empty(Z.shape, st)), precision)
+    ulp = 2.0**-10 if precision == "fp16" else 2.0**-7  # one 16-bit rounding apart at most
+    np.testing.assert_allclose(to_numpy(Zd), Zr, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(P.from_storage(np, to_numpy(Ad), precision),
+                               P.from_storage(np, Ar, precision), rtol=ulp, atol=1e-6)
+    S = P.to_storage(np, Zr, precision) if saves_input(activation) else Ar
+    dA = P.to_storage(np, rng.normal(0, 1, (B, n)).astype(np.float32), precision)
+    want = REF.act_backward16(dA, S, activation, np.empty(Z.shape, st), precision)
+    got = ops.act_backward16(dev(dA), dev(S), activation, dev(np.empty(Z.shape, st)), precision)
+    np.testing.assert_allclose(P.from_storage(np, to_numpy(got), precision),
+                               P.from_storage(np, want, precision), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [None, np.inf, np.nan])
+def test_unscale_check_and_scale_update(ops, dev, bad):
+    g = values(200)[6:] * 8
+    if bad is not None:
+        g[150] = bad
+    state = np.array([8.0, 2.0, 0.0], np.float32)
+    gr, sr = g.copy(), state.copy()
+    REF.unscale_check(gr, sr)
+    gd, sd = dev(g), dev(state)
+    ops.unscale_check(gd, sd)
+    np.testing.assert_array_equal(to_numpy(sd), sr)
+    np.testing.assert_array_equal(to_numpy(gd), gr)
+    REF.loss_scale_update(sr, 2.0, 0.5, 3)
+    ops.loss_scale_update(sd, 2.0, 0.5, 3)
+    np.testing.assert_array_equal(to_numpy(sd), sr)
+    assert sr[0] == (4.0 if bad is not None else 16.0)
