@@ -65,6 +65,17 @@ def numba_cuda():
 
 
 @functools.lru_cache(maxsize=None)
+def nvmath_cublas():
+    """nvmath-python's cuBLAS bindings (``nvmath.bindings.cublas``: GEMMs that CUDA graph capture
+    allows), or None when nvmath-python is not installed."""
+    try:
+        from nvmath.bindings import cublas
+    except Exception:
+        return None
+    return cublas
+
+
+@functools.lru_cache(maxsize=None)
 def has_cupy_gpu():
     """True when CuPy and Numba both see a CUDA GPU (never under the simulator)."""
     if is_cudasim():
@@ -175,6 +186,9 @@ class Backend:
         self.xp = cupy_module() if self.device == "cuda" and has_cupy_gpu() else np
         self.kernels = kernels
         self.ops = load_ops(self.device, kernels, self.xp)
+        # The GEMM the layers call: xp.matmul, or cuBLAS through nvmath-python while a CUDA graph
+        # run lasts (use_cublas_matmul), whose calls stream capture allows.
+        self.matmul = self.xp.matmul
         self.rng = np.random.default_rng(seed)
 
     def __repr__(self):
@@ -201,6 +215,19 @@ class Backend:
 
     def zeros(self, shape, dtype=None):
         return self.xp.zeros(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def use_cublas_matmul(self, on=True):
+        """Route the layers' GEMMs through cuBLAS by nvmath-python (on) or back to xp.matmul."""
+        if not on:
+            self.matmul = self.xp.matmul
+            return
+        from gpubackprop.kernels.cuda.cublas import CublasMatmul
+
+        cublas = nvmath_cublas()
+        if cublas is None or not self.on_gpu:
+            raise RuntimeError("cuBLAS through nvmath-python needs a model on a CUDA GPU and "
+                               "nvmath-python (pip install 'gpubackprop[gpu]')")
+        self.matmul = CublasMatmul(self.xp, cublas, tf32=tf32_enabled())
 
     def synchronize(self):
         if self.on_gpu:

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from gpubackprop.cuda_graph import StepGraphs, check_mode
+from gpubackprop.cuda_graph import resolve as resolve_graphs
 from gpubackprop.losses import as_loss
 from gpubackprop.precision import store16
 from gpubackprop.validation import describe, positive_int, same_length, samples
@@ -183,7 +185,8 @@ class TrainingState:
 
 def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuffle=True,
         progress="auto", callback=None, *, schedule=None, early_stopping=None, nan_check_every=None,
-        state=None, on_checkpoint=None, checkpoint_every=None, on_step=None, comm=None):
+        state=None, on_checkpoint=None, checkpoint_every=None, on_step=None, comm=None,
+        cuda_graph="auto"):
     """Mini-batch training; returns the history {"loss": [...], "accuracy": [...], "val_...": [...]}.
 
     The order of the batches comes from the model's seeded host RNG, so a run is reproducible.
@@ -208,12 +211,16 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     all-reduce a step combines the gradients, the reported metrics are over all ranks, and
     ``on_checkpoint`` and the progress bar run on rank 0 only (the checkpoint's running totals are
     the global ones).
+    ``cuda_graph`` "auto" | "on" | "off": the step as one CUDA graph per batch shape, replayed
+    (``gpubackprop.cuda_graph``; auto: where a GPU can, eager on the CPU and in the simulator; on:
+    a ValueError where it cannot); the same results as the eager step.
     """
     from gpubackprop.distributed import communicator, shard_bounds
     from gpubackprop.memory import check_batch
 
     comm = communicator("single" if comm is None else comm)
     rank, size = comm.rank, comm.size
+    cuda_graph = check_mode(cuda_graph)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
     batch_size = positive_int(batch_size, "batch_size")
@@ -238,6 +245,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     # The largest batch this rank gathers (a batch_size beyond the data takes all of it), checked
     # against the device before the first step: a clear ValueError instead of a MemoryError.
     check_batch(model, -(-min(batch_size, n) // size))
+    settings = resolve_graphs(cuda_graph, model, comm)  # None: the eager step
     history = {"loss": []}
     if loss.classification:
         history["accuracy"] = []
@@ -256,6 +264,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     remaining = 0 if state.finished else max(0, (epochs - state.epoch) * n_batches - state.batch)
     bar = _progress_bar(remaining, progress if comm.is_root else False)
     Xb = None
+    graphs = None if settings is None else StepGraphs(model, loss, opt, settings, n_batches)
 
     def guard(value, epoch, b):
         if not bool(_all_finite(be, value, model)):  # the one host read
@@ -283,18 +292,25 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 order = be.rng.permutation(n) if shuffle else np.arange(n)
                 b0, total_loss, total_correct = 0, 0, 0
             order_d = be.to_device(order, np.int64)
+            if graphs is not None:  # this epoch's per-step values, the totals so far on the device
+                graphs.begin_epoch(schedule, step, n_batches, b0, total_loss, total_correct)
             for b in range(b0, n_batches):
                 start, stop = b * batch_size, min(n, (b + 1) * batch_size)
                 lo, hi = shard_bounds(start, stop, rank, size)
                 idx = order_d[lo:hi]
-                Xb, Tb = take(Xd, idx), take(Td, idx)  # device-side gather
                 if schedule is not None:
                     opt.lr = float(schedule(step))
-                value, Y = step_on_device(model, loss, opt, Xb, Tb, comm, (hi - lo) / (stop - start))
+                if graphs is None:
+                    Xb, Tb = take(Xd, idx), take(Td, idx)  # device-side gather
+                    value, Y = step_on_device(model, loss, opt, Xb, Tb, comm,
+                                              (hi - lo) / (stop - start))
+                    total_loss = total_loss + value * idx.shape[0]
+                    if loss.classification and Y is not None:
+                        total_correct = total_correct + loss.correct(be, Y, Tb)
+                else:  # gathered into the shape's static buffers; the totals kept on the device
+                    value, Y = graphs.step(Xd, Td, idx)
+                    Xb, total_loss, total_correct = graphs.inputs, *graphs.totals()
                 step += 1
-                total_loss = total_loss + value * idx.shape[0]
-                if loss.classification and Y is not None:
-                    total_correct = total_correct + loss.correct(be, Y, Tb)
                 if nan_check_every and step % nan_check_every == 0:
                     guard(value, epoch, b)
                 if bar is not None:
@@ -353,6 +369,8 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
     finally:
         if bar is not None:
             bar.close()
+        if graphs is not None:
+            graphs.close()
     return history
 
 

@@ -103,7 +103,6 @@ class Dense(Layer):
         # it to sgemm as a transposed operand), the dtype, and the kernel entry points.
         self._WT = self.W.T
         self._dtype = backend.dtype
-        self._matmul = backend.xp.matmul
         self._multiply = backend.xp.multiply
         self._saves_input = saves_input(self.activation)
         self._precision = backend.precision  # bf16/fp16: W, b are views of the 16-bit copy
@@ -124,7 +123,8 @@ class Dense(Layer):
         # Training: everything lives in this batch size's workspace, so a step allocates nothing.
         ws = self._workspaces.get(X.shape[0]) or self._workspace(X.shape[0])
         Z, A = ws.Z, ws.A
-        self._matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
+        matmul = self.backend.matmul  # xp.matmul, or cuBLAS by nvmath-python in a CUDA graph run
+        matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
         ops = self.backend.ops
         act = self.activation
         ops.bias_act(Z, self.b, act, A)  # Z += b; A = σ(Z), one pass
@@ -166,7 +166,7 @@ class Dense(Layer):
         be = self.backend
         Z = be.empty((X.shape[0], self.n_out))
         A = be.empty(Z.shape) if self._saves_input else Z
-        self._matmul(X, self._WT, out=Z)
+        be.matmul(X, self._WT, out=Z)
         be.ops.bias_act(Z, self.b, self.activation, A)
         return A
 

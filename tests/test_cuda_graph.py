@@ -1,0 +1,299 @@
+"""gpubackprop.cuda_graph without a GPU: fit's cuda_graph argument, and the graph run's bookkeeping
+(static buffers, StepValues, device totals, warm-up, one graph per batch shape, the ragged last
+batch, counters, checkpoints and resume) through a host capture backend whose "graph" is the
+step's Python, replayed with its kernel-set calls checked against the captured ones."""
+
+import numpy as np
+import pytest
+
+import gpubackprop as gb
+from gpubackprop import cuda_graph as cg
+from gpubackprop.checkpoint import Checkpointer, load_checkpoint
+from gpubackprop.schedules import make_schedule
+
+
+class ReplayMismatch(AssertionError):
+    pass
+
+
+class _Recorder:
+    """Stands in for the kernel set (and the GEMM): every call's op name and its arguments as a
+    CUDA graph would freeze them (scalars by value, arrays by shape and dtype) go to ``log``."""
+
+    def __init__(self, ops, log):
+        self._ops, self._log = ops, log
+
+    def __getattr__(self, name):
+        target = getattr(self._ops, name)
+        if not callable(target):
+            return target
+
+        def call(*args, **kwargs):
+            self._log.append((name, _frozen(args), _frozen(tuple(sorted(kwargs.items())))))
+            return target(*args, **kwargs)
+        return call
+
+
+def _frozen(x):
+    if hasattr(x, "shape") and hasattr(x, "dtype") and getattr(x, "ndim", 0) > 0:
+        return ("array", tuple(x.shape), str(x.dtype))
+    if isinstance(x, (tuple, list)):
+        return tuple(_frozen(v) for v in x)
+    if hasattr(x, "item"):
+        return x.item()
+    return x
+
+
+class HostCapture:
+    """A capture backend for the CPU. ``capture`` runs the step once, recording its kernel-set and
+    GEMM calls, then rolls back what it wrote (a real capture runs no kernel); the graph is the
+    step function and that record. ``replay`` runs the step again and fails if any call differs
+    from the captured one: a real graph would have replayed the captured parameters (a per-step
+    host scalar, a changed shape), so such a step would not equal the eager one on a GPU."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt = model, opt
+        self.events = []
+
+    def begin_run(self):
+        self.events.append("begin")
+
+    def end_run(self):
+        self.events.append("end")
+
+    def _recorded(self, fn):
+        be, log = self.model.backend, []
+        ops, matmul = be.ops, be.matmul
+        be.ops = _Recorder(ops, log)
+        be.matmul = _Recorder(type("M", (), {"matmul": staticmethod(matmul)})(), log).matmul
+        try:
+            out = fn()
+        finally:
+            be.ops, be.matmul = ops, matmul
+        return out, log
+
+    def capture(self, fn, touched):
+        saved = [a.copy() for a in touched]
+        out, log = self._recorded(fn)
+        for a, s in zip(touched, saved, strict=True):
+            a[...] = s
+        self.events.append(("capture", len(log)))
+        return (fn, log), out
+
+    def replay(self, graph):
+        fn, log = graph
+        # The step's Python also advances the host counters, which a real replay does not touch
+        # (StepGraphs advances them after it).
+        ctx = self.model.context
+        counters = ctx.step, self.opt.steps
+        _, again = self._recorded(fn)
+        ctx.step, self.opt.steps = counters
+        if again != log:
+            first = next(i for i, (a, b) in enumerate(zip(again, log)) if a != b) \
+                if len(again) == len(log) else min(len(again), len(log))
+            raise ReplayMismatch(f"replayed call {first} differs from the captured one: "
+                                 f"{again[first] if first < len(again) else None} vs "
+                                 f"{log[first] if first < len(log) else None}")
+        self.events.append("replay")
+
+
+def data(n=70, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.integers(0, k, n)
+
+
+def mlp(kernels="fused", dtype="float32"):
+    return gb.Sequential([gb.Dense(6, 24, activation="relu"), gb.BatchNorm1d(24),
+                          gb.Dropout(0.25), gb.Dense(24, 3)], device="cpu", dtype=dtype, seed=5,
+                         kernels=kernels)
+
+
+OPTS = {"adamw-clip": lambda: gb.AdamW(0.01, weight_decay=0.05, clip_norm=1.0),
+        "nesterov": lambda: gb.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        "rmsprop": lambda: gb.RMSprop(0.01, momentum=0.5)}
+KW = dict(epochs=3, batch_size=16, progress=False)  # 5 batches an epoch, the last of 6 rows
+
+
+def run(cuda_graph, opt="adamw-clip", make=mlp, X=None, y=None, warmup=1, **kw):
+    X, y = data() if X is None else (X, y)
+    model, loss, o = make(), gb.SoftmaxCrossEntropy(), OPTS[opt]()
+    sched = make_schedule("cosine", 0.02, steps_per_epoch=5, epochs=3, warmup_steps=2)
+    fake = None
+    if cuda_graph == "host":
+        fake = HostCapture(model, o)
+        cuda_graph = cg.GraphSettings(warmup=warmup, capture=fake)
+    hist = gb.fit(model, loss, o, X, y, schedule=sched, cuda_graph=cuda_graph, **{**KW, **kw})
+    return model, o, hist, fake
+
+
+def assert_same_run(a, b):
+    (ma, oa, ha, _), (mb, ob, hb, _) = a, b
+    assert ha == hb
+    for k, v in ma.get_params().items():
+        np.testing.assert_array_equal(mb.get_params()[k], v, k)
+    for k, v in ma.get_state().items():
+        np.testing.assert_array_equal(mb.get_state()[k], v, k)
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["steps"] == sb["steps"]
+    for k, v in sa["buffers"].items():
+        np.testing.assert_array_equal(sb["buffers"][k], v, k)
+
+
+# ---- the argument -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["yes", None, True, "ON"])
+def test_bad_cuda_graph_is_an_error_before_training(bad):
+    model, loss, opt = mlp(), gb.SoftmaxCrossEntropy(), gb.SGD(0.1)
+    X, y = data()
+    before = model.get_params()
+    with pytest.raises(ValueError, match=r"cuda_graph: expected one of \('auto', 'on', 'off'\) "
+                                         r"or a GraphSettings, got"):
+        gb.fit(model, loss, opt, X, y, epochs=1, progress=False, cuda_graph=bad)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.get_params()[k], v)
+
+
+def test_auto_and_off_train_the_same_on_the_cpu():
+    assert cg.resolve("auto", mlp()) is None  # the CPU runs the step eagerly
+    assert_same_run(run("off"), run("auto"))
+
+
+def test_on_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"cuda_graph: 'on' cannot capture this training step: "
+                                         r"no CUDA GPU .*the model runs on 'cpu'.*use "
+                                         r"cuda_graph='auto' or 'off'"):
+        run("on")
+
+
+def test_graph_settings_checks():
+    with pytest.raises(ValueError, match=r"warmup: expected"):
+        cg.GraphSettings(warmup=0)
+    with pytest.raises(TypeError, match=r"capture: expected a capture backend with a begin_run"):
+        cg.GraphSettings(capture=object())
+    assert "warmup=2" in repr(cg.GraphSettings())
+
+
+def test_why_graphs_are_unavailable_here():
+    assert "no CUDA GPU" in cg.graphs_unavailable()
+    assert cg.graphs_info().startswith("not available: no CUDA GPU")
+
+
+def test_what_keeps_a_model_out_of_a_graph():
+    from gpubackprop.distributed import communicator
+
+    assert cg.model_problems(mlp(), device=False) == []
+    assert "kernels='reference'" in cg.model_problems(mlp("reference"), device=False)[0]
+    lstm = gb.Sequential([gb.LSTM(4, 5, num_layers=2, dropout=0.2), gb.LastStep(),
+                          gb.Dense(5, 2)], input_shape=(3, 4), device="cpu")
+    assert any("dropout between layers" in p for p in cg.model_problems(lstm, device=False))
+    emb = gb.Sequential([gb.Embedding(10, 4), gb.Flatten(), gb.Dense(12, 2)], input_shape=(3,),
+                        device="cpu")
+    assert any("(Embedding) is not capturable" in p for p in cg.model_problems(emb, device=False))
+    comm = communicator("single")
+    assert cg.model_problems(mlp(), comm, device=False) == []
+
+
+def test_cache_key():
+    X, T = np.zeros((4, 6), np.float32), np.zeros(4, np.int64)
+    k = cg.StepGraphs.key(X, T)
+    assert k == cg.StepGraphs.key(X.copy(), T.copy())
+    assert k != cg.StepGraphs.key(X[:3], T[:3])  # a ragged batch: another graph
+    assert k != cg.StepGraphs.key(X.astype(np.float64), T)
+    assert k != cg.StepGraphs.key(X, T, train=False)
+    assert k != cg.StepGraphs.key([X, X], T)
+
+
+# ---- the run, through the host capture backend -------------------------------------------------
+@pytest.mark.parametrize("opt", list(OPTS))
+def test_graph_run_equals_the_eager_run(opt):
+    eager = run("off", opt)
+    graphs = run("host", opt)
+    assert_same_run(eager, graphs)
+    events = graphs[3].events
+    assert events[0] == "begin" and events[-1] == "end"
+    # warm-up 1: the full batch shape is eager at step 1, captured at step 2 then replayed; the
+    # ragged last batch (6 rows) eager in epoch 1, captured in epoch 2, replayed in epoch 3.
+    captures = [e for e in events if isinstance(e, tuple)]
+    assert len(captures) == 2
+    assert events.count("replay") == 15 - 2
+
+
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_warmup_steps_before_each_capture(warmup):
+    _, _, _, fake = run("host", warmup=warmup)
+    events = [e if isinstance(e, str) else "capture" for e in fake.events]
+    steps = 15
+    n_captures = events.count("capture")
+    # The full shape (4 a epoch) is captured after `warmup` eager steps; the ragged one (1 an
+    # epoch) after `warmup` epochs, so not at all with 3 epochs and warmup 3.
+    assert n_captures == (2 if warmup < 3 else 1)
+    assert events.count("replay") == steps - warmup - min(warmup, 3)
+
+
+def test_graph_run_float64_mse_without_schedule_effects():
+    X = np.random.default_rng(1).normal(size=(40, 6))
+    Y = np.random.default_rng(2).normal(size=(40, 3))
+
+    def make():
+        return gb.Sequential([gb.Dense(6, 10, activation="tanh"), gb.Dropout(0.5),
+                              gb.Dense(10, 3)], device="cpu", dtype="float64", seed=2)
+
+    def go(cuda_graph):
+        model, o = make(), OPTS["nesterov"]()
+        fake = HostCapture(model, o) if cuda_graph == "host" else None
+        mode = cg.GraphSettings(warmup=2, capture=fake) if fake else cuda_graph
+        hist = gb.fit(model, gb.MSE(), o, X, Y, epochs=2, batch_size=12, progress=False,
+                      cuda_graph=mode)
+        return model, o, hist, fake
+    assert_same_run(go("off"), go("host"))
+
+
+def test_a_per_step_host_scalar_in_the_step_is_caught(monkeypatch):
+    """A layer that hands the step counter to a kernel as an argument: frozen in a real graph.
+    Not on the capturable list, it is refused up front; listed anyway, the replay check fails
+    (the test of the check itself)."""
+    class HostStepDropout(gb.Dropout):
+        def forward(self, X, train=False, input_grad=True):
+            if not train:
+                return X, lambda dY: dY
+            Y = self.backend.ops.dropout(X, self.backend.empty(X.shape), self.p, 0, self.index,
+                                         self.context.step)
+            return Y, lambda dY: dY
+
+    def make():
+        return gb.Sequential([gb.Dense(6, 8), HostStepDropout(0.5), gb.Dense(8, 3)],
+                             device="cpu", seed=0)
+    with pytest.raises(ValueError, match=r"'graphs' cannot capture this training step: layer 1 "
+                                         r"\(HostStepDropout\) is not capturable yet"):
+        run("host", make=make)
+    monkeypatch.setattr(cg, "CAPTURABLE_LAYERS", cg.CAPTURABLE_LAYERS | {"HostStepDropout"})
+    with pytest.raises(ReplayMismatch, match=r"replayed call \d+ differs from the captured one: "
+                                             r"\('dropout'"):
+        run("host", make=make)
+
+
+def test_resume_mid_epoch_with_graphs_equals_the_uninterrupted_eager_run(tmp_path):
+    X, y = data()
+    ref = run("off")
+    model, loss, o = mlp(), gb.SoftmaxCrossEntropy(), OPTS["adamw-clip"]()
+    sched = make_schedule("cosine", 0.02, steps_per_epoch=5, epochs=3, warmup_steps=2)
+    path = tmp_path / "ck.npz"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step):
+        if step == 8:  # mid-epoch 2, after the last checkpoint at step 7... or 6
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        gb.fit(model, loss, o, X, y, schedule=sched, on_checkpoint=Checkpointer(path, model, o, loss),
+               checkpoint_every=3, on_step=stop,
+               cuda_graph=cg.GraphSettings(warmup=1, capture=HostCapture(model, o)), **KW)
+    ck = load_checkpoint(path)
+    model, loss, o = mlp(), gb.SoftmaxCrossEntropy(), OPTS["adamw-clip"]()
+    state = ck.restore(model, o, loss)
+    assert state.batch > 0  # resumed mid-epoch
+    fake = HostCapture(model, o)
+    hist = gb.fit(model, loss, o, X, y, schedule=sched, state=state,
+                  cuda_graph=cg.GraphSettings(warmup=1, capture=fake), **KW)
+    assert_same_run(ref, (model, o, hist, fake))
+    assert "replay" in fake.events
