@@ -55,6 +55,7 @@ def cmd_info(args):
     rows.append(("numba-cuda", _version("numba-cuda") or "not installed"))
     cp = cupy_module()
     rows.append(("cupy", getattr(cp, "__version__", "?") if cp is not None else "not installed"))
+    rows.append(("nvmath-python", _version("nvmath-python") or "not installed"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -81,6 +82,9 @@ def cmd_info(args):
                            "the simulator is on (NUMBA_ENABLE_CUDASIM=1)")
         print(f"GPU: none ({'; '.join(reasons)})")
     print(f"CUDA simulator: {'on (device cuda runs in Numba simulator)' if is_cudasim() else 'off'}")
+    from gpubackprop.cuda_graph import graphs_info
+
+    print(f"CUDA graphs: {graphs_info()}")
     if gpu:
         from gpubackprop.backend import tf32_enabled
 

@@ -23,6 +23,7 @@ from gpubackprop.cli.options import (
     resolve_device,
 )
 from gpubackprop.cli.scoring import LABEL_LOSSES, check_labels, make_loss, score, targets
+from gpubackprop.cuda_graph import CUDA_GRAPH_MODES
 from gpubackprop.datasets import HEADERS, SCALINGS
 from gpubackprop.distributed import COMMUNICATORS, require_launcher
 from gpubackprop.kernels.reference import ACTIVATIONS
@@ -154,6 +155,10 @@ def add_parser(sub):
                    help="data-parallel training under mpiexec: every rank takes its share of each "
                         "global\nbatch (--batch-size), gradients are all-reduced; rank 0 alone "
                         "prints and writes\n(mpi: mpi4py, 'gpubackprop[mpi]'; nccl: one GPU a rank)")
+    p.add_argument("--cuda-graph", default="auto", choices=CUDA_GRAPH_MODES,
+                   help="the training step as one CUDA graph, replayed (auto: on a GPU where the "
+                        "model allows;\non: or an error saying why not; off: the eager step); "
+                        "the same results either way")
     add_device_options(p, defaults, "device")
     g = p.add_argument_group("output")
     g.add_argument("--metrics-json", metavar="PATH",
@@ -440,7 +445,7 @@ def _train(args, comm):
                      progress=progress and not args.quiet, callback=per_epoch, schedule=schedule,
                      early_stopping=stopper, nan_check_every=cfg["nan_check_every"], state=state,
                      on_checkpoint=checkpointer, checkpoint_every=cfg["checkpoint_every"],
-                     on_step=on_step, comm=comm)
+                     on_step=on_step, comm=comm, cuda_graph=args.cuda_graph)
     seconds = previous + clock()
     if stopper is not None:
         _say(args, _early_stopping_note(stopper, len(history["loss"]), epochs))
