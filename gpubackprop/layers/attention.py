@@ -23,6 +23,12 @@ stacked), ``in_proj_bias`` (3E,), ``out_proj.weight`` (E, E), ``out_proj.bias`` 
 with bias=False). Scores are Q Kᵀ/√(E/num_heads) per head; the softmax is one fused masked op
 forward and backward (``ops.masked_softmax``); in training, dropout on the attention weights uses
 Dropout's hashed masks (seed, layer, step), so it is reproducible but is not torch's draw.
+
+How it runs: self-attention (one array for query, key and value) projects them in one GEMM
+(N·T, E)·(E, 3E) and its backprop returns the summed input gradient in the query's place (None
+for key and value; a graph sums a tensor's gradients anyway); other calls project each with its
+own GEMM. The heads are strided views of the projections, which the batched GEMMs over N·H read
+and write in place (no transposed copies); training buffers live in the use's workspace.
 """
 
 import math
