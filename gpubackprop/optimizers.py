@@ -67,8 +67,13 @@ class Optimizer:
 
         With ``model.context.step_values`` set (a captured CUDA graph's step), the learning rate
         and the bias corrections are read from that device array instead of ``self.lr`` and
-        ``self.steps``; ``step_row`` gives what it must hold."""
+        ``self.steps``; ``step_row`` gives what it must hold. Under fp16 the model's loss scaler
+        turns the gradient factor into the skip factor when its gradients overflowed (on the
+        device: the update kernels then change nothing); ``steps`` counts the call either way."""
         ops, p, g = self._prepare(model)
+        scaler = getattr(model, "loss_scaler", None)
+        if scaler is not None:
+            scaler.gate(self._scale, self.clip_norm is not None)
         self.steps += 1
         sv = model.context.step_values
         if sv is None:

@@ -35,8 +35,9 @@ embeddings). A layer without one is refused, naming it, rather than silently mis
 fp16 (5 exponent bits) underflows small gradients, so it trains with a dynamic loss scale: the
 loss gradient is multiplied by S before the backward pass; the gradients are unscaled by one
 fused pass that also flags any inf/NaN (``ops.unscale_check``); a flagged step leaves the
-parameters and optimizer state as they were (``LossScaler.step``) and halves S; 2000 finite steps
-in a row double it (``ops.loss_scale_update``). The scale, the growth tracker and the flag live in
+parameters and optimizer state as they were (``ops.loss_scale_gate`` sets the optimizer's
+gradient factor to SKIP, on which every update kernel returns at once) and halves S; 2000 finite
+steps in a row double it (``ops.loss_scale_update``). The scale, the growth tracker and the flag live in
 one float32 device array (``LossScaler.state``): no host synchronisation anywhere in the step.
 bf16 has float32's exponent range and needs no scaling.
 """
@@ -64,6 +65,9 @@ PATHS = {
 
 # The loss scaler's device state: one float32 array [scale, growth tracker, found-inf flag].
 SCALE, TRACKER, FOUND_INF = 0, 1, 2
+# The optimizer's gradient factor on an overflowed step: the update kernels skip on a negative one
+# (a clip factor is in [0, 1], or NaN, which must still poison the parameters, not skip).
+SKIP = -1.0
 
 
 def check_precision(precision, dtype="float32"):
@@ -202,6 +206,11 @@ class LossScaler:
         """g *= 1/S and the found-inf flag set if any entry of g is inf or NaN: one fused pass."""
         self._be.ops.unscale_check(g, self.state)
 
+    def gate(self, factor, clipping):
+        """The optimizer's gradient factor (its 1-element device array): SKIP where this step's
+        gradients overflowed, else the clip factor it holds (``clipping``) or 1."""
+        self._be.ops.loss_scale_gate(factor, self.state, clipping)
+
     def update(self):
         """GradScaler.update: back off and reset the tracker on inf/NaN, else count the step and
         grow after growth_interval; clears the flag for the next step."""
@@ -235,30 +244,6 @@ class LossScaler:
         """Restore get_state()'s values (the found-inf flag starts clear)."""
         scale, tracker = self.check_state(scale, tracker)
         self.state[...] = self._be.to_device(np.array([scale, tracker, 0.0]), np.float32)
-
-    def step(self, opt, model):
-        """``opt.step(model)`` unless this step's gradients overflowed: the update runs, then
-        ``xp.copyto(..., where=found)`` puts back the parameters and optimizer buffers it changed
-        where the device flag is set, so nothing waits for the host (and a captured graph can hold
-        it). The optimizer's host step counter counts every call (Adam's bias correction then
-        counts skipped steps too, where torch's skipped optimizer.step() does not)."""
-        be = self._be
-        xp = be.xp
-        bufs = [model.flat_params] + [b for b in (opt.buffers or {}).values()
-                                      if b is not model.flat_params]
-        saved = getattr(self, "_saved", None)
-        if saved is None or len(saved) != len(bufs) or any(s.shape != b.shape
-                                                           for s, b in zip(saved, bufs)):
-            saved = self._saved = [xp.empty_like(b) for b in bufs]
-        for s, b in zip(saved, bufs):
-            s[...] = b
-        opt.step(model)
-        if opt.buffers and len(saved) != 1 + len(opt.buffers):  # buffers made by this first step
-            bufs = [model.flat_params] + list(opt.buffers.values())
-            saved = saved + [xp.zeros_like(b) for b in bufs[len(saved):]]
-        found = self.state[FOUND_INF:FOUND_INF + 1] != 0
-        for s, b in zip(saved, bufs):
-            xp.copyto(b, s, where=found)
 
 
 def _positive(value, name):

@@ -128,7 +128,7 @@ def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
         opt.step(model)
     else:  # unscale + inf check in one pass, the update skipped on overflow, the scale updated
         scaler.unscale(model.flat_grads)
-        scaler.step(opt, model)
+        opt.step(model)  # the optimizer gates its gradient factor on the scaler's flag
         scaler.update()
     return value, Y
 

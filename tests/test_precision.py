@@ -333,3 +333,48 @@ def test_digits_mlp_bf16_fp16_within_half_a_point_of_fp32():
     assert acc["fp32"] > 0.95
     for precision in ("bf16", "fp16"):
         assert abs(acc[precision] - acc["fp32"]) <= 0.005, acc
+
+
+@pytest.mark.parametrize("make", [lambda: gb.SGD(lr=0.1, momentum=0.9, nesterov=True),
+                                  lambda: gb.RMSprop(lr=0.01, momentum=0.5),
+                                  lambda: gb.Adam(lr=0.01, weight_decay=0.1),
+                                  lambda: gb.AdamW(lr=0.01, clip_norm=0.5)])
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_every_update_kernel_skips_on_the_gate(make, kernels):
+    """The gate writes SKIP on overflow; every optimizer's update then changes nothing (also on a
+    later step, with its buffers made); a NaN clip factor is not a skip."""
+    model = gb.Sequential([gb.Dense(4, 3)], device="cpu", kernels=kernels, seed=1,
+                          precision="fp16", loss_scaler={"init_scale": 4.0})
+    opt = make()
+    X = np.random.default_rng(2).normal(size=(5, 4))
+    gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, X, np.arange(5) % 3)  # buffers made
+    before = model.get_params()
+    buffers = {k: np.array(v) for k, v in opt.buffers.items()}
+    model.flat_grads[...] = 1.0
+    model.flat_grads[2] = np.inf
+    model.loss_scaler.unscale(model.flat_grads)
+    opt.step(model)
+    assert opt._scale[0] == P.SKIP
+    for k, v in model.get_params().items():
+        np.testing.assert_array_equal(v, before[k])
+    for k, v in opt.buffers.items():
+        np.testing.assert_array_equal(v, buffers[k])
+    model.loss_scaler.update()
+    assert model.loss_scaler.scale == 2.0
+    model.flat_grads[...] = 0.5
+    model.loss_scaler.unscale(model.flat_grads)
+    opt.step(model)  # a finite step: the gate gives the clip factor (or 1) back
+    assert 0 < opt._scale[0] <= 1
+    assert any(not np.array_equal(v, before[k]) for k, v in model.get_params().items())
+
+
+def test_gate_keeps_the_clip_factor_and_nan(ops):
+    state = np.array([1.0, 0.0, 0.0], np.float32)
+    for clipping, factor, want in [(True, 0.25, 0.25), (False, 0.25, 1.0), (True, np.nan, np.nan)]:
+        f = np.array([factor], np.float32)
+        ops.loss_scale_gate(f, state, clipping)
+        np.testing.assert_array_equal(f, [want])
+    state[P.FOUND_INF] = 1
+    f = np.array([0.25], np.float32)
+    ops.loss_scale_gate(f, state, True)
+    assert f[0] == P.SKIP

@@ -81,3 +81,25 @@ def test_unscale_check_and_scale_update(ops, dev, bad):
     ops.loss_scale_update(sd, 2.0, 0.5, 3)
     np.testing.assert_array_equal(to_numpy(sd), sr)
     assert sr[0] == (4.0 if bad is not None else 16.0)
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+@pytest.mark.parametrize("clipping", [False, True])
+def test_gate_and_skipping_updates(ops, dev, found, clipping):
+    state = np.array([4.0, 0.0, found], np.float32)
+    f = dev(np.array([0.5], np.float32))
+    ops.loss_scale_gate(f, dev(state), clipping)
+    want = P.SKIP if found else (0.5 if clipping else 1.0)
+    assert to_numpy(f)[0] == want
+    rng = np.random.default_rng(4)
+    p0, g = rng.normal(size=70).astype(np.float32), rng.normal(size=70).astype(np.float32)
+    m0, v0 = rng.normal(size=70).astype(np.float32), rng.random(70).astype(np.float32)
+    p, m, v = dev(p0.copy()), dev(m0.copy()), dev(v0.copy())
+    ops.adam(p, dev(g), m, v, 0.01, 0.9, 0.999, 1e-8, 0.0, False, 3, f)
+    ops.sgd(p, dev(g), m, 0.1, 0.9, False, 0.0, f)
+    ops.rmsprop(p, dev(g), v, m, 0.01, 0.99, 1e-8, 0.0, 0.5, f)
+    changed = not np.array_equal(to_numpy(p), p0)
+    assert changed != bool(found)
+    if found:
+        np.testing.assert_array_equal(to_numpy(m), m0)
+        np.testing.assert_array_equal(to_numpy(v), v0)

@@ -215,6 +215,8 @@ class OptimizerOps:
         checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
         if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        if scale[0] < 0:  # the skip factor (an overflowed fp16 step): a read of host memory
+            return p
         args = (p, g, buf, float(lr), momentum, bool(nesterov), float(weight_decay), scale)
         if self.parallel and p.size >= self.par_cheap:
             _sgd_parallel(*args, self.nchunks)
@@ -232,6 +234,8 @@ class OptimizerOps:
                 or (momentum and buf.shape != p.shape):
             self._check_opt(p, g, scale, ("square_avg", square_avg),
                             ("buf", buf) if momentum else None)
+        if scale[0] < 0:  # the skip factor (an overflowed fp16 step)
+            return p
         args = (p, g, square_avg, buf, float(lr), float(alpha), float(eps), float(weight_decay),
                 momentum, scale)
         if self.parallel and p.size >= self.par_cheap:
@@ -245,6 +249,8 @@ class OptimizerOps:
         checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
             self._check_opt(p, g, scale, ("m", m), ("v", v))
+        if scale[0] < 0:  # the skip factor (an overflowed fp16 step)
+            return p
         beta1, beta2 = float(beta1), float(beta2)
         lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
                                                       decoupled, step)

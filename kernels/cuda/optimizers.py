@@ -63,6 +63,8 @@ def _clip_finish(partial, nparts, clip_norm, scale):
 @device_function
 def _sgd_loop(p, g, buf, lr_, mu, wd, nesterov, use_wd, use_momentum, s):
     nz = p.dtype.type(-0.0)
+    if s < p.dtype.type(0):  # the skip factor (an overflowed fp16 step, loss_scale_gate)
+        return
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         d = mul(g[i], s, nz)
         if use_wd:
@@ -92,6 +94,8 @@ def _sgd_values(p, g, buf, values, momentum, nesterov, weight_decay, scale):
 @device_function
 def _rmsprop_loop(p, g, sq, buf, lr_, a, a1, ep, wd, mu, use_wd, use_momentum, s):
     nz = p.dtype.type(-0.0)
+    if s < p.dtype.type(0):  # the skip factor
+        return
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         d = mul(g[i], s, nz)
         if use_wd:
@@ -127,6 +131,8 @@ def _rmsprop_values(p, g, sq, buf, values, alpha, one_minus_alpha, eps, weight_d
 @device_function
 def _adam_loop(p, g, m, v, lr_, b1, b2, c1, c2, ep, r2, wd, f, use_l2, use_decay, s):
     nz = p.dtype.type(-0.0)
+    if s < p.dtype.type(0):  # the skip factor
+        return
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         d = mul(g[i], s, nz)
         pi = p[i]

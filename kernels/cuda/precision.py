@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from gpubackprop.kernels import checks
+from gpubackprop.precision import SKIP
 from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
 from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import mul
@@ -163,6 +164,16 @@ def _loss_scale_update(state, growth_factor, backoff_factor, growth_interval):
         state[2] = np.float32(0)
 
 
+@kernel_body("void({t}[::1], float32[::1], boolean)")
+def _loss_scale_gate(factor, state, clipping):
+    """factor[0] = SKIP if the found-inf flag is set, else the clip factor or 1; one thread."""
+    if cuda.grid(1) == 0:
+        if state[2] != np.float32(0):
+            factor[0] = factor.dtype.type(SKIP)
+        elif not clipping:
+            factor[0] = factor.dtype.type(1)
+
+
 class PrecisionOps:
     """Fused CUDA mixed-precision ops (a mixin of ``CudaOps``: uses its launcher)."""
 
@@ -221,6 +232,14 @@ class PrecisionOps:
         check_scaler_state(state)
         self.launch(_unscale_check, g.size, np.dtype(np.float32), g.reshape(-1), state)
         return g
+
+    def loss_scale_gate(self, factor, state, clipping):
+        """The optimizer's factor: SKIP on overflow, else the clip factor or 1 (one thread)."""
+        if getattr(factor, "shape", None) != (1,) or factor.dtype.kind != "f":
+            raise ValueError(f"factor: expected a 1-element float array, got {factor!r}")
+        check_scaler_state(state)
+        self.launch(_loss_scale_gate, 1, factor.dtype, factor, state, bool(clipping))
+        return factor
 
     def loss_scale_update(self, state, growth_factor, backoff_factor, growth_interval):
         """GradScaler.update on the device, one thread (see the reference)."""

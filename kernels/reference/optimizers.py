@@ -34,8 +34,16 @@ class OptimizerOps:
         scale[...] = xp.minimum(1, clip_norm / (norm + 1e-6))
         return scale
 
+    def skips(self, scale):
+        """True when ``scale[0]`` is the skip factor (< 0: an fp16 step whose gradients overflowed,
+        ``loss_scale_gate``): the update leaves parameters and buffers as they are. A host read
+        here, as the reference's ``*_values`` ops read theirs; the fused sets check without one."""
+        return bool(scale.reshape(-1)[0] < 0)
+
     def sgd(self, p, g, buf, lr, momentum, nesterov, weight_decay, scale):
         """torch.optim.SGD without dampening; ``buf`` is the momentum buffer (unused if momentum=0)."""
+        if self.skips(scale):
+            return p
         d = g * scale
         if weight_decay:
             d = d + weight_decay * p
@@ -48,6 +56,8 @@ class OptimizerOps:
 
     def rmsprop(self, p, g, square_avg, buf, lr, alpha, eps, weight_decay, momentum, scale):
         """torch.optim.RMSprop (not centered): eps outside the square root."""
+        if self.skips(scale):
+            return p
         xp = self.xp
         d = g * scale
         if weight_decay:
@@ -64,6 +74,8 @@ class OptimizerOps:
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam (L2 decay added to g) or AdamW (decoupled decay), bias-corrected."""
+        if self.skips(scale):
+            return p
         xp = self.xp
         d = g * scale
         if weight_decay and decoupled:
@@ -104,6 +116,8 @@ class OptimizerOps:
     def adam_values(self, p, g, m, v, values, beta1, beta2, eps, weight_decay, decoupled, scale):
         """``adam`` with lr/(1 − β1^t), √(1 − β2^t) and 1 − lr·wd from ``values`` (the step's
         ``adam_coefficients``); the plain-xp expressions, fed the same float64 numbers."""
+        if self.skips(scale):
+            return p
         xp = self.xp
         lr_c, sqrt_bc2, decay = (float(values[i]) for i in (LR_C, SQRT_BC2, DECAY))
         d = g * scale

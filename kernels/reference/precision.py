@@ -112,6 +112,18 @@ class PrecisionOps:
         state[FOUND_INF:FOUND_INF + 1] = xp.where(bad, xp.float32(1), state[FOUND_INF:FOUND_INF + 1])
         return g
 
+    def loss_scale_gate(self, factor, state, clipping):
+        """factor[0] (the optimizer's gradient factor) = SKIP (-1) where state's found-inf flag is
+        set, else the clip factor it holds (``clipping``) or 1: the update kernels skip on SKIP."""
+        if getattr(factor, "shape", None) != (1,) or factor.dtype.kind != "f":
+            raise ValueError(f"factor: expected a 1-element float array, got {factor!r}")
+        check_scaler_state(state)
+        xp = self.xp
+        keep = factor if clipping else xp.ones(1, factor.dtype)
+        factor[...] = xp.where(state[FOUND_INF:FOUND_INF + 1] != 0, factor.dtype.type(policy.SKIP),
+                               keep)
+        return factor
+
     def loss_scale_update(self, state, growth_factor, backoff_factor, growth_interval):
         """GradScaler.update (torch's _amp_update_scale_) on the device, then the flag cleared:
         on inf/NaN scale *= backoff and tracker = 0; else tracker += 1 and, at growth_interval,
