@@ -5,6 +5,7 @@ step's Python, replayed with its kernel-set calls checked against the captured o
 
 import numpy as np
 import pytest
+from graph_capture import HostCapture, ReplayMismatch
 
 import gpubackprop as gb
 from gpubackprop import cuda_graph as cg
@@ -12,99 +13,14 @@ from gpubackprop.checkpoint import Checkpointer, load_checkpoint
 from gpubackprop.schedules import make_schedule
 
 
-class ReplayMismatch(AssertionError):
-    pass
-
-
-class _Recorder:
-    """Stands in for the kernel set (and the GEMM): every call's op name and its arguments as a
-    CUDA graph would freeze them (scalars by value, arrays by shape and dtype) go to ``log``."""
-
-    def __init__(self, ops, log):
-        self._ops, self._log = ops, log
-
-    def __getattr__(self, name):
-        target = getattr(self._ops, name)
-        if not callable(target):
-            return target
-
-        def call(*args, **kwargs):
-            self._log.append((name, _frozen(args), _frozen(tuple(sorted(kwargs.items())))))
-            return target(*args, **kwargs)
-        return call
-
-
-def _frozen(x):
-    if hasattr(x, "shape") and hasattr(x, "dtype") and getattr(x, "ndim", 0) > 0:
-        return ("array", tuple(x.shape), str(x.dtype))
-    if isinstance(x, (tuple, list)):
-        return tuple(_frozen(v) for v in x)
-    if hasattr(x, "item"):
-        return x.item()
-    return x
-
-
-class HostCapture:
-    """A capture backend for the CPU. ``capture`` runs the step once, recording its kernel-set and
-    GEMM calls, then rolls back what it wrote (a real capture runs no kernel); the graph is the
-    step function and that record. ``replay`` runs the step again and fails if any call differs
-    from the captured one: a real graph would have replayed the captured parameters (a per-step
-    host scalar, a changed shape), so such a step would not equal the eager one on a GPU."""
-
-    def __init__(self, model, opt):
-        self.model, self.opt = model, opt
-        self.events = []
-
-    def begin_run(self):
-        self.events.append("begin")
-
-    def end_run(self):
-        self.events.append("end")
-
-    def _recorded(self, fn):
-        be, log = self.model.backend, []
-        ops, matmul = be.ops, be.matmul
-        be.ops = _Recorder(ops, log)
-        be.matmul = _Recorder(type("M", (), {"matmul": staticmethod(matmul)})(), log).matmul
-        try:
-            out = fn()
-        finally:
-            be.ops, be.matmul = ops, matmul
-        return out, log
-
-    def capture(self, fn, touched):
-        saved = [a.copy() for a in touched]
-        out, log = self._recorded(fn)
-        for a, s in zip(touched, saved, strict=True):
-            a[...] = s
-        self.events.append(("capture", len(log)))
-        return (fn, log), out
-
-    def replay(self, graph):
-        fn, log = graph
-        # The step's Python also advances the host counters, which a real replay does not touch
-        # (StepGraphs advances them after it).
-        ctx = self.model.context
-        counters = ctx.step, self.opt.steps
-        _, again = self._recorded(fn)
-        ctx.step, self.opt.steps = counters
-        if again != log:
-            first = next(i for i, (a, b) in enumerate(zip(again, log)) if a != b) \
-                if len(again) == len(log) else min(len(again), len(log))
-            raise ReplayMismatch(f"replayed call {first} differs from the captured one: "
-                                 f"{again[first] if first < len(again) else None} vs "
-                                 f"{log[first] if first < len(log) else None}")
-        self.events.append("replay")
-
-
 def data(n=70, d=6, k=3, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, d)), rng.integers(0, k, n)
 
 
-def mlp(kernels="fused", dtype="float32"):
+def mlp(kernels="fused", dtype="float32", device="cpu"):
     return gb.Sequential([gb.Dense(6, 24, activation="relu"), gb.BatchNorm1d(24),
-                          gb.Dropout(0.25), gb.Dense(24, 3)], device="cpu", dtype=dtype, seed=5,
+                          gb.Dropout(0.25), gb.Dense(24, 3)], device=device, dtype=dtype, seed=5,
                          kernels=kernels)
 
 

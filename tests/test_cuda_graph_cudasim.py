@@ -1,0 +1,39 @@
+"""A graph run of the CUDA kernel set (its ``*_values`` kernels, StepValues' advance kernel) in
+Numba's simulator, through the host capture backend: the same bits as the eager CUDA-set run.
+
+Runs in its own process under NUMBA_ENABLE_CUDASIM=1 (there cuda_graph='auto' runs eagerly).
+"""
+
+import functools
+
+import pytest
+
+from gpubackprop.backend import is_cudasim
+
+pytestmark = pytest.mark.cudasim
+
+if not is_cudasim():
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (set before import)", allow_module_level=True)
+
+import test_cuda_graph as tg  # noqa: E402
+
+from gpubackprop import cuda_graph as cg  # noqa: E402
+
+sim_mlp = functools.partial(tg.mlp, device="cuda")
+
+
+@pytest.mark.parametrize("opt", ["adamw-clip", "rmsprop"])
+def test_graph_run_of_the_cuda_set_equals_its_eager_run(opt):
+    kw = dict(epochs=2, batch_size=32)  # 3 batches an epoch, the last of 6 rows
+    eager = tg.run("off", opt, sim_mlp, **kw)
+    graphs = tg.run("host", opt, sim_mlp, **kw)
+    tg.assert_same_run(eager, graphs)
+    # warm-up 1: one eager step of the full shape and one of the ragged one, then replays
+    assert graphs[3].events.count("replay") == 6 - 2
+
+
+def test_auto_runs_eagerly_in_the_simulator():
+    assert "simulator" in cg.graphs_unavailable()
+    assert cg.resolve("auto", sim_mlp()) is None
+    with pytest.raises(ValueError, match=r"'on' cannot capture .*Numba's CUDA simulator"):
+        cg.resolve("on", sim_mlp())
