@@ -137,6 +137,9 @@ def check_step_advance(ops, dev):
     ops.step_advance(table, counter, values)
     np.testing.assert_array_equal(to_numpy(values)[:k], to_numpy(table)[2])
     assert int(to_numpy(counter)[0]) == 3
+    ops.step_advance(table, counter, values)  # past the end: the last row again
+    np.testing.assert_array_equal(to_numpy(values), [*to_numpy(table)[2], -2.0])
+    assert int(to_numpy(counter)[0]) == 4
 
 
 def _adam_coefficients(*args):

@@ -174,12 +174,15 @@ def _adam_values(p, g, m, v, values, beta1, beta2, one_minus_beta1, one_minus_be
 
 @kernel_body("void(float64[:, ::1], int64[::1], float64[::1])")
 def _step_advance(table, counter, values):
-    """values[:k] = table[counter[0]]; counter += 1: one thread (k is a handful of slots)."""
+    """values[:k] = table[counter[0]]; counter += 1: one thread (k is a handful of slots). Past
+    the table's end the last row repeats (no read outside it), as the reference's take(clip)."""
     if cuda.grid(1) == 0:
         r = counter[0]
+        if r >= table.shape[0]:
+            r = table.shape[0] - 1
         for j in range(table.shape[1]):
             values[j] = table[r, j]
-        counter[0] = r + 1
+        counter[0] = counter[0] + 1
 
 
 class OptimizerOps:

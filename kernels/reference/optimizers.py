@@ -97,9 +97,10 @@ class OptimizerOps:
     # which inherits these) the values are read on the host and the host-scalar op runs: the same
     # float64 numbers, so the same bits; the CUDA set reads them in the kernel.
     def step_advance(self, table, counter, values):
-        """values[:k] = table[counter[0]] (k = table columns); counter += 1, on the device."""
+        """values[:k] = table[counter[0]] (k = table columns); counter += 1, on the device. Past
+        the table's end the last row repeats."""
         xp = self.xp
-        values[:table.shape[1]] = xp.take(table, counter, axis=0)[0]
+        values[:table.shape[1]] = xp.take(table, counter, axis=0, mode="clip")[0]
         counter += 1
         return values
 
