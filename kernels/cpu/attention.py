@@ -1,8 +1,9 @@
 """CPU attention ops: the masked row softmax and its backward pass, one Numba pass per row.
 
-Each row is read in a fixed order (left to right: the max, then Σ exp, then the division), so the
+Each row is read in a fixed order (the max, exp, Σ, the division; the max and the sums over 8
+lanes j mod 8, added pairwise at the end, so that they do not wait on one add each), so the
 result does not depend on the thread count; the parallel kernels split the rows into chunks, and
-rows are independent. Semantics as ``kernels/reference/attention.py`` (a fully masked row gives
+rows are independent. float32's exp is the vectorizable polynomial of ``numerics._exp``. Semantics as ``kernels/reference/attention.py`` (a fully masked row gives
 zeros).
 """
 
@@ -10,7 +11,7 @@ import math
 
 from numba import njit, prange
 
-from gpubackprop.kernels.cpu.numerics import _span
+from gpubackprop.kernels.cpu.numerics import _exp, _span
 from gpubackprop.kernels.reference.attention import (
     check_masked_softmax,
     check_masked_softmax_backward,
@@ -18,32 +19,74 @@ from gpubackprop.kernels.reference.attention import (
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _row_max(Y, r, L):
+    """max_j Y[r, j] over the non-NaN entries (-inf when none): 8 running maxima (lanes j mod 8),
+    so that the comparisons do not wait on each other."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = Y.dtype.type(-math.inf)
+    j = 0
+    while j + 8 <= L:
+        m0 = Y[r, j] if Y[r, j] > m0 else m0
+        m1 = Y[r, j + 1] if Y[r, j + 1] > m1 else m1
+        m2 = Y[r, j + 2] if Y[r, j + 2] > m2 else m2
+        m3 = Y[r, j + 3] if Y[r, j + 3] > m3 else m3
+        m4 = Y[r, j + 4] if Y[r, j + 4] > m4 else m4
+        m5 = Y[r, j + 5] if Y[r, j + 5] > m5 else m5
+        m6 = Y[r, j + 6] if Y[r, j + 6] > m6 else m6
+        m7 = Y[r, j + 7] if Y[r, j + 7] > m7 else m7
+        j += 8
+    while j < L:
+        m0 = Y[r, j] if Y[r, j] > m0 else m0
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_sum(Y, r, L):
+    """Σ_j Y[r, j] in a fixed order: 8 partial sums (lanes j mod 8), then the lanes pairwise."""
+    zero = Y.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    j = 0
+    while j + 8 <= L:
+        s0 += Y[r, j]
+        s1 += Y[r, j + 1]
+        s2 += Y[r, j + 2]
+        s3 += Y[r, j + 3]
+        s4 += Y[r, j + 4]
+        s5 += Y[r, j + 5]
+        s6 += Y[r, j + 6]
+        s7 += Y[r, j + 7]
+        j += 8
+    while j < L:
+        s0 += Y[r, j]
+        j += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _softmax_rows(X, mask, has_mask, Y, r0, r1):
     L = X.shape[1]
     zero = X.dtype.type(0)
     for r in range(r0, r1):
-        m = X.dtype.type(-math.inf)
-        nan = False
-        for j in range(L):
-            z = X[r, j] + mask[r, j] if has_mask else X[r, j]
-            Y[r, j] = z  # z kept in Y for the next passes (read X[r, j] first: Y may be X)
-            if z != z:
-                nan = True
-            elif z > m:
-                m = z
-        if nan:
+        if has_mask:  # z kept in Y for the next passes (each X[r, j] read before Y[r, j]: Y may be X)
             for j in range(L):
-                Y[r, j] = X.dtype.type(math.nan)
-            continue
-        if m == -math.inf:  # every entry masked: zeros, not NaN
+                Y[r, j] = X[r, j] + mask[r, j]
+        else:
             for j in range(L):
-                Y[r, j] = zero
+                Y[r, j] = X[r, j]
+        m = _row_max(Y, r, L)
+        if m == -math.inf:  # every entry masked (or NaN): zeros, not NaN; NaN stays NaN
+            nan = False
+            for j in range(L):
+                nan = nan or Y[r, j] != Y[r, j]
+            for j in range(L):
+                Y[r, j] = X.dtype.type(math.nan) if nan else zero
             continue
-        s = zero
+        # A NaN entry (never the max) makes its exp NaN, hence Σ and the whole row NaN, as the
+        # reference's. exp apart from the sum, so that the pass vectorizes (float32: _exp's
+        # polynomial).
         for j in range(L):
-            e = math.exp(Y[r, j] - m)
-            Y[r, j] = e
-            s += e
+            Y[r, j] = _exp(Y[r, j] - m)
+        s = _row_sum(Y, r, L)
         for j in range(L):
             Y[r, j] = Y[r, j] / s
 
@@ -63,10 +106,24 @@ def _softmax_parallel(X, mask, has_mask, Y, nchunks):
 @njit(cache=True, error_model="numpy", inline="always")
 def _softmax_grad_rows(dY, Y, dX, r0, r1):
     L = Y.shape[1]
+    zero = Y.dtype.type(0)
     for r in range(r0, r1):
-        dot = Y.dtype.type(0)
-        for j in range(L):
-            dot += dY[r, j] * Y[r, j]
+        d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = zero  # Σ dy·y as _row_sum adds
+        j = 0
+        while j + 8 <= L:
+            d0 += dY[r, j] * Y[r, j]
+            d1 += dY[r, j + 1] * Y[r, j + 1]
+            d2 += dY[r, j + 2] * Y[r, j + 2]
+            d3 += dY[r, j + 3] * Y[r, j + 3]
+            d4 += dY[r, j + 4] * Y[r, j + 4]
+            d5 += dY[r, j + 5] * Y[r, j + 5]
+            d6 += dY[r, j + 6] * Y[r, j + 6]
+            d7 += dY[r, j + 7] * Y[r, j + 7]
+            j += 8
+        while j < L:
+            d0 += dY[r, j] * Y[r, j]
+            j += 1
+        dot = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
         for j in range(L):
             dX[r, j] = Y[r, j] * (dY[r, j] - dot)
 
