@@ -22,8 +22,10 @@ Reported: validation bits per character (the mean cross-entropy / ln 2 over non-
 windows of the validation text, every position of a window predicted from the ones before it in
 the window) against the unigram baseline (the cross-entropy of the training text's character
 frequencies, add-one smoothed, on the same validation characters), and a sampled continuation of
-a validation prompt. Measured with the defaults (seed 0, 3000 steps of 32 windows of 64) on the
-2-core VM of the README's figures: see README.md, "A character-level transformer".
+a validation prompt. With the defaults (seed 0, 3000 steps of 32 windows of 64 characters) it
+reaches 2.140 validation bits/char against the unigram baseline's 4.571 (measured: 218 s of
+training, 3 min 46 s wall, on a loaded 2-core Intel Xeon VM, one BLAS thread, fused CPU kernels;
+seed 1: 2.137); README.md, "A character-level transformer", has the details.
 
 BLAS runs on ``--blas-threads`` threads (default 1, as examples/lstm_digits.py: the GEMMs are
 small, and on shared cores several BLAS threads wait on each other).
