@@ -178,12 +178,31 @@ def write(results, name):
         r = results[key]
         detail = {k: v for k, v in r.items() if k not in ("ok", "tail", "failures")}
         lines.append(f"| {key} | {'yes' if r.get('ok') else 'NO'} | {json.dumps(detail)} |")
+    if "graphs" in results:  # CUDA graphs (issue 16): a row here, its own tables below
+        from bench.gpu_graphs import format_graphs
+
+        lines.append(f"| graphs | {'yes' if results['graphs'].get('ok') else 'NO'} | the CUDA "
+                     f"graphs section below |")
+        lines += ["", format_graphs(results["graphs"])]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return base
 
 
 CHECKS = {"tests": run_tests, "demo": run_demo, "host_sync": count_host_syncs, "bench": run_bench}
+
+
+
+def run_graphs():
+    """CUDA graphs (issue 16, bench/gpu_graphs.py): replay == eager bit for bit for an MLP, a CNN
+    with BatchNorm and Dropout and an LSTM (and a run resumed mid-epoch), host time per step, and
+    samples/s with graphs on and off against PyTorch eager and a captured PyTorch step."""
+    from bench.gpu_graphs import run_graphs as run
+
+    return run()
+
+
+CHECKS["graphs"] = run_graphs
 
 
 def main(argv=None):
