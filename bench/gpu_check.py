@@ -12,7 +12,12 @@
    CUDA when it is installed (``make bench`` itself would install the CPU build of PyTorch).
 
 Writes bench/results/gpu-check-<gpu>.json and .md. Exit status 1 if any check fails.
-``python -m bench.gpu_check tests demo`` runs only the checks named (tests, demo, host_sync, bench).
+5. mixed precision (issue 17): bf16/fp16 rows of the MLPs, LeNet-5 and the LSTM against our fp32
+   and PyTorch autocast (bench/results/precision-<gpu>.json), the L MLP's targets, and the digits
+   MLP's accuracy in each precision.
+
+``python -m bench.gpu_check tests demo`` runs only the checks named (tests, demo, host_sync, bench,
+precision).
 """
 
 import json
@@ -161,6 +166,38 @@ def run_bench():
             "tail": done.stdout[-2000:] + done.stderr[-1000:]}
 
 
+def run_precision():
+    """Mixed precision on the GPU (issue 17): the bf16/fp16 benchmark rows against our fp32 and
+    PyTorch autocast (gpubackprop.benchmark.precision, its targets for the L MLP), and the digits
+    MLP trained in each precision (bf16 and fp16 within 0.5 points of fp32)."""
+    import gpubackprop as gb
+    from gpubackprop.demo import load_digits_split
+
+    t0 = time.perf_counter()
+    out = os.path.join(RESULTS, f"precision-{re.sub(r'[^a-z0-9]+', '-', gpu_name().lower())}.json")
+    done = subprocess.run([sys.executable, "-m", "gpubackprop.benchmark.precision", "--device",
+                           "cuda", "--out", out], cwd=ROOT, capture_output=True, text=True)
+    targets = []
+    if done.returncode == 0 and os.path.exists(out):
+        with open(out) as f:
+            targets = json.load(f)["targets"]
+    Xtr, Xte, ytr, yte = load_digits_split(0)
+    accuracy = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        model = gb.Sequential([gb.Dense(64, 128, activation="relu"),
+                               gb.Dense(128, 64, activation="relu"), gb.Dense(64, 10)],
+                              device="cuda", seed=0, precision=precision)
+        gb.fit(model, gb.SoftmaxCrossEntropy(), gb.Adam(lr=0.002), Xtr, ytr, epochs=30,
+               batch_size=32, progress=False)
+        accuracy[precision] = round(gb.evaluate(model, gb.SoftmaxCrossEntropy(), Xte,
+                                                yte)["accuracy"], 4)
+    close = all(abs(accuracy[p] - accuracy["fp32"]) <= 0.005 for p in ("bf16", "fp16"))
+    return {"ok": done.returncode == 0 and close and all(t["met"] for t in targets),
+            "seconds": round(time.perf_counter() - t0, 1), "targets": targets,
+            "digits_accuracy": accuracy, "rows_file": os.path.relpath(out, ROOT),
+            "tail": done.stdout[-2000:] + done.stderr[-1000:]}
+
+
 def write(results, name):
     os.makedirs(RESULTS, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -172,7 +209,7 @@ def write(results, name):
         json.dump(results, f, indent=2)
     lines = [f"# gpu-check on {name}", "", f"date: {results['date']}", "",
              "| check | ok | detail |", "| --- | --- | --- |"]
-    for key in ("tests", "demo", "host_sync", "bench"):
+    for key in ("tests", "demo", "host_sync", "bench", "precision"):
         if key not in results:
             continue
         r = results[key]
@@ -189,7 +226,8 @@ def write(results, name):
     return base
 
 
-CHECKS = {"tests": run_tests, "demo": run_demo, "host_sync": count_host_syncs, "bench": run_bench}
+CHECKS = {"tests": run_tests, "demo": run_demo, "host_sync": count_host_syncs, "bench": run_bench,
+          "precision": run_precision}
 
 
 

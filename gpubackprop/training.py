@@ -106,6 +106,15 @@ def step_on_device(model, loss, opt, Xd, Td, comm=None, share=1.0):
     the local gradient (a mean over the local rows) times ``share``, summed over the ranks, is the
     gradient of the mean over the global batch; one all-reduce of the flat gradient buffer.
     """
+    if getattr(model, "loss_scaler", None) is not None and not model.backend.on_gpu:
+        # fp16 on NumPy: an overflowing step (inf in the scaled gradients, which the loss scaler
+        # skips) without NumPy's overflow warnings, as on a GPU.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _step(model, loss, opt, Xd, Td, comm, share)
+    return _step(model, loss, opt, Xd, Td, comm, share)
+
+
+def _step(model, loss, opt, Xd, Td, comm, share):
     scaler = getattr(model, "loss_scaler", None)  # fp16: the dynamic loss scale (precision.py)
     if rows(Xd) == 0:  # a rank whose share of a short last batch is empty adds nothing
         model.flat_grads[...] = 0

@@ -1,0 +1,119 @@
+"""The mixed-precision GEMM (kernels/cuda/gemm16.py): nvmath-python's GemmEx bindings and enum
+values it relies on, the 16-bit operand copies in their own layouts run through the column-major
+mapping (a NumPy model of cuBLAS), and, on a real GPU (marked gpu), GemmEx against the float32
+GEMM of the same 16-bit values and a bf16/fp16 training step against the CPU emulation."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from gpubackprop import precision as P
+from gpubackprop.backend import has_cupy_gpu, is_cudasim
+
+if is_cudasim():
+    pytest.skip("the simulator replaces numba.cuda: this file runs in the non-simulator process",
+                allow_module_level=True)
+
+from gpubackprop.kernels.cuda import cublas, gemm16  # noqa: E402
+
+
+def test_nvmath_bindings_and_enum_values():
+    nvmath = pytest.importorskip("nvmath")
+    from nvmath.bindings import cublas as nv
+
+    for name, count in gemm16.BINDINGS.items():
+        f = getattr(nv, name)
+        params = inspect.signature(f).parameters if not f.__doc__ else \
+            f.__doc__.split("(", 1)[1].split(")", 1)[0].split(",")
+        assert len(params) == count, name
+    assert int(nvmath.CudaDataType.CUDA_R_16F) == gemm16.CUDA_R_16F
+    assert int(nvmath.CudaDataType.CUDA_R_16BF) == gemm16.CUDA_R_16BF
+    assert int(nvmath.CudaDataType.CUDA_R_32F) == gemm16.CUDA_R_32F
+    assert int(nv.ComputeType.COMPUTE_32F) == gemm16.CUBLAS_COMPUTE_32F
+    assert int(nv.GemmAlgo.DEFAULT) == gemm16.CUBLAS_GEMM_DEFAULT
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("shapes", [((9, 6), (4, 6), "a @ b.T"), ((9, 4), (9, 6), "a.T @ b"),
+                                    ((9, 4), (4, 6), "a @ b"), ((3, 2, 5, 7), (3, 2, 7, 4), "a @ b")])
+def test_16bit_copies_keep_their_layout_and_the_mapped_gemm_is_exact(precision, shapes):
+    from gpubackprop.kernels.cpu import CpuOps
+
+    ops = CpuOps(np)
+    rng = np.random.default_rng(0)
+    a_shape, b_shape, form = shapes
+    A = P.rounded(np, rng.normal(size=a_shape).astype(np.float32), precision)
+    B = P.rounded(np, rng.normal(size=b_shape).astype(np.float32), precision)
+    a = A.T if form.startswith("a.T") else A
+    b = B.T if form.endswith("b.T") else B
+    bufs = {}
+
+    def scratch(shape):
+        return bufs.setdefault(tuple(shape), np.empty(shape, P.storage_dtype(precision)))
+
+    a16, b16 = (gemm16.as16(np, ops, x, precision, scratch) for x in (a, b))
+    for x, x16 in ((a, a16), (b, b16)):
+        assert x16.shape == x.shape
+        assert x16.flags.c_contiguous == x.flags.c_contiguous  # a transposed view stays one
+        np.testing.assert_array_equal(P.from_storage(np, np.ascontiguousarray(x16), precision), x)
+    out = np.full(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                  np.nan)
+    calls = cublas.gemm_calls(a16.shape, cublas.element_strides(a16), b16.shape,
+                              cublas.element_strides(b16), out.shape, cublas.element_strides(out))
+    wide = {id(x16): P.from_storage(np, x16.base if x16.base is not None else x16,
+                                    precision).astype(np.float64).ravel() for x16 in (a16, b16)}
+    for c in calls:
+        cublas.emulate(c, wide[id(b16)], wide[id(a16)], out.reshape(-1))
+    # Products of 16-bit values are exact in float32 and float64: only the sums round.
+    np.testing.assert_allclose(out, np.matmul(a.astype(np.float64), b.astype(np.float64)),
+                               rtol=1e-12, atol=1e-12)
+
+
+gpu = pytest.mark.skipif(not has_cupy_gpu(), reason="needs a CUDA GPU with CuPy")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gemmex_equals_float32_gemm_of_the_16bit_values(precision):
+    import cupy as cp
+
+    import gpubackprop as gb
+
+    model = gb.Sequential([gb.Dense(64, 32)], device="cuda", precision=precision)
+    be = model.backend
+    pytest.importorskip("nvmath")
+    assert isinstance(be.matmul, gemm16.Matmul16)
+    rng = np.random.default_rng(1)
+    for a_shape, b_shape, ta, tb in [((256, 64), (32, 64), False, True),
+                                     ((32, 256), (256, 64), False, False),
+                                     ((256, 32), (32, 64), False, False),
+                                     ((4, 3, 33, 17), (4, 3, 17, 9), False, False)]:
+        A = P.rounded(np, rng.normal(size=a_shape).astype(np.float32), precision)
+        B = P.rounded(np, rng.normal(size=b_shape).astype(np.float32), precision)
+        a, b = cp.asarray(A), cp.asarray(B)
+        got = be.matmul(a, b.swapaxes(-1, -2) if tb else b)
+        want = np.matmul(A.astype(np.float64), (B.swapaxes(-1, -2) if tb else B).astype(np.float64))
+        np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_training_step_matches_the_cpu_emulation(precision):
+    import gpubackprop as gb
+
+    X = np.random.default_rng(2).normal(size=(64, 20))
+    y = np.arange(64) % 5
+    params = []
+    for device in ("cpu", "cuda"):
+        model = gb.Sequential([gb.Dense(20, 32, activation="relu"), gb.Dense(32, 5)],
+                              device=device, seed=3, precision=precision)
+        opt = gb.SGD(lr=0.1, momentum=0.9)
+        for _ in range(3):
+            gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, X, y)
+        params.append(model.get_params())
+    ulp = 2.0**-10 if precision == "fp16" else 2.0**-7
+    for k in params[0]:  # GEMM sums in another order can move a 16-bit rounding by one unit
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=4 * ulp, atol=1e-3)
