@@ -240,6 +240,9 @@ class Backend:
         if self.precision != "fp32" and self.on_gpu and (nvmath_cublas() is not None or not on):
             return  # Matmul16 (or, without nvmath, eager xp.matmul) stays
         if not on:
+            close = getattr(self.matmul, "close", None)
+            if close is not None:
+                close()
             self.matmul = self.xp.matmul
             return
         from gpubackprop.kernels.cuda.cublas import CublasMatmul

@@ -23,6 +23,9 @@ into a graph (a private CuPy memory pool serves what the step allocates, kept fo
 lifetime) and replayed from then on. The host afterwards advances the counters the Python step
 would have (the optimizer's and the model's steps), so checkpoints and resumes are unchanged.
 A ragged last batch is a shape of its own: eager for its warm-up steps, then its own graph.
+The per-step values of an epoch are computed at its start: the learning rate from ``schedule``
+for every step, else ``opt.lr`` as it is then (a change by ``on_step`` takes effect at the next
+epoch).
 
 The GEMMs of a graph run go through ``kernels/cuda/cublas.py`` (nvmath-python: CuPy's cuBLAS
 wrappers raise during capture), in the warm-up steps as in the replays, so replay equals the eager
@@ -86,6 +89,9 @@ def model_problems(model, comm=None, device=True):
                         f"the host; graphs need kernels='fused'")
     if getattr(model, "loss_scaler", None) is not None:
         problems.append("the fp16 loss scaler updates its scale on the host")
+    elif getattr(model, "precision", "fp32") != "fp32":
+        problems.append(f"precision={model.precision!r}: its 16-bit GEMMs do not go through the "
+                        f"capturable cuBLAS calls yet")
     if comm is not None and comm.size > 1:
         problems.append(f"data-parallel training over {comm.size} processes (the gradient "
                         f"all-reduce is not captured)")

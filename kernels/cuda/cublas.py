@@ -175,7 +175,7 @@ def element_strides(a):
 _GEMM = {np.dtype(np.float32): ("sgemm", "sgemm_strided_batched"),
          np.dtype(np.float64): ("dgemm", "dgemm_strided_batched")}
 BINDINGS = {  # name -> the number of arguments this module passes (tests check nvmath's)
-    "create": 0, "set_stream": 2, "set_workspace": 3, "set_pointer_mode": 2, "set_math_mode": 2,
+    "create": 0, "destroy": 1, "set_stream": 2, "set_workspace": 3, "set_pointer_mode": 2, "set_math_mode": 2,
     "sgemm": 14, "dgemm": 14, "sgemm_strided_batched": 18, "dgemm_strided_batched": 18,
 }
 
@@ -210,6 +210,12 @@ class CublasMatmul:
                                    c.Math.DEFAULT_MATH))
             entry = self._handles[ptr] = (h, ws)
         return entry[0]
+
+    def close(self):
+        """Destroy the handles (cublasDestroy waits for their work); their workspaces go with them."""
+        for h, _ in self._handles.values():
+            self.cublas.destroy(h)
+        self._handles.clear()
 
     def __call__(self, a, b, out=None):
         cp = self.cp
