@@ -5,6 +5,7 @@ from gpubackprop.gradcheck import gradcheck
 from gpubackprop.layers import LAYERS, Input, Model
 from gpubackprop.losses import MSE, BinaryCrossEntropy, MultiLoss, SoftmaxCrossEntropy
 from gpubackprop.optimizers import SGD, Adam, AdamW, RMSprop
+from gpubackprop.precision import LossScaler
 from gpubackprop.state_dict import renumber_state_dict
 from gpubackprop.training import evaluate, fit, predict, train_step
 
@@ -16,6 +17,7 @@ globals().update(LAYERS)
 
 __all__ = [
     "Backend", *LAYERS, "Model", "Input", "MSE", "MultiLoss",
-    "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "train_step",
+    "SoftmaxCrossEntropy", "BinaryCrossEntropy", "SGD", "RMSprop", "Adam", "AdamW", "LossScaler",
+    "train_step",
     "fit", "evaluate", "predict", "gradcheck", "renumber_state_dict", "__version__",
 ]
