@@ -163,6 +163,18 @@ def test_graph_run_float64_mse_without_schedule_effects():
     assert_same_run(go("off"), go("host"))
 
 
+def test_graph_run_of_an_lstm():
+    X = np.random.default_rng(1).normal(size=(40, 3, 4))
+    y = np.random.default_rng(2).integers(0, 2, 40)
+
+    def lstm():
+        return gb.Sequential([gb.LSTM(4, 6), gb.LastStep(), gb.Dense(6, 2)], input_shape=(3, 4),
+                             device="cpu", dtype="float64", seed=1)
+    graphs = run("host", "nesterov", lstm, X, y)
+    assert_same_run(run("off", "nesterov", lstm, X, y), graphs)
+    assert graphs[3].events.count("replay") == 9 - 2  # 3 batches an epoch (the last of 8 rows)
+
+
 def test_a_per_step_host_scalar_in_the_step_is_caught(monkeypatch):
     """A layer that hands the step counter to a kernel as an argument: frozen in a real graph.
     Not on the capturable list, it is refused up front; listed anyway, the replay check fails
