@@ -173,6 +173,21 @@ def test_gradcheck_through_a_graph(backend_spec, rng):
     assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, rng.integers(0, 3, 5)) < 1e-6
 
 
+def test_gradcheck_of_a_layer_shared_by_self_and_cross_attention(backend_spec, rng):
+    """One layer used twice in a step, once as self-attention (its q, k, v GEMM at once) and
+    once across two tensors (a GEMM each): the second backprop adds to the first's gradients."""
+    q, kv = gb.Input((3, 4)), gb.Input((3, 4))  # a shared layer takes one set of shapes
+    mha = gb.MultiheadAttention(4, 2)
+    h = mha(mha(q), kv, kv)
+    y = gb.Dense(12, 3)(gb.Flatten()(h))
+    device, kernels = backend_spec
+    model = gb.Model(inputs=[q, kv], outputs=y, device=device, dtype="float64", kernels=kernels)
+    params = {k: rng.normal(size=v.shape) * 0.5 for k, v in model.get_params().items()}
+    model.set_params(params)
+    X = [rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3, 4))]
+    assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, rng.integers(0, 3, 5)) < 1e-6
+
+
 def test_state_dict_keys_equal_torch_and_config_round_trips(rng):
     q = gb.Input((TQ, E))
     mask = rng.normal(size=(TQ, TQ))
