@@ -103,3 +103,33 @@ def test_gate_and_skipping_updates(ops, dev, found, clipping):
     if found:
         np.testing.assert_array_equal(to_numpy(m), m0)
         np.testing.assert_array_equal(to_numpy(v), v0)
+
+
+@pytest.mark.skipif(not is_cudasim(), reason="the simulator run (on a GPU: test_precision_gemm)")
+def test_fp16_training_through_the_cuda_set_equals_the_cpu_emulation():
+    """An MLP trained in fp16 through the CUDA kernel set (the rounding, the loss scaler's
+    unscale/gate/update, the skipping updates) against the reference set on the CPU: the scale
+    grows after 4 finite steps, the 5th overflows and is skipped on both, and the parameters
+    agree to float32 noise."""
+    import gpubackprop as gb
+
+    X = np.random.default_rng(5).normal(size=(40, 6))
+    y = np.arange(40) % 3
+    runs = []
+    for device, kernels in (("cuda", "fused"), ("cpu", "reference")):
+        model = gb.Sequential([gb.Dense(6, 16, activation="gelu"), gb.Dense(16, 3)],
+                              device=device, kernels=kernels, seed=2, precision="fp16",
+                              loss_scaler={"init_scale": 2.0**20, "growth_interval": 4})
+        start = model.get_params()
+        opt = gb.Adam(lr=0.01, clip_norm=1.0)
+        scales = []
+        for i in range(8):
+            gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, X[i % 2::2], y[i % 2::2])
+            scales.append(model.loss_scaler.scale)
+        runs.append((model.get_params(), scales))
+    (p_sim, s_sim), (p_ref, s_ref) = runs
+    assert s_sim == s_ref
+    assert s_ref[3] == 2.0**21 and s_ref[4] == 2.0**20  # grown, then backed off (a skipped step)
+    for k in p_ref:
+        assert np.abs(p_ref[k] - start[k]).max() > 0.01  # the finite steps did update
+        np.testing.assert_allclose(p_sim[k], p_ref[k], rtol=1e-5, atol=1e-6)
