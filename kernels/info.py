@@ -81,6 +81,15 @@ def run_every_op(ops, dtype):
     geometry = ((2, 2), (1, 1), (0, 0), (1, 1))
     ops.im2col(X, cols, *geometry)
     ops.col2im(cols, X, *geometry)
+    # Winograd F(2x2, 3x3) on the 3x3 images, padding 1: a 3x3 output, 2x2 tiles of 2x2 (ragged).
+    W3, U, V, M = xp.zeros((2, 2, 3, 3), dt), xp.zeros((16, 2, 2), dt), xp.zeros((16, 2, 4), dt), \
+        xp.zeros((16, 2, 4), dt)
+    ops.winograd_filter(W3, U)
+    ops.winograd_filter_backward(U, W3, accumulate=True)
+    ops.winograd_input(X, V, 1)
+    ops.winograd_input_backward(V, X, 1)
+    ops.winograd_output(M, X)
+    ops.winograd_output_backward(X, M)
     Y, argmax = xp.zeros((1, 2, 2, 2), dt), xp.zeros((1, 2, 2, 2), np.int64)
     ops.max_pool2d(X, Y, argmax, *geometry)
     ops.max_pool2d_backward(Y, argmax, X, *geometry)

@@ -126,7 +126,8 @@ def test_run_every_op_calls_every_family_with_valid_arguments():
     for op in ("im2col", "col2im", "max_pool2d_backward", "avg_pool2d_backward",
                "channel_bias_act", "batch_norm_backward", "layer_norm_backward",
                "dropout_backward", "lstm_cell_backward", "gru_cell_backward", "embedding_backward",
-               "masked_softmax_backward", "adam"):
+               "masked_softmax_backward", "adam", "winograd_input_backward",
+               "winograd_output_backward", "winograd_filter_backward"):
         assert op in calls, op
 
 

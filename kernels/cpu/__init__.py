@@ -30,6 +30,7 @@ from gpubackprop.kernels.cpu.optimizers import OptimizerOps
 from gpubackprop.kernels.cpu.pooling import PoolingOps
 from gpubackprop.kernels.cpu.precision import PrecisionOps
 from gpubackprop.kernels.cpu.recurrent import RecurrentOps
+from gpubackprop.kernels.cpu.winograd import WinogradOps
 from gpubackprop.kernels.reference import ACTIVATIONS, ReferenceOps
 
 __all__ = ["PAR_MIN_CHEAP", "PAR_MIN_TRANSCENDENTAL", "CpuOps"]
@@ -45,7 +46,7 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
 class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
-             DropoutOps, EmbeddingOps, AttentionOps, PrecisionOps, ReferenceOps):
+             DropoutOps, EmbeddingOps, AttentionOps, WinogradOps, PrecisionOps, ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"

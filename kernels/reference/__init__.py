@@ -33,13 +33,14 @@ from gpubackprop.kernels.reference.optimizers import OptimizerOps, adam_coeffici
 from gpubackprop.kernels.reference.pooling import PoolingOps
 from gpubackprop.kernels.reference.precision import PrecisionOps
 from gpubackprop.kernels.reference.recurrent import RecurrentOps
+from gpubackprop.kernels.reference.winograd import WinogradOps
 
 __all__ = ["ACTIVATIONS", "GELU_C", "GELU_K", "LEAKY_SLOPE", "ReferenceOps", "adam_coefficients",
            "saves_input"]
 
 
 class ReferenceOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps,
-                   NormalizationOps, DropoutOps, EmbeddingOps, AttentionOps,
+                   NormalizationOps, DropoutOps, EmbeddingOps, AttentionOps, WinogradOps,
                    PrecisionOps):
     """The unfused xp expressions; the baseline the fused sets are checked and benchmarked against."""
 

@@ -1,0 +1,298 @@
+"""Winograd F(2x2, 3x3): the reference transforms composed into a convolution against the direct
+convolution (naive loops), the fused CPU transforms against the reference, and Conv2d's Winograd
+path against its im2col + GEMM path and PyTorch, forward and every gradient, with ragged sizes.
+
+Tolerances in float32. The direct convolution sums K products (K = 9·C_in for Z and dX's 9·C_out,
+N·OH·OW for dW), so its rounding error is at most about K·u·S with u = 2⁻²⁴ and S the same sum
+of absolute values (|W| * |X|) at that element. Winograd's transforms have entries 0, ±1, ±½:
+V = BᵀdB and U = GgGᵀ are sums of at most 16 and 9 terms, the output AᵀMA of 9, each rounded, and
+M's sums over C_in run on values at most 4·max|d| by 2.25·max|g|, so its error is bounded by the
+same K·u·S times a small constant (Barabasz et al., "Error analysis and improving the accuracy of
+Winograd convolution", 2020: ~2x the direct one's for F(2x2, 3x3)), except that a transform mixes
+the sums of neighbouring elements (a weight gradient entry that reads only padding, exactly 0,
+still takes rounding from its filter's other entries), so S is taken as the array's largest. The
+tests take 16·K·u·max(S), a bound no correct implementation can exceed, and a tighter typical
+check (the max error relative to the output's scale, 2e-5, where random data sits near 1e-6). In
+float64 both paths are within 1e-12 of each other relative to the scale, far inside the 1e-10 at
+which the layer must equal PyTorch.
+"""
+
+import numpy as np
+import pytest
+from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
+from layer_cases import assert_close, model_for, run_layer, torch_grads
+
+import gpubackprop as gb
+from gpubackprop.kernels.reference import ReferenceOps
+from gpubackprop.kernels.reference.winograd import tiles
+
+REF = ReferenceOps(np)
+U32 = 2.0 ** -24
+DTYPES = [np.float32, np.float64]
+
+# (N, C_in, C_out, H, W, padding): odd sizes (a ragged last tile row and column), no padding,
+# padding 2 and 3 (tiles wholly in the padding), a 1x1 and a 1x2 output, a single tile.
+CASES = [
+    (2, 3, 4, 7, 9, (1, 1)),
+    (3, 5, 2, 6, 5, (0, 2)),
+    (1, 2, 3, 3, 4, (0, 0)),
+    (2, 3, 3, 1, 2, (1, 1)),
+    (2, 2, 2, 8, 8, (3, 1)),
+    (1, 4, 5, 4, 3, (1, 0)),
+    (2, 17, 16, 10, 11, (1, 1)),
+]
+
+
+def case_id(case):
+    N, ci, co, H, W, (ph, pw) = case
+    return f"{N}x{ci}x{H}x{W}-to-{co}-pad{ph}{pw}"
+
+
+def naive_conv(X, Wt, padding):
+    """The direct 3x3 stride-1 convolution by its definition, float64."""
+    (ph, pw), (N, H, W) = padding, (X.shape[0], *X.shape[2:])
+    Xp = np.pad(X, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
+    Z = np.zeros((N, Wt.shape[0], OH, OW))
+    for i in range(3):
+        for j in range(3):
+            Z += np.einsum("oc,ncst->nost", Wt[:, :, i, j], Xp[:, :, i:i + OH, j:j + OW])
+    return Z
+
+
+def naive_grads(X, Wt, dZ, padding):
+    """dX and dW of ``naive_conv`` for the output gradient dZ, by their definitions."""
+    (ph, pw), (H, W) = padding, X.shape[2:]
+    OH, OW = dZ.shape[2:]
+    Xp = np.pad(X, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    dXp, dW = np.zeros_like(Xp), np.zeros(Wt.shape)
+    for i in range(3):
+        for j in range(3):
+            dXp[:, :, i:i + OH, j:j + OW] += np.einsum("oc,nost->ncst", Wt[:, :, i, j], dZ)
+            dW[:, :, i, j] = np.einsum("nost,ncst->oc", dZ, Xp[:, :, i:i + OH, j:j + OW])
+    return dXp[:, :, ph:ph + H, pw:pw + W], dW
+
+
+def winograd_conv(ops, X, Wt, dZ, padding):
+    """Z, dX, dW by the transforms of ``ops`` and the 16 GEMMs, as Conv2d composes them."""
+    N, C, H, W = X.shape
+    Co = Wt.shape[0]
+    OH, OW, TH, TW = tiles(H, W, padding)
+    P = N * TH * TW
+    U = ops.winograd_filter(Wt, np.empty((16, Co, C), X.dtype))
+    V = ops.winograd_input(X, np.empty((16, C, P), X.dtype), padding)
+    Z = ops.winograd_output(np.matmul(U, V), np.empty((N, Co, OH, OW), X.dtype))
+    dM = ops.winograd_output_backward(dZ, np.empty((16, Co, P), X.dtype))
+    dW = ops.winograd_filter_backward(np.matmul(dM, V.transpose(0, 2, 1)), np.empty_like(Wt))
+    dX = ops.winograd_input_backward(np.matmul(U.transpose(0, 2, 1), dM), np.empty_like(X), padding)
+    return Z, dX, dW
+
+
+def random_case(rng, case, dtype):
+    N, ci, co, H, W, padding = case
+    X = rng.standard_normal((N, ci, H, W)).astype(dtype)
+    Wt = rng.standard_normal((co, ci, 3, 3)).astype(dtype)
+    OH, OW = tiles(H, W, padding)[:2]
+    dZ = rng.standard_normal((N, co, OH, OW)).astype(dtype)
+    return X, Wt, dZ
+
+
+def check_float32_error(got, exact, abs_sum, K, what):
+    """The bound 16·K·u·max(S) and the typical 2e-5 of the scale (module docstring)."""
+    err = float(np.abs(got.astype(np.float64) - exact).max())
+    bound = 16 * K * U32 * float(abs_sum.max())
+    assert err <= bound, f"{what}: error {err:.3e} above the rounding bound {bound:.3e}"
+    assert_close(got.astype(np.float64), exact, tol=2e-5, what=what)
+
+
+# ---- the reference transforms compose into the convolution --------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_reference_winograd_is_the_direct_convolution_float64(rng, case):
+    X, Wt, dZ = random_case(rng, case, np.float64)
+    padding = case[-1]
+    Z, dX, dW = winograd_conv(REF, X, Wt, dZ, padding)
+    dXn, dWn = naive_grads(X, Wt, dZ, padding)
+    assert_close(Z, naive_conv(X, Wt, padding), tol=1e-12, what="Z")
+    assert_close(dX, dXn, tol=1e-12, what="dX")
+    assert_close(dW, dWn, tol=1e-12, what="dW")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_winograd_float32_error_is_within_the_rounding_bound(ops, rng, case):
+    N, ci, co, H, W, padding = case
+    X, Wt, dZ = random_case(rng, case, np.float32)
+    X64, W64, dZ64 = (a.astype(np.float64) for a in (X, Wt, dZ))
+    dXn, dWn = naive_grads(X64, W64, dZ64, padding)
+    aX, aW, adZ = np.abs(X64), np.abs(W64), np.abs(dZ64)
+    adX, adW = naive_grads(aX, aW, adZ, padding)
+    OH, OW = dZ.shape[2:]
+    for which in (REF, ops):
+        Z, dX, dW = winograd_conv(which, X, Wt, dZ, padding)
+        assert Z.dtype == dX.dtype == dW.dtype == np.float32
+        check_float32_error(Z, naive_conv(X64, W64, padding), naive_conv(aX, aW, padding), 9 * ci, "Z")
+        check_float32_error(dX, dXn, adX, 9 * co, "dX")
+        check_float32_error(dW, dWn, adW, N * OH * OW, "dW")
+
+
+# ---- the fused CPU transforms against the reference --------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_fused_transforms_match_the_reference(ops, rng, case, dtype):
+    N, ci, co, H, W, padding = case
+    OH, OW, TH, TW = tiles(H, W, padding)
+    P = N * TH * TW
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    X, Wt, dZ = random_case(rng, case, dtype)
+    V, M = (rng.standard_normal(s).astype(dtype) for s in ((16, ci, P), (16, co, P)))
+    dU = rng.standard_normal((16, co, ci)).astype(dtype)
+
+    def both(name, *args, out, **kw):
+        # Outputs start as NaN: every element must be written.
+        got = getattr(ops, name)(*args, np.full(out, np.nan, dtype), **kw)
+        ref = getattr(REF, name)(*args, np.full(out, np.nan, dtype), **kw)
+        assert got.dtype == dtype
+        assert_close(got, ref, tol=tol, what=name)
+
+    both("winograd_filter", Wt, out=(16, co, ci))
+    both("winograd_input", X, out=(16, ci, P), padding=padding)
+    both("winograd_input_backward", V, out=X.shape, padding=padding)
+    both("winograd_output", M, out=dZ.shape)
+    both("winograd_output_backward", dZ, out=(16, co, P))
+    both("winograd_filter_backward", dU, out=Wt.shape)
+    for which in (ops, REF):  # accumulate adds to what is there
+        dW = np.ones_like(Wt)
+        which.winograd_filter_backward(dU, dW, accumulate=True)
+        assert_close(dW - 1, REF.winograd_filter_backward(dU, np.empty_like(Wt)), tol=tol * 4)
+
+
+def test_transform_errors(ops):
+    X, V = np.zeros((2, 3, 5, 5), np.float32), np.zeros((16, 3, 18), np.float32)
+    for which in (ops, REF):
+        with pytest.raises(ValueError, match=r"V: expected shape \(16, 3, 18\)"):
+            which.winograd_input(X, np.zeros((16, 3, 17), np.float32), 1)
+        with pytest.raises(ValueError, match="padding: expected non-negative"):
+            which.winograd_input(X, V, -1)
+        with pytest.raises(TypeError, match="padding: expected an int or a pair"):
+            which.winograd_input(X, V, "same")
+        with pytest.raises(ValueError, match="X: a 3x3 kernel with padding"):
+            which.winograd_input(np.zeros((2, 3, 1, 5), np.float32), V, 0)
+        with pytest.raises(ValueError, match=r"W: expected a \(C_out, C_in, 3, 3\)"):
+            which.winograd_filter(np.zeros((2, 3, 5, 5), np.float32), np.zeros((16, 2, 3), np.float32))
+        with pytest.raises(ValueError, match=r"M: expected shape \(16, 3, 18\)"):
+            which.winograd_output(np.zeros((16, 2, 18), np.float32), np.zeros((2, 3, 5, 5), np.float32))
+    with pytest.raises(TypeError):  # the fused set: float32 and float64 arrays, one dtype
+        ops.winograd_input(X, V.astype(np.float64), 1)
+
+
+# ---- Conv2d's Winograd path --------------------------------------------------------------------
+# (C_in, C_out, H, W, keyword arguments): ragged sizes, paddings 0-2, every kind of activation,
+# no bias; each run whole and in chunks.
+LAYER_CASES = [
+    (3, 4, 7, 9, {"padding": 1, "activation": "relu"}),
+    (5, 6, 6, 5, {"padding": (0, 2), "activation": "tanh"}),
+    (16, 16, 9, 8, {"padding": 1}),
+    (2, 3, 3, 3, {"padding": 2, "bias": False, "activation": "gelu"}),
+    (4, 3, 5, 4, {"activation": "sigmoid"}),
+]
+
+
+def layer_id(case):
+    ci, co, H, W, kw = case
+    return f"{ci}x{H}x{W}-to-{co}-" + "-".join(f"{k}{v}" for k, v in kw.items()).replace(" ", "")
+
+
+def _set_chunks(layer, chunk):
+    """At most ``chunk`` samples' Winograd tiles (V and M) at a time."""
+    T = layer._tiles()[2]
+    layer.max_cols_bytes = chunk * 16 * (layer.in_channels + layer.out_channels) * T * 8
+
+
+@pytest.mark.parametrize("chunk", [5, 2], ids=["whole", "2-a-chunk"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[layer_id(c) for c in LAYER_CASES])
+def test_conv2d_winograd_matches_torch_float64(backend_spec, rng, case, chunk):
+    torch = pytest.importorskip("torch")
+    from test_layers_conv import random_params, torch_conv
+
+    ci, co, H, W, kw = case
+    layer = gb.Conv2d(ci, co, 3, **kw)
+    layer.winograd = True
+    N = 5
+    X = rng.normal(size=(N, ci, H, W))
+    dY = rng.normal(size=(N, *layer.build((ci, H, W))))
+    _set_chunks(layer, chunk)
+    params = random_params(rng, layer)
+    Y, dX, grads = run_layer(backend_spec, layer, X, dY, params=params)
+    assert layer._winograd()
+    Yt, dXt, gt = torch_grads(torch, torch_conv(torch, layer), X, dY, params)
+    assert_close(Y, Yt, what="Y")
+    assert_close(dX, dXt, what="dX")
+    for name in params:
+        assert_close(grads[name], gt[name], what=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[layer_id(c) for c in LAYER_CASES])
+def test_conv2d_winograd_equals_the_gemm_path(backend_spec, rng, case, dtype):
+    """Winograd against the im2col + GEMM path of the same layer and weights; gradients that
+    accumulate over two backprops and chunks; and inference equals the training forward."""
+    ci, co, H, W, kw = case
+    N = 4
+    X = rng.normal(size=(N, ci, H, W)).astype(dtype)
+    results = []
+    for winograd in (False, True):
+        layer = gb.Conv2d(ci, co, 3, **kw)
+        layer.winograd = winograd
+        model = model_for(backend_spec, [layer], input_shape=(ci, H, W), dtype=dtype)
+        if winograd:
+            _set_chunks(layer, 3)  # chunks of 3 and 1 samples
+        be = model.backend
+        dY = np.random.default_rng(5).normal(size=(N, *layer.output_shape)).astype(dtype)
+        model.zero_grads()
+        for _ in range(2):
+            Y, bp = model.forward(be.to_device(X), train=True)
+            dX = bp(be.to_device(dY))
+        Yi, _ = model.forward(be.to_device(X), train=False)
+        assert layer._winograd() is winograd
+        results.append([np.array(be.to_host(a)) for a in (Y, Yi, dX, *layer.grads.values())])
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    for name, g, w in zip(["Y", "Y inference", "dX", *layer.grads], *results, strict=True):
+        assert_close(w.astype(np.float64), g.astype(np.float64), tol=tol, what=name)
+    np.testing.assert_array_equal(results[1][0], results[1][1])  # inference = training forward
+
+
+def test_conv2d_winograd_gradcheck(backend_spec, rng):
+    layers = [gb.Conv2d(2, 3, 3, padding=1, activation="tanh"), gb.Conv2d(3, 2, 3, activation="gelu"),
+              gb.Flatten(), gb.Dense(2 * 3 * 4, 3)]
+    for layer in layers[:2]:
+        layer.winograd = True
+    model = model_for(backend_spec, layers, input_shape=(2, 5, 6))
+    err = gb.gradcheck(model, gb.SoftmaxCrossEntropy(), rng.normal(size=(3, 2, 5, 6)),
+                       rng.integers(0, 3, 3))
+    assert layers[0]._winograd() and layers[1]._winograd()
+    assert err < 1e-6
+
+
+def test_conv2d_takes_winograd_where_the_rule_and_the_kernel_set_say(backend_spec):
+    """"auto": the fused CPU set's Winograd for 3x3 stride-1 convolutions of 16+ channels in and
+    out on outputs of 8x8 or more; never for other shapes, whatever the setting."""
+    layers = [gb.Conv2d(16, 16, 3, padding=1), gb.Conv2d(16, 16, 3, padding=1),
+              gb.Conv2d(16, 8, 3, padding=1), gb.Conv2d(8, 16, 3, stride=2, padding=1)]
+    model = model_for(backend_spec, layers + [gb.Conv2d(16, 16, 3, dilation=2, padding=2),
+                                             gb.Conv2d(16, 16, 3, groups=2, padding=1),
+                                             gb.Conv2d(16, 16, 3, padding=1)],
+                      input_shape=(16, 8, 8))
+    wide, _, thin, strided, dilated, grouped, small = model.layers
+    fused_cpu = backend_spec == ("cpu", "fused")
+    assert model.backend.ops.winograd_conv is fused_cpu
+    assert wide._winograd() is fused_cpu
+    assert not thin._winograd()  # 8 channels out
+    assert not small._winograd()  # a 4x4 output
+    for layer in (strided, dilated, grouped):
+        for choice in ("auto", True, False):
+            layer.winograd = choice
+            assert not layer._winograd()
+    thin.winograd, wide.winograd = True, False
+    assert thin._winograd() and not wide._winograd()
+    wide.winograd = "yes"
+    with pytest.raises(ValueError, match="winograd: expected 'auto', True or False, got 'yes'"):
+        wide._winograd()
