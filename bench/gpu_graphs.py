@@ -178,10 +178,10 @@ def host_time_per_step():
                     graphs = StepGraphs(model, loss, opt, GraphSettings(), HOST_STEPS + 10)
                     graphs.begin_epoch(None, 0, HOST_STEPS + 10, 0, 0, 0)
 
-                    def step(graphs=graphs):
+                    def step(graphs=graphs, Xd=Xd, Td=Td, idx=idx):
                         graphs.step(Xd, Td, idx)
                 else:
-                    def step(model=model, loss=loss, opt=opt):
+                    def step(model=model, loss=loss, opt=opt, Xd=Xd, Td=Td, idx=idx):
                         step_on_device(model, loss, opt, take(Xd, idx), take(Td, idx))
                 for _ in range(4):  # warm-up (and capture)
                     step()
@@ -267,7 +267,7 @@ def throughput():
     if torch is not None:
         configure_torch(torch.get_num_threads())  # TF32 off, as CuPy's float32 GEMMs
     nets = {}
-    for key, (sizes, batch) in bmlp.SHAPES.items():
+    for sizes, batch in bmlp.SHAPES.values():
         nets[f"MLP {'-'.join(map(str, sizes))}"] = (
             lambda sizes=sizes: Sequential(bmlp.mlp_layers(sizes), device="cuda", seed=0),
             bmlp._batch(sizes, batch), None, (sizes, batch))

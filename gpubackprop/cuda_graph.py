@@ -267,7 +267,6 @@ class StepGraphs:
         """One training step on the rows ``idx`` of the device data (Xd, Td): gathered into the
         shape's static buffers, then eager (warm-up), captured, or replayed. Returns the step's
         (loss value, outputs) as device arrays (static ones once captured)."""
-        from gpubackprop.training import take
 
         n = int(idx.shape[0])
         key = self.key(_like(Xd, n), _like(Td, n))

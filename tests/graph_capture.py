@@ -80,7 +80,7 @@ class HostCapture:
         _, again = self._recorded(fn)
         ctx.step, self.opt.steps = counters
         if again != log:
-            first = next(i for i, (a, b) in enumerate(zip(again, log)) if a != b) \
+            first = next(i for i, (a, b) in enumerate(zip(again, log, strict=False)) if a != b) \
                 if len(again) == len(log) else min(len(again), len(log))
             raise ReplayMismatch(f"replayed call {first} differs from the captured one: "
                                  f"{again[first] if first < len(again) else None} vs "

@@ -3,7 +3,9 @@ the layers use, checked by running the planned cuBLAS calls through a NumPy mode
 (strided-batched) GEMM on the operands' raw buffers; and nvmath-python's bindings that the module
 calls, by name and argument count (nvmath imports without a GPU)."""
 
+import ctypes
 import inspect
+import types
 
 import numpy as np
 import pytest
@@ -137,3 +139,164 @@ def test_nvmath_bindings_exist_with_the_argument_counts_used():
     for attr in ("HOST",):
         assert hasattr(c.PointerMode, attr)
     assert hasattr(c.Math, "DEFAULT_MATH") and hasattr(c.Math, "TF32_TENSOR_OP_MATH")
+
+
+# ---- CublasMatmul end to end on the CPU: fake CuPy arrays (NumPy memory) and fake bindings that
+# run the column-major model on the memory their pointers address ----------------------------------
+
+class _DevArray(np.ndarray):
+    """A NumPy array that answers ``.data.ptr`` as a CuPy array does."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+class _Stream:
+    def __init__(self, ptr, capturing=False):
+        self.ptr, self.capturing = ptr, capturing
+
+    def is_capturing(self):
+        return self.capturing
+
+
+class _FakeCupy:
+    def __init__(self):
+        self.stream = _Stream(7)
+        self.cuda = types.SimpleNamespace(get_current_stream=lambda: self.stream)
+        self.matmul_calls = 0
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype).view(_DevArray)
+
+    def ascontiguousarray(self, a):
+        return np.ascontiguousarray(a).view(_DevArray)
+
+    def matmul(self, a, b, out=None):
+        self.matmul_calls += 1
+        return np.matmul(a, b, out=out)
+
+
+def _flat(ptr, dtype, extent):
+    ct = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    return np.ctypeslib.as_array((ct * extent).from_address(ptr))
+
+
+class _FakeBindings:
+    """nvmath.bindings.cublas's names used by CublasMatmul, with cuBLAS's semantics on host memory."""
+
+    PointerMode = types.SimpleNamespace(HOST=0, DEVICE=1)
+    Math = types.SimpleNamespace(DEFAULT_MATH=0, TF32_TENSOR_OP_MATH=3)
+
+    def __init__(self):
+        self.log = []
+
+    def create(self):
+        self.log.append(("create",))
+        return 1000 + len(self.log)
+
+    def destroy(self, h):
+        self.log.append(("destroy", h))
+
+    def set_stream(self, h, s):
+        self.log.append(("set_stream", h, s))
+
+    def set_workspace(self, h, ptr, size):
+        self.log.append(("set_workspace", h, size))
+
+    def set_pointer_mode(self, h, mode):
+        self.log.append(("set_pointer_mode", h, mode))
+
+    def set_math_mode(self, h, mode):
+        self.log.append(("set_math_mode", h, mode))
+
+    def _gemm(self, dtype, h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc,
+              batch):
+        ct = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        assert ct.from_address(alpha).value == 1 and ct.from_address(beta).value == 0
+        ext_a = ((m - 1) + (k - 1) * lda if ta == cublas.OP_N else (k - 1) + (m - 1) * lda) + 1
+        ext_b = ((k - 1) + (n - 1) * ldb if tb == cublas.OP_N else (n - 1) + (k - 1) * ldb) + 1
+        ext_c = (m - 1) + (n - 1) * ldc + 1
+        last = batch - 1
+        call = cublas.GemmCall(ta, tb, m, n, k, lda, ldb, ldc, 0, 0, 0, batch, sa, sb, sc)
+        cublas.emulate(call, _flat(A, dtype, ext_a + last * sa), _flat(B, dtype, ext_b + last * sb),
+                       _flat(C, dtype, ext_c + last * sc))
+        self.log.append(("gemm", h, batch))
+
+    def sgemm(self, h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        self._gemm(np.float32, h, ta, tb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1)
+
+    def dgemm(self, h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        self._gemm(np.float64, h, ta, tb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1)
+
+    def sgemm_strided_batched(self, h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C,
+                              ldc, sc, batch):
+        self._gemm(np.float32, h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc,
+                   sc, batch)
+
+    def dgemm_strided_batched(self, h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C,
+                              ldc, sc, batch):
+        self._gemm(np.float64, h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc,
+                   sc, batch)
+
+
+def _dev(rng, shape, dtype, transposed=False):
+    x = rng.integers(-4, 5, shape).astype(dtype)
+    if transposed:  # a transposed view of a contiguous array, as W.T
+        x = np.ascontiguousarray(np.swapaxes(x, -1, -2)).view(_DevArray)
+        return np.swapaxes(x, -1, -2)
+    return x.view(_DevArray)
+
+
+FAKE_CASES = [((9, 6), (6, 4), False, True), ((4, 9), (9, 6), True, False),
+              ((9, 4), (4, 6), False, False), ((1, 6), (6, 4), False, True),
+              ((3, 5, 4), (3, 4, 6), False, True), ((2, 3, 4), (5, 2, 4, 6), False, False),
+              ((5, 2, 3, 6), (5, 2, 6, 4), False, True)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a_shape,b_shape,ta,tb", FAKE_CASES)
+def test_cublas_matmul_end_to_end_on_fake_bindings(dtype, a_shape, b_shape, ta, tb):
+    rng = np.random.default_rng(4)
+    cp, c = _FakeCupy(), _FakeBindings()
+    mm = cublas.CublasMatmul(cp, c)
+    a, b = _dev(rng, a_shape, dtype, ta), _dev(rng, b_shape, dtype, tb)
+    out = cp.empty(np.matmul(a, b).shape, dtype)
+    assert mm(a, b, out) is out
+    np.testing.assert_array_equal(out, np.matmul(np.asarray(a), np.asarray(b)))
+    assert cp.matmul_calls == 0
+    names = [e[0] for e in c.log]
+    # One handle for the stream, bound to it, given its workspace, host pointer mode and no TF32,
+    # all before the first GEMM.
+    assert names[:5] == ["create", "set_stream", "set_workspace", "set_pointer_mode",
+                         "set_math_mode"]
+    assert c.log[1][2] == 7 and c.log[2][2] == cublas.WORKSPACE_BYTES and c.log[4][2] == 0
+    assert set(names[5:]) == {"gemm"}
+    mm(a, b, out)  # the handle is reused
+    assert names.count("create") == 1 and [e[0] for e in c.log].count("create") == 1
+    mm.close()
+    assert c.log[-1][0] == "destroy"
+
+
+def test_cublas_matmul_copies_strided_operands_and_falls_back():
+    rng = np.random.default_rng(5)
+    cp, c = _FakeCupy(), _FakeBindings()
+    mm = cublas.CublasMatmul(cp, c, tf32=True)
+    a = _dev(rng, (4, 10), np.float32)[:, ::2]  # inner stride 2: copied first
+    b = _dev(rng, (5, 3), np.float32)
+    out = mm(a, b)
+    np.testing.assert_array_equal(out, np.asarray(a) @ np.asarray(b))
+    assert [e[2] for e in c.log if e[0] == "set_math_mode"] == [3]  # TF32 when asked
+    z = mm(_dev(rng, (3, 0), np.float32), _dev(rng, (0, 2), np.float32))  # k = 0: zeros
+    np.testing.assert_array_equal(z, np.zeros((3, 2)))
+    mm(_dev(rng, (3, 4), np.int64), _dev(rng, (4, 2), np.int64))  # other dtypes: CuPy's matmul
+    assert cp.matmul_calls == 1
+
+
+def test_no_handle_is_made_during_capture():
+    cp, c = _FakeCupy(), _FakeBindings()
+    cp.stream = _Stream(9, capturing=True)
+    mm = cublas.CublasMatmul(cp, c)
+    rng = np.random.default_rng(6)
+    with pytest.raises(RuntimeError, match=r"no handle for this stream yet; run one eager step"):
+        mm(_dev(rng, (2, 3), np.float32), _dev(rng, (3, 2), np.float32))

@@ -220,7 +220,8 @@ class CublasMatmul:
     def __call__(self, a, b, out=None):
         cp = self.cp
         dt = a.dtype
-        if a.ndim < 2 or b.ndim < 2 or dt not in _GEMM or b.dtype != dt or (out is not None and out.dtype != dt):
+        if a.ndim < 2 or b.ndim < 2 or dt not in _GEMM or b.dtype != dt \
+                or (out is not None and out.dtype != dt):
             return cp.matmul(a, b, out=out)  # other dtypes: CuPy (never in a captured float step)
         if out is None:
             shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])

@@ -11,8 +11,14 @@ import numpy as np
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cuda.launch import as_1d, cuda, device_function, kernel_body
-from gpubackprop.kernels.reference.dropout import (GOLDEN, MIX1, MIX2, RANDOM_SHIFT,
-                                                   dropout_layer_key, dropout_params)
+from gpubackprop.kernels.reference.dropout import (
+    GOLDEN,
+    MIX1,
+    MIX2,
+    RANDOM_SHIFT,
+    dropout_layer_key,
+    dropout_params,
+)
 from gpubackprop.step_values import SLOT
 
 STEP = SLOT["step"]

@@ -5,8 +5,7 @@ import math
 import numpy as np
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cuda.launch import (REDUCE_BLOCKS, THREADS, as_1d, cuda, device_function,
-                                             kernel_body)
+from gpubackprop.kernels.cuda.launch import REDUCE_BLOCKS, THREADS, as_1d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import mul, tree_sum
 from gpubackprop.kernels.reference import adam_coefficients
 from gpubackprop.step_values import SLOT
