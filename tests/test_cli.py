@@ -115,12 +115,14 @@ def test_choices_are_the_librarys_names():
     """Each command offers the library's own lists (imported, so a name added there is offered)."""
     from gpubackprop.backend import DEVICES, DTYPES, KERNEL_SETS
     from gpubackprop.cli import build_parser
+    from gpubackprop.cuda_graph import CUDA_GRAPH_MODES
     from gpubackprop.datasets import HEADERS, SCALINGS
     from gpubackprop.distributed import COMMUNICATORS
     from gpubackprop.kernels.reference import ACTIVATIONS
     from gpubackprop.layers import INITS
     from gpubackprop.losses import LOSSES
     from gpubackprop.optimizers import OPTIMIZER_NAMES
+    from gpubackprop.precision import PRECISIONS
     from gpubackprop.schedules import SCHEDULE_NAMES
 
     commands = build_parser()._subparsers._group_actions[0].choices
@@ -130,7 +132,7 @@ def test_choices_are_the_librarys_names():
         "header": HEADERS, "scale": SCALINGS, "activation": ACTIVATIONS, "init": INITS, "dtype": DTYPES,
         "loss": tuple(LOSSES), "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
         "monitor": ("val_loss", "val_accuracy"), "comm": COMMUNICATORS, "device": DEVICES,
-        "kernels": KERNEL_SETS}
+        "kernels": KERNEL_SETS, "precision": PRECISIONS, "cuda_graph": CUDA_GRAPH_MODES}
     assert choices["gradcheck"]["activation"] == ACTIVATIONS
     assert choices["gradcheck"]["loss"] == tuple(LOSSES) == ("ce", "mse", "bce")
     for name in ("evaluate", "predict", "info", "gradcheck"):
