@@ -33,6 +33,7 @@ steps of the same run bit for bit.
 """
 
 import functools
+import warnings
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def resolve(cuda_graph, model, comm=None):
     mode = check_mode(cuda_graph)
     if mode == "off":
         return None
-    settings = mode if isinstance(mode, GraphSettings) else GraphSettings()
+    settings = mode if isinstance(mode, GraphSettings) else GraphSettings(strict=mode == "on")
     if settings.capture is not None:  # an explicit capture backend (tests): the model decides
         problems = model_problems(model, comm, device=False)
     else:
@@ -129,12 +130,14 @@ def resolve(cuda_graph, model, comm=None):
 
 class GraphSettings:
     """Explicit graph settings: ``warmup`` eager steps per batch shape before it is captured;
-    ``capture`` the capture backend (None: CuPy stream capture on a GPU)."""
+    ``capture`` the capture backend (None: CuPy stream capture on a GPU); ``strict``: a failed
+    capture raises (else, as with cuda_graph="auto", that shape runs eagerly, with a warning)."""
 
-    def __init__(self, warmup=DEFAULT_WARMUP, capture=None):
+    def __init__(self, warmup=DEFAULT_WARMUP, capture=None, strict=True):
         from gpubackprop.validation import positive_int
 
         self.warmup = positive_int(warmup, "warmup")
+        self.strict = bool(strict)
         for name in ("begin_run", "end_run", "capture", "replay"):
             if capture is not None and not callable(getattr(capture, name, None)):
                 raise TypeError(f"capture: expected a capture backend with a {name}() method, got "
@@ -142,7 +145,8 @@ class GraphSettings:
         self.capture = capture
 
     def __repr__(self):
-        return f"GraphSettings(warmup={self.warmup}, capture={self.capture!r})"
+        return (f"GraphSettings(warmup={self.warmup}, capture={self.capture!r}, "
+                f"strict={self.strict})")
 
 
 class CupyCapture:
@@ -195,11 +199,12 @@ class CupyCapture:
 class _Entry:
     """One batch shape's static buffers, its step count and, once captured, its graph."""
 
-    __slots__ = ("inputs", "targets", "runs", "graph", "out", "keep")
+    __slots__ = ("inputs", "targets", "runs", "graph", "out", "keep", "eager")
 
     def __init__(self, inputs, targets):
         self.inputs, self.targets = inputs, targets
         self.runs, self.graph, self.out, self.keep = 0, None, None, None
+        self.eager = False  # its capture failed (not strict): eager from then on
 
 
 class StepGraphs:
@@ -211,7 +216,7 @@ class StepGraphs:
 
         self.model, self.loss, self.opt = model, loss, opt
         self.be = be = model.backend
-        self.warmup = settings.warmup
+        self.warmup, self.strict = settings.warmup, settings.strict
         self.backend_ = settings.capture
         if self.backend_ is None:
             self.backend_ = CupyCapture(be.xp)
@@ -276,18 +281,33 @@ class StepGraphs:
         _gather(self.be, Xd, idx, entry.inputs)
         _gather(self.be, Td, idx, entry.targets)
         self.inputs = entry.inputs
-        if entry.graph is None and entry.runs < self.warmup:
+        if entry.eager or (entry.graph is None and entry.runs < self.warmup):
             entry.runs += 1
             self.eager_steps += 1
             return self._step(entry)
         if entry.graph is None:
             ctx, opt = self.model.context, self.opt
             counters = (ctx.step, opt.steps)
-            entry.graph, entry.out = self.backend_.capture(lambda: self._step(entry),
-                                                           self._touched())
-            # Capture ran the Python of a step but no kernel: the counters it advanced go back,
-            # and the replay below is the step.
-            ctx.step, opt.steps = counters
+            try:
+                entry.graph, entry.out = self.backend_.capture(lambda: self._step(entry),
+                                                               self._touched())
+                failed = None
+            except Exception as e:
+                if self.strict:
+                    raise
+                failed = e
+            finally:
+                # Capture ran the Python of a step but no kernel: the counters it advanced go
+                # back, and the replay (or eager step) below is the step.
+                ctx.step, opt.steps = counters
+            if failed is not None:
+                warnings.warn(f"cuda_graph: capturing the step of the batch shape {key[0]} failed "
+                              f"({type(failed).__name__}: {failed}); that shape runs eagerly",
+                              RuntimeWarning, stacklevel=3)
+                entry.eager = True
+                entry.runs += 1
+                self.eager_steps += 1
+                return self._step(entry)
             entry.keep = self._buffers_in_use()
             self.captures += 1
         self.backend_.replay(entry.graph)

@@ -199,6 +199,32 @@ def test_a_per_step_host_scalar_in_the_step_is_caught(monkeypatch):
         run("host", make=make)
 
 
+class _FailingCapture(HostCapture):
+    def capture(self, fn, touched):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_raises_or_runs_that_shape_eagerly():
+    X, y = data()
+    eager = run("off")
+    for strict in (True, False):
+        model, o = mlp(), OPTS["adamw-clip"]()
+        sched = make_schedule("cosine", 0.02, steps_per_epoch=5, epochs=3, warmup_steps=2)
+        fake = _FailingCapture(model, o)
+        settings = cg.GraphSettings(warmup=1, capture=fake, strict=strict)
+        if strict:
+            with pytest.raises(RuntimeError, match="operation not permitted"):
+                gb.fit(model, gb.SoftmaxCrossEntropy(), o, X, y, schedule=sched,
+                       cuda_graph=settings, **KW)
+            assert fake.events == ["begin", "end"]  # the run ended (the stream given back)
+            continue
+        with pytest.warns(RuntimeWarning, match=r"capturing the step of the batch shape .* "
+                                                r"failed \(RuntimeError: operation not permitted"):
+            hist = gb.fit(model, gb.SoftmaxCrossEntropy(), o, X, y, schedule=sched,
+                          cuda_graph=settings, **KW)
+        assert_same_run(eager, (model, o, hist, fake))
+
+
 def test_resume_mid_epoch_with_graphs_equals_the_uninterrupted_eager_run(tmp_path):
     X, y = data()
     ref = run("off")
