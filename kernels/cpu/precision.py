@@ -83,14 +83,14 @@ def _bf16_bits(u):
 
 
 @njit(cache=True, error_model="numpy")
-def _round16(U, O, bf16):
-    """O = U rounded to 16 bits, both uint32 views of float32 arrays (O may be U)."""
+def _round16(U, R, bf16):
+    """R = U rounded to 16 bits, both uint32 views of float32 arrays (R may be U)."""
     if bf16:
         for i in range(U.size):
-            O[i] = _bf16_bits(U[i]) << np.uint32(16)
+            R[i] = _bf16_bits(U[i]) << np.uint32(16)
     else:
         for i in range(U.size):
-            O[i] = _f16_to_f32_bits(_f16_bits(U[i]))
+            R[i] = _f16_to_f32_bits(_f16_bits(U[i]))
 
 
 @njit(cache=True, error_model="numpy")

@@ -18,7 +18,6 @@ import math
 import numpy as np
 
 from gpubackprop.kernels import checks
-from gpubackprop.precision import SKIP
 from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
 from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import mul
@@ -33,6 +32,7 @@ from gpubackprop.kernels.reference.precision import (
     check_scaler_state,
     check_storage,
 )
+from gpubackprop.precision import SKIP
 
 IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, GELU, GELU_TANH = range(7)
 GELU_3K = 3 * GELU_K
