@@ -401,3 +401,35 @@ def test_digits_cnn_bf16_fp16_within_half_a_point_of_fp32():
     assert acc["fp32"] > 0.97
     for precision in ("bf16", "fp16"):
         assert abs(acc[precision] - acc["fp32"]) <= 0.005, acc
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_graph_residual_and_norm_outputs_are_16bit_and_the_input_is_left_alone(precision):
+    x = gb.Input((6,))
+    h = gb.Dense(6, 6, activation="tanh")(x)
+    s = gb.Add()([h, x])
+    y = gb.Dense(12, 3)(gb.Concatenate()([s, gb.LayerNorm(6)(h)]))
+    graph = gb.Model(x, y, device="cpu", seed=3, precision=precision)
+    chain = gb.Sequential([gb.Dense(6, 6), gb.Residual(gb.Sequential([gb.Dense(6, 6,
+                                                                               activation="relu")])),
+                           gb.BatchNorm1d(6), gb.Dense(6, 3)], device="cpu", seed=3,
+                          precision=precision)
+    X = np.random.default_rng(4).normal(size=(16, 6)).astype(np.float32)
+    X0 = X.copy()
+    for model in (graph, chain):
+        Y = model.predict(X)
+        assert np.array_equal(numpy_round(Y, precision), Y)
+        np.testing.assert_array_equal(X, X0)  # the model rounds a copy of its input
+        loss = gb.SoftmaxCrossEntropy()
+        history = gb.fit(model, loss, gb.Adam(lr=0.01), X, np.arange(16) % 3, epochs=3,
+                         batch_size=8, progress=False, nan_check_every=1)
+        assert np.isfinite(history["loss"]).all()
+        np.testing.assert_array_equal(X, X0)
+
+
+def test_fit_with_nan_checks_goes_through_skipped_fp16_steps():
+    model = fp16_model(loss_scaler={"init_scale": 2.0**40})  # the first steps overflow
+    X = np.random.default_rng(5).normal(size=(32, 6))
+    history = gb.fit(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1), X, np.arange(32) % 3,
+                     epochs=4, batch_size=4, progress=False, nan_check_every=1)
+    assert model.loss_scaler.scale < 2.0**40 and np.isfinite(history["loss"]).all()
