@@ -132,12 +132,15 @@ def bf16_values(xp, H):
 
 
 def to_storage(xp, X, precision):
-    """A float32 array as the GPU stores it: float16, or bfloat16 bits in uint16."""
+    """A float32 array as the GPU stores it: float16, or bfloat16 bits in uint16 (overflow to
+    inf and NaN as cvt.rn gives them, without NumPy's warnings)."""
     if precision == "fp16":
-        return X.astype(xp.float16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return X.astype(xp.float16)
     if precision == "bf16":
         if xp is np:
-            return np.asarray(X, np.float32).astype(bfloat16_type()).view(np.uint16)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return np.asarray(X, np.float32).astype(bfloat16_type()).view(np.uint16)
         return bf16_bits(xp, X)
     raise ValueError(f"precision: expected one of {LOW_PRECISIONS}, got {precision!r}")
 

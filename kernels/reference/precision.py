@@ -134,7 +134,8 @@ class PrecisionOps:
         found = state[FOUND_INF:FOUND_INF + 1] != 0
         successful = tracker + xp.float32(1)
         grow = successful == xp.float32(growth_interval)
-        grown = scale * xp.float32(growth_factor)
+        with np.errstate(over="ignore"):  # a scale grown past float32: kept as it was (below)
+            grown = scale * xp.float32(growth_factor)
         new_scale = xp.where(found, scale * xp.float32(backoff_factor),
                              xp.where(grow & xp.isfinite(grown), grown, scale))
         new_tracker = xp.where(found | grow, xp.float32(0), successful)
