@@ -391,3 +391,58 @@ def test_spec_token_makes_the_encoder_layers():
         plan("transformer(2)-dense(classes)", (8,), 3)
     with pytest.raises(SpecError, match="num_heads: expected a divisor of embed_dim=8, got 3"):
         plan("transformer(3)-last-dense(classes)", (T, E), 3)
+
+
+def test_training_with_changing_batch_sizes_equals_the_reference_set(rng):
+    """Steps at batch 4, 3, 4 (the layer's buffers for one size, then another, then the first
+    again), with key padding: the fused CPU set follows the reference set."""
+    X, y = rng.normal(size=(4, T, E)), rng.integers(0, 3, 4)
+    kpm = np.zeros((4, T), bool)
+    kpm[1, 3:] = True
+    params = {}
+    for kernels in ("reference", "fused"):
+        x, pad = gb.Input((T, E)), gb.Input((T,), dtype="bool")
+        h = gb.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.1)(
+            x, src_key_padding_mask=pad)
+        model = gb.Model(inputs=[x, pad], outputs=gb.Dense(T * E, 3)(gb.Flatten()(h)),
+                         device="cpu", dtype="float64", kernels=kernels, seed=3)
+        opt = gb.SGD(lr=0.1, momentum=0.9)
+        for n in (4, 3, 4):
+            gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, [X[:n], kpm[:n]], y[:n])
+        params[kernels] = model.get_params()
+    for k, v in params["reference"].items():
+        lc.assert_close(params["fused"][k], v, tol=1e-9, what=k)
+
+
+def test_steps_with_changing_batch_sizes_follow_torch(backend_spec, rng):
+    """SGD steps at batch 4, 3, 4 with key padding (the buffers of one size, another, the first
+    again): every parameter as torch's after each step, in float64."""
+    torch = pytest.importorskip("torch")
+    X, y = rng.normal(size=(4, T, E)), rng.integers(0, 3, 4)
+    kpm = np.zeros((4, T), bool)
+    kpm[1, 3:] = kpm[3, 1:] = True
+    x, pad = gb.Input((T, E)), gb.Input((T,), dtype="bool")
+    h = gb.TransformerEncoderLayer(E, H, dim_feedforward=F, dropout=0.0)(x, src_key_padding_mask=pad)
+    device, kernels = backend_spec
+    model = gb.Model(inputs=[x, pad], outputs=gb.Dense(T * E, 3)(gb.Flatten()(h)), device=device,
+                     dtype="float64", kernels=kernels)
+    params = _params(rng)
+    model.set_params({**{f"0.{k}": v for k, v in params.items()}, **{
+        k: v for k, v in model.get_params().items() if k.startswith("2.")}})
+    tl = _torch_layer(torch, params)
+    head = torch.nn.Linear(T * E, 3).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(model.get_params()["2.W"]))
+        head.bias.copy_(torch.tensor(model.get_params()["2.b"]))
+    opt = gb.SGD(lr=0.1, momentum=0.9)
+    topt = torch.optim.SGD(list(tl.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
+    for n in (4, 3, 4):
+        gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, [X[:n], kpm[:n]], y[:n])
+        topt.zero_grad()
+        out = tl(torch.tensor(X[:n]), src_key_padding_mask=torch.tensor(kpm[:n]))
+        torch.nn.functional.cross_entropy(head(out.flatten(1)), torch.tensor(y[:n])).backward()
+        topt.step()
+        got = model.get_params()
+        for name, p in tl.named_parameters():
+            lc.assert_close(got[f"0.{name}"], p.detach().numpy(), what=f"{name} after batch {n}")
+        lc.assert_close(got["2.W"], head.weight.detach().numpy(), what="head weight")

@@ -243,18 +243,16 @@ class TransformerEncoderLayer(Layer):
             part._workspaces = self._workspaces.setdefault(("part", k), {})
         # The residual sums go into this use's buffers in training (a step allocates nothing);
         # in inference every output is new.
-        own = self._workspaces.setdefault("sums", {})
-        if X.shape[0] not in own:
-            own.clear()
-            own[X.shape[0]] = {}
-        bufs = own[X.shape[0]]
+        sums = self._workspaces.setdefault("sums", {})  # {name: buffer} of one batch size
+        if train and sums and next(iter(sums.values())).shape[0] != X.shape[0]:
+            sums.clear()
 
         def add(a, b, name):
             if not train:
                 return a + b
-            out = bufs.get(name)
+            out = sums.get(name)
             if out is None:
-                out = bufs[name] = self.backend.empty(a.shape)
+                out = sums[name] = self.backend.empty(a.shape)
             return self.backend.xp.add(a, b, out=out)
 
         if self.norm_first:
