@@ -136,7 +136,7 @@ class PlainGradScaler:
             self.scale *= self.b
             self.tracker = 0
         elif self.tracker + 1 == self.interval:
-            if self.scale * self.g <= np.finfo(np.float32).max:  # not past float32
+            if self.scale * self.g <= float(np.finfo(np.float32).max):  # not past float32
                 self.scale *= self.g
             self.tracker = 0
         else:
