@@ -84,7 +84,8 @@ extern "C" __global__ void spin(long long cycles) {
 
 
 def _sync_check_models():
-    """(name, model, X, y): an MLP, a CNN with BatchNorm and Dropout, and an LSTM classifier."""
+    """(name, model, X, y): an MLP, a CNN with BatchNorm and Dropout, an LSTM classifier, and
+    the MLP in fp16 and the CNN in bf16."""
     import numpy as np
 
     import gpubackprop as gb
@@ -98,9 +99,19 @@ def _sync_check_models():
                         device="cuda", seed=0, input_shape=(1, 28, 28))
     lstm = gb.Sequential([gb.LSTM(28, 128), gb.LastStep(), gb.Dense(128, 10)], device="cuda", seed=0,
                          input_shape=(28, 28))
+    # Mixed precision (issue 17): the fp16 step's loss scaling, unscale + inf check, skip gate
+    # and scale update, and the bf16 CNN's rounding, all on the device.
+    mlp16 = gb.Sequential([gb.Dense(784, 256, activation="relu"), gb.Dense(256, 10)],
+                          device="cuda", seed=0, precision="fp16")
+    cnn_bf16 = gb.Sequential([gb.Conv2d(1, 16, 3, padding=1, activation="relu"),
+                              gb.BatchNorm2d(16), gb.MaxPool2d(2), gb.Flatten(), gb.Dropout(0.3),
+                              gb.Dense(16 * 14 * 14, 10)],
+                             device="cuda", seed=0, input_shape=(1, 28, 28), precision="bf16")
     return [("mlp", mlp, rng.normal(size=(128, 784)), y),
             ("cnn", cnn, rng.normal(size=(128, 1, 28, 28)), y),
-            ("lstm", lstm, rng.normal(size=(128, 28, 28)), y)]
+            ("lstm", lstm, rng.normal(size=(128, 28, 28)), y),
+            ("mlp_fp16", mlp16, rng.normal(size=(128, 784)), y),
+            ("cnn_bf16", cnn_bf16, rng.normal(size=(128, 1, 28, 28)), y)]
 
 
 def count_host_syncs():
