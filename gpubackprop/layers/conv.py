@@ -279,7 +279,6 @@ class Conv2d(Layer):
     def _forward_into(self, X, Z, cols_buf, chunks, scratch):
         """Z (N, Co, OH, OW) = W · cols, chunk by chunk (no bias yet); ``scratch(name, shape)``
         gives a buffer."""
-        xp = self.backend.xp
         G, Cog, K = self.groups, self.out_channels // self.groups, self._K
         L = Z.shape[2] * Z.shape[3]
         inner = self._batch_inner(chunks)
@@ -290,14 +289,14 @@ class Conv2d(Layer):
                 # Zt's (Co, n, L) brought to Z's (n, Co, L).
                 cols = self._im2col(X[s:e], _inner_view(cols_buf, n), True)
                 Zt = scratch("Zt", (G, Cog, n * L))
-                xp.matmul(self._Wg, cols.reshape(G, K, n * L), out=Zt)
+                self.backend.matmul(self._Wg, cols.reshape(G, K, n * L), out=Zt)
                 Z[s:e].reshape(n, G * Cog, L)[...] = Zt.reshape(G * Cog, n, L).transpose(1, 0, 2)
                 continue
             if self._pointwise:
                 cols = X[s:e].reshape(e - s, G, K, L)
             else:
                 cols = self._im2col(X[s:e], cols_buf[:e - s]).reshape(e - s, G, K, L)
-            xp.matmul(self._Wg, cols, out=Z[s:e].reshape(e - s, G, Cog, L))  # Z = W · cols
+            self.backend.matmul(self._Wg, cols, out=Z[s:e].reshape(e - s, G, Cog, L))  # Z = W · cols
 
     def forward(self, X, train=False, input_grad=True):
         self.check_input(X)
@@ -351,14 +350,14 @@ class Conv2d(Layer):
         """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (no
         bias yet); the last chunk's V stays in scratch "V" for backprop."""
         be = self.backend
-        xp, ops = be.xp, be.ops
+        ops = be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
         U = ops.winograd_filter(self.weight, scratch("U", (16, Co, Ci)))
         for s, e in chunks:
             n = e - s
             V = ops.winograd_input(X[s:e], scratch("V", (16, Ci, n * T)), self.padding)
             M = scratch("M", (16, Co, n * T))
-            xp.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
+            self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
             ops.winograd_output(M, Z[s:e])
 
     def _winograd_backward(self, X, dZ, ws, accumulate, input_grad):
@@ -379,19 +378,19 @@ class Conv2d(Layer):
                 ops.winograd_input(X[s:e], V, self.padding)
             dM = ops.winograd_output_backward(dZ[s:e], ws.scratch(be, "M", (16, Co, n * T)))
             if i == 0:
-                xp.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
+                self.backend.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
             else:
                 dUc = ws.scratch(be, "dU_chunk", (16, Co, Ci))
-                xp.matmul(dM, V.transpose(0, 2, 1), out=dUc)
+                self.backend.matmul(dM, V.transpose(0, 2, 1), out=dUc)
                 dU += dUc
             if input_grad:  # dV = Uᵀ · dM into V's buffer (BP3 is done with it), then dX
-                xp.matmul(U.transpose(0, 2, 1), dM, out=V)
+                self.backend.matmul(U.transpose(0, 2, 1), dM, out=V)
                 ops.winograd_input_backward(V, ws.dX[s:e], self.padding)
         ops.winograd_filter_backward(dU, self._dW, accumulate=accumulate)
 
     def _backward_chunks(self, X, dZ, ws, accumulate, input_grad):
         be = self.backend
-        xp, ops = be.xp, be.ops
+        ops = be.ops
         G, Cog, K = self.groups, self.out_channels // self.groups, self._K
         L = dZ.shape[2] * dZ.shape[3]
         inner = self._batch_inner(ws.chunks)
@@ -417,10 +416,10 @@ class Conv2d(Layer):
             # The input gradient: dcols = Wᵀ Δ, then col2im adds each column entry back into the
             # pixel it was read from (σ' of the layer below is applied there).
             if self._pointwise:
-                xp.matmul(self._WgT, dZc, out=ws.dX[s:e].reshape(n, G, K, L))
+                self.backend.matmul(self._WgT, dZc, out=ws.dX[s:e].reshape(n, G, K, L))
             else:
                 dcols = ws.cols[:n]  # BP3 is done with this chunk's columns
-                xp.matmul(self._WgT, dZc, out=dcols.reshape(n, G, K, L))
+                self.backend.matmul(self._WgT, dZc, out=dcols.reshape(n, G, K, L))
                 ops.col2im(dcols, ws.dX[s:e], self.kernel_size, self.stride, self.padding,
                            self.dilation)
 
@@ -428,7 +427,6 @@ class Conv2d(Layer):
         """BP3 and the input gradient of chunk [s, e) (the i-th from the last) on batch-inner
         columns: one GEMM a group each, with inner size n·L for BP3."""
         be = self.backend
-        xp = be.xp
         G, Cog, K = self.groups, self.out_channels // self.groups, self._K
         n, L = e - s, dZ.shape[2] * dZ.shape[3]
         cols = _inner_view(ws.cols, n)
@@ -438,27 +436,26 @@ class Conv2d(Layer):
         dZt.reshape(G * Cog, n, L)[...] = dZ[s:e].reshape(n, G * Cog, L).transpose(1, 0, 2)
         dW = ws.dW_tmp(be, self._dWg.shape) if accumulate or i > 0 else self._dWg
         colsg = cols.reshape(G, K, n * L)
-        xp.matmul(dZt, colsg.transpose(0, 2, 1), out=dW)  # BP3: Δ · colsᵀ over the chunk
+        self.backend.matmul(dZt, colsg.transpose(0, 2, 1), out=dW)  # BP3: Δ · colsᵀ over the chunk
         if dW is not self._dWg:
             self._dWg += dW
         if input_grad:  # dcols = Wᵀ Δ into the columns' buffer, then col2im
-            xp.matmul(self._WgT, dZt, out=colsg)
+            self.backend.matmul(self._WgT, dZt, out=colsg)
             be.ops.col2im(cols, ws.dX[s:e], self.kernel_size, self.stride, self.padding,
                           self.dilation, batch_inner=True)
 
     def _weight_grad(self, dZc, cols, ws, dW):
         """BP3 of one chunk: dW[g] (Co/G, K) = Σ_n Δ[n, g] · cols[n, g]ᵀ, written into ``dW``."""
         be = self.backend
-        xp = be.xp
         n, G, Cog, L = dZc.shape
         K = self._K
         if n == 1:
-            xp.matmul(dZc[0], cols[0].transpose(0, 2, 1), out=dW)
+            self.backend.matmul(dZc[0], cols[0].transpose(0, 2, 1), out=dW)
         elif Cog <= L:
             # One GEMM a sample, then the sum over the chunk; the products (n, G, Co/G, K) are no
             # larger than the columns since Co/G <= L.
             prod = ws.scratch(be, "prod", (n, G, Cog, K))
-            xp.matmul(dZc, cols.transpose(0, 1, 3, 2), out=prod)
+            self.backend.matmul(dZc, cols.transpose(0, 1, 3, 2), out=prod)
             prod.sum(axis=0, out=dW)
         else:
             # Few positions, many channels: one GEMM over the chunk with inner size n·L, the chunk
@@ -467,7 +464,7 @@ class Conv2d(Layer):
             colsg = ws.scratch(be, "colsT", (G, K, n * L))
             dZg.reshape(G, Cog, n, L)[...] = dZc.transpose(1, 2, 0, 3)
             colsg.reshape(G, K, n, L)[...] = cols.transpose(1, 2, 0, 3)
-            xp.matmul(dZg, colsg.transpose(0, 2, 1), out=dW)
+            self.backend.matmul(dZg, colsg.transpose(0, 2, 1), out=dW)
 
 
 # ---- registry declarations ------------------------------------------------------------------
