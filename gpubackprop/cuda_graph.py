@@ -44,10 +44,9 @@ DEFAULT_WARMUP = 2  # eager steps per shape before its capture (compilation, laz
 # GEMMs through backend.matmul), no host synchronisation, no per-step host scalar (Dropout reads
 # the step from StepValues). A layer not listed runs the step eagerly (auto) or is named in the
 # "on" error. The recurrent layers qualify without dropout between layers (that dropout takes the
-# step as a host scalar). Conv2d joins once its GEMMs go through backend.matmul (they call
-# xp.matmul, CuPy's cuBLAS wrapper, which raises during capture).
+# step as a host scalar).
 CAPTURABLE_LAYERS = frozenset({
-    "Dense", "Dropout", "Activation", "Flatten", "Reshape", "BatchNorm1d", "BatchNorm2d",
+    "Dense", "Conv2d", "Dropout", "Activation", "Flatten", "Reshape", "BatchNorm1d", "BatchNorm2d",
     "LayerNorm", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "LastStep", "RNN", "LSTM", "GRU",
 })
 

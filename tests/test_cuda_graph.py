@@ -163,6 +163,21 @@ def test_graph_run_float64_mse_without_schedule_effects():
     assert_same_run(go("off"), go("host"))
 
 
+def test_graph_run_of_a_cnn_with_batchnorm_and_dropout():
+    X = np.random.default_rng(3).normal(size=(36, 1, 8, 8))
+    y = np.random.default_rng(4).integers(0, 3, 36)
+
+    def cnn():
+        conv = gb.Conv2d(1, 4, 3, padding=1)
+        conv.winograd = False  # the im2col GEMMs (Winograd's halves run on a worker thread)
+        return gb.Sequential([conv, gb.BatchNorm2d(4), gb.Activation("relu"), gb.MaxPool2d(2),
+                              gb.Flatten(), gb.Dropout(0.3), gb.Dense(64, 3)],
+                             input_shape=(1, 8, 8), device="cpu", seed=2)
+    graphs = run("host", "adamw-clip", cnn, X, y)
+    assert_same_run(run("off", "adamw-clip", cnn, X, y), graphs)
+    assert graphs[3].events.count("replay") == 9 - 2  # 3 batches an epoch (the last of 4 rows)
+
+
 def test_graph_run_of_an_lstm():
     X = np.random.default_rng(1).normal(size=(40, 3, 4))
     y = np.random.default_rng(2).integers(0, 2, 40)

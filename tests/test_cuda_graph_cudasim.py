@@ -37,3 +37,22 @@ def test_auto_runs_eagerly_in_the_simulator():
     assert cg.resolve("auto", sim_mlp()) is None
     with pytest.raises(ValueError, match=r"'on' cannot capture .*Numba's CUDA simulator"):
         cg.resolve("on", sim_mlp())
+
+
+def test_graph_run_of_a_cnn_in_the_cuda_set():
+    import numpy as np
+
+    import gpubackprop as gb
+
+    X = np.random.default_rng(3).normal(size=(20, 1, 6, 6))
+    y = np.random.default_rng(4).integers(0, 3, 20)
+
+    def cnn():
+        return gb.Sequential([gb.Conv2d(1, 2, 3, padding=1), gb.BatchNorm2d(2),
+                              gb.Activation("relu"), gb.MaxPool2d(2), gb.Flatten(),
+                              gb.Dropout(0.3), gb.Dense(18, 3)],
+                             input_shape=(1, 6, 6), device="cuda", seed=2)
+    kw = dict(epochs=2, batch_size=8)  # 3 batches an epoch, the last of 4 rows
+    graphs = tg.run("host", "adamw-clip", cnn, X, y, **kw)
+    tg.assert_same_run(tg.run("off", "adamw-clip", cnn, X, y, **kw), graphs)
+    assert graphs[3].events.count("replay") == 6 - 2
