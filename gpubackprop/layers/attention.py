@@ -27,8 +27,10 @@ Dropout's hashed masks (seed, layer, step), so it is reproducible but is not tor
 How it runs: self-attention (one array for query, key and value) projects them in one GEMM
 (N·T, E)·(E, 3E) and its backprop returns the summed input gradient in the query's place (None
 for key and value; a graph sums a tensor's gradients anyway); other calls project each with its
-own GEMM. The heads are strided views of the projections, which the batched GEMMs over N·H read
-and write in place (no transposed copies); training buffers live in the use's workspace.
+own GEMM. The scores' 1/√D is folded into the query projection's weights and bias (a scaled
+copy of in_proj, E·E + E values a step, rather than a pass over Q and another over its
+gradient). The heads are strided views of the projections, which the batched GEMMs over N·H
+read and write in place (no transposed copies); training buffers live in the use's workspace.
 """
 
 import math
@@ -244,26 +246,35 @@ class MultiheadAttention(Layer):
         Wo, bo = P["out_proj.weight"], P.get("out_proj.bias")
         scale = be.dtype.type(1.0 / math.sqrt(D))
         ws = self.workspace((N, fused), lambda: _Workspace(be))
+        # The scores' 1/√D goes into the query projection's weights and bias (E·E + E values a
+        # step, where scaling Q itself would be a pass over N·T·E): Q/√D = X (W_q/√D)ᵀ + b_q/√D.
+        Ws = ws.get("w", W.shape)
+        xp.multiply(W[:E], scale, out=Ws[:E])
+        Ws[E:] = W[E:]
+        if b is not None:
+            bs = ws.get("b", b.shape)
+            xp.multiply(b[:E], scale, out=bs[:E])
+            bs[E:] = b[E:]
+        else:
+            bs = None
 
         def heads(buf, T, slots, i):  # rows (N·T, slots·E) -> slot i's heads (N, H, T, D), a view
             return buf.reshape(N, T, slots, H, D)[:, :, i].transpose(0, 2, 1, 3)
 
         if fused:
             Pr = ws.get("qkv", (N * Tq, 3 * E))
-            xp.matmul(q.reshape(N * Tq, E), W.T, out=Pr)  # [Q K V] = X W_inᵀ, one GEMM
-            if b is not None:
-                ops.bias_act(Pr, b, "identity", Pr)
+            xp.matmul(q.reshape(N * Tq, E), Ws.T, out=Pr)  # [Q/√D K V] = X W_inᵀ, one GEMM
+            if bs is not None:
+                ops.bias_act(Pr, bs, "identity", Pr)
             bufs = [(Pr, 3, i) for i in range(3)]
-            Pr[:, :E] *= scale  # Q/√D: the scores' scale, applied to the smaller operand
         else:
             bufs = []
             for i, (x, T) in enumerate(((q, Tq), (k, Tk), (v, Tk))):
                 Pi = ws.get(f"p{i}", (N * T, E))
-                xp.matmul(x.reshape(N * T, E), W[i * E:(i + 1) * E].T, out=Pi)
-                if b is not None:
-                    ops.bias_act(Pi, b[i * E:(i + 1) * E], "identity", Pi)
+                xp.matmul(x.reshape(N * T, E), Ws[i * E:(i + 1) * E].T, out=Pi)
+                if bs is not None:
+                    ops.bias_act(Pi, bs[i * E:(i + 1) * E], "identity", Pi)
                 bufs.append((Pi, 1, 0))
-            bufs[0][0][...] *= scale
         Qh, Kh, Vh = (heads(buf, T, slots, i) for (buf, slots, i), T in zip(bufs, (Tq, Tk, Tk),
                                                                                 strict=True))
         # Scores per (sample, head), one batched GEMM over N·H; the heads are strided views of
@@ -293,13 +304,26 @@ class MultiheadAttention(Layer):
             dY2 = xp.ascontiguousarray(dY).reshape(N * Tq, E)
             acc = self.take_accumulate()
 
-            def weight_grad(name, a, c, rows=slice(None)):  # G[name][rows] (+)= aᵀ c
+            def in_proj_grads(d2, x2, rows):
+                """in_proj's rows ``rows`` (+)= from d2 = ∂/∂(X W_sᵀ + b_s), the q rows times 1/√D
+                (∂/∂W_q = ∂/∂W_s,q / √D)."""
+                n_q = max(0, min(rows.stop, E) - rows.start)  # q rows among them (first)
+                gW, gb = G["in_proj_weight"][rows], G["in_proj_bias"][rows] if b is not None \
+                    else None
+                tW = xp.matmul(d2.T, x2, out=None if acc else gW)
+                tb = None if gb is None else ops.bias_grad(d2, be.empty(gb.shape) if acc else gb)
+                for t in (tW, tb):
+                    if t is not None and n_q:
+                        t[:n_q] *= scale
                 if acc:
-                    G[name][rows] += xp.matmul(a.T, c)
-                else:
-                    xp.matmul(a.T, c, out=G[name][rows])
+                    gW += tW
+                    if gb is not None:
+                        gb += tb
 
-            weight_grad("out_proj.weight", dY2, O)
+            if acc:
+                G["out_proj.weight"] += xp.matmul(dY2.T, O)
+            else:
+                xp.matmul(dY2.T, O, out=G["out_proj.weight"])
             if bo is not None:
                 ops.bias_grad(dY2, G["out_proj.bias"], accumulate=acc)
             dO = xp.matmul(dY2, Wo, out=ws.get("dO", (N * Tq, E)))
@@ -321,22 +345,16 @@ class MultiheadAttention(Layer):
             xp.matmul(dS, Kh, out=dQh)  # ∂/∂(Q/√D); Kh, Qh as the forward used them
             xp.matmul(dS.transpose(0, 1, 3, 2), Qh, out=dKh)
             if fused:
-                dP[:, :E] *= scale
-                weight_grad("in_proj_weight", dP, q.reshape(N * Tq, E))
-                if b is not None:
-                    ops.bias_grad(dP, G["in_proj_bias"], accumulate=acc)
-                dX = xp.matmul(dP, W, out=ws.get("dX", (N * Tq, E))) if input_grad else None
+                in_proj_grads(dP, q.reshape(N * Tq, E), slice(0, 3 * E))
+                dX = xp.matmul(dP, Ws, out=ws.get("dX", (N * Tq, E))) if input_grad else None
                 dxs = [None if dX is None else dX.reshape(N, Tq, E), None, None]
             else:
-                dbufs[0][0][...] *= scale
                 dxs = []
                 for i, ((d2, _, _), x, T) in enumerate(zip(dbufs, (q, k, v), (Tq, Tk, Tk),
                                                            strict=True)):
                     rows = slice(i * E, (i + 1) * E)
-                    weight_grad("in_proj_weight", d2, x.reshape(N * T, E), rows)
-                    if b is not None:
-                        ops.bias_grad(d2, G["in_proj_bias"][rows], accumulate=acc)
-                    dxs.append(xp.matmul(d2, W[rows], out=ws.get(f"dx{i}", (N * T, E)))
+                    in_proj_grads(d2, x.reshape(N * T, E), rows)
+                    dxs.append(xp.matmul(d2, Ws[rows], out=ws.get(f"dx{i}", (N * T, E)))
                                .reshape(N, T, E) if input_grad else None)
             return dxs + ([None] if len(Xs) == 4 else [])
 
