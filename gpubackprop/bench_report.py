@@ -23,7 +23,7 @@ SPLIT_NOTES = {
     "attention GEMM": "the attention's projection, score, value and out_proj GEMMs and their "
                       "gradients",
     "softmax": "the attention's masked softmax, forward and backward",
-    "attention other": "the attention's bias adds, bias gradients, scale and masks",
+    "attention other": "the attention's bias adds, bias gradients, scaled query weights and masks",
     "dense": "the dense layers whole (GEMMs, bias, activation)",
     "rest": "loss, optimizer, reshapes and Python between the layers"}
 

@@ -1,6 +1,7 @@
 """The network benchmarks of issue 15 (LeNet-5, a VGG-style BatchNorm net, the ``resnet`` preset, an
-LSTM and a 2-layer GRU) and issue 19 (a 2-layer TransformerEncoder): a training step of each against the same network in torch.nn, the
-fraction of the step's GEMM limit and of the peak sgemm rate, and the per-op time split.
+LSTM and a 2-layer GRU) and issue 19 (a 2-layer TransformerEncoder): a training step of each
+against the same network in torch.nn, the fraction of the step's GEMM limit and of the peak sgemm
+rate, and the per-op time split.
 
 Every network is a model spec (gpubackprop.modelspec) on a per-sample input shape; the plan it
 parses into gives gpubackprop's model, its torch twin (``twins``), its GEMMs (``gemm_limit``) and

@@ -1,17 +1,18 @@
 """Where a training step's time goes, for any network: every layer's forward and backward pass
 clocked (its own time, its sublayers' taken out), and inside convolutions and recurrent layers
-their im2col, col2im, GEMM and cell kernel calls, from an instrumented run of real steps.
+their im2col, col2im, GEMM and time-loop calls, from an instrumented run of real steps.
 
 Categories (``SPLIT_CATEGORIES``, in report order): the conv layers' im2col, GEMMs (forward,
 weight and input gradient) and col2im, and "conv other" (bias+activation, its derivative, the bias
 gradient, the weight gradient's sum over a chunk, copies); batch norm; activation (Activation
 layers after a norm or a sum); pooling (max, average, global average); residual add; the recurrent
-layers' GEMMs, cell kernels (forward and backward) and "recurrent other" (input bias, bias
-gradients, copies); the attention's GEMMs (projections, scores, values, out_proj, their
+layers' GEMMs, time loops (each step's GEMM and cell, forward and backward, in one op) and
+"recurrent other" (input bias, bias gradients, copies); the attention's GEMMs (projections, scores, values, out_proj, their
 gradients), its masked softmax forward and backward and "attention other" (bias adds, bias
-gradients, the scale, masks); inside a transformer encoder layer each part is clocked as its own
-kind and the layer's own time (its residual sums) counts as "residual add"; dense layers (their GEMMs, bias and activation); and "rest": loss, optimizer,
-reshapes and Python between the layers.
+gradients, the scaled query weights, masks); inside a transformer encoder layer each part is
+clocked as its own kind and the layer's own time (its residual sums) counts as "residual add";
+dense layers (their GEMMs, bias and activation); and "rest": loss, optimizer, reshapes and Python
+between the layers.
 """
 
 import time
@@ -19,13 +20,13 @@ import time
 from gpubackprop.benchmark.timing import no_sync, sync_for
 
 SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "conv other", "batch norm", "layer norm",
-                    "activation", "pooling", "residual add", "recurrent GEMM", "recurrent cell",
-                    "recurrent other", "attention GEMM", "softmax", "attention other", "dense",
+                    "activation", "pooling", "residual add", "recurrent GEMM",
+                    "recurrent time loop", "recurrent other", "attention GEMM", "softmax", "attention other", "dense",
                     "dropout", "rest")
-_RECURRENT_OPS = {"matmul": "recurrent GEMM", "rnn_cell": "recurrent cell",
-                  "rnn_cell_backward": "recurrent cell", "lstm_cell": "recurrent cell",
-                  "lstm_cell_backward": "recurrent cell", "gru_cell": "recurrent cell",
-                  "gru_cell_backward": "recurrent cell"}
+# The time-loop ops run each step's GEMM and cell inside one call (kernels/*/recurrent.py).
+_RECURRENT_OPS = {"matmul": "recurrent GEMM",
+                  **{f"{m}_{d}_steps": "recurrent time loop" for m in ("rnn", "lstm", "gru")
+                     for d in ("forward", "backward")}}
 # layer kind: (category of its own time, {op name: category of that op's calls inside it})
 LAYER_CATEGORIES = {
     "Conv2d": ("conv other", {"im2col": "im2col", "col2im": "col2im", "matmul": "conv GEMM"}),

@@ -289,10 +289,10 @@ class MultiheadAttention(Layer):
             Ad = ops.dropout(A, ws.get("Ad", A.shape), p, seed, layer, step)
         else:
             Ad = A
-        O = ws.get("O", (N * Tq, E))  # the heads side by side: (N, T_q, H, D) rows
-        xp.matmul(Ad, Vh, out=heads(O, Tq, 1, 0))
+        Out = ws.get("O", (N * Tq, E))  # the heads side by side: (N, T_q, H, D) rows
+        xp.matmul(Ad, Vh, out=heads(Out, Tq, 1, 0))
         Y = ws.get("Y", (N * Tq, E)) if train else be.empty((N * Tq, E))
-        xp.matmul(O, Wo.T, out=Y)
+        xp.matmul(Out, Wo.T, out=Y)
         if bo is not None:
             ops.bias_act(Y, bo, "identity", Y)
         Y = Y.reshape(N, Tq, E)
@@ -321,9 +321,9 @@ class MultiheadAttention(Layer):
                         gb += tb
 
             if acc:
-                G["out_proj.weight"] += xp.matmul(dY2.T, O)
+                G["out_proj.weight"] += xp.matmul(dY2.T, Out)
             else:
-                xp.matmul(dY2.T, O, out=G["out_proj.weight"])
+                xp.matmul(dY2.T, Out, out=G["out_proj.weight"])
             if bo is not None:
                 ops.bias_grad(dY2, G["out_proj.bias"], accumulate=acc)
             dO = xp.matmul(dY2, Wo, out=ws.get("dO", (N * Tq, E)))

@@ -3,8 +3,8 @@
 Each row is read in a fixed order (the max, exp, Σ, the division; the max and the sums over 8
 lanes j mod 8, added pairwise at the end, so that they do not wait on one add each), so the
 result does not depend on the thread count; the parallel kernels split the rows into chunks, and
-rows are independent. float32's exp is the vectorizable polynomial of ``numerics._exp``. Semantics as ``kernels/reference/attention.py`` (a fully masked row gives
-zeros).
+rows are independent. float32's exp is the vectorizable polynomial of ``numerics._exp``.
+Semantics as ``kernels/reference/attention.py`` (a fully masked row gives zeros).
 """
 
 import math
