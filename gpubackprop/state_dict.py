@@ -84,6 +84,9 @@ def _to_host(value, name):
         if str(getattr(t, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16
             t = t.float()
         value = t.numpy()
+    if getattr(value, "dtype", None) is not None and str(value.dtype) == "bfloat16":
+        value = np.asarray(value).astype(np.float32)  # ml_dtypes' bfloat16 (a BF16 safetensors
+        # tensor): exact in float32, which the model's dtype takes from here
     return host_array(value, name)
 
 
@@ -231,12 +234,15 @@ def load_safetensors(model, path, strict=True):
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from gpubackprop.precision import bfloat16_type
+
+    bfloat16_type()  # ml_dtypes registers "bfloat16" with NumPy: BF16 tensors (torch's) then load
     path = os.fspath(path)
     try:
         sd = load_file(path)
     except SafetensorError as e:
         raise ValueError(f"path: expected a safetensors file, {path!r} is not one ({e})") from None
-    except TypeError as e:  # a dtype NumPy lacks (bfloat16)
+    except TypeError as e:  # a dtype NumPy lacks even with ml_dtypes
         raise ValueError(f"path: {path!r} holds a dtype NumPy cannot read ({e}); convert it to "
                          f"float32 first") from None
     return load_state_dict(model, sd, strict, what=path)
