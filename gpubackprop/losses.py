@@ -4,7 +4,11 @@ Each loss checks targets on the host (``targets``), then on the device gives the
 the gradient with respect to the model's outputs in one call (``loss_and_grad``): that gradient
 is BP1's ∇_A C, already multiplied by σ' for the softmax and sigmoid outputs folded into the loss.
 Conventions follow PyTorch: MSE is the mean over all elements, the cross-entropies the mean over
-the batch (BCE: over all elements, as ``BCEWithLogitsLoss``).
+the batch (BCE: over all elements, as ``BCEWithLogitsLoss``). ``SoftmaxCrossEntropy`` also takes
+per-position logits (N, ..., C) with targets (N, ...) (a sequence model's (N, T, C) and (N, T),
+batch first): the classes on the last axis, the mean over all N·prod(...) positions, which is
+torch's ``CrossEntropyLoss`` of ``logits.reshape(-1, C)`` and ``targets.reshape(-1)`` (torch itself
+puts C on axis 1: (N, C, T)); its accuracy counts every position.
 """
 
 import numpy as np
@@ -34,6 +38,17 @@ class Loss:
         if Y.shape[0] != T.shape[0]:
             raise ValueError(f"{type(self).__name__}: expected as many targets as outputs, got "
                              f"{T.shape[0]} targets for outputs of shape {tuple(Y.shape)}")
+
+    def check_output_shape(self, shape, what="model output"):
+        """Raise unless the model's per-sample output ``shape`` suits this loss (one vector)."""
+        if len(shape) != 1:
+            raise ValueError(f"{what}: expected one vector of outputs per sample for "
+                             f"{type(self).__name__}, got per-sample shape {shape}; end "
+                             f"the model with Flatten() or GlobalAvgPool2d()")
+
+    def n_predictions(self, T):
+        """How many predictions ``correct`` counts over the targets ``T``: one a sample."""
+        return T.shape[0]
 
     def value(self, be, Y, T):
         """Mean loss as a device scalar (no gradient)."""
@@ -67,49 +82,121 @@ class MSE(Loss):
 
 
 class SoftmaxCrossEntropy(Loss):
-    """−log softmax(z)[y] averaged over the batch, from logits; targets are class indices."""
+    """−log softmax(z)[y] averaged over the batch, from logits; targets are class indices.
+
+    Logits (N, C) with targets (N,), or per position (N, ..., C) with targets (N, ...): the classes
+    on the last axis, the mean over every position (torch's CrossEntropyLoss on the flattened
+    positions); accuracy is over all positions. ``ignore_index`` (an int, as torch's; default None:
+    every target must be a class) marks targets left out (padding): no loss, no gradient, no
+    accuracy count, the mean over the others (NaN when a batch has none, as torch)."""
 
     classification = True
 
+    def __init__(self, ignore_index=None):
+        super().__init__()
+        if ignore_index is not None and (isinstance(ignore_index, bool) or
+                                         not isinstance(ignore_index, (int, np.integer))):
+            raise TypeError(f"ignore_index: expected an integer or None, got {ignore_index!r}")
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+
+    def __repr__(self):
+        return "SoftmaxCrossEntropy()" if self.ignore_index is None else \
+            f"SoftmaxCrossEntropy(ignore_index={self.ignore_index})"
+
+    def check_output_shape(self, shape, what="model output"):
+        if len(shape) < 1:
+            raise ValueError(f"{what}: expected class scores on the last axis per sample for "
+                             f"{type(self).__name__}, got per-sample shape {shape}")
+
     def targets(self, y, n_outputs, dtype=None, name="y"):
+        """Host int64 class indices, checked: ``n_outputs`` is the number of classes, or the
+        model's per-sample output shape (..., C), whose leading axes the targets repeat."""
+        shape = (int(n_outputs),) if np.ndim(n_outputs) == 0 else tuple(n_outputs)
+        positions, n_classes = shape[:-1], shape[-1]
         h = host_array(y, name)
-        if h.ndim == 2 and h.shape[1] == 1:
+        if not positions and h.ndim == 2 and h.shape[1] == 1:
             h = h[:, 0]
-        if h.ndim != 1:
-            raise ValueError(f"{name}: expected 1-D class indices, got {describe(h)}")
+        if positions and h.ndim == 1:  # one label a sample: the model should end in one vector
+            raise ValueError(f"model output: expected one vector of outputs per sample for "
+                             f"{type(self).__name__}, got per-sample shape {shape}; end the model "
+                             f"with Flatten() or GlobalAvgPool2d(), or give {name} one class index "
+                             f"a position, of shape (n, {', '.join(map(str, positions))})")
+        if h.ndim != 1 + len(positions) or h.shape[1:] != positions:
+            want = "1-D class indices" if not positions else \
+                f"class indices of shape (n, {', '.join(map(str, positions))}) (one a position of " \
+                f"the outputs (n, {', '.join(map(str, shape))}))"
+            raise ValueError(f"{name}: expected {want}, got {describe(h)}")
         if not np.issubdtype(h.dtype, np.integer):
             check_finite(h, name)
             if h.dtype == bool or not np.all(np.equal(np.mod(h, 1), 0)):
                 raise ValueError(f"{name}: expected integer class indices, got non-integer "
                                  f"values of dtype {h.dtype} (e.g. {h[np.mod(h, 1) != 0][:3]})")
-        if h.size and (h.min() < 0 or h.max() >= n_outputs):
-            bad = h[(h < 0) | (h >= n_outputs)][0]
-            raise ValueError(f"{name}: expected class indices in [0, {n_outputs - 1}] for "
-                             f"{n_outputs} outputs, got {bad}")
+        bad = (h < 0) | (h >= n_classes)
+        if self.ignore_index is not None:
+            bad &= h != self.ignore_index
+        if h.size and bad.any():
+            where = np.argwhere(bad)[0]
+            at = f" at {name}[{', '.join(map(str, where))}]" if positions else ""
+            raise ValueError(f"{name}: expected class indices in [0, {n_classes - 1}] for "
+                             f"{n_classes} outputs, got {h[tuple(where)]}{at}")
         return h.astype(np.int64)
 
+    def check_outputs(self, Y, T):
+        if Y.shape[:-1] != T.shape:
+            raise ValueError(f"{type(self).__name__}: expected targets of shape "
+                             f"{tuple(Y.shape[:-1])} for logits of shape {tuple(Y.shape)} (one "
+                             f"class index a position), got targets of shape {tuple(T.shape)}")
+
     def loss_and_grad(self, be, Y, T):
-        B = Y.shape[0]
-        if T.shape[0] != B:
+        if Y.ndim != 2 or T.shape != Y.shape[:1]:
             self.check_outputs(Y, T)
+            if Y.ndim > 2:  # per position: the fused kernel on the (positions, C) rows, viewed
+                value, dY = self.loss_and_grad(be, Y.reshape(-1, Y.shape[-1]), T.reshape(-1))
+                return value, dY.reshape(Y.shape)
+        B = Y.shape[0]
         bufs = self._buffers.get(Y.shape)  # (dY, per-row losses), reused at this shape
         if bufs is None or bufs[0].dtype != Y.dtype or type(bufs[0]) is not type(Y):
             if len(self._buffers) > 8:
                 self._buffers.clear()
             bufs = self._buffers[Y.shape] = (be.empty(Y.shape, Y.dtype), be.empty((B,), Y.dtype))
         dY, rows = bufs
-        # BP1 for softmax + CE: Δᴸ = (softmax(Z) − onehot(y)) / B, in one fused kernel.
+        if self.ignore_index is not None:
+            return self._ignoring(be, Y, T, dY, rows)
+        # BP1 for softmax + CE: Δᴸ = (softmax(Z) − onehot(y)) / B, in one fused kernel (B rows:
+        # all positions of a per-position loss, so the mean is over every position).
         be.ops.softmax_ce(Y, T, dY, rows)
         return rows.sum() / B, dY
 
+    def _ignoring(self, be, Y, T, dY, rows):
+        """The mean over the rows whose target is not ``ignore_index``: the fused kernel on every
+        row (an ignored one as class 0), then those rows' loss and gradient zeroed and the rest
+        rescaled from 1/B to 1/n_kept; n_kept stays on the device (no host read)."""
+        xp = be.xp
+        keep = T != self.ignore_index
+        be.ops.softmax_ce(Y, xp.where(keep, T, 0), dY, rows)
+        n_kept = keep.sum().astype(Y.dtype)
+        # Kept rows: 1/B -> 1/n_kept; with none kept the gradient is 0 and the loss 0/0 = NaN
+        # (torch's), without NumPy's warning.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dY *= xp.where(keep, Y.shape[0] / xp.maximum(n_kept, 1), 0).astype(Y.dtype)[:, None]
+            return (rows * keep).sum() / n_kept, dY
+
     def link(self, be, Y):
         xp = be.xp
-        e = xp.exp(Y - Y.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        e = xp.exp(Y - Y.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
 
     def correct(self, be, Y, T):
-        """Number of rows whose arg-max is the label, as a device scalar."""
-        return (Y.argmax(axis=1) == T).sum()
+        """Number of positions (rows) whose arg-max is the label, as a device scalar (positions
+        whose target is ``ignore_index`` left out)."""
+        match = Y.argmax(axis=-1) == T
+        if self.ignore_index is not None:
+            match &= T != self.ignore_index
+        return match.sum()
+
+    def n_predictions(self, T):
+        """Every position is a prediction, but those whose target is ``ignore_index``."""
+        return T.size if self.ignore_index is None else (T != self.ignore_index).sum()
 
 
 class BinaryCrossEntropy(Loss):

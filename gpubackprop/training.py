@@ -22,18 +22,19 @@ def check_pair(model, loss, X, y, x_name="X", y_name="y"):
     A model with several inputs (its ``input_shape`` a list) takes X as a list in ``inputs=``
     order, one with several outputs a ``MultiLoss`` and y as a list: those come back as lists."""
     be = model.backend  # builds the model: its input and output shapes are known from here on
-    outs = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
-    for i, shape in enumerate(outs):
-        if len(shape) != 1:
-            what = "model output" + (f" {i}" if len(outs) > 1 else "")
-            raise ValueError(f"{what}: expected one vector of outputs per sample for "
-                             f"{type(loss).__name__}, got per-sample shape {shape}; end "
-                             f"the model with Flatten() or GlobalAvgPool2d()")
+    several = isinstance(model.output_shape, list)
+    outs = model.output_shape if several else [model.output_shape]
+    per_output = loss.losses if len(getattr(loss, "losses", ())) == len(outs) else [loss] * len(outs)
+    for i, (shape, out_loss) in enumerate(zip(outs, per_output, strict=True)):
+        # One vector a sample, or for SoftmaxCrossEntropy class scores on the last axis of each
+        # position (..., C), with targets (n, ...).
+        out_loss.check_output_shape(tuple(shape), "model output" + (f" {i}" if len(outs) > 1 else ""))
     Xh = check_inputs(model, X, x_name)
     if len(outs) > 1 and not hasattr(loss, "losses"):
         raise ValueError(f"loss: the model has {len(outs)} outputs; expected a gb.MultiLoss (or a "
                          f"list) of {len(outs)} losses, got {type(loss).__name__}")
-    Th = loss.targets(y, model.n_out, be.dtype, y_name)
+    sizes = [shape[0] if len(shape) == 1 else tuple(shape) for shape in outs]  # classes, or shape
+    Th = loss.targets(y, sizes if several else sizes[0], be.dtype, y_name)
     for i, t in enumerate(Th if isinstance(Th, list) else [Th]):
         same_length(_first(Xh), t, x_name, f"{y_name}[{i}]" if isinstance(Th, list) else y_name)
     return Xh, Th
@@ -343,8 +344,8 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                 epoch_loss, total_correct = comm.allreduce_host([float(epoch_loss),
                                                                  float(total_correct)])
             logs = {"epoch": epoch + 1, "loss": float(epoch_loss) / n}
-            if loss.classification:
-                logs["accuracy"] = float(total_correct) / n
+            if loss.classification:  # per sample, or per position of a per-position loss
+                logs["accuracy"] = float(total_correct) / loss.n_predictions(Th)
             if not np.isfinite(logs["loss"]):
                 raise TrainingDiverged(_diagnose(model, loss, total_loss, Xb, step, epoch,
                                                  n_batches - 1, n_batches))
@@ -486,13 +487,14 @@ def _evaluate_device(model, loss, Xd, Td, batch_size=4096):
         if loss.classification:
             total_correct = total_correct + loss.correct(be, Y, Tb)
     metrics = {"loss": float(total_loss) / n}
-    if loss.classification:
-        metrics["accuracy"] = float(total_correct) / n
+    if loss.classification:  # accuracy over all predictions: samples, or every position
+        metrics["accuracy"] = float(total_correct) / loss.n_predictions(Td)
     return metrics
 
 
 def evaluate(model, loss, X, y, batch_size=4096):
-    """{"loss": mean loss, "accuracy": fraction correct (classification losses only)}."""
+    """{"loss": mean loss, "accuracy": fraction correct (classification losses only; for logits
+    (N, ..., C) with targets (N, ...) the fraction of all positions)}."""
     batch_size = positive_int(batch_size, "batch_size")
     be = model.backend
     loss = as_loss(loss)

@@ -6,6 +6,8 @@ which operand is a transposed view follows the layer code (layers/conv.py, dense
 recurrent.py, attention.py); ``LAYOUTS`` holds it, one line per kind.
 """
 
+import math
+
 import numpy as np
 
 from gpubackprop.benchmark import contenders
@@ -69,12 +71,13 @@ def _entries_gemms(entries, batch, first):
             out.append(("conv weight gradient", G, cog, batch * L, K))
             if not first_here:
                 out.append(("conv input gradient", batch * G, K, cog, L))
-        elif kind == "Dense":
+        elif kind == "Dense":  # on the last axis: one row per sample and leading position
             n_in, n_out = kw["n_in"], kw["n_out"]
-            out.append(("dense forward", 1, batch, n_in, n_out))
-            out.append(("dense weight gradient", 1, n_out, batch, n_in))
+            rows = batch * math.prod(ins[:-1])
+            out.append(("dense forward", 1, rows, n_in, n_out))
+            out.append(("dense weight gradient", 1, n_out, rows, n_in))
             if not first_here:
-                out.append(("dense input gradient", 1, batch, n_out, n_in))
+                out.append(("dense input gradient", 1, rows, n_out, n_in))
         elif kind in GATES:
             out += _recurrent_gemms(kind, kw, ins[0], batch, first_here)
         elif kind == "Residual":

@@ -48,7 +48,13 @@ class _Workspace:
 
 
 class Dense(Layer):
-    """Fully connected layer: Z = X Wᵀ + b, A = σ(Z); W is (n_out, n_in) as in torch's Linear."""
+    """Fully connected layer: Z = X Wᵀ + b, A = σ(Z); W is (n_out, n_in) as in torch's Linear.
+
+    As torch's ``nn.Linear`` it applies to the last axis: a per-sample input (..., n_in) gives
+    (..., n_out) (a sequence (T, n_in): every position by the same W). The GEMMs run on the
+    (rows, n_in) view of the batch, rows = N·prod(...), a view without a copy for a contiguous
+    input; BP3 and BP4 sum over all those rows.
+    """
 
     def __init__(self, n_in, n_out, activation="identity", init=None):
         self.n_in = positive_int(n_in, "n_in")
@@ -70,13 +76,17 @@ class Dense(Layer):
         return (self.n_in,)
 
     def infer_shape(self, input_shape):
-        if tuple(input_shape) != (self.n_in,):
+        input_shape = tuple(input_shape)
+        if not input_shape or input_shape[-1] != self.n_in:
             if len(input_shape) == 1:
                 raise ValueError(f"expected {self.n_in} input features, got {input_shape[0]} "
                                  f"(input shape {fmt_shape(input_shape)})")
-            raise ValueError(f"expected input shape ({self.n_in},), got {fmt_shape(input_shape)}"
-                             f"{'; put a Flatten() before it' if size_of(input_shape) == self.n_in else ''}")
-        return (self.n_out,)
+            if input_shape and size_of(input_shape) == self.n_in:  # an image meant to be flattened
+                raise ValueError(f"expected input shape ({self.n_in},), got "
+                                 f"{fmt_shape(input_shape)}; put a Flatten() before it")
+            raise ValueError(f"expected input shape (..., {self.n_in}) ({self.n_in} features on the "
+                             f"last axis), got {fmt_shape(input_shape)}")
+        return (*input_shape[:-1], self.n_out)  # the last axis mapped, the others kept (torch)
 
     @property
     def n_params(self):
@@ -113,11 +123,22 @@ class Dense(Layer):
 
     # ---- running ----------------------------------------------------------------------------------
     def forward(self, X, train=False, input_grad=True):
-        if X.ndim != 2 or X.shape[1] != self.n_in:
+        if X.ndim < 2 or X.shape[-1] != self.n_in:
             raise ValueError(f"Dense({self.n_in}, {self.n_out}) input: expected shape (batch, "
-                             f"{self.n_in}), got {tuple(X.shape)}")
+                             f"{'..., ' if X.ndim > 2 else ''}{self.n_in}), got {tuple(X.shape)}")
         if X.dtype != self._dtype:
             raise TypeError(f"Dense input: expected dtype {self._dtype}, got {X.dtype}")
+        if X.ndim > 2:  # (N, ..., n_in): the GEMMs on the (rows, n_in) view, the output reshaped
+            Y, backprop = self.forward(X.reshape(-1, self.n_in), train, input_grad)
+            lead = X.shape[:-1]
+            if not train:
+                return Y.reshape(*lead, self.n_out), no_backprop
+
+            def backprop_rows(dA):
+                dX = backprop(dA.reshape(-1, self.n_out))
+                return None if dX is None else dX.reshape(X.shape)
+
+            return Y.reshape(*lead, self.n_out), backprop_rows
         if not train:
             return self._infer(X), no_backprop
         # Training: everything lives in this batch size's workspace, so a step allocates nothing.
@@ -270,7 +291,8 @@ class Activation(Layer):
 # ---- registry declarations ------------------------------------------------------------------
 def _make_dense(ctx):
     shape, made = ctx.shape, []
-    if len(shape) > 1:  # a dense on images flattens them first
+    if len(shape) > 1:  # the spec's dense flattens images and sequences (gb.Dense itself would
+        # map the last axis); a CLI model ends in one vector of class scores per sample
         made.append(("Flatten", {}))
     return made + [("Dense", {"n_in": size_of(shape), "n_out": ctx.size("n"),
                               "activation": ctx.activation, "init": ctx.params["init"]})]
@@ -282,7 +304,8 @@ def _activation_token(name):
 
 register(Dense, SpecToken("dense", _make_dense, {"n": ("int", REQUIRED), "init": ("init", None)},
                           positional=("n",), fuses_activation=True, example="dense(128)",
-                          help="dense(n,init=)   fully connected; on images it flattens them first"))
+                          help="dense(n,init=)   fully connected; flattens images and sequences"
+                               " first"))
 register(Reshape)
 register(Flatten, SpecToken("flatten", lambda ctx: [("Flatten", {})],
                            help="flatten       (C, H, W) -> (C·H·W,)"))
