@@ -345,7 +345,7 @@ def fit(model, loss, opt, X, y, epochs=10, batch_size=128, validation=None, shuf
                                                                  float(total_correct)])
             logs = {"epoch": epoch + 1, "loss": float(epoch_loss) / n}
             if loss.classification:  # per sample, or per position of a per-position loss
-                logs["accuracy"] = float(total_correct) / loss.n_predictions(Th)
+                logs["accuracy"] = float(total_correct) / float(loss.n_predictions(Th))
             if not np.isfinite(logs["loss"]):
                 raise TrainingDiverged(_diagnose(model, loss, total_loss, Xb, step, epoch,
                                                  n_batches - 1, n_batches))
@@ -488,7 +488,7 @@ def _evaluate_device(model, loss, Xd, Td, batch_size=4096):
             total_correct = total_correct + loss.correct(be, Y, Tb)
     metrics = {"loss": float(total_loss) / n}
     if loss.classification:  # accuracy over all predictions: samples, or every position
-        metrics["accuracy"] = float(total_correct) / loss.n_predictions(Td)
+        metrics["accuracy"] = float(total_correct) / float(loss.n_predictions(Td))
     return metrics
 
 

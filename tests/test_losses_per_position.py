@@ -196,3 +196,4 @@ def test_fit_and_evaluate_with_padding(rng):
     assert metrics["loss"] == pytest.approx(-np.log(p[:, :4][n, t, T[:, :4]]).mean(), rel=1e-5)
     history = gb.fit(model, loss, gb.Adam(0.05), X, T, epochs=2, batch_size=8, progress=False)
     assert history["loss"][-1] < history["loss"][0] and 0 <= history["accuracy"][-1] <= 1
+    assert type(metrics["accuracy"]) is float and type(history["accuracy"][-1]) is float
