@@ -273,26 +273,51 @@ def test_conv2d_winograd_gradcheck(backend_spec, rng):
 
 
 def test_conv2d_takes_winograd_where_the_rule_and_the_kernel_set_say(backend_spec):
-    """"auto": the fused CPU set's Winograd for 3x3 stride-1 convolutions of 16+ channels in and
-    out on outputs of 8x8 or more; never for other shapes, whatever the setting."""
-    layers = [gb.Conv2d(16, 16, 3, padding=1), gb.Conv2d(16, 16, 3, padding=1),
-              gb.Conv2d(16, 8, 3, padding=1), gb.Conv2d(8, 16, 3, stride=2, padding=1)]
-    model = model_for(backend_spec, layers + [gb.Conv2d(16, 16, 3, dilation=2, padding=2),
-                                             gb.Conv2d(16, 16, 3, groups=2, padding=1),
-                                             gb.Conv2d(16, 16, 3, padding=1)],
-                      input_shape=(16, 8, 8))
-    wide, _, thin, strided, dilated, grouped, small = model.layers
+    """"auto": the fused CPU set's Winograd for 3x3 stride-1 convolutions with 16+ channels in and
+    out and min(C_in, C_out)·min(OH, OW) >= 512; never for other shapes, whatever the setting."""
+    model = model_for(backend_spec, [gb.Conv2d(16, 16, 3, padding=1), gb.Conv2d(16, 32, 3, padding=1),
+                                     gb.Conv2d(32, 8, 3, padding=1), gb.Conv2d(8, 16, 3, padding=1),
+                                     gb.Conv2d(16, 64, 3, stride=2, padding=1),
+                                     gb.Conv2d(64, 64, 3, padding=1),
+                                     gb.Conv2d(64, 64, 3, dilation=2, padding=2),
+                                     gb.Conv2d(64, 64, 3, groups=2, padding=1),
+                                     gb.Conv2d(64, 32, 3), gb.Conv2d(32, 16, 3, padding=1)],
+                      input_shape=(16, 32, 32))
+    wide, wider, thin_out, thin_in, strided, small, dilated, grouped, smaller, narrow = model.layers
     fused_cpu = backend_spec == ("cpu", "fused")
     assert model.backend.ops.winograd_conv is fused_cpu
-    assert wide._winograd() is fused_cpu
-    assert not thin._winograd()  # 8 channels out
-    assert not small._winograd()  # a 4x4 output
+    assert wide._winograd() is wider._winograd() is fused_cpu  # 16 · 32 (on 32x32) = 512
+    assert not thin_out._winograd() and not thin_in._winograd()  # 8 channels
+    assert small._winograd() is fused_cpu  # 64 · 16 on 16x16
+    assert not smaller._winograd()  # 32 · 14 = 448 on 14x14
+    assert not narrow._winograd()  # 16 · 14
     for layer in (strided, dilated, grouped):
         for choice in ("auto", True, False):
             layer.winograd = choice
             assert not layer._winograd()
-    thin.winograd, wide.winograd = True, False
-    assert thin._winograd() and not wide._winograd()
+    thin_out.winograd, wide.winograd = True, False
+    assert thin_out._winograd() and not wide._winograd()
     wide.winograd = "yes"
     with pytest.raises(ValueError, match="winograd: expected 'auto', True or False, got 'yes'"):
         wide._winograd()
+
+
+def test_conv2d_winograd_halves_give_the_same_bits_on_one_thread_and_two(rng):
+    """The fused CPU set runs the two halves of a batch's chunks on two threads: the same halves,
+    so the same results, as one after the other."""
+    X = rng.normal(size=(7, 16, 9, 10)).astype(np.float32)
+    dY = rng.normal(size=(7, 16, 9, 10)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        layer = gb.Conv2d(16, 16, 3, padding=1, activation="relu")
+        layer.winograd = True
+        model = model_for(("cpu", "fused"), [layer], input_shape=(16, 9, 10), dtype="float32")
+        model.backend.ops.nchunks = threads
+        layer.max_cols_bytes = 2 * 16 * 32 * layer._tiles()[2] * 4  # float32 V and M of 2 samples
+        model.zero_grads()
+        Y, bp = model.forward(X, train=True)
+        dX = bp(dY)
+        assert len(layer._workspaces[("winograd", 7)].chunks) == 4
+        results.append([np.array(a) for a in (Y, dX, *layer.grads.values())])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -98,6 +98,18 @@ class _Workspace:
         return _scratch(self._scratch, be, name, shape)
 
 
+_WORKER = []
+
+
+def _worker():
+    """The one worker thread that runs the second half of a Winograd layer's chunks."""
+    if not _WORKER:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubackprop-conv"))
+    return _WORKER[0]
+
+
 def _scratch(store, be, name, shape):
     """A contiguous (shape) view of a flat buffer kept in ``store`` per name, grown to the largest
     chunk."""
@@ -246,11 +258,17 @@ class Conv2d(Layer):
         return self._winograd_shape and bool(self.backend.ops.winograd_conv) and self._winograd_pays()
 
     def _winograd_pays(self):
-        """The measured rule (float32, 2-core Xeon, OpenBLAS; forward + backward of the layer,
-        transforms included, against im2col + GEMM): 16+ channels in and out and outputs of 8x8 or
-        more."""
+        """The rule measured on a 2-core Xeon (float32, OpenBLAS, one thread, CPU time; forward +
+        backward of the layer, transforms included, against im2col + GEMM, batch 64): 16+ channels
+        in and out, and min(C_in, C_out) · min(OH, OW) >= 512. Winograd's GEMMs gain ~2.25x, its
+        transforms cost ~(C_in + C_out)·OH·OW per sample, and they are slower on narrow images
+        (short rows of tiles). gemm/winograd: 32->32 on 32x32 1.24, 32->64 on 16x16 1.15, 16->16 on
+        32x32 1.27, 32->32 on 16x16 1.34, 64->64 on 8x8 1.08; below the rule: 16->16 on 16x16 0.89,
+        16->32 on 8x8 0.86, 16->16 on 8x8 0.82, 8->16 on 32x32 0.89, 32->32 on 4x4 0.87, 3->32 on
+        32x32 0.43."""
         C_out, OH, OW = self.output_shape
-        return min(self.in_channels, C_out) >= 16 and min(OH, OW) >= 8
+        c = min(self.in_channels, C_out)
+        return c >= 16 and c * min(OH, OW) >= 512
 
     def _tiles(self):
         """(TH, TW, T): the 2x2 output tiles of a sample, down, across and in all."""
@@ -348,21 +366,27 @@ class Conv2d(Layer):
 
     def _winograd_forward(self, X, Z, chunks, scratch):
         """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (no
-        bias yet); the last chunk's V stays in scratch "V" for backprop."""
+        bias yet), in the two halves of ``_halves``; each half's last V stays in its scratch "V"
+        for backprop."""
         be = self.backend
         ops = be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
         U = ops.winograd_filter(self.weight, scratch("U", (16, Co, Ci)))
-        for s, e in chunks:
-            n = e - s
-            V = ops.winograd_input(X[s:e], scratch("V", (16, Ci, n * T)), self.padding)
-            M = scratch("M", (16, Co, n * T))
-            self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
-            ops.winograd_output(M, Z[s:e])
+
+        def run(h, part):
+            for s, e in part:
+                n = e - s
+                V = ops.winograd_input(X[s:e], scratch(f"V{h}", (16, Ci, n * T)), self.padding)
+                M = scratch(f"M{h}", (16, Co, n * T))
+                self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
+                ops.winograd_output(M, Z[s:e])
+
+        self._in_halves(run, chunks)
 
     def _winograd_backward(self, X, dZ, ws, accumulate, input_grad):
-        """BP3 and the input gradient through the adjoint transforms, last chunk first (its V is
-        still there); dU summed over the chunks, then dW = Gᵀ dU G once."""
+        """BP3 and the input gradient through the adjoint transforms, each half's chunks last
+        first (its last V is still there); dU summed over a half's chunks in order, then over the
+        halves, then dW = Gᵀ dU G once."""
         be = self.backend
         xp, ops = be.xp, be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
@@ -370,23 +394,51 @@ class Conv2d(Layer):
         # U again from the weights (a few µs): backprop uses the weights as they are, as the GEMM
         # path's Wᵀ · Δ does.
         U = ops.winograd_filter(self.weight, ws.scratch(be, "U", (16, Co, Ci)))
-        dU = ws.scratch(be, "dU", (16, Co, Ci))
-        for i, (s, e) in enumerate(reversed(ws.chunks)):
-            n = e - s
-            V = ws.scratch(be, "V", (16, Ci, n * T))
-            if i > 0:
-                ops.winograd_input(X[s:e], V, self.padding)
-            dM = ops.winograd_output_backward(dZ[s:e], ws.scratch(be, "M", (16, Co, n * T)))
-            if i == 0:
-                self.backend.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
-            else:
-                dUc = ws.scratch(be, "dU_chunk", (16, Co, Ci))
-                self.backend.matmul(dM, V.transpose(0, 2, 1), out=dUc)
-                dU += dUc
-            if input_grad:  # dV = Uᵀ · dM into V's buffer (BP3 is done with it), then dX
-                self.backend.matmul(U.transpose(0, 2, 1), dM, out=V)
-                ops.winograd_input_backward(V, ws.dX[s:e], self.padding)
+
+        def run(h, part):
+            dU = ws.scratch(be, f"dU{h}", (16, Co, Ci))
+            for i, (s, e) in enumerate(reversed(part)):
+                n = e - s
+                V = ws.scratch(be, f"V{h}", (16, Ci, n * T))
+                if i > 0:
+                    ops.winograd_input(X[s:e], V, self.padding)
+                dM = ops.winograd_output_backward(dZ[s:e], ws.scratch(be, f"M{h}", (16, Co, n * T)))
+                if i == 0:
+                    self.backend.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
+                else:
+                    dUc = ws.scratch(be, f"dU_chunk{h}", (16, Co, Ci))
+                    self.backend.matmul(dM, V.transpose(0, 2, 1), out=dUc)
+                    dU += dUc
+                if input_grad:  # dV = Uᵀ · dM into V's buffer (BP3 is done with it), then dX
+                    self.backend.matmul(U.transpose(0, 2, 1), dM, out=V)
+                    ops.winograd_input_backward(V, ws.dX[s:e], self.padding)
+
+        halves = self._in_halves(run, ws.chunks)
+        dU = ws.scratch(be, "dU0", (16, Co, Ci))
+        if halves == 2:
+            dU += ws.scratch(be, "dU1", (16, Co, Ci))
         ops.winograd_filter_backward(dU, self._dW, accumulate=accumulate)
+
+    def _in_halves(self, run, chunks):
+        """``run(h, part)`` on the first and the second half of the chunks (h = 0, 1), the second
+        on a worker thread where the kernel set runs two or more (the fused CPU set: its kernels
+        release the GIL, and NumPy's GEMMs do; a chunk's GEMMs are too small for BLAS's own
+        threads), else one after the other: the same halves, so the same bits, either way. Returns
+        the number of halves."""
+        if len(chunks) < 2:
+            run(0, chunks)
+            return 1
+        k = (len(chunks) + 1) // 2
+        if getattr(self.backend.ops, "nchunks", 1) >= 2 and self.backend.device == "cpu":
+            future = _worker().submit(run, 1, chunks[k:])
+            try:
+                run(0, chunks[:k])
+            finally:
+                future.result()
+        else:
+            run(0, chunks[:k])
+            run(1, chunks[k:])
+        return 2
 
     def _backward_chunks(self, X, dZ, ws, accumulate, input_grad):
         be = self.backend
