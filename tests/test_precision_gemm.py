@@ -115,3 +115,63 @@ def test_gpu_training_step_matches_the_cpu_emulation(precision):
     ulp = 2.0**-10 if precision == "fp16" else 2.0**-7
     for k in params[0]:  # GEMM sums in another order can move a 16-bit rounding by one unit
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=4 * ulp, atol=1e-3)
+
+
+# ---- Matmul16 end to end on the CPU: test_cublas_mapping's fake CuPy (NumPy memory) and fake
+# bindings, with GemmEx reading 16-bit memory and writing float32 ---------------------------------
+def _fakes():
+    import ctypes
+
+    from test_cublas_mapping import FAKE_CASES, _dev, _FakeBindings, _FakeCupy, _flat
+
+    class Fake16(_FakeBindings):
+        def _values16(self, ptr, extent, t):
+            bits = np.ctypeslib.as_array((ctypes.c_uint16 * extent).from_address(ptr))
+            if t == gemm16.CUDA_R_16F:
+                return bits.view(np.float16).astype(np.float64)
+            assert t == gemm16.CUDA_R_16BF
+            return P.bf16_values(np, bits).astype(np.float64)
+
+        def gemm_strided_batched_ex(self, h, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb,
+                                    sb, beta, C, ct, ldc, sc, batch, compute, algo):
+            assert at == bt and ct == gemm16.CUDA_R_32F
+            assert compute == gemm16.CUBLAS_COMPUTE_32F and algo == gemm16.CUBLAS_GEMM_DEFAULT
+            assert ctypes.c_float.from_address(alpha).value == 1
+            assert ctypes.c_float.from_address(beta).value == 0
+            ext_a = ((m - 1) + (k - 1) * lda if ta == cublas.OP_N else (k - 1) + (m - 1) * lda) + 1
+            ext_b = ((k - 1) + (n - 1) * ldb if tb == cublas.OP_N else (n - 1) + (k - 1) * ldb) + 1
+            ext_c = (m - 1) + (n - 1) * ldc + 1
+            last = batch - 1
+            call = cublas.GemmCall(ta, tb, m, n, k, lda, ldb, ldc, 0, 0, 0, batch, sa, sb, sc)
+            cublas.emulate(call, self._values16(A, ext_a + last * sa, at),
+                           self._values16(B, ext_b + last * sb, bt),
+                           _flat(C, np.float32, ext_c + last * sc))
+            self.log.append(("gemm_ex", h, batch, at))
+
+        def gemm_ex(self, h, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc,
+                    compute, algo):
+            self.gemm_strided_batched_ex(h, ta, tb, m, n, k, alpha, A, at, lda, 0, B, bt, ldb, 0,
+                                         beta, C, ct, ldc, 0, 1, compute, algo)
+
+    return FAKE_CASES, _dev, Fake16, _FakeCupy
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_matmul16_end_to_end_on_fake_bindings(precision):
+    from gpubackprop.kernels.cpu import CpuOps
+
+    cases, dev, Fake16, FakeCupy = _fakes()
+    rng = np.random.default_rng(7)
+    for a_shape, b_shape, ta, tb in cases:
+        cp, c = FakeCupy(), Fake16()
+        mm = gemm16.Matmul16(cp, c, CpuOps(np), precision)
+        # float32 operands holding 16-bit values (small integers over 8: exact in both formats)
+        a, b = dev(rng, a_shape, np.float32, ta) / 8, dev(rng, b_shape, np.float32, tb) / 8
+        out = cp.empty(np.matmul(np.asarray(a), np.asarray(b)).shape, np.float32)
+        assert mm(a, b, out) is out
+        np.testing.assert_array_equal(out, np.matmul(np.asarray(a, np.float64),
+                                                     np.asarray(b, np.float64)))
+        assert cp.matmul_calls == 0
+        assert {e[3] for e in c.log if e[0] == "gemm_ex"} == {gemm16.TYPE16[precision]}
+    mm(dev(rng, (3, 4), np.float64, False), dev(rng, (4, 2), np.float64, False))  # not float32
+    assert cp.matmul_calls == 1
