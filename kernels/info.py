@@ -119,6 +119,21 @@ def run_every_op(ops, dtype):
     ops.lstm_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(1), cell(4), cell(4))
     ops.gru_cell(cell(3), cell(3), xp.zeros(3, dt), cell(1), cell(1), cell(4))
     ops.gru_cell_backward(cell(1), cell(1), cell(1), cell(1), cell(4), cell(3), cell(3))
+    # The time loops over T = 2 steps of those cells, both directions (each step's GEMM inside).
+    def seq(width, steps=2):
+        return xp.zeros((steps, 2, width), dt)
+
+    W1, W3, W4 = xp.zeros((1, 1), dt), xp.zeros((3, 1), dt), xp.zeros((4, 1), dt)
+    for reverse in (False, True):
+        for act in ("tanh", "relu"):
+            ops.rnn_forward_steps(seq(1), W1, xp.zeros(1, dt), seq(1, 3), cell(1), act, reverse)
+            ops.rnn_backward_steps(seq(1), W1, seq(1, 3), seq(1), cell(1), act, reverse)
+        ops.lstm_forward_steps(seq(4), W4, xp.zeros(4, dt), seq(1, 3), seq(1, 3), seq(4), cell(4),
+                               reverse)
+        ops.lstm_backward_steps(seq(1), W4, seq(1, 3), seq(4), seq(4), cell(1), cell(1), reverse)
+        ops.gru_forward_steps(seq(3), W3, xp.zeros(3, dt), seq(1, 3), seq(4), cell(3), reverse)
+        ops.gru_backward_steps(seq(1), W3, seq(1, 3), seq(4), seq(3), seq(3), cell(1), cell(1),
+                               reverse)
     # Embedding: a gather of 3 rows of a (4, 2) weight and its scatter-add, both index dtypes.
     for index_dtype in (np.int32, np.int64):
         idx = xp.asarray(np.array([0, 3, 0], index_dtype))

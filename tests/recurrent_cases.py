@@ -124,3 +124,86 @@ def naive(op, a, activation="tanh"):
                     a["dgh"][n, q * H + j] = v
                 a["dh"][n, j] = d * z
     return {name: a[name] for name in OUTPUTS[op]}
+
+
+# ---- the time-loop ops -----------------------------------------------------------------------------
+from gpubackprop.kernels.reference.recurrent import STEPS_ARGS  # noqa: E402
+
+STEPS_OPS = tuple(STEPS_ARGS)
+STEPS_OUTPUTS = {
+    "rnn_forward_steps": ("hs",),
+    "rnn_backward_steps": ("dpre", "dh"),
+    "lstm_forward_steps": ("hs", "cs", "gates"),
+    "lstm_backward_steps": ("dgates", "dh", "dc"),
+    "gru_forward_steps": ("hs", "saved"),
+    "gru_backward_steps": ("dgx", "dgh", "dh", "carry"),
+}
+STEPS_WORKSPACES = ("gh",)  # written, but no result
+
+
+def random_steps_args(rng, op, T, N, H, dtype, keep=None):
+    """Host arrays for a time-loop op: states hs, cs random everywhere (only the initial one counts
+    going in), the saved gates of a backward op as a forward pass leaves them, W_hh scaled by
+    1/√H as PyTorch's initialisation; ``keep`` the leading axis of a forward op's saved gates (T,
+    or 1 for inference; default T). GRU's carry goes in as zeros, as the layer passes it."""
+    out = {}
+    for name, lead, k in STEPS_ARGS[op]:
+        width = k * H
+        shape = {"T": (T, N, width), "T+1": (T + 1, N, width), "T|1": (keep or T, N, width),
+                 "N": (N, width), "W": (width, H), "b": (width,)}[lead]
+        a = rng.uniform(-2, 2, shape)
+        if lead == "W":
+            a /= math.sqrt(H)
+        if name == "hs" and op == "rnn_backward_steps":
+            a = np.tanh(a)
+        if name == "gates" and op == "lstm_backward_steps":
+            a = 1 / (1 + np.exp(-a))
+            a[..., 2 * H:3 * H] = 2 * a[..., 2 * H:3 * H] - 1
+        if name == "saved" and op == "gru_backward_steps":
+            a[..., :2 * H] = 1 / (1 + np.exp(-a[..., :2 * H]))
+            a[..., 2 * H:3 * H] = np.tanh(a[..., 2 * H:3 * H])
+        if name == "carry":
+            a = np.zeros(shape)
+        out[name] = a.astype(dtype)
+    return out
+
+
+def call_steps(ops, op, arrays, activation="tanh", **kw):
+    args = [arrays[name] for name, _, _ in STEPS_ARGS[op]]
+    if op.startswith("rnn"):
+        args.append(activation)
+    getattr(ops, op)(*args, **kw)
+
+
+def steps_outputs(op, state_grad=True):
+    """The arrays ``op`` writes that carry a result (dh and dc only with state_grad)."""
+    return tuple(n for n in STEPS_OUTPUTS[op]
+                 if state_grad or n not in ("dh", "dc", "carry"))
+
+
+def check_steps_against_reference(ops, ref, dev, rng, op, T, N, H, dtype, activation="tanh",
+                                  reverse=False, state_grad=True, keep=None):
+    """``ops``'s time-loop op on device arrays equals the reference's on host copies."""
+    host = random_steps_args(rng, op, T, N, H, dtype, keep)
+    kw = {"reverse": reverse}
+    if "backward" in op:
+        kw["state_grad"] = state_grad
+    expected = {k: v.copy() for k, v in host.items()}
+    call_steps(ref, op, expected, activation, **kw)
+    device = {k: dev(v.copy()) for k, v in host.items()}
+    call_steps(ops, op, device, activation, **kw)
+    what = f"{op} T={T} N={N} H={H} {dtype} {activation} reverse={reverse} state_grad={state_grad}"
+    # T steps of rounding compound through the recurrence: float32 gets a looser tolerance.
+    rtol = {"float32": 2e-5, "float64": 1e-12}[dtype]
+    for name in steps_outputs(op, state_grad):
+        got = np.asarray(device[name] if isinstance(device[name], np.ndarray)
+                         else device[name].get())
+        want = expected[name]
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale,
+                                   err_msg=f"{what}: {name}")
+    for name, _, _ in STEPS_ARGS[op]:
+        if name in STEPS_OUTPUTS[op] or name in STEPS_WORKSPACES:
+            continue
+        got = device[name] if isinstance(device[name], np.ndarray) else device[name].get()
+        np.testing.assert_array_equal(got, host[name], err_msg=f"{what}: wrote input {name}")

@@ -402,7 +402,7 @@ def test_step_time_split_clocks_every_layer_kind(key):
     expected = {"lenet5": {"im2col", "conv GEMM", "col2im", "conv other", "pooling", "dense"},
                 "resnet": {"im2col", "conv GEMM", "col2im", "conv other", "batch norm", "activation",
                            "pooling", "residual add", "dense"},
-                "gru": {"recurrent GEMM", "recurrent cell", "recurrent other", "dense"},
+                "gru": {"recurrent GEMM", "recurrent time loop", "recurrent other", "dense"},
                 "transformer": {"layer norm", "residual add", "attention GEMM", "softmax",
                                 "attention other", "dense"}}[key]
     assert set(split) == expected | {"rest"}
@@ -430,7 +430,7 @@ def test_quick_network_sections_with_and_without_torch(monkeypatch):
         assert [s["contender"] for s in r["split"]] == ["gpubackprop reference", "gpubackprop fused"]
         assert f"## {r['title']}" in md
     assert "(≥ 1.0)" in md and "(≥ 1.3)" in md and "(≥ 1.5)" in md and "(≥ 0.7)" in md
-    assert "batch norm" in md and "residual add" in md and "recurrent cell" in md
+    assert "batch norm" in md and "residual add" in md and "recurrent time loop" in md
     assert "VGG-style BatchNorm net: fused × PyTorch" in md or benchmark.torch_module() is None
     monkeypatch.setattr(benchmark.contenders, "torch_module", lambda: None)
     args = benchmark.build_parser().parse_args(["--quick", "--device", "cpu", "--sections", "gru"])

@@ -127,7 +127,8 @@ def test_run_every_op_calls_every_family_with_valid_arguments():
                "channel_bias_act", "batch_norm_backward", "layer_norm_backward",
                "dropout_backward", "lstm_cell_backward", "gru_cell_backward", "embedding_backward",
                "masked_softmax_backward", "adam", "winograd_input_backward",
-               "winograd_output_backward", "winograd_filter_backward"):
+               "winograd_output_backward", "winograd_filter_backward", "rnn_backward_steps",
+               "lstm_forward_steps", "gru_backward_steps"):
         assert op in calls, op
 
 

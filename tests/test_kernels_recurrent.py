@@ -70,3 +70,178 @@ def test_fused_cpu_checks_dtype_and_contiguity(cpu, rng):
         rc.call(cpu, "gru_cell", dict(a, h=a["h"].astype(np.float32)))
     with pytest.raises(ValueError, match="gx: expected a C-contiguous array"):
         rc.call(cpu, "gru_cell", dict(a, gx=np.asfortranarray(a["gx"])))
+
+
+# ---- the time-loop ops -----------------------------------------------------------------------------
+def _steps_cases():
+    for op in rc.STEPS_OPS:
+        for act in (("tanh", "relu") if op.startswith("rnn") else ("tanh",)):
+            yield pytest.param(op, act, id=f"{op}-{act}" if op.startswith("rnn") else op)
+
+
+def _cell_loop(op, a, activation, reverse, state_grad):
+    """The time-loop op written out: np.matmul per step and the cell from ``rc.naive``'s per-unit
+    equations, in float64."""
+    a = {k: v.astype(np.float64).copy() for k, v in a.items()}
+    T = a["hs" if "hs" in a else "cs"].shape[0] - 1
+    order = [(t, t, t + 1) for t in range(T)]
+    if reverse:
+        order = [(t, t + 1, t) for t in reversed(range(T))]
+    mode = op.split("_")[0]
+    if "forward" in op:
+        keep = (a.get("gates", a.get("saved")).shape[0] == T) if mode != "rnn" else True
+        for t, p, c in order:
+            gh = a["hs"][p] @ a["W_hh"].T
+            cell = {"gx": a["gx"][t], "gh": gh, "b_hh": a["b_hh"]}
+            if mode == "rnn":
+                a["hs"][c] = rc.naive("rnn_cell", dict(cell, h=a["hs"][c]), activation)["h"]
+            elif mode == "lstm":
+                out = rc.naive("lstm_cell", dict(cell, c_prev=a["cs"][p], h=a["hs"][c],
+                                                 c=a["cs"][c], gates=a["gates"][0]))
+                a["hs"][c], a["cs"][c] = out["h"], out["c"]
+                a["gates"][t if keep else 0] = out["gates"]
+            else:
+                out = rc.naive("gru_cell", dict(cell, h_prev=a["hs"][p], h=a["hs"][c],
+                                                saved=a["saved"][0]))
+                a["hs"][c] = out["h"]
+                a["saved"][t if keep else 0] = out["saved"]
+        return a
+    for i, (t, p, c) in enumerate(order[::-1]):
+        if mode == "rnn":
+            out = rc.naive("rnn_cell_backward", {"dh_out": a["dout"][t], "dh_rec": a["dh"],
+                                                 "h": a["hs"][c], "dpre": a["dpre"][t]}, activation)
+            a["dpre"][t] = out["dpre"]
+            dG = a["dpre"][t]
+        elif mode == "lstm":
+            out = rc.naive("lstm_cell_backward", {
+                "dh_out": a["dout"][t], "dh_rec": a["dh"], "dc": a["dc"], "c_prev": a["cs"][p],
+                "c": a["cs"][c], "gates": a["gates"][t], "dgates": a["dgates"][t]})
+            a["dc"], a["dgates"][t] = out["dc"], out["dgates"]
+            dG = a["dgates"][t]
+        else:
+            out = rc.naive("gru_cell_backward", {
+                "dh_out": a["dout"][t], "dh_rec": a["dh"], "dh": a["carry"], "h_prev": a["hs"][p],
+                "saved": a["saved"][t], "dgx": a["dgx"][t], "dgh": a["dgh"][t]})
+            a["carry"], a["dgx"][t], a["dgh"][t] = out["dh"], out["dgx"], out["dgh"]
+            dG = a["dgh"][t]
+        if i < T - 1 or state_grad:
+            a["dh"] = dG @ a["W_hh"]
+    if mode == "gru" and state_grad:
+        a["dh"] = a["dh"] + a["carry"]
+    return a
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("op,activation", list(_steps_cases()))
+def test_reference_steps_match_the_cell_equations(ref, rng, op, activation, reverse):
+    backward = "backward" in op
+    for T, N, H in [(1, 2, 3), (4, 3, 5)]:
+        for state_grad, keep in ([(True, None), (False, None)] if backward
+                                 else [(True, None), (True, 1)]):
+            if keep == 1 and op.startswith("rnn"):
+                continue
+            a = rc.random_steps_args(rng, op, T, N, H, "float64", keep)
+            want = _cell_loop(op, a, activation, reverse, state_grad)
+            kw = {"reverse": reverse, **({"state_grad": state_grad} if backward else {})}
+            rc.call_steps(ref, op, a, activation, **kw)
+            for name in rc.steps_outputs(op, state_grad):
+                np.testing.assert_allclose(a[name], want[name], rtol=1e-12, atol=1e-12,
+                                           err_msg=f"{op} {name} T={T} keep={keep}")
+
+
+# (T, N, H, threads): serial; a batch split into 2 and into 3 ragged chunks (16 rows a chunk at
+# least), and more threads than chunks.
+STEPS_SIZES = [(1, 1, 1, 1), (3, 5, 7, 2), (4, 37, 9, 2), (2, 50, 3, 3), (3, 33, 17, 8)]
+
+
+@pytest.mark.parametrize("dtype", rc.DTYPES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("op,activation", list(_steps_cases()))
+def test_fused_cpu_steps_match_reference(ref, rng, op, activation, reverse, dtype):
+    for T, N, H, threads in STEPS_SIZES:
+        ops = CpuOps(np, num_threads=threads)
+        if "backward" in op:
+            for state_grad in (True, False):
+                rc.check_steps_against_reference(ops, ref, np.ascontiguousarray, rng, op, T, N, H,
+                                                 dtype, activation, reverse, state_grad)
+        else:
+            for keep in ((None,) if op.startswith("rnn") else (None, 1)):
+                rc.check_steps_against_reference(ops, ref, np.ascontiguousarray, rng, op, T, N, H,
+                                                 dtype, activation, reverse, keep=keep)
+
+
+def test_fused_cpu_steps_split_the_batch(cpu, rng):
+    """A batch of 40 on 2 threads runs as 2 chunks of 20 rows; below 32 rows it is one chunk."""
+    assert CpuOps(np, num_threads=2)._steps_chunks(40) == 2
+    assert CpuOps(np, num_threads=2)._steps_chunks(31) == 1
+    assert CpuOps(np, num_threads=4)._steps_chunks(50) == 3
+    assert CpuOps(np, num_threads=1)._steps_chunks(1000) == 1
+    assert CpuOps(np, num_threads=2, parallel_min=0)._steps_chunks(2) == 2  # as warm_up runs it
+
+
+def test_fused_cpu_steps_take_another_gemm(ref, rng):
+    """Given a GEMM other than NumPy's (an emulation, a timer), the loop calls it once a step."""
+    calls = []
+
+    def matmul(a, b, out):
+        calls.append(a.shape)
+        return np.matmul(a, b, out=out)
+
+    T, N, H = 3, 4, 5
+    for op in ("lstm_forward_steps", "gru_backward_steps"):
+        a = rc.random_steps_args(rng, op, T, N, H, "float64")
+        want = {k: v.copy() for k, v in a.items()}
+        rc.call_steps(ref, op, want)
+        calls.clear()
+        rc.call_steps(CpuOps(np, num_threads=2), op, a, matmul=matmul)
+        assert len(calls) == T
+        for name in rc.steps_outputs(op):
+            np.testing.assert_allclose(a[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_cpu_steps_leave_the_blas_threads_as_they_were(cpu, rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    a = rc.random_steps_args(rng, "lstm_forward_steps", 2, 40, 4, "float32")
+    rc.call_steps(CpuOps(np, num_threads=2), "lstm_forward_steps", a)
+    after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    assert [x for x in after if x[0] in dict(before)] == before
+
+
+@pytest.mark.parametrize("ops_name", ["reference", "cpu"])
+def test_steps_argument_errors(ref, cpu, rng, ops_name):
+    ops = ref if ops_name == "reference" else cpu
+    op = "lstm_forward_steps"
+    a = rc.random_steps_args(rng, op, 3, 2, 4, "float64")
+    with pytest.raises(ValueError, match=r"gx: expected shape \(3, 2, 16\) \(time steps 3, batch 2, "
+                                         r"4 x hidden size 4, as hs\), got shape \(3, 2, 12\)"):
+        rc.call_steps(ops, op, dict(a, gx=np.zeros((3, 2, 12))))
+    with pytest.raises(ValueError, match=r"gates: expected shape \(3, 2, 16\) or \(1, 2, 16\)"):
+        rc.call_steps(ops, op, dict(a, gates=np.zeros((4, 2, 16))))
+    with pytest.raises(ValueError, match=r"W_hh: expected shape \(16, 4\)"):
+        rc.call_steps(ops, op, dict(a, W_hh=np.zeros((4, 16))))
+    with pytest.raises(ValueError, match=r"b_hh: expected shape \(16,\)"):
+        rc.call_steps(ops, op, dict(a, b_hh=np.zeros(12)))
+    with pytest.raises(ValueError, match=r"cs: expected shape \(4, 2, 4\)"):
+        rc.call_steps(ops, op, dict(a, cs=np.zeros((3, 2, 4))))
+    with pytest.raises(ValueError, match=r"hs: expected a 3-D array \(time steps \+ 1 >= 2"):
+        rc.call_steps(ops, op, dict(a, hs=np.zeros((2, 4))))
+    with pytest.raises(ValueError, match=r"hs: expected a 3-D array .*got shape \(1, 2, 4\)"):
+        rc.call_steps(ops, op, dict(a, hs=np.zeros((1, 2, 4))))
+    b = rc.random_steps_args(rng, "gru_backward_steps", 2, 3, 2, "float64")
+    with pytest.raises(ValueError, match=r"carry: expected shape \(3, 2\) \(batch 3, hidden size 2"):
+        rc.call_steps(ops, "gru_backward_steps", dict(b, carry=np.zeros((2, 3))))
+    r = rc.random_steps_args(rng, "rnn_forward_steps", 2, 3, 2, "float64")
+    with pytest.raises(ValueError, match="nonlinearity: expected one of"):
+        rc.call_steps(ops, "rnn_forward_steps", r, "sigmoid")
+
+
+def test_fused_cpu_steps_check_dtype_and_contiguity(cpu, rng):
+    op = "gru_forward_steps"
+    a = rc.random_steps_args(rng, op, 2, 3, 4, "float64")
+    with pytest.raises(TypeError, match="saved: expected dtype float64"):
+        rc.call_steps(cpu, op, dict(a, saved=a["saved"].astype(np.float32)))
+    with pytest.raises(ValueError, match="W_hh: expected a C-contiguous array"):
+        rc.call_steps(cpu, op, dict(a, W_hh=np.asfortranarray(a["W_hh"])))
+    with pytest.raises(TypeError, match="gx: expected a float32 or float64 array"):
+        rc.call_steps(cpu, op, dict(a, gx=a["gx"].astype(np.int64)))

@@ -1,7 +1,7 @@
-"""The recurrent cell ops of the CUDA set against the reference, under Numba's CUDA simulator
-(``NUMBA_ENABLE_CUDASIM=1``, own process) or on a real GPU with CuPy. Sizes are tiny (the simulator
-runs a Python thread per CUDA thread) but need both blocks of the 64-thread grid and a ragged
-grid-stride tail."""
+"""The recurrent cell and time-loop ops of the CUDA set against the reference, under Numba's CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``, own process) or on a real GPU with CuPy. Sizes are tiny (the
+simulator runs a Python thread per CUDA thread) but need both blocks of the 64-thread grid and a
+ragged grid-stride tail."""
 
 import numpy as np
 import pytest
@@ -34,6 +34,28 @@ def test_cuda_cell_matches_reference(target, rng, op, activation, dtype):
     ops, dev = target
     for N, H in SIZES:
         rc.check_against_reference(ops, ReferenceOps(np), dev, rng, op, N, H, dtype, activation)
+
+
+def _steps_cases():
+    for op in rc.STEPS_OPS:
+        for act in (("tanh", "relu") if op.startswith("rnn") else ("tanh",)):
+            yield pytest.param(op, act, id=f"{op}-{act}" if op.startswith("rnn") else op)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("op,activation", list(_steps_cases()))
+def test_cuda_steps_match_reference(target, rng, op, activation, reverse):
+    """The time loops of the CUDA set (a GEMM and a cell kernel a step) against the reference."""
+    ops, dev = target
+    for T, N, H in [(1, 1, 1), (2, 5, 13)]:
+        if "backward" in op:
+            for state_grad in (True, False):
+                rc.check_steps_against_reference(ops, ReferenceOps(np), dev, rng, op, T, N, H,
+                                                 "float64", activation, reverse, state_grad)
+        else:
+            for keep in ((None,) if op.startswith("rnn") else (None, 1)):
+                rc.check_steps_against_reference(ops, ReferenceOps(np), dev, rng, op, T, N, H,
+                                                 "float32", activation, reverse, keep=keep)
 
 
 def test_cuda_cell_checks_shapes(target, rng):

@@ -534,3 +534,55 @@ def test_the_modelspec_tokens_take_bidir_and_dropout():
     for token in ("lstm", "gru", "rnn"):  # --model's help is the registry's
         assert f"{token}(h,layers=1,bidir=false,dropout=0" in SPEC_TOKENS[token].help
         assert SPEC_TOKENS[token].help in model_help()
+
+
+# ---- the fused CPU time loops split the batch over threads ------------------------------------
+@pytest.mark.parametrize("make", [lambda: gb.LSTM(F, H, num_layers=2, bidirectional=True),
+                                  lambda: gb.GRU(F, H, num_layers=2, bidirectional=True),
+                                  lambda: gb.RNN(F, H, nonlinearity="relu", bidirectional=True)],
+                         ids=["bilstm2", "bigru2", "birnn-relu"])
+def test_a_batch_split_over_threads_equals_the_reference(rng, make):
+    """A batch of 50 on 3 threads: the fused CPU loops run 3 ragged chunks of rows (16, 17, 17);
+    outputs, states and every gradient equal the reference set's (float64)."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    n = 50
+    X, dout = rng.normal(size=(n, T, F)), rng.normal(size=(n, T, 2 * H))
+    L = 2 * make().num_layers
+    states = [rng.normal(size=(L, n, H)) for _ in range(4)]
+    results = []
+    for kernels in ("fused", "reference"):
+        layer = make()
+        model, be = standalone(("cpu", kernels), layer)
+        if kernels == "fused":
+            be.ops = CpuOps(np, num_threads=3)
+            assert be.ops._steps_chunks(n) == 3
+        lstm = isinstance(layer, gb.LSTM)
+        model.zero_grads()
+        out, state_n, backward = layer.run(X, (states[0], states[1]) if lstm else states[0],
+                                           train=True)
+        dX, dstate = backward(dout, (states[2], states[3]) if lstm else states[2])
+        flat = [out, *(state_n if lstm else (state_n,)), dX, *(dstate if lstm else (dstate,))]
+        results.append([np.array(a) for a in flat] + [np.array(model.flat_grads)])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_split_training_is_deterministic_and_equals_serial(rng):
+    """Training steps with the batch split over 2 threads repeat bit for bit, and equal a serial
+    run's to float32 rounding."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    X, y = rng.normal(size=(64, T, F)).astype(np.float32), rng.integers(0, 3, 64)
+    params = []
+    for threads in (2, 2, 1):
+        model = gb.Sequential([gb.LSTM(F, H), gb.LastStep(), gb.Dense(H, 3)], input_shape=(T, F),
+                              device="cpu", dtype="float32", seed=3)
+        model.backend.ops = CpuOps(np, num_threads=threads)
+        assert model.backend.ops._steps_chunks(64) == threads
+        gb.fit(model, gb.SoftmaxCrossEntropy(), gb.Adam(lr=0.01), X, y, epochs=2, batch_size=64,
+               progress=False)
+        params.append(model.get_params())
+    for k in params[0]:
+        assert np.array_equal(params[0][k], params[1][k]), k
+        np.testing.assert_allclose(params[0][k], params[2][k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -7,12 +7,12 @@ weight and input gradient) and col2im, and "conv other" (bias+activation, its de
 gradient, the weight gradient's sum over a chunk, copies); batch norm; activation (Activation
 layers after a norm or a sum); pooling (max, average, global average); residual add; the recurrent
 layers' GEMMs, time loops (each step's GEMM and cell, forward and backward, in one op) and
-"recurrent other" (input bias, bias gradients, copies); the attention's GEMMs (projections, scores, values, out_proj, their
-gradients), its masked softmax forward and backward and "attention other" (bias adds, bias
-gradients, the scaled query weights, masks); inside a transformer encoder layer each part is
-clocked as its own kind and the layer's own time (its residual sums) counts as "residual add";
-dense layers (their GEMMs, bias and activation); and "rest": loss, optimizer, reshapes and Python
-between the layers.
+"recurrent other" (input bias, bias gradients, copies); the attention's GEMMs (projections,
+scores, values, out_proj, their gradients), its masked softmax forward and backward and
+"attention other" (bias adds, bias gradients, the scaled query weights, masks); inside a
+transformer encoder layer each part is clocked as its own kind and the layer's own time (its
+residual sums) counts as "residual add"; dense layers (their GEMMs, bias and activation); and
+"rest": loss, optimizer, reshapes and Python between the layers.
 """
 
 import time
@@ -21,8 +21,8 @@ from gpubackprop.benchmark.timing import no_sync, sync_for
 
 SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "conv other", "batch norm", "layer norm",
                     "activation", "pooling", "residual add", "recurrent GEMM",
-                    "recurrent time loop", "recurrent other", "attention GEMM", "softmax", "attention other", "dense",
-                    "dropout", "rest")
+                    "recurrent time loop", "recurrent other", "attention GEMM", "softmax",
+                    "attention other", "dense", "dropout", "rest")
 # The time-loop ops run each step's GEMM and cell inside one call (kernels/*/recurrent.py).
 _RECURRENT_OPS = {"matmul": "recurrent GEMM",
                   **{f"{m}_{d}_steps": "recurrent time loop" for m in ("rnn", "lstm", "gru")

@@ -39,13 +39,13 @@ parameter gradients to the model's, like every layer's backprop, and returns dX 
 How it runs (time-major inside, so every per-step slice is contiguous), per layer k::
 
     gx = x W_ihᵀ + b_ih                       one GEMM over all T·N rows
-    for t: gh = h_{t−1} W_hhᵀ                 one GEMM per step
-           h_t (c_t) = cell(gx_t, gh, b_hh)   one fused kernel per step (gates saved)
+    for t: gh = h_{t−1} W_hhᵀ                 one GEMM per step   } one time-loop op
+           h_t (c_t) = cell(gx_t, gh, b_hh)   one cell per step   } (*_forward_steps)
   backward, t = T−1 … 0:
-           dgx_t (dgh_t) = cell_backward(dout_t, dh_rec, …)   one fused kernel per step
-           dh_rec = dgh_t W_hh                                 one GEMM per step
+           dgx_t (dgh_t) = cell_backward(dout_t, dh_rec, …)   one cell per step  } one op
+           dh_rec = dgh_t W_hh                                 one GEMM per step  } (*_backward_steps)
     ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3)
-    ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        column sums (BP4)
+    ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        column sums (BP4; one for RNN, LSTM)
     dx = Σ_d dgx_d W_ih_d                                       one GEMM per direction: the layer
                                                                 below's dout
 """
@@ -108,13 +108,6 @@ class _Buffers:
         if buf is None:
             buf = self._more[key] = self.be.empty(shape)
         return buf
-
-
-def _steps(d, T):
-    """(t, prev, cur) in the order direction d runs: h_t is computed from hs[prev] into hs[cur]."""
-    if d == 0:
-        return [(t, t, t + 1) for t in range(T)]
-    return [(t, t + 1, t) for t in reversed(range(T))]
 
 
 def _outputs(hs, d, T):
@@ -347,7 +340,7 @@ class _Recurrent(Layer):
     def _forward_layers(self, bufs, h0, c0, train, drop):
         """Runs every layer and direction; returns the top layer's output (T, N, D·H)."""
         be = self.backend
-        xp, ops = be.xp, be.ops
+        ops = be.ops
         N, T, H, D = bufs.N, bufs.T, self.hidden_size, self._D
         GH = self._G * H
         mode = self.mode
@@ -358,7 +351,7 @@ class _Recurrent(Layer):
                 j = k * D + d
                 gx, hs, gh = bufs.gx[k][d], bufs.hs[k][d], bufs.gh
                 gx2 = gx.reshape(T * N, GH)
-                xp.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, out=gx2)  # all steps
+                be.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, out=gx2)  # all steps
                 if self.bias:
                     ops.bias_act(gx2, self._b_ih[j], "identity", gx2)
                 first, last = (0, T) if d == 0 else (T, 0)
@@ -366,22 +359,23 @@ class _Recurrent(Layer):
                     hs[first] = 0
                 else:
                     hs[first] = h0[j]
-                W_hhT, b_hh = self._W_hh[j].T, self._b_hh[j]
+                W_hh, b_hh, reverse = self._W_hh[j], self._b_hh[j], d == 1
                 if mode == "LSTM":
                     cs = bufs.cs[k][d]
                     if c0 is None:
                         cs[first] = 0
                     else:
                         cs[first] = c0[j]
-                saved = bufs.saved[k][d] if bufs.saved else None
-                for t, p, c in _steps(d, T):
-                    xp.matmul(hs[p], W_hhT, out=gh)
-                    if mode == "RNN":
-                        ops.rnn_cell(gx[t], gh, b_hh, hs[c], self.nonlinearity)
-                    elif mode == "LSTM":
-                        ops.lstm_cell(gx[t], gh, b_hh, cs[p], hs[c], cs[c], saved[t if train else 0])
-                    else:
-                        ops.gru_cell(gx[t], gh, b_hh, hs[p], hs[c], saved[t if train else 0])
+                saved = bufs.saved[k][d] if bufs.saved else None  # inference: the last step's
+                # The time loop, one op: per step gh = h_prev W_hhᵀ, then the cell.
+                if mode == "RNN":
+                    ops.rnn_forward_steps(gx, W_hh, b_hh, hs, gh, self.nonlinearity, reverse,
+                                          matmul=be.matmul)
+                elif mode == "LSTM":
+                    ops.lstm_forward_steps(gx, W_hh, b_hh, hs, cs, saved, gh, reverse,
+                                           matmul=be.matmul)
+                else:
+                    ops.gru_forward_steps(gx, W_hh, b_hh, hs, saved, gh, reverse, matmul=be.matmul)
                 bufs.h_n[j] = hs[last]
                 if mode == "LSTM":
                     bufs.c_n[j] = cs[last]
@@ -399,7 +393,7 @@ class _Recurrent(Layer):
 
     def _backward(self, bufs, d_out, d_state, input_grad, state_grad, drop):
         be = self.backend
-        xp, ops = be.xp, be.ops
+        ops = be.ops
         N, T, H, L, D = bufs.N, bufs.T, self.hidden_size, self.num_layers, self._D
         GH, mode, DH = self._G * H, self.mode, self._D * self.hidden_size
         out_shape = (N, T, DH) if self.batch_first else (T, N, DH)
@@ -451,24 +445,22 @@ class _Recurrent(Layer):
                         carry[...] = dc_n[j]
                 elif mode == "GRU":
                     carry[...] = 0
-                W_hh = self._W_hh[j]
-                steps = _steps(d, T)[::-1]
-                for i, (t, p, c) in enumerate(steps):
-                    if mode == "RNN":
-                        ops.rnn_cell_backward(dout[t], dh_rec, hs[c], dgx[t], self.nonlinearity)
-                    elif mode == "LSTM":
-                        ops.lstm_cell_backward(dout[t], dh_rec, carry, cs[p], cs[c], saved[t],
-                                               dgx[t])
-                    else:
-                        ops.gru_cell_backward(dout[t], dh_rec, carry, hs[p], saved[t], dgx[t],
-                                              dgh[t])
-                    if i < T - 1 or state_grad:
-                        xp.matmul(dg_h[t], W_hh, out=dh_rec)  # the part of ∂C/∂h_prev through W_hh
+                W_hh, reverse = self._W_hh[j], d == 1
+                # The time loop backward, one op: per step (last first) the cell's backward, then
+                # dh_rec = dG_t W_hh (the part of ∂C/∂h_prev through W_hh); dh_rec (and carry) end
+                # as the initial state's gradient.
+                if mode == "RNN":
+                    ops.rnn_backward_steps(dout, W_hh, hs, dgx, dh_rec, self.nonlinearity, reverse,
+                                           state_grad, matmul=be.matmul)
+                elif mode == "LSTM":
+                    ops.lstm_backward_steps(dout, W_hh, cs, saved, dgx, dh_rec, carry, reverse,
+                                            state_grad, matmul=be.matmul)
+                else:
+                    ops.gru_backward_steps(dout, W_hh, hs, saved, dgx, dgh, dh_rec, carry, reverse,
+                                           state_grad, matmul=be.matmul)
                 if state_grad:
                     dh0[j] = dh_rec
-                    if mode == "GRU":
-                        dh0[j] += carry
-                    elif mode == "LSTM":
+                    if mode == "LSTM":
                         dc0[j] = carry
                 # BP3/BP4 over all steps at once.
                 dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
@@ -476,14 +468,13 @@ class _Recurrent(Layer):
                 self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate)
                 self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j], accumulate)
                 if self.bias:
-                    ops.bias_grad(dgx2, self._db_ih[j], accumulate=accumulate)
-                    ops.bias_grad(dgh2, self._db_hh[j], accumulate=accumulate)
+                    self._bias_grads(bufs, j, dgx2, dgh2 if mode == "GRU" else None, accumulate)
                 if below:  # dx = Σ_d dgx_d W_ih_d: the layer below's dout (or dX)
                     if d == 0:
-                        xp.matmul(dgx2, self._W_ih[j], out=dx.reshape(T * N, n_in))
+                        be.matmul(dgx2, self._W_ih[j], out=dx.reshape(T * N, n_in))
                     else:
                         tmp = bufs.get(("dxtmp", k == 0), (T, N, n_in))
-                        xp.matmul(dgx2, self._W_ih[j], out=tmp.reshape(T * N, n_in))
+                        be.matmul(dgx2, self._W_ih[j], out=tmp.reshape(T * N, n_in))
                         dx += tmp
             if k > 0:
                 if drop is not None:  # through the dropout on the layer below's output
@@ -500,9 +491,26 @@ class _Recurrent(Layer):
             return dX, None
         return dX, ((dh0, dc0) if mode == "LSTM" else dh0)
 
+    def _bias_grads(self, bufs, j, dgx2, dgh2, accumulate):
+        """∂C/∂b_ih = Σ dgx, ∂C/∂b_hh = Σ dgh (BP4); dgh2 None: the same as dgx (RNN, LSTM), so
+        that one column sum serves both."""
+        ops = self.backend.ops
+        db_ih, db_hh = self._db_ih[j], self._db_hh[j]
+        if dgh2 is not None:
+            ops.bias_grad(dgx2, db_ih, accumulate=accumulate)
+            ops.bias_grad(dgh2, db_hh, accumulate=accumulate)
+        elif not accumulate:
+            ops.bias_grad(dgx2, db_ih)
+            db_hh[...] = db_ih
+        else:
+            tmp = bufs.get(("db", j), db_ih.shape)
+            ops.bias_grad(dgx2, tmp)
+            db_ih += tmp
+            db_hh += tmp
+
     def _weight_grad(self, bufs, key, dG, A, dW, accumulate):
         """dW (+)= dGᵀ A, one GEMM over all T·N rows."""
-        matmul = self.backend.xp.matmul
+        matmul = self.backend.matmul
         if accumulate:
             tmp = bufs.get(key, dW.shape)
             matmul(dG.T, A, out=tmp)

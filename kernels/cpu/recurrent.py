@@ -1,28 +1,48 @@
-"""CPU recurrent-cell ops: one RNN, LSTM or GRU time step, forward and backward, each one pass.
+"""CPU recurrent ops: one RNN, LSTM or GRU time step (cell), forward and backward, each one pass;
+and the time loops, all T steps of a direction (each step's GEMM and cell) in one Numba call.
 
-Each kernel runs over the (n, j) hidden units of one step: it reads the n-th rows of the gate
-pre-activations at the G gates of unit j, and writes unit j's state and saved gates (see
-``kernels/reference/recurrent.py`` for the equations). The arithmetic is the reference's, in its
-order, in the arrays' dtype. The per-step arrays are small (batch x hidden), so the kernels are
-serial: a parallel region per time step would cost more than it saves.
+Each cell kernel runs over the (n, j) hidden units of rows n0 … n1−1 of one step: it reads the n-th
+rows of the gate pre-activations at the G gates of unit j, and writes unit j's state and saved
+gates (see ``kernels/reference/recurrent.py`` for the equations). The arithmetic is the
+reference's, in its order, in the arrays' dtype. A per-step cell op is serial: a parallel region
+per time step would cost more than it saves.
+
+The time loops call BLAS for each step's GEMM from inside the compiled loop (Numba's ``np.dot``,
+through SciPy's BLAS), so that a step costs no Python. On several threads they split the batch:
+the samples of a batch are independent through the whole recurrence, so each thread runs every
+step of its own rows (its own GEMMs h_prev[rows] W_hhᵀ, single-threaded BLAS, and its cells) with
+no synchronisation between steps, where a threaded BLAS would meet its threads twice a step. The
+rows are fixed chunks and a row's arithmetic does not depend on which chunk holds it.
 """
 
-from numba import njit
+import threading
+
+import numpy as np
+from numba import njit, prange
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cpu.dense import _sigmoid
-from gpubackprop.kernels.cpu.numerics import _tanh
-from gpubackprop.kernels.reference.recurrent import CELL_NAMES, check_act, check_cell
+from gpubackprop.kernels.cpu.numerics import _span, _tanh
+from gpubackprop.kernels.reference.recurrent import (
+    CELL_NAMES,
+    STEPS_NAMES,
+    check_act,
+    check_cell,
+    check_steps,
+)
 
 RNN_TANH, RNN_RELU = 0, 1
+# Rows per thread from which a time loop splits the batch: below it a thread's GEMMs are too thin
+# for BLAS to run near its peak, and the parallel region's start (µs) is not worth it.
+STEPS_MIN_ROWS = 16
 
 
 # ---- RNN -------------------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _rnn_cell(gx, gh, b, h, act):
-    N, H = h.shape
+def _rnn_cell_rows(gx, gh, b, h, act, n0, n1):
+    H = h.shape[1]
     zero = h.dtype.type(0)
-    for n in range(N):
+    for n in range(n0, n1):
         if act == RNN_TANH:
             for j in range(H):
                 h[n, j] = _tanh(gx[n, j] + gh[n, j] + b[j])
@@ -33,10 +53,10 @@ def _rnn_cell(gx, gh, b, h, act):
 
 
 @njit(cache=True, error_model="numpy")
-def _rnn_cell_backward(dh_out, dh_rec, h, dpre, act):
-    N, H = h.shape
+def _rnn_cell_backward_rows(dh_out, dh_rec, h, dpre, act, n0, n1):
+    H = h.shape[1]
     zero, one = h.dtype.type(0), h.dtype.type(1)
-    for n in range(N):
+    for n in range(n0, n1):
         if act == RNN_TANH:
             for j in range(H):
                 s = h[n, j]
@@ -48,14 +68,14 @@ def _rnn_cell_backward(dh_out, dh_rec, h, dpre, act):
 
 # ---- LSTM (gates i, f, g, o) -------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _lstm_cell(gx, gh, b, c_prev, h, c, gates):
+def _lstm_cell_rows(gx, gh, b, c_prev, h, c, gates, n0, n1):
     # Row by row, one loop per kind of gate and one for the state: each loop runs one activation
     # over contiguous memory, so that LLVM vectorizes it (one loop over all four gates does not).
     # Loops run from 0 with the offset added inside: an index known to be >= 0 needs no
     # wraparound check, which would keep the loop scalar (range(2 * H, 3 * H) ran 3x slower).
-    N, H = h.shape
+    H = h.shape[1]
     zero, one = h.dtype.type(0), h.dtype.type(1)
-    for n in range(N):
+    for n in range(n0, n1):
         for j in range(2 * H):  # i, f
             gates[n, j] = _sigmoid(gx[n, j] + gh[n, j] + b[j], zero, one)
         for j in range(H):  # g
@@ -72,12 +92,12 @@ def _lstm_cell(gx, gh, b, c_prev, h, c, gates):
 
 
 @njit(cache=True, error_model="numpy")
-def _lstm_cell_backward(dh_out, dh_rec, dc, c_prev, c, gates, dgates):
+def _lstm_cell_backward_rows(dh_out, dh_rec, dc, c_prev, c, gates, dgates, n0, n1):
     # Two loops a row, each over few arrays: with every array in one loop, LLVM gives up on the
     # runtime alias checks that vectorizing needs. The first leaves ∂C/∂c_t (dct) in dc.
-    N, H = c.shape
+    H = c.shape[1]
     one = c.dtype.type(1)
-    for n in range(N):
+    for n in range(n0, n1):
         for j in range(H):
             o = gates[n, 3 * H + j]
             dh = dh_out[n, j] + dh_rec[n, j]
@@ -95,11 +115,11 @@ def _lstm_cell_backward(dh_out, dh_rec, dc, c_prev, c, gates, dgates):
 
 # ---- GRU (gates r, z, n; saved r, z, n, hn) -------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _gru_cell(gx, gh, b, h_prev, h, saved):
-    # One loop per kind of gate, as in _lstm_cell, so that each vectorizes.
-    N, H = h.shape
+def _gru_cell_rows(gx, gh, b, h_prev, h, saved, n0, n1):
+    # One loop per kind of gate, as in _lstm_cell_rows, so that each vectorizes.
+    H = h.shape[1]
     zero, one = h.dtype.type(0), h.dtype.type(1)
-    for n in range(N):
+    for n in range(n0, n1):
         for j in range(2 * H):  # r, z
             saved[n, j] = _sigmoid(gx[n, j] + (gh[n, j] + b[j]), zero, one)
         r, nn, hn = saved[n, :H], saved[n, 2 * H:3 * H], saved[n, 3 * H:]
@@ -114,10 +134,10 @@ def _gru_cell(gx, gh, b, h_prev, h, saved):
 
 
 @njit(cache=True, error_model="numpy")
-def _gru_cell_backward(dh_out, dh_rec, dh, h_prev, saved, dgx, dgh):
-    N, H = dh.shape
+def _gru_cell_backward_rows(dh_out, dh_rec, dh, h_prev, saved, dgx, dgh, n0, n1):
+    H = dh.shape[1]
     one = dh.dtype.type(1)
-    for n in range(N):
+    for n in range(n0, n1):
         for j in range(H):
             r, z = saved[n, j], saved[n, H + j]
             nn, hn = saved[n, 2 * H + j], saved[n, 3 * H + j]
@@ -134,53 +154,299 @@ def _gru_cell_backward(dh_out, dh_rec, dh, h_prev, saved, dgx, dgh):
             dh[n, j] = d * z
 
 
+# ---- the time loops: all T steps of a direction, for rows n0 … n1−1 --------------------------------
+# Step s of a forward direction is t = s, reading hs[t] and writing hs[t + 1]; of a reverse one
+# t = T−1−s, reading hs[t + 1] and writing hs[t]. The backward loops take the steps the other way.
+# W_hhT is W_hhᵀ, C-contiguous (H, G·H); np.dot(a, B, out) is one BLAS GEMM (no copy: every operand
+# is a C-contiguous block of rows).
+@njit(cache=True, error_model="numpy", inline="always")
+def _step(s, T, reverse):
+    """(t, prev, cur) of step s of a direction's forward loop."""
+    if reverse:
+        t = T - 1 - s
+        return t, t + 1, t
+    return s, s, s + 1
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_forward_rows(gx, W_hhT, b, hs, gh, act, reverse, n0, n1):
+    T = gx.shape[0]
+    for s in range(T):
+        t, p, c = _step(s, T, reverse)
+        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _rnn_cell_rows(gx[t], gh, b, hs[c], act, n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_backward_rows(dout, W_hh, hs, dpre, dh, act, reverse, state_grad, n0, n1):
+    T = dout.shape[0]
+    for s in range(T - 1, -1, -1):
+        t, _, c = _step(s, T, reverse)
+        _rnn_cell_backward_rows(dout[t], dh, hs[c], dpre[t], act, n0, n1)
+        if s > 0 or state_grad:
+            np.dot(dpre[t][n0:n1], W_hh, dh[n0:n1])  # the part of ∂C/∂h_prev through W_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _lstm_forward_rows(gx, W_hhT, b, hs, cs, gates, gh, reverse, n0, n1):
+    T = gx.shape[0]
+    keep = gates.shape[0] == T
+    for s in range(T):
+        t, p, c = _step(s, T, reverse)
+        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _lstm_cell_rows(gx[t], gh, b, cs[p], hs[c], cs[c], gates[t if keep else 0], n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
+def _lstm_backward_rows(dout, W_hh, cs, gates, dgates, dh, dc, reverse, state_grad, n0, n1):
+    T = dout.shape[0]
+    for s in range(T - 1, -1, -1):
+        t, p, c = _step(s, T, reverse)
+        _lstm_cell_backward_rows(dout[t], dh, dc, cs[p], cs[c], gates[t], dgates[t], n0, n1)
+        if s > 0 or state_grad:
+            np.dot(dgates[t][n0:n1], W_hh, dh[n0:n1])
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_forward_rows(gx, W_hhT, b, hs, saved, gh, reverse, n0, n1):
+    T = gx.shape[0]
+    keep = saved.shape[0] == T
+    for s in range(T):
+        t, p, c = _step(s, T, reverse)
+        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _gru_cell_rows(gx[t], gh, b, hs[p], hs[c], saved[t if keep else 0], n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_backward_rows(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, state_grad, n0, n1):
+    T = dout.shape[0]
+    for s in range(T - 1, -1, -1):
+        t, p, _ = _step(s, T, reverse)
+        _gru_cell_backward_rows(dout[t], dh, carry, hs[p], saved[t], dgx[t], dgh[t], n0, n1)
+        if s > 0 or state_grad:
+            np.dot(dgh[t][n0:n1], W_hh, dh[n0:n1])
+    if state_grad:
+        for n in range(n0, n1):
+            for j in range(dh.shape[1]):
+                dh[n, j] += carry[n, j]
+
+
+# The batch split: chunk ch of nchunks runs the whole loop on its rows.
+@njit(cache=True, error_model="numpy", parallel=True)
+def _rnn_forward_parallel(gx, W_hhT, b, hs, gh, act, reverse, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, gx.shape[1])
+        _rnn_forward_rows(gx, W_hhT, b, hs, gh, act, reverse, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _rnn_backward_parallel(dout, W_hh, hs, dpre, dh, act, reverse, state_grad, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, dout.shape[1])
+        _rnn_backward_rows(dout, W_hh, hs, dpre, dh, act, reverse, state_grad, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _lstm_forward_parallel(gx, W_hhT, b, hs, cs, gates, gh, reverse, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, gx.shape[1])
+        _lstm_forward_rows(gx, W_hhT, b, hs, cs, gates, gh, reverse, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _lstm_backward_parallel(dout, W_hh, cs, gates, dgates, dh, dc, reverse, state_grad, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, dout.shape[1])
+        _lstm_backward_rows(dout, W_hh, cs, gates, dgates, dh, dc, reverse, state_grad, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _gru_forward_parallel(gx, W_hhT, b, hs, saved, gh, reverse, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, gx.shape[1])
+        _gru_forward_rows(gx, W_hhT, b, hs, saved, gh, reverse, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _gru_backward_parallel(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, state_grad,
+                           nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, dout.shape[1])
+        _gru_backward_rows(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, state_grad, n0,
+                           n1)
+
+
+# ---- BLAS threads during a time loop -----------------------------------------------------------
+_blas_lock = threading.Lock()
+_blas_controller = None
+
+
+def _blas_libraries():
+    """threadpoolctl's controller of the BLAS libraries loaded now (SciPy's, which Numba's np.dot
+    calls, and NumPy's), made once."""
+    global _blas_controller
+    with _blas_lock:
+        if _blas_controller is None:
+            import scipy.linalg.cython_blas  # noqa: F401 (loads the BLAS that np.dot calls)
+            from threadpoolctl import ThreadpoolController
+
+            _blas_controller = ThreadpoolController().select(user_api="blas")
+        return _blas_controller
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on the calling thread only (each chunk of a time loop is one
+    thread's; a threaded BLAS inside would fight the other chunks for the cores)."""
+    return _blas_libraries().limit(limits=1)
+
+
+def _own_gemm(matmul):
+    """Whether a time loop may run its GEMMs itself: the caller's GEMM is NumPy's (or None). Any
+    other (an emulation, an instrumented one) gets the reference loop over the fused cells."""
+    return matmul is None or matmul is np.matmul
+
+
 class RecurrentOps:
-    """Fused recurrent cell ops (a mixin of ``CpuOps``): one Numba pass per time step."""
+    """Fused recurrent ops (a mixin of ``CpuOps``): one Numba pass per cell, one call per loop."""
 
     def rnn_cell(self, gx, gh, b_hh, h, activation):
         """h = act(gx + gh + b_hh), act "tanh" or "relu"; one pass."""
         args = (gx, gh, b_hh, h)
         checks.float_arrays(CELL_NAMES["rnn_cell"], *args)
-        check_cell("rnn_cell", args)
-        _rnn_cell(*args, RNN_RELU if check_act(activation) == "relu" else RNN_TANH)
+        N, _ = check_cell("rnn_cell", args)
+        _rnn_cell_rows(*args, RNN_RELU if check_act(activation) == "relu" else RNN_TANH, 0, N)
         return h
 
     def rnn_cell_backward(self, dh_out, dh_rec, h, dpre, activation):
         """dpre = (dh_out + dh_rec) ⊙ act'(·), act' from h; one pass."""
         args = (dh_out, dh_rec, h, dpre)
         checks.float_arrays(CELL_NAMES["rnn_cell_backward"], *args)
-        check_cell("rnn_cell_backward", args)
-        _rnn_cell_backward(*args, RNN_RELU if check_act(activation) == "relu" else RNN_TANH)
+        N, _ = check_cell("rnn_cell_backward", args)
+        _rnn_cell_backward_rows(*args, RNN_RELU if check_act(activation) == "relu" else RNN_TANH,
+                                0, N)
         return dpre
 
     def lstm_cell(self, gx, gh, b_hh, c_prev, h, c, gates):
         """One LSTM step (gates i, f, g, o activated and saved), one pass."""
         args = (gx, gh, b_hh, c_prev, h, c, gates)
         checks.float_arrays(CELL_NAMES["lstm_cell"], *args)
-        check_cell("lstm_cell", args)
-        _lstm_cell(*args)
+        N, _ = check_cell("lstm_cell", args)
+        _lstm_cell_rows(*args, 0, N)
         return h, c
 
     def lstm_cell_backward(self, dh_out, dh_rec, dc, c_prev, c, gates, dgates):
         """The gate pre-activation gradients; dc from ∂C/∂c_t to ∂C/∂c_{t−1} in place; one pass."""
         args = (dh_out, dh_rec, dc, c_prev, c, gates, dgates)
         checks.float_arrays(CELL_NAMES["lstm_cell_backward"], *args)
-        check_cell("lstm_cell_backward", args)
-        _lstm_cell_backward(*args)
+        N, _ = check_cell("lstm_cell_backward", args)
+        _lstm_cell_backward_rows(*args, 0, N)
         return dgates, dc
 
     def gru_cell(self, gx, gh, b_hh, h_prev, h, saved):
         """One GRU step (r, z, n and hn saved), one pass."""
         args = (gx, gh, b_hh, h_prev, h, saved)
         checks.float_arrays(CELL_NAMES["gru_cell"], *args)
-        check_cell("gru_cell", args)
-        _gru_cell(*args)
+        N, _ = check_cell("gru_cell", args)
+        _gru_cell_rows(*args, 0, N)
         return h
 
     def gru_cell_backward(self, dh_out, dh_rec, dh, h_prev, saved, dgx, dgh):
         """dgx, dgh (input- and hidden-side pre-activation gradients); dh carried in place."""
         args = (dh_out, dh_rec, dh, h_prev, saved, dgx, dgh)
         checks.float_arrays(CELL_NAMES["gru_cell_backward"], *args)
-        check_cell("gru_cell_backward", args)
-        _gru_cell_backward(*args)
+        N, _ = check_cell("gru_cell_backward", args)
+        _gru_cell_backward_rows(*args, 0, N)
+        return dgx, dgh, dh
+
+    # ---- the time loops ------------------------------------------------------------------------
+    def _steps_chunks(self, N):
+        """How many row chunks a time loop over a batch of N runs on (1: serial); with
+        ``parallel_min=0`` (tests, warm-up) every batch of two or more rows is split."""
+        min_rows = 1 if self.par_cheap == 0 else STEPS_MIN_ROWS
+        return max(1, min(self.nchunks, N // min_rows))
+
+    def _run_steps(self, serial, parallel, N, args):
+        """Checks done, runs one time loop: serially on all rows, or split into row chunks."""
+        nchunks = self._steps_chunks(N)
+        with _one_blas_thread():
+            if nchunks == 1:
+                serial(*args, 0, N)
+            else:
+                parallel(*args, nchunks)
+
+    def rnn_forward_steps(self, gx, W_hh, b_hh, hs, gh, activation, reverse=False, matmul=None):
+        """All T steps of one RNN direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().rnn_forward_steps(gx, W_hh, b_hh, hs, gh, activation, reverse, matmul)
+        act = RNN_RELU if check_act(activation) == "relu" else RNN_TANH
+        arrays = (gx, W_hh, b_hh, hs, gh)
+        checks.float_arrays(STEPS_NAMES["rnn_forward_steps"], *arrays)
+        _, N, _ = check_steps("rnn_forward_steps", arrays)
+        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, H): each step's GEMM without a transpose
+        self._run_steps(_rnn_forward_rows, _rnn_forward_parallel, N,
+                        (gx, W_hhT, b_hh, hs, gh, act, bool(reverse)))
+        return hs
+
+    def rnn_backward_steps(self, dout, W_hh, hs, dpre, dh, activation, reverse=False,
+                           state_grad=True, matmul=None):
+        """Backward through all T steps of one RNN direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().rnn_backward_steps(dout, W_hh, hs, dpre, dh, activation, reverse,
+                                              state_grad, matmul)
+        act = RNN_RELU if check_act(activation) == "relu" else RNN_TANH
+        arrays = (dout, W_hh, hs, dpre, dh)
+        checks.float_arrays(STEPS_NAMES["rnn_backward_steps"], *arrays)
+        _, N, _ = check_steps("rnn_backward_steps", arrays)
+        self._run_steps(_rnn_backward_rows, _rnn_backward_parallel, N,
+                        (*arrays, act, bool(reverse), bool(state_grad)))
+        return dpre, dh
+
+    def lstm_forward_steps(self, gx, W_hh, b_hh, hs, cs, gates, gh, reverse=False, matmul=None):
+        """All T steps of one LSTM direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().lstm_forward_steps(gx, W_hh, b_hh, hs, cs, gates, gh, reverse, matmul)
+        arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
+        checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
+        _, N, _ = check_steps("lstm_forward_steps", arrays)
+        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, 4H)
+        self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
+                        (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
+        return hs, cs
+
+    def lstm_backward_steps(self, dout, W_hh, cs, gates, dgates, dh, dc, reverse=False,
+                            state_grad=True, matmul=None):
+        """Backward through all T steps of one LSTM direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().lstm_backward_steps(dout, W_hh, cs, gates, dgates, dh, dc, reverse,
+                                               state_grad, matmul)
+        arrays = (dout, W_hh, cs, gates, dgates, dh, dc)
+        checks.float_arrays(STEPS_NAMES["lstm_backward_steps"], *arrays)
+        _, N, _ = check_steps("lstm_backward_steps", arrays)
+        self._run_steps(_lstm_backward_rows, _lstm_backward_parallel, N,
+                        (*arrays, bool(reverse), bool(state_grad)))
+        return dgates, dh, dc
+
+    def gru_forward_steps(self, gx, W_hh, b_hh, hs, saved, gh, reverse=False, matmul=None):
+        """All T steps of one GRU direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().gru_forward_steps(gx, W_hh, b_hh, hs, saved, gh, reverse, matmul)
+        arrays = (gx, W_hh, b_hh, hs, saved, gh)
+        checks.float_arrays(STEPS_NAMES["gru_forward_steps"], *arrays)
+        _, N, _ = check_steps("gru_forward_steps", arrays)
+        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, 3H)
+        self._run_steps(_gru_forward_rows, _gru_forward_parallel, N,
+                        (gx, W_hhT, b_hh, hs, saved, gh, bool(reverse)))
+        return hs
+
+    def gru_backward_steps(self, dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse=False,
+                           state_grad=True, matmul=None):
+        """Backward through all T steps of one GRU direction in one call (see the reference op)."""
+        if not _own_gemm(matmul):
+            return super().gru_backward_steps(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse,
+                                              state_grad, matmul)
+        arrays = (dout, W_hh, hs, saved, dgx, dgh, dh, carry)
+        checks.float_arrays(STEPS_NAMES["gru_backward_steps"], *arrays)
+        _, N, _ = check_steps("gru_backward_steps", arrays)
+        self._run_steps(_gru_backward_rows, _gru_backward_parallel, N,
+                        (*arrays, bool(reverse), bool(state_grad)))
         return dgx, dgh, dh

@@ -17,6 +17,16 @@ Shapes (N samples, H hidden units, G gates; all C-contiguous, one float dtype):
   h = (1 − z) ⊙ n + z ⊙ h_prev. ``saved`` (N, 4H) keeps r, z, n and hn.
 
 gx, gh (N, G·H) and b_hh (G·H,) as above; every other array is (N, H) unless said.
+
+The time-loop ops (``rnn_forward_steps``, ``lstm_backward_steps``, …) run all T steps of one
+direction of a layer: each step's GEMM and cell op, in the order the direction runs (t = 0 … T−1,
+or T−1 … 0 with ``reverse``). Sequences are time-major (T, N, ·) and C-contiguous; the states hs
+(and cs) are (T+1, N, H): a forward direction reads h_{t−1} from hs[t] and writes h_t to hs[t+1]
+(hs[0] holds the initial state), a reverse one reads hs[t+1] and writes hs[t] (hs[T] the initial
+state), so that either direction's outputs are one contiguous slice in time order. W_hh is the
+(G·H, H) parameter; ``matmul`` the GEMM a step calls, as ``matmul(a, b, out=)`` (None:
+``xp.matmul``; the layers pass their backend's, which a CUDA graph capture replaces). Here they are
+the plain loop over the cell ops; a fused set runs the loop in one call.
 """
 
 RNN_ACTIVATIONS = ("tanh", "relu")
@@ -35,6 +45,27 @@ CELL_ARGS = {
                           ("dgx", 3), ("dgh", 3)),
 }
 CELL_NAMES = {op: tuple(name for name, _ in args) for op, args in CELL_ARGS.items()}
+
+# The time-loop ops' arrays in order, as (name, leading axis, width in units of H): leading axis
+# "T" (T, N, k·H), "T+1" (T+1, N, k·H), "T|1" either T or 1 (inference keeps one step of saved
+# gates), "N" a 2-D (N, k·H) per-step array, "W" the weight (G·H, H), "b" the bias (G·H,). The array
+# that fixes T, N and H is the op's first "T+1" one.
+STEPS_ARGS = {
+    "rnn_forward_steps": (("gx", "T", 1), ("W_hh", "W", 1), ("b_hh", "b", 1), ("hs", "T+1", 1),
+                          ("gh", "N", 1)),
+    "rnn_backward_steps": (("dout", "T", 1), ("W_hh", "W", 1), ("hs", "T+1", 1), ("dpre", "T", 1),
+                           ("dh", "N", 1)),
+    "lstm_forward_steps": (("gx", "T", 4), ("W_hh", "W", 4), ("b_hh", "b", 4), ("hs", "T+1", 1),
+                           ("cs", "T+1", 1), ("gates", "T|1", 4), ("gh", "N", 4)),
+    "lstm_backward_steps": (("dout", "T", 1), ("W_hh", "W", 4), ("cs", "T+1", 1),
+                            ("gates", "T", 4), ("dgates", "T", 4), ("dh", "N", 1), ("dc", "N", 1)),
+    "gru_forward_steps": (("gx", "T", 3), ("W_hh", "W", 3), ("b_hh", "b", 3), ("hs", "T+1", 1),
+                          ("saved", "T|1", 4), ("gh", "N", 3)),
+    "gru_backward_steps": (("dout", "T", 1), ("W_hh", "W", 3), ("hs", "T+1", 1),
+                           ("saved", "T", 4), ("dgx", "T", 3), ("dgh", "T", 3), ("dh", "N", 1),
+                           ("carry", "N", 1)),
+}
+STEPS_NAMES = {op: tuple(name for name, _, _ in args) for op, args in STEPS_ARGS.items()}
 
 
 def check_cell(op, arrays):
@@ -55,6 +86,51 @@ def check_cell(op, arrays):
         if tuple(a.shape) != expect:
             raise ValueError(f"{name}: expected shape {expect}{what}, got shape {tuple(a.shape)}")
     return N, H
+
+
+def check_steps(op, arrays):
+    """(T, N, H) of a time-loop op's arrays, or a ValueError naming the first of a wrong shape."""
+    args = STEPS_ARGS[op]
+    ref_name, ref = next((name, a) for (name, lead, _), a in zip(args, arrays, strict=True)
+                         if lead == "T+1")
+    if getattr(ref, "ndim", None) != 3 or ref.shape[0] < 2 or 0 in ref.shape:
+        got = f"shape {tuple(ref.shape)}" if hasattr(ref, "shape") else type(ref).__name__
+        raise ValueError(f"{ref_name}: expected a 3-D array (time steps + 1 >= 2, batch >= 1, "
+                         f"hidden size >= 1), got {got}")
+    T, N, H = ref.shape[0] - 1, ref.shape[1], ref.shape[2]
+    for (name, lead, k), a in zip(args, arrays, strict=True):
+        if not hasattr(a, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        shape = tuple(a.shape)
+        if lead == "W":
+            expect = ((k * H, H),)
+            what = f" ({k} gate(s) x hidden size {H}, hidden size; {ref_name} has hidden size {H})"
+        elif lead == "b":
+            expect = ((k * H,),)
+            what = f" ({k} gate(s) x hidden size {H}, as {ref_name})"
+        else:
+            width = k * H
+            per = f"batch {N}, {'' if k == 1 else f'{k} x '}hidden size {H}, as {ref_name}"
+            if lead == "N":
+                expect, what = ((N, width),), f" ({per})"
+            elif lead == "T+1":
+                expect, what = ((T + 1, N, width),), f" (time steps + 1 = {T + 1}, {per})"
+            elif lead == "T":
+                expect, what = ((T, N, width),), f" (time steps {T}, {per})"
+            else:  # "T|1"
+                expect = ((T, N, width), (1, N, width))
+                what = f" (time steps {T}, or 1 to keep the last step only; {per})"
+        if shape not in expect:
+            raise ValueError(f"{name}: expected shape {' or '.join(map(str, expect))}{what}, got "
+                             f"shape {shape}")
+    return T, N, H
+
+
+def step_order(T, reverse):
+    """(t, prev, cur) in the order a direction runs: h_t is computed from hs[prev] into hs[cur]."""
+    if not reverse:
+        return [(t, t, t + 1) for t in range(T)]
+    return [(t, t + 1, t) for t in reversed(range(T))]
 
 
 def check_act(activation):
@@ -90,7 +166,58 @@ class RecurrentOps:
             dpre[...] = self.xp.where(h > 0, dh, 0)
         return dpre
 
+    def rnn_forward_steps(self, gx, W_hh, b_hh, hs, gh, activation, reverse=False, matmul=None):
+        """All T steps of one RNN direction: gh = h_prev W_hhᵀ (gh a workspace), then
+        ``rnn_cell``; hs[1:] (reverse: hs[:T]) written from the initial state in hs[0] (hs[T])."""
+        check_act(activation)
+        T, _, _ = check_steps("rnn_forward_steps", (gx, W_hh, b_hh, hs, gh))
+        mm = self.xp.matmul if matmul is None else matmul
+        W_hhT = W_hh.T
+        for t, p, c in step_order(T, reverse):
+            mm(hs[p], W_hhT, out=gh)
+            self.rnn_cell(gx[t], gh, b_hh, hs[c], activation)
+        return hs
+
+    def rnn_backward_steps(self, dout, W_hh, hs, dpre, dh, activation, reverse=False,
+                           state_grad=True, matmul=None):
+        """Backward through all T steps of one RNN direction, last step first: dpre (T, N, H) the
+        pre-activation gradients; dh (N, H) goes in as ∂C/∂(final state) and comes out as
+        ∂C/∂(initial state) (with ``state_grad``; else the step-0 GEMM is skipped, dh undefined)."""
+        check_act(activation)
+        T, _, _ = check_steps("rnn_backward_steps", (dout, W_hh, hs, dpre, dh))
+        mm = self.xp.matmul if matmul is None else matmul
+        for i, (t, _, c) in enumerate(step_order(T, reverse)[::-1]):
+            self.rnn_cell_backward(dout[t], dh, hs[c], dpre[t], activation)
+            if i < T - 1 or state_grad:
+                mm(dpre[t], W_hh, out=dh)  # the part of ∂C/∂h_prev through W_hh
+        return dpre, dh
+
     # ---- LSTM --------------------------------------------------------------------------------
+    def lstm_forward_steps(self, gx, W_hh, b_hh, hs, cs, gates, gh, reverse=False, matmul=None):
+        """All T steps of one LSTM direction: gh = h_prev W_hhᵀ (gh a workspace), then
+        ``lstm_cell``; hs, cs from the initial state as ``rnn_forward_steps``; gates (T, N, 4H)
+        saved per step, or (1, N, 4H): the last step's only (inference)."""
+        T, _, _ = check_steps("lstm_forward_steps", (gx, W_hh, b_hh, hs, cs, gates, gh))
+        mm = self.xp.matmul if matmul is None else matmul
+        W_hhT, keep = W_hh.T, gates.shape[0] == T
+        for t, p, c in step_order(T, reverse):
+            mm(hs[p], W_hhT, out=gh)
+            self.lstm_cell(gx[t], gh, b_hh, cs[p], hs[c], cs[c], gates[t if keep else 0])
+        return hs, cs
+
+    def lstm_backward_steps(self, dout, W_hh, cs, gates, dgates, dh, dc, reverse=False,
+                            state_grad=True, matmul=None):
+        """Backward through all T steps of one LSTM direction, last step first: dgates (T, N, 4H);
+        dh, dc (N, H) go in as the final state's gradients and come out as the initial state's
+        (with ``state_grad``; else the step-0 GEMM is skipped and dh is undefined)."""
+        T, _, _ = check_steps("lstm_backward_steps", (dout, W_hh, cs, gates, dgates, dh, dc))
+        mm = self.xp.matmul if matmul is None else matmul
+        for i, (t, p, c) in enumerate(step_order(T, reverse)[::-1]):
+            self.lstm_cell_backward(dout[t], dh, dc, cs[p], cs[c], gates[t], dgates[t])
+            if i < T - 1 or state_grad:
+                mm(dgates[t], W_hh, out=dh)
+        return dgates, dh, dc
+
     def lstm_cell(self, gx, gh, b_hh, c_prev, h, c, gates):
         """One LSTM step: gates (N, 4H) = activated i, f, g, o; c and h written."""
         check_cell("lstm_cell", (gx, gh, b_hh, c_prev, h, c, gates))
@@ -123,6 +250,34 @@ class RecurrentOps:
         return dgates, dc
 
     # ---- GRU ---------------------------------------------------------------------------------
+    def gru_forward_steps(self, gx, W_hh, b_hh, hs, saved, gh, reverse=False, matmul=None):
+        """All T steps of one GRU direction: gh = h_prev W_hhᵀ (gh a workspace), then
+        ``gru_cell``; hs from the initial state as ``rnn_forward_steps``; saved (T, N, 4H) per
+        step, or (1, N, 4H): the last step's only (inference)."""
+        T, _, _ = check_steps("gru_forward_steps", (gx, W_hh, b_hh, hs, saved, gh))
+        mm = self.xp.matmul if matmul is None else matmul
+        W_hhT, keep = W_hh.T, saved.shape[0] == T
+        for t, p, c in step_order(T, reverse):
+            mm(hs[p], W_hhT, out=gh)
+            self.gru_cell(gx[t], gh, b_hh, hs[p], hs[c], saved[t if keep else 0])
+        return hs
+
+    def gru_backward_steps(self, dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse=False,
+                           state_grad=True, matmul=None):
+        """Backward through all T steps of one GRU direction, last step first: dgx, dgh (T, N, 3H);
+        dh (N, H) goes in as the final state's gradient and comes out as the initial state's (with
+        ``state_grad``: the part through W_hh plus ``carry``'s; else dh is undefined); carry (N, H)
+        the part passed straight through z ⊙ · (zeros going in)."""
+        T, _, _ = check_steps("gru_backward_steps", (dout, W_hh, hs, saved, dgx, dgh, dh, carry))
+        mm = self.xp.matmul if matmul is None else matmul
+        for i, (t, p, _) in enumerate(step_order(T, reverse)[::-1]):
+            self.gru_cell_backward(dout[t], dh, carry, hs[p], saved[t], dgx[t], dgh[t])
+            if i < T - 1 or state_grad:
+                mm(dgh[t], W_hh, out=dh)
+        if state_grad:
+            dh += carry
+        return dgx, dgh, dh
+
     def gru_cell(self, gx, gh, b_hh, h_prev, h, saved):
         """One GRU step: h written; saved (N, 4H) = r, z, n, hn (hn = gh_n + b_hn)."""
         check_cell("gru_cell", (gx, gh, b_hh, h_prev, h, saved))
