@@ -84,7 +84,7 @@ def test_gradcheck_of_a_per_position_head(backend_spec, rng):
     y = gb.Dense(4, 6)(gb.LayerNorm(4)(h))
     model = gb.Model(inputs=x, outputs=y, device=backend_spec[0], kernels=backend_spec[1],
                      dtype="float64", seed=1)
-    model.backend  # builds it: the shapes are known from here on
+    assert model.backend is not None  # builds it: the shapes are known from here on
     assert model.output_shape == (5, 6)
     X, T = rng.normal(size=(4, 5, 3)), rng.integers(0, 6, (4, 5))
     assert gb.gradcheck(model, gb.SoftmaxCrossEntropy(), X, T) < 1e-6
