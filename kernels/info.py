@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from gpubackprop.kernels.reference import ACTIVATIONS
+from gpubackprop.kernels.reference.winograd import TILE_PAD
 
 
 def describe(device, kernels):
@@ -82,8 +83,10 @@ def run_every_op(ops, dtype):
     ops.im2col(X, cols, *geometry)
     ops.col2im(cols, X, *geometry)
     # Winograd F(2x2, 3x3) on the 3x3 images, padding 1: a 3x3 output, 2x2 tiles of 2x2 (ragged).
-    W3, U, V, M = xp.zeros((2, 2, 3, 3), dt), xp.zeros((16, 2, 2), dt), xp.zeros((16, 2, 4), dt), \
-        xp.zeros((16, 2, 4), dt)
+    # V and M with their rows apart as Conv2d lays them out (TILE_PAD), which the CPU set compiles
+    # for on its own.
+    W3, U = xp.zeros((2, 2, 3, 3), dt), xp.zeros((16, 2, 2), dt)
+    V, M = (xp.zeros((16, 8 + TILE_PAD), dt)[:, :8].reshape(16, 2, 4) for _ in range(2))
     ops.winograd_filter(W3, U)
     ops.winograd_filter_backward(U, W3, accumulate=True)
     ops.winograd_input(X, V, 1)

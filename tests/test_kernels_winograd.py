@@ -24,7 +24,7 @@ from layer_cases import assert_close, model_for, run_layer, torch_grads
 
 import gpubackprop as gb
 from gpubackprop.kernels.reference import ReferenceOps
-from gpubackprop.kernels.reference.winograd import tiles
+from gpubackprop.kernels.reference.winograd import TILE_PAD, tiles
 
 REF = ReferenceOps(np)
 U32 = 2.0 ** -24
@@ -163,6 +163,30 @@ def test_fused_transforms_match_the_reference(ops, rng, case, dtype):
         dW = np.ones_like(Wt)
         which.winograd_filter_backward(dU, dW, accumulate=True)
         assert_close(dW - 1, REF.winograd_filter_backward(dU, np.empty_like(Wt)), tol=tol * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_transforms_take_tiles_with_rows_apart(ops, rng, dtype):
+    """V, dV, M, dM as Conv2d lays them out: 16 C-contiguous rows TILE_PAD elements further apart."""
+    N, ci, co, H, W, padding = CASES[0]
+    OH, OW, TH, TW = tiles(H, W, padding)
+    P = N * TH * TW
+    X, _, dZ = random_case(rng, CASES[0], dtype)
+
+    def apart(C):
+        return np.full((16, C * P + TILE_PAD), np.nan, dtype)[:, :C * P].reshape(16, C, P)
+
+    V, M = apart(ci), apart(co)
+    ops.winograd_input(X, V, padding)
+    assert_close(V, REF.winograd_input(X, np.empty((16, ci, P), dtype), padding), tol=1e-6)
+    ops.winograd_output_backward(dZ, M)
+    assert_close(M, REF.winograd_output_backward(dZ, np.empty((16, co, P), dtype)), tol=1e-6)
+    dX = ops.winograd_input_backward(V, np.empty_like(X), padding)
+    assert_close(dX, REF.winograd_input_backward(V, np.empty_like(X), padding), tol=1e-6)
+    Z = ops.winograd_output(M, np.empty_like(dZ))
+    assert_close(Z, REF.winograd_output(M, np.empty_like(dZ)), tol=1e-6)
+    with pytest.raises(ValueError, match="V: expected 16 C-contiguous"):
+        ops.winograd_input(X, np.zeros((16, P, ci), dtype).transpose(0, 2, 1), padding)
 
 
 def test_transform_errors(ops):

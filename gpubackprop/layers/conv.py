@@ -41,6 +41,7 @@ import math
 import numpy as np
 
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
+from gpubackprop.kernels.reference.winograd import TILE_PAD
 from gpubackprop.layers.base import Layer, fmt_shape, int_pair, no_backprop, pair_repr
 from gpubackprop.layers.dense import INITS, init_weights
 from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
@@ -108,6 +109,12 @@ def _worker():
 
         _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubackprop-conv"))
     return _WORKER[0]
+
+
+def _tiles_view(scratch, name, C, P):
+    """A (16, C, P) Winograd tile buffer from ``scratch``: 16 C-contiguous rows, C·P + TILE_PAD
+    elements apart (kernels/cpu/winograd.py: rows a multiple of 4 KiB apart share cache sets)."""
+    return scratch(name, (16, C * P + TILE_PAD))[:, :C * P].reshape(16, C, P)
 
 
 def _scratch(store, be, name, shape):
@@ -262,10 +269,10 @@ class Conv2d(Layer):
         backward of the layer, transforms included, against im2col + GEMM, batch 64): 16+ channels
         in and out, and min(C_in, C_out) · min(OH, OW) >= 512. Winograd's GEMMs gain ~2.25x, its
         transforms cost ~(C_in + C_out)·OH·OW per sample, and they are slower on narrow images
-        (short rows of tiles). gemm/winograd: 32->32 on 32x32 1.24, 32->64 on 16x16 1.15, 16->16 on
-        32x32 1.27, 32->32 on 16x16 1.34, 64->64 on 8x8 1.08; below the rule: 16->16 on 16x16 0.89,
-        16->32 on 8x8 0.86, 16->16 on 8x8 0.82, 8->16 on 32x32 0.89, 32->32 on 4x4 0.87, 3->32 on
-        32x32 0.43."""
+        (short rows of tiles). gemm/winograd: 32->32 on 32x32 1.35, 32->64 on 16x16 1.26, 16->16 on
+        32x32 1.30, 32->32 on 16x16 1.39, 64->64 on 8x8 1.25; below the rule, even: 16->16 on 16x16
+        1.01, 16->32 on 8x8 1.07, 8->16 on 32x32 1.00; earlier, before the transforms' rows were
+        padded apart, 16->16 on 8x8 0.82, 32->32 on 4x4 0.87, 3->32 on 32x32 0.43."""
         C_out, OH, OW = self.output_shape
         c = min(self.in_channels, C_out)
         return c >= 16 and c * min(OH, OW) >= 512
@@ -376,8 +383,8 @@ class Conv2d(Layer):
         def run(h, part):
             for s, e in part:
                 n = e - s
-                V = ops.winograd_input(X[s:e], scratch(f"V{h}", (16, Ci, n * T)), self.padding)
-                M = scratch(f"M{h}", (16, Co, n * T))
+                V = ops.winograd_input(X[s:e], _tiles_view(scratch, f"V{h}", Ci, n * T), self.padding)
+                M = _tiles_view(scratch, f"M{h}", Co, n * T)
                 self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
                 ops.winograd_output(M, Z[s:e])
 
@@ -395,14 +402,17 @@ class Conv2d(Layer):
         # path's Wᵀ · Δ does.
         U = ops.winograd_filter(self.weight, ws.scratch(be, "U", (16, Co, Ci)))
 
+        def scratch(name, shape):
+            return ws.scratch(be, name, shape)
+
         def run(h, part):
-            dU = ws.scratch(be, f"dU{h}", (16, Co, Ci))
+            dU = scratch(f"dU{h}", (16, Co, Ci))
             for i, (s, e) in enumerate(reversed(part)):
                 n = e - s
-                V = ws.scratch(be, f"V{h}", (16, Ci, n * T))
+                V = _tiles_view(scratch, f"V{h}", Ci, n * T)
                 if i > 0:
                     ops.winograd_input(X[s:e], V, self.padding)
-                dM = ops.winograd_output_backward(dZ[s:e], ws.scratch(be, f"M{h}", (16, Co, n * T)))
+                dM = ops.winograd_output_backward(dZ[s:e], _tiles_view(scratch, f"M{h}", Co, n * T))
                 if i == 0:
                     self.backend.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
                 else:

@@ -9,12 +9,13 @@ pass across each tile, four of the 16 rows of V or M at a time. The input gradie
 overlapping sum of each tile's B dV Bᵀ, written as a gather: each row of the padded plane takes
 the two tile rows that cover it, each pixel the two tiles of a row, in a fixed order.
 
-Measured (float32, one thread, a sample of the VGG-style 32->32 layer on 32x32): input 88 µs,
-input gradient 77, output 36, output gradient 72, against 58 for the 16 GEMMs and 12 for filling
-V: compute-bound on their short rows (16 tiles), not at memory speed. The 16 rows of V lie
-C·P·4 bytes apart, a multiple of 4 KiB: padding that stride by 32 bytes took the input transform
-from 83 to 57 µs (a layout change left for later: V's rows would no longer be one C-contiguous
-array).
+V, dV, M and dM may have their 16 rows apart by more than C·P elements (each row C-contiguous):
+Conv2d pads that stride (``TILE_PAD``, kernels/reference/winograd.py), since with C·P·4 bytes a
+multiple of 4 KiB the four rows a loop writes or reads at once share L1 cache sets. Measured
+(float32, one thread, a sample of the VGG-style 32->32 layer on 32x32; rows contiguous ->
+padded): input 87 -> 73 µs, input gradient 74 -> 75, output 35 -> 32, output gradient 69 -> 39,
+against 58 for the 16 GEMMs and 12 for filling V: the transforms are compute-bound on their short
+rows (16 tiles), not at memory speed.
 """
 
 import numpy as np
@@ -25,10 +26,6 @@ from gpubackprop.kernels.reference.winograd import check_filter, check_input, ch
 
 NAMES_FILTER = ("W", "U")
 NAMES_FILTER_BACKWARD = ("dU", "dW")
-NAMES_INPUT = ("X", "V")
-NAMES_INPUT_BACKWARD = ("dV", "dX")
-NAMES_OUTPUT = ("M", "Z")
-NAMES_OUTPUT_BACKWARD = ("dZ", "dM")
 
 
 # ---- U = G g Gᵀ and its adjoint dg = Gᵀ dU G, filter by filter ------------------------------------
@@ -272,6 +269,20 @@ def _output_backward_parallel(dZ, dM, TH, TW):
         _output_backward_plane(dZ, dM, q, TH, TW)
 
 
+def _check_tiles(name, a, dtype):
+    """TypeError/ValueError unless ``a`` is (16, C, P) of ``dtype`` with each of its 16 rows
+    C-contiguous (the rows themselves may lie further apart)."""
+    if not hasattr(a, "dtype") or a.dtype != dtype:
+        got = f"dtype {a.dtype}" if hasattr(a, "dtype") else type(a).__name__
+        raise TypeError(f"{name}: expected a {dtype} array (the dtype of the other), got {got}")
+    isz = a.itemsize
+    if a.ndim != 3 or a.shape[1] * a.shape[2] == 0:
+        return  # the shape check names it, or nothing to index
+    s0, s1, s2 = a.strides
+    if s2 != isz or (a.shape[1] > 1 and s1 != a.shape[2] * isz) or s0 < a.shape[1] * a.shape[2] * isz:
+        raise ValueError(f"{name}: expected 16 C-contiguous (C, P) rows, got strides {a.strides}")
+
+
 class WinogradOps:
     """Fused Winograd F(2×2, 3×3) transforms (a mixin of ``CpuOps``: uses its parallel thresholds)."""
 
@@ -302,7 +313,7 @@ class WinogradOps:
 
     def winograd_input(self, X, V, padding):
         """V (16, C, N·TH·TW) = Bᵀ d B for every 4×4 input patch d (stride 2, zeros outside X)."""
-        checks.float_arrays(NAMES_INPUT, X, V)
+        _check_tiles("V", V, checks.float_arrays(("X",), X))
         ph, pw, TH, TW = check_input(X, V, padding)
         kernel = _input_parallel if self._wino_parallel(V.size) else _input_serial
         kernel(X, V, ph, pw, TH, TW)
@@ -310,7 +321,7 @@ class WinogradOps:
 
     def winograd_input_backward(self, dV, dX, padding):
         """dX (N, C, H, W) = Σ over tiles of B dV_tile Bᵀ added into the patch the tile read."""
-        checks.float_arrays(NAMES_INPUT_BACKWARD, dV, dX)
+        _check_tiles("dV", dV, checks.float_arrays(("dX",), dX))
         ph, pw, TH, TW = check_input(dX, dV, padding)
         kernel = _input_backward_parallel if self._wino_parallel(dV.size) else _input_backward_serial
         kernel(dV, dX, ph, pw, TH, TW)
@@ -318,7 +329,7 @@ class WinogradOps:
 
     def winograd_output(self, M, Z):
         """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped."""
-        checks.float_arrays(NAMES_OUTPUT, M, Z)
+        _check_tiles("M", M, checks.float_arrays(("Z",), Z))
         TH, TW = check_output(M, Z)
         kernel = _output_parallel if self._wino_parallel(M.size) else _output_serial
         kernel(M, Z, TH, TW)
@@ -326,7 +337,7 @@ class WinogradOps:
 
     def winograd_output_backward(self, dZ, dM):
         """dM (16, Co, N·TH·TW) = A dZ_tile Aᵀ (the adjoint of ``winograd_output``)."""
-        checks.float_arrays(NAMES_OUTPUT_BACKWARD, dZ, dM)
+        _check_tiles("dM", dM, checks.float_arrays(("dZ",), dZ))
         TH, TW = check_output(dM, dZ)
         kernel = _output_backward_parallel if self._wino_parallel(dM.size) else \
             _output_backward_serial

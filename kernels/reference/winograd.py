@@ -33,6 +33,10 @@ from gpubackprop.kernels.reference.conv import expect_shape
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+# Conv2d lays V and M out with their 16 rows (each C-contiguous) TILE_PAD elements further apart than
+# C·P, so that they are not a multiple of 4 KiB apart (see kernels/cpu/winograd.py); every set's
+# ops take such arrays.
+TILE_PAD = 16
 
 
 def tiles(H, W, padding):
