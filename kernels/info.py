@@ -137,6 +137,10 @@ def run_every_op(ops, dtype):
         ops.gru_forward_steps(seq(3), W3, xp.zeros(3, dt), seq(1, 3), seq(4), cell(3), reverse)
         ops.gru_backward_steps(seq(1), W3, seq(1, 3), seq(4), seq(3), seq(3), cell(1), cell(1),
                                reverse)
+    # The layers' GEMMs over all rows: B plain and a transposed view.
+    ops.rows_gemm(cell(4), W4, cell(1))
+    ops.rows_gemm(cell(1), W4.T, cell(4))
+    ops.weight_gemm(cell(4), cell(1), W4)
     # Embedding: a gather of 3 rows of a (4, 2) weight and its scatter-add, both index dtypes.
     for index_dtype in (np.int32, np.int64):
         idx = xp.asarray(np.array([0, 3, 0], index_dtype))

@@ -245,3 +245,47 @@ def test_fused_cpu_steps_check_dtype_and_contiguity(cpu, rng):
         rc.call_steps(cpu, op, dict(a, W_hh=np.asfortranarray(a["W_hh"])))
     with pytest.raises(TypeError, match="gx: expected a float32 or float64 array"):
         rc.call_steps(cpu, op, dict(a, gx=a["gx"].astype(np.int64)))
+
+
+# ---- the layers' GEMMs over all rows ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", rc.DTYPES)
+def test_fused_cpu_row_gemms_match_reference(ref, rng, dtype):
+    """rows_gemm (B plain and a transposed view) and weight_gemm, serial and split into 2 and 3
+    ragged chunks of rows, equal NumPy's products."""
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    for M, threads in [(7, 2), (40, 2), (50, 3)]:
+        ops = CpuOps(np, num_threads=threads)
+        A = rng.uniform(-1, 1, (M, 9)).astype(dtype)
+        W = rng.uniform(-1, 1, (12, 9)).astype(dtype)
+        G = rng.uniform(-1, 1, (M, 12)).astype(dtype)
+        for B, want in ((W.T, A @ W.T), (W[:, :9].copy().T.copy(), A @ W.T)):
+            out = np.full((M, 12), np.nan, dtype)
+            ops.rows_gemm(A, B, out)
+            np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+        out = np.full((M, 9), np.nan, dtype)
+        ops.rows_gemm(G, W, out)
+        np.testing.assert_allclose(out, G @ W, rtol=tol, atol=tol)
+        dW = np.full((12, 9), np.nan, dtype)
+        ops.weight_gemm(G, A, dW)
+        np.testing.assert_allclose(dW, G.T @ A, rtol=tol, atol=tol * M)
+        dW_ref = np.empty_like(dW)
+        ref.weight_gemm(G, A, dW_ref)
+        np.testing.assert_allclose(dW, dW_ref, rtol=tol, atol=tol * M)
+
+
+@pytest.mark.parametrize("ops_name", ["reference", "cpu"])
+def test_row_gemm_errors(ref, rng, ops_name):
+    ops = ref if ops_name == "reference" else CpuOps(np, num_threads=2, parallel_min=0)
+    A, W = np.zeros((40, 3)), np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"out: expected shape \(40, 5\), got shape \(40, 4\)"):
+        ops.rows_gemm(A, W.T, np.zeros((40, 4)))
+    with pytest.raises(ValueError, match=r"A, B: expected matching inner sizes, got shapes "
+                                         r"\(40, 3\) and \(5, 3\)"):
+        ops.rows_gemm(A, W, np.zeros((40, 3)))
+    with pytest.raises(ValueError, match=r"dG, A: expected as many rows, got shapes \(40, 5\) "
+                                         r"and \(39, 3\)"):
+        ops.weight_gemm(np.zeros((40, 5)), np.zeros((39, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"dW: expected shape \(5, 3\)"):
+        ops.weight_gemm(np.zeros((40, 5)), A, np.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"A: expected a 2-D array, got shape \(40,\)"):
+        ops.rows_gemm(np.zeros(40), W.T, np.zeros((40, 5)))

@@ -23,8 +23,10 @@ SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "conv other", "batch norm",
                     "activation", "pooling", "residual add", "recurrent GEMM",
                     "recurrent time loop", "recurrent other", "attention GEMM", "softmax",
                     "attention other", "dense", "dropout", "rest")
-# The time-loop ops run each step's GEMM and cell inside one call (kernels/*/recurrent.py).
-_RECURRENT_OPS = {"matmul": "recurrent GEMM",
+# The time-loop ops run each step's GEMM and cell inside one call (kernels/*/recurrent.py); the
+# GEMMs over all steps are the rows_gemm and weight_gemm ops.
+_RECURRENT_OPS = {"matmul": "recurrent GEMM", "rows_gemm": "recurrent GEMM",
+                  "weight_gemm": "recurrent GEMM",
                   **{f"{m}_{d}_steps": "recurrent time loop" for m in ("rnn", "lstm", "gru")
                      for d in ("forward", "backward")}}
 # layer kind: (category of its own time, {op name: category of that op's calls inside it})

@@ -351,7 +351,8 @@ class _Recurrent(Layer):
                 j = k * D + d
                 gx, hs, gh = bufs.gx[k][d], bufs.hs[k][d], bufs.gh
                 gx2 = gx.reshape(T * N, GH)
-                be.matmul(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, out=gx2)  # all steps
+                ops.rows_gemm(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, gx2,
+                              matmul=be.matmul)  # all steps
                 if self.bias:
                     ops.bias_act(gx2, self._b_ih[j], "identity", gx2)
                 first, last = (0, T) if d == 0 else (T, 0)
@@ -471,10 +472,12 @@ class _Recurrent(Layer):
                     self._bias_grads(bufs, j, dgx2, dgh2 if mode == "GRU" else None, accumulate)
                 if below:  # dx = Σ_d dgx_d W_ih_d: the layer below's dout (or dX)
                     if d == 0:
-                        be.matmul(dgx2, self._W_ih[j], out=dx.reshape(T * N, n_in))
+                        ops.rows_gemm(dgx2, self._W_ih[j], dx.reshape(T * N, n_in),
+                                      matmul=be.matmul)
                     else:
                         tmp = bufs.get(("dxtmp", k == 0), (T, N, n_in))
-                        be.matmul(dgx2, self._W_ih[j], out=tmp.reshape(T * N, n_in))
+                        ops.rows_gemm(dgx2, self._W_ih[j], tmp.reshape(T * N, n_in),
+                                      matmul=be.matmul)
                         dx += tmp
             if k > 0:
                 if drop is not None:  # through the dropout on the layer below's output
@@ -509,14 +512,14 @@ class _Recurrent(Layer):
             db_hh += tmp
 
     def _weight_grad(self, bufs, key, dG, A, dW, accumulate):
-        """dW (+)= dGᵀ A, one GEMM over all T·N rows."""
-        matmul = self.backend.matmul
+        """dW (+)= dGᵀ A, one GEMM over all T·N rows (BP3)."""
+        ops, matmul = self.backend.ops, self.backend.matmul
         if accumulate:
             tmp = bufs.get(key, dW.shape)
-            matmul(dG.T, A, out=tmp)
+            ops.weight_gemm(dG, A, tmp, matmul=matmul)
             dW += tmp
         else:
-            matmul(dG.T, A, out=dW)
+            ops.weight_gemm(dG, A, dW, matmul=matmul)
 
 
 class RNN(_Recurrent):

@@ -28,6 +28,7 @@ from gpubackprop.kernels.reference.recurrent import (
     STEPS_NAMES,
     check_act,
     check_cell,
+    check_gemm,
     check_steps,
 )
 
@@ -276,6 +277,35 @@ def _gru_backward_parallel(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, 
                            n1)
 
 
+# ---- the layers' GEMMs over all T·N rows, split the same way ------------------------------------
+# On the chunks' threads with single-threaded BLAS as the loops, so that NumPy's threaded BLAS is
+# not woken in a recurrent step: its threads spin for a while after each GEMM and would take the
+# cores from the next time loop's chunks (measured: a step 1.5x slower).
+@njit(cache=True, error_model="numpy", parallel=True)
+def _rows_gemm_parallel(A, B, out, nchunks):
+    for c in prange(nchunks):
+        r0, r1 = _span(c, nchunks, A.shape[0])
+        np.dot(A[r0:r1], B, out[r0:r1])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _weight_gemm_parallel(dG, A, partial, nchunks):
+    # Chunk c's rows give partial[c] = dG[rows]ᵀ A[rows]; the caller adds them in chunk order.
+    for c in prange(nchunks):
+        r0, r1 = _span(c, nchunks, A.shape[0])
+        np.dot(dG[r0:r1].T, A[r0:r1], partial[c])
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_partials(partial, dW):
+    for i in range(dW.shape[0]):
+        for j in range(dW.shape[1]):
+            s = partial[0, i, j]
+            for c in range(1, partial.shape[0]):
+                s += partial[c, i, j]
+            dW[i, j] = s
+
+
 # ---- BLAS threads during a time loop -----------------------------------------------------------
 _blas_lock = threading.Lock()
 _blas_controller = None
@@ -298,6 +328,17 @@ def _one_blas_thread():
     """A context in which BLAS runs on the calling thread only (each chunk of a time loop is one
     thread's; a threaded BLAS inside would fight the other chunks for the cores)."""
     return _blas_libraries().limit(limits=1)
+
+
+def _blas_operand(B, dtype, name):
+    """B as the GEMM kernels take it: the dtype checked, C- or F-contiguous (a transposed view of a
+    parameter is F-contiguous), else a C-contiguous copy."""
+    if getattr(B, "dtype", None) != dtype:
+        got = f"dtype {B.dtype}" if hasattr(B, "dtype") else type(B).__name__
+        raise TypeError(f"{name}: expected dtype {dtype}, got {got}")
+    if B.flags.c_contiguous or B.flags.f_contiguous:
+        return B
+    return np.ascontiguousarray(B)
 
 
 def _own_gemm(matmul):
@@ -357,6 +398,32 @@ class RecurrentOps:
         N, _ = check_cell("gru_cell_backward", args)
         _gru_cell_backward_rows(*args, 0, N)
         return dgx, dgh, dh
+
+    # ---- the GEMMs over all rows ---------------------------------------------------------------
+    def rows_gemm(self, A, B, out, matmul=None):
+        """out = A B, the rows split into the time loops' chunks (see the reference op)."""
+        check_gemm("rows_gemm", A, B, out)
+        nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
+        if nchunks == 1:
+            return super().rows_gemm(A, B, out, matmul)
+        checks.float_arrays(("A", "out"), A, out)
+        B = _blas_operand(B, A.dtype, "B")
+        with _one_blas_thread():
+            _rows_gemm_parallel(A, B, out, nchunks)
+        return out
+
+    def weight_gemm(self, dG, A, dW, matmul=None):
+        """dW = dGᵀ A: each chunk's rows one GEMM, the partial products added in chunk order."""
+        check_gemm("weight_gemm", dG, A, dW)
+        nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
+        if nchunks == 1:
+            return super().weight_gemm(dG, A, dW, matmul)
+        checks.float_arrays(("dG", "A", "dW"), dG, A, dW)
+        partial = np.empty((nchunks, *dW.shape), dW.dtype)
+        with _one_blas_thread():
+            _weight_gemm_parallel(dG, A, partial, nchunks)
+        _sum_partials(partial, dW)
+        return dW
 
     # ---- the time loops ------------------------------------------------------------------------
     def _steps_chunks(self, N):

@@ -126,6 +126,25 @@ def check_steps(op, arrays):
     return T, N, H
 
 
+def check_gemm(op, A, B, out):
+    """A ValueError unless the operands of ``rows_gemm`` (out = A B) or ``weight_gemm``
+    (out = Aᵀ B) are 2-D, their inner sizes agree and out has the product's shape."""
+    names = {"rows_gemm": ("A", "B", "out"), "weight_gemm": ("dG", "A", "dW")}[op]
+    for name, a in zip(names, (A, B, out), strict=True):
+        if getattr(a, "ndim", None) != 2:
+            got = f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+            raise ValueError(f"{name}: expected a 2-D array, got {got}")
+    if op == "rows_gemm":
+        inner, shape, what = (A.shape[1], B.shape[0]), (A.shape[0], B.shape[1]), "matching inner sizes"
+    else:
+        inner, shape, what = (A.shape[0], B.shape[0]), (A.shape[1], B.shape[1]), "as many rows"
+    if inner[0] != inner[1]:
+        raise ValueError(f"{names[0]}, {names[1]}: expected {what}, got shapes {tuple(A.shape)} "
+                         f"and {tuple(B.shape)}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{names[2]}: expected shape {shape}, got shape {tuple(out.shape)}")
+
+
 def step_order(T, reverse):
     """(t, prev, cur) in the order a direction runs: h_t is computed from hs[prev] into hs[cur]."""
     if not reverse:
@@ -142,6 +161,20 @@ def check_act(activation):
 
 class RecurrentOps:
     """Plain-xp recurrent cell ops (a mixin of ``ReferenceOps``: uses ``self.xp`` and ``sigmoid``)."""
+
+    # ---- the layers' GEMMs over all T·N rows --------------------------------------------------
+    def rows_gemm(self, A, B, out, matmul=None):
+        """out = A B (A (M, K) C-contiguous, B (K, N) or a transposed view): the input
+        projections x W_ihᵀ and the input gradients dG W_ih of all steps at once."""
+        check_gemm("rows_gemm", A, B, out)
+        (self.xp.matmul if matmul is None else matmul)(A, B, out=out)
+        return out
+
+    def weight_gemm(self, dG, A, dW, matmul=None):
+        """dW = dGᵀ A over all rows (BP3: dG (M, G·H), A (M, K), both C-contiguous; dW (G·H, K))."""
+        check_gemm("weight_gemm", dG, A, dW)
+        (self.xp.matmul if matmul is None else matmul)(dG.T, A, out=dW)
+        return dW
 
     # ---- RNN ---------------------------------------------------------------------------------
     def rnn_cell(self, gx, gh, b_hh, h, activation):
