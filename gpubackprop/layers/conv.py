@@ -251,6 +251,10 @@ class Conv2d(Layer):
             # GEMMs, col2im) then runs from the cache instead of memory (the kernel set's choice:
             # the CPU set's; a GPU's launches want the largest chunks).
             most = max(1, min(most, cache // per_sample))
+        serial = self.backend.ops.winograd_gemm_serial if winograd else None
+        if serial:  # each of a chunk's GEMMs within BLAS's one-thread size (see WinogradOps)
+            most = max(1, min(most, serial // (self.in_channels * self.out_channels
+                                                * self._tiles()[2])))
         count = -(-N // most)
         size = -(-N // count)
         return [(s, min(N, s + size)) for s in range(0, N, size)]

@@ -293,6 +293,11 @@ class WinogradOps:
     # V + M of 0.5 MiB a chunk 38.7 ms, 1 MiB (one sample) 38.1, 2 MiB 57.7, 4 MiB 85.4 (im2col +
     # GEMM: 66.0); 32->32 on 16x16: 23.7, 20.3, 25.3, 33.4 (41.6).
     winograd_cache_bytes = 1 << 20
+    # ... and each of a chunk's 16 GEMMs (C_out·P·C_in multiply-adds) no larger than OpenBLAS runs
+    # on one thread (it threads a GEMM above 65536·4 of them, interface/gemm.c): Conv2d runs two
+    # halves of the chunks on two threads at once, whose GEMMs would otherwise start BLAS's own
+    # threads on the same two cores. (The benchmarked layers' chunks are within it already.)
+    winograd_gemm_serial = 1 << 18
 
     def _wino_parallel(self, size):
         return self.parallel and size >= self.par_cheap

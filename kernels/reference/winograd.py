@@ -102,6 +102,7 @@ class WinogradOps:
     # them on any set).
     winograd_conv = False
     winograd_cache_bytes = None  # Conv2d's Winograd chunks: as large as its budget allows
+    winograd_gemm_serial = None  # and whatever their GEMMs' size
 
     def _m(self, mat, dtype):
         return self.xp.asarray(mat, dtype=dtype)
