@@ -12,10 +12,11 @@ the two tile rows that cover it, each pixel the two tiles of a row, in a fixed o
 V, dV, M and dM may have their 16 rows apart by more than C·P elements (each row C-contiguous):
 Conv2d pads that stride (``TILE_PAD``, kernels/reference/winograd.py), since with C·P·4 bytes a
 multiple of 4 KiB the four rows a loop writes or reads at once share L1 cache sets. Measured
-(float32, one thread, a sample of the VGG-style 32->32 layer on 32x32; rows contiguous ->
-padded): input 87 -> 73 µs, input gradient 74 -> 75, output 35 -> 32, output gradient 69 -> 39,
-against 58 for the 16 GEMMs and 12 for filling V: the transforms are compute-bound on their short
-rows (16 tiles), not at memory speed.
+(float32, one thread, a sample of the VGG-style 32->32 layer on 32x32): rows contiguous -> padded,
+input 87 -> 73 µs, output 35 -> 32, output gradient 69 -> 39; then the input and its gradient on
+flat arrays with uint64 indices and the padded plane split into even and odd columns (unit-stride
+loops): input 73 -> 62, input gradient 77 -> 68; against 58 for the 16 GEMMs and 12 for filling
+V: the transforms are compute-bound on their short rows (16 tiles), not at memory speed.
 """
 
 import numpy as np
@@ -80,109 +81,180 @@ def _filter_backward(dU, dW, accumulate):
 
 # ---- V = Bᵀ d B, plane by plane ------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _input_plane(X, V, q, ph, pw, TH, TW):
-    """The tiles of plane q = n·C + c of X into V[:, c, n·T : (n + 1)·T]: per tile row, the four
-    padded input rows (zeros outside X) combined down the columns (Bᵀ ·), then across each tile."""
-    N, C, H, W = X.shape
+def _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po):
+    """The tiles of plane q = n·C + c of the flat X ``x`` into the flat ``v`` (V[k, c, p] at
+    k·ks + c·P + p). The padded plane (zeros outside X, also past a ragged last tile) is first
+    split into its even and odd columns, ``pe`` and ``po`` (rows of TW + 1), so that every loop
+    after reads with unit stride: tile t of a row reads columns 2t … 2t + 3, i.e. pe[t], po[t],
+    pe[t + 1], po[t + 1]. Then per tile row and row x of Bᵀ (d0 − d2, d1 + d2, d2 − d1, d1 − d3:
+    row a plus ±row b, exact), the four entries of Bᵀ d B in that row. Indices are uint64, so
+    that Numba emits no negative-index checks (as in kernels/cpu/conv.py's copies)."""
+    u = np.uint64
     n, c = q // C, q % C
-    Wq = 2 * TW + 2
-    zero = X.dtype.type(0)
-    rows = np.zeros((4, Wq), X.dtype)
-    e = np.empty((4, Wq), X.dtype)
-    lo = max(0, pw)  # padded columns [lo, hi) hold X's columns [lo − pw, hi − pw)
-    hi = min(Wq, W + pw)
-    base = n * TH * TW
+    T1 = TW + 1
+    zero = x.dtype.type(0)
+    one = x.dtype.type(1)
+    xb = q * H * W
+    # padded column 2t holds X's column 2t − pw, 2t + 1 holds 2t + 1 − pw, where inside X
+    lo_e, hi_e = (pw + 1) // 2, min(T1, (W - 1 + pw) // 2 + 1)
+    lo_o, hi_o = pw // 2, min(T1, (W - 2 + pw) // 2 + 1)
+    hi_e, hi_o = max(hi_e, lo_e), max(hi_o, lo_o)
+    for r in range(2 * TH + 2):
+        h = r - ph
+        rb = u(r * T1)
+        if 0 <= h < H:
+            xr = xb + h * W - pw  # + 2t (even) or 2t + 1 (odd): >= 0 inside [lo, hi)
+            for t in range(lo_e):
+                pe[rb + u(t)] = zero
+            for t in range(lo_e, hi_e):
+                pe[rb + u(t)] = x[u(xr + 2 * t)]
+            for t in range(hi_e, T1):
+                pe[rb + u(t)] = zero
+            for t in range(lo_o):
+                po[rb + u(t)] = zero
+            for t in range(lo_o, hi_o):
+                po[rb + u(t)] = x[u(xr + 2 * t + 1)]
+            for t in range(hi_o, T1):
+                po[rb + u(t)] = zero
+        else:
+            for t in range(T1):
+                pe[rb + u(t)] = zero
+                po[rb + u(t)] = zero
+    base = c * P + n * TH * TW
     for s in range(TH):
-        for i in range(4):
-            h = 2 * s - ph + i
-            if 0 <= h < H:
-                for w in range(lo, hi):
-                    rows[i, w] = X[n, c, h, w - pw]
+        for xx in range(4):
+            if xx == 0:
+                ra, rb_, sg = 0, 2, -one
+            elif xx == 1:
+                ra, rb_, sg = 1, 2, one
+            elif xx == 2:
+                ra, rb_, sg = 2, 1, -one
             else:
-                for w in range(lo, hi):
-                    rows[i, w] = zero
-        for w in range(Wq):
-            d0, d1, d2, d3 = rows[0, w], rows[1, w], rows[2, w], rows[3, w]
-            e[0, w] = d0 - d2
-            e[1, w] = d1 + d2
-            e[2, w] = d2 - d1
-            e[3, w] = d1 - d3
-        p0 = base + s * TW
-        for x in range(4):
-            k = 4 * x
+                ra, rb_, sg = 1, 3, -one
+            A = u((2 * s + ra) * T1)
+            B = u((2 * s + rb_) * T1)
+            k0 = u(4 * xx * ks + base + s * TW)
+            k1 = k0 + u(ks)
+            k2 = k1 + u(ks)
+            k3 = k2 + u(ks)
             for t in range(TW):
-                a0, a1, a2, a3 = e[x, 2 * t], e[x, 2 * t + 1], e[x, 2 * t + 2], e[x, 2 * t + 3]
-                V[k, c, p0 + t] = a0 - a2
-                V[k + 1, c, p0 + t] = a1 + a2
-                V[k + 2, c, p0 + t] = a2 - a1
-                V[k + 3, c, p0 + t] = a1 - a3
+                tt = u(t)
+                e0 = pe[A + tt] + sg * pe[B + tt]
+                o0 = po[A + tt] + sg * po[B + tt]
+                e1 = pe[A + tt + u(1)] + sg * pe[B + tt + u(1)]
+                o1 = po[A + tt + u(1)] + sg * po[B + tt + u(1)]
+                v[k0 + tt] = e0 - e1
+                v[k1 + tt] = o0 + e1
+                v[k2 + tt] = e1 - o0
+                v[k3 + tt] = o0 - o1
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _input_serial(X, V, ph, pw, TH, TW):
-    for q in range(X.shape[0] * X.shape[1]):
-        _input_plane(X, V, q, ph, pw, TH, TW)
+def _input_serial(X, v, ph, pw, TH, TW, P, ks):
+    N, C, H, W = X.shape
+    x = X.reshape(-1)
+    pe = np.empty((2 * TH + 2) * (TW + 1), X.dtype)
+    po = np.empty_like(pe)
+    for q in range(N * C):
+        _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _input_parallel(X, V, ph, pw, TH, TW):
-    for q in prange(X.shape[0] * X.shape[1]):
-        _input_plane(X, V, q, ph, pw, TH, TW)
+def _input_parallel(X, v, ph, pw, TH, TW, P, ks):
+    N, C, H, W = X.shape
+    x = X.reshape(-1)
+    for q in prange(N * C):
+        pe = np.empty((2 * TH + 2) * (TW + 1), X.dtype)
+        po = np.empty_like(pe)
+        _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po)
 
 
 # ---- dX = Σ_tiles B dV Bᵀ, as a gather, plane by plane -----------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _input_backward_plane(dV, dX, q, ph, pw, TH, TW):
-    """Plane q of dX from the tiles of V's plane. Across a tile row, B's columns spread tile m's
-    four entries over padded columns 2m … 2m + 3, so column 2m takes v0(m) and (v1 + v2 − v0)(m − 1),
-    column 2m + 1 takes (v1 − v2 + v3)(m) and −v3(m − 1); down the columns the same with the tile
-    rows s and s − 1 (``e`` and ``ep``). Every padded pixel is formed once, then cropped."""
-    N, C, H, W = dX.shape
+def _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, ee, eo, pe, po):
+    """Plane q of the flat dX from the tiles of the flat dV ``v`` (as ``_input_plane``'s). Across a
+    tile row, B's columns spread tile m's four entries over padded columns 2m … 2m + 3, so the even
+    column 2m takes v0(m) and (v1 + v2 − v0)(m − 1), the odd column 2m + 1 takes (v1 − v2 + v3)(m)
+    and −v3(m − 1): the row's even and odd columns into ``ee`` and ``eo`` (4 rows of TW + 1, one a
+    row x of the tiles), unit-stride gathers. Down the columns the same with tile rows s and
+    s − 1 (``pe``, ``po``): padded row 2s takes e0 and (e1 + e2 − e0) of the row above, row 2s + 1
+    (e1 − e2 + e3) and −e3 of the row above. Every padded pixel is formed once, in a fixed order,
+    and written if inside dX."""
+    u = np.uint64
     n, c = q // C, q % C
-    Wq = 2 * TW + 2
-    e = np.zeros((4, Wq), dX.dtype)
-    ep = np.zeros((4, Wq), dX.dtype)
-    base = n * TH * TW
+    T1 = TW + 1
+    zero = dx.dtype.type(0)
+    lo_e, hi_e = (pw + 1) // 2, min(T1, (W - 1 + pw) // 2 + 1)
+    lo_o, hi_o = pw // 2, min(T1, (W - 2 + pw) // 2 + 1)
+    hi_e, hi_o = max(hi_e, lo_e), max(hi_o, lo_o)
+    for i in range(4 * T1):
+        pe[i] = zero
+        po[i] = zero
+    base = c * P + n * TH * TW
+    xb = q * H * W
     for s in range(TH + 1):
         if s < TH:
             p0 = base + s * TW
             for x in range(4):
-                k = 4 * x
-                e[x, 0] = dV[k, c, p0]
-                e[x, 1] = dV[k + 1, c, p0] - dV[k + 2, c, p0] + dV[k + 3, c, p0]
+                k0 = u(4 * x * ks + p0)
+                k1 = k0 + u(ks)
+                k2 = k1 + u(ks)
+                k3 = k2 + u(ks)
+                rb = u(x * T1)
+                ee[rb] = v[k0]
+                eo[rb] = v[k1] - v[k2] + v[k3]
                 for m in range(1, TW):
-                    e[x, 2 * m] = dV[k, c, p0 + m] + (
-                        dV[k + 1, c, p0 + m - 1] + dV[k + 2, c, p0 + m - 1] - dV[k, c, p0 + m - 1])
-                    e[x, 2 * m + 1] = (dV[k + 1, c, p0 + m] - dV[k + 2, c, p0 + m]
-                                       + dV[k + 3, c, p0 + m]) - dV[k + 3, c, p0 + m - 1]
-                e[x, 2 * TW] = (dV[k + 1, c, p0 + TW - 1] + dV[k + 2, c, p0 + TW - 1]
-                                - dV[k, c, p0 + TW - 1])
-                e[x, 2 * TW + 1] = -dV[k + 3, c, p0 + TW - 1]
+                    mm, m1 = u(m), u(m - 1)
+                    ee[rb + mm] = v[k0 + mm] + (v[k1 + m1] + v[k2 + m1] - v[k0 + m1])
+                    eo[rb + mm] = (v[k1 + mm] - v[k2 + mm] + v[k3 + mm]) - v[k3 + m1]
+                last = u(TW - 1)
+                ee[rb + u(TW)] = v[k1 + last] + v[k2 + last] - v[k0 + last]
+                eo[rb + u(TW)] = -v[k3 + last]
         else:
-            e[...] = 0
-        for r in range(2):
-            h = 2 * s + r - ph
-            if 0 <= h < H:
-                w0 = pw
-                if r == 0:
-                    for w in range(W):
-                        dX[n, c, h, w] = e[0, w + w0] + (ep[1, w + w0] + ep[2, w + w0] - ep[0, w + w0])
-                else:
-                    for w in range(W):
-                        dX[n, c, h, w] = (e[1, w + w0] - e[2, w + w0] + e[3, w + w0]) - ep[3, w + w0]
-        e, ep = ep, e
+            for i in range(4 * T1):
+                ee[i] = zero
+                eo[i] = zero
+        R0, R1, R2, R3 = u(0), u(T1), u(2 * T1), u(3 * T1)
+        h = 2 * s - ph
+        if 0 <= h < H:
+            d = xb + h * W - pw  # + 2m (even) or 2m + 1 (odd): >= 0 inside [lo, hi)
+            for m in range(lo_e, hi_e):
+                mm = u(m)
+                dx[u(d + 2 * m)] = ee[R0 + mm] + (pe[R1 + mm] + pe[R2 + mm] - pe[R0 + mm])
+            for m in range(lo_o, hi_o):
+                mm = u(m)
+                dx[u(d + 2 * m + 1)] = eo[R0 + mm] + (po[R1 + mm] + po[R2 + mm] - po[R0 + mm])
+        h += 1
+        if 0 <= h < H:
+            d = xb + h * W - pw
+            for m in range(lo_e, hi_e):
+                mm = u(m)
+                dx[u(d + 2 * m)] = (ee[R1 + mm] - ee[R2 + mm] + ee[R3 + mm]) - pe[R3 + mm]
+            for m in range(lo_o, hi_o):
+                mm = u(m)
+                dx[u(d + 2 * m + 1)] = (eo[R1 + mm] - eo[R2 + mm] + eo[R3 + mm]) - po[R3 + mm]
+        ee, pe = pe, ee
+        eo, po = po, eo
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _input_backward_serial(dV, dX, ph, pw, TH, TW):
-    for q in range(dX.shape[0] * dX.shape[1]):
-        _input_backward_plane(dV, dX, q, ph, pw, TH, TW)
+def _input_backward_serial(v, dX, ph, pw, TH, TW, P, ks):
+    N, C, H, W = dX.shape
+    dx = dX.reshape(-1)
+    bufs = np.empty((4, 4 * (TW + 1)), dX.dtype)
+    for q in range(N * C):
+        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, bufs[0], bufs[1], bufs[2],
+                              bufs[3])
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _input_backward_parallel(dV, dX, ph, pw, TH, TW):
-    for q in prange(dX.shape[0] * dX.shape[1]):
-        _input_backward_plane(dV, dX, q, ph, pw, TH, TW)
+def _input_backward_parallel(v, dX, ph, pw, TH, TW, P, ks):
+    N, C, H, W = dX.shape
+    dx = dX.reshape(-1)
+    for q in prange(N * C):
+        bufs = np.empty((4, 4 * (TW + 1)), dX.dtype)
+        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, bufs[0], bufs[1], bufs[2],
+                              bufs[3])
 
 
 # ---- Z = Aᵀ M A and its adjoint dM = A dZ Aᵀ, plane by plane ----------------------------------------
@@ -283,6 +355,14 @@ def _check_tiles(name, a, dtype):
         raise ValueError(f"{name}: expected 16 C-contiguous (C, P) rows, got strides {a.strides}")
 
 
+def _flat_rows(a):
+    """The 1-D view of (16, C, P) tiles with C-contiguous rows ks elements apart (``_check_tiles``):
+    element [k, c, p] at k·ks + c·P + p."""
+    ks = a.strides[0] // a.itemsize
+    return np.lib.stride_tricks.as_strided(a, shape=(15 * ks + a.shape[1] * a.shape[2],),
+                                           strides=(a.itemsize,))
+
+
 class WinogradOps:
     """Fused Winograd F(2×2, 3×3) transforms (a mixin of ``CpuOps``: uses its parallel thresholds)."""
 
@@ -320,16 +400,19 @@ class WinogradOps:
         """V (16, C, N·TH·TW) = Bᵀ d B for every 4×4 input patch d (stride 2, zeros outside X)."""
         _check_tiles("V", V, checks.float_arrays(("X",), X))
         ph, pw, TH, TW = check_input(X, V, padding)
-        kernel = _input_parallel if self._wino_parallel(V.size) else _input_serial
-        kernel(X, V, ph, pw, TH, TW)
+        if V.size:
+            kernel = _input_parallel if self._wino_parallel(V.size) else _input_serial
+            kernel(X, _flat_rows(V), ph, pw, TH, TW, V.shape[2], V.strides[0] // V.itemsize)
         return V
 
     def winograd_input_backward(self, dV, dX, padding):
         """dX (N, C, H, W) = Σ over tiles of B dV_tile Bᵀ added into the patch the tile read."""
         _check_tiles("dV", dV, checks.float_arrays(("dX",), dX))
         ph, pw, TH, TW = check_input(dX, dV, padding)
-        kernel = _input_backward_parallel if self._wino_parallel(dV.size) else _input_backward_serial
-        kernel(dV, dX, ph, pw, TH, TW)
+        if dV.size:
+            kernel = _input_backward_parallel if self._wino_parallel(dV.size) else \
+                _input_backward_serial
+            kernel(_flat_rows(dV), dX, ph, pw, TH, TW, dV.shape[2], dV.strides[0] // dV.itemsize)
         return dX
 
     def winograd_output(self, M, Z):
