@@ -271,6 +271,15 @@ def test_fused_cpu_row_gemms_match_reference(ref, rng, dtype):
         dW_ref = np.empty_like(dW)
         ref.weight_gemm(G, A, dW_ref)
         np.testing.assert_allclose(dW, dW_ref, rtol=tol, atol=tol * M)
+        # with the bias: added to every row; with db: the column sums (BP4)
+        b = rng.uniform(-1, 1, 12).astype(dtype)
+        out = np.full((M, 12), np.nan, dtype)
+        ops.rows_gemm(A, W.T, out, b)
+        np.testing.assert_allclose(out, A @ W.T + b, rtol=tol, atol=tol)
+        db = np.full(12, np.nan, dtype)
+        ops.weight_gemm(G, A, dW, db)
+        np.testing.assert_allclose(dW, G.T @ A, rtol=tol, atol=tol * M)
+        np.testing.assert_allclose(db, G.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
 
 
 @pytest.mark.parametrize("ops_name", ["reference", "cpu"])
@@ -289,3 +298,7 @@ def test_row_gemm_errors(ref, rng, ops_name):
         ops.weight_gemm(np.zeros((40, 5)), A, np.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"A: expected a 2-D array, got shape \(40,\)"):
         ops.rows_gemm(np.zeros(40), W.T, np.zeros((40, 5)))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(5,\), got shape \(3,\)"):
+        ops.rows_gemm(A, W.T, np.zeros((40, 5)), np.zeros(3))
+    with pytest.raises(ValueError, match=r"db: expected shape \(5,\), got shape \(3,\)"):
+        ops.weight_gemm(np.zeros((40, 5)), A, np.zeros((5, 3)), np.zeros(3))

@@ -568,6 +568,24 @@ def test_a_batch_split_over_threads_equals_the_reference(rng, make):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [gb.LSTM, gb.GRU])
+def test_a_batch_split_accumulates_gradients_over_calls(rng, cls):
+    from gpubackprop.kernels.cpu import CpuOps
+
+    layer = cls(F, H)
+    model, be = standalone(("cpu", "fused"), layer)
+    be.ops = CpuOps(np, num_threads=2)
+    X, dout = rng.normal(size=(40, T, F)), rng.normal(size=(40, T, H))
+    model.zero_grads()
+    _, _, backward = layer.run(X, None, train=True)
+    backward(dout)
+    once = np.array(model.flat_grads)
+    for _ in range(2):  # a second and third forward/backward add to the gradients (biases too)
+        _, _, backward = layer.run(X, None, train=True)
+        backward(dout)
+    np.testing.assert_allclose(model.flat_grads, 3 * once, rtol=1e-12, atol=1e-12)
+
+
 def test_split_training_is_deterministic_and_equals_serial(rng):
     """Training steps with the batch split over 2 threads repeat bit for bit, and equal a serial
     run's to float32 rounding."""

@@ -352,9 +352,7 @@ class _Recurrent(Layer):
                 gx, hs, gh = bufs.gx[k][d], bufs.hs[k][d], bufs.gh
                 gx2 = gx.reshape(T * N, GH)
                 ops.rows_gemm(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, gx2,
-                              matmul=be.matmul)  # all steps
-                if self.bias:
-                    ops.bias_act(gx2, self._b_ih[j], "identity", gx2)
+                              self._b_ih[j] if self.bias else None, matmul=be.matmul)  # all steps
                 first, last = (0, T) if d == 0 else (T, 0)
                 if h0 is None:
                     hs[first] = 0
@@ -466,10 +464,17 @@ class _Recurrent(Layer):
                 # BP3/BP4 over all steps at once.
                 dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
                 hprev2 = _previous(hs, d, T).reshape(T * N, H)
-                self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate)
-                self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j], accumulate)
-                if self.bias:
-                    self._bias_grads(bufs, j, dgx2, dgh2 if mode == "GRU" else None, accumulate)
+                # BP4 with them: for an RNN and an LSTM dgh is dgx, so one column sum serves both.
+                gru, bias = mode == "GRU", self.bias
+                self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate,
+                                  self._db_ih[j] if bias else None)
+                self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j], accumulate,
+                                  self._db_hh[j] if bias and gru else None)
+                if bias and not gru:
+                    if accumulate:
+                        self._db_hh[j] += bufs.get(("dW_ih", j, "db"), self._db_ih[j].shape)
+                    else:
+                        self._db_hh[j][...] = self._db_ih[j]
                 if below:  # dx = Σ_d dgx_d W_ih_d: the layer below's dout (or dX)
                     if d == 0:
                         ops.rows_gemm(dgx2, self._W_ih[j], dx.reshape(T * N, n_in),
@@ -494,32 +499,19 @@ class _Recurrent(Layer):
             return dX, None
         return dX, ((dh0, dc0) if mode == "LSTM" else dh0)
 
-    def _bias_grads(self, bufs, j, dgx2, dgh2, accumulate):
-        """∂C/∂b_ih = Σ dgx, ∂C/∂b_hh = Σ dgh (BP4); dgh2 None: the same as dgx (RNN, LSTM), so
-        that one column sum serves both."""
-        ops = self.backend.ops
-        db_ih, db_hh = self._db_ih[j], self._db_hh[j]
-        if dgh2 is not None:
-            ops.bias_grad(dgx2, db_ih, accumulate=accumulate)
-            ops.bias_grad(dgh2, db_hh, accumulate=accumulate)
-        elif not accumulate:
-            ops.bias_grad(dgx2, db_ih)
-            db_hh[...] = db_ih
-        else:
-            tmp = bufs.get(("db", j), db_ih.shape)
-            ops.bias_grad(dgx2, tmp)
-            db_ih += tmp
-            db_hh += tmp
-
-    def _weight_grad(self, bufs, key, dG, A, dW, accumulate):
-        """dW (+)= dGᵀ A, one GEMM over all T·N rows (BP3)."""
+    def _weight_grad(self, bufs, key, dG, A, dW, accumulate, db=None):
+        """dW (+)= dGᵀ A, one GEMM over all T·N rows (BP3), and with db, db (+)= Σ_rows dG (BP4);
+        accumulating, the fresh sums stay in the buffers (key) and (key, "db")."""
         ops, matmul = self.backend.ops, self.backend.matmul
-        if accumulate:
-            tmp = bufs.get(key, dW.shape)
-            ops.weight_gemm(dG, A, tmp, matmul=matmul)
-            dW += tmp
-        else:
-            ops.weight_gemm(dG, A, dW, matmul=matmul)
+        if not accumulate:
+            ops.weight_gemm(dG, A, dW, db, matmul=matmul)
+            return
+        tmp = bufs.get(key, dW.shape)
+        tmp_db = None if db is None else bufs.get((*key, "db"), db.shape)
+        ops.weight_gemm(dG, A, tmp, tmp_db, matmul=matmul)
+        dW += tmp
+        if db is not None:
+            db += tmp_db
 
 
 class RNN(_Recurrent):

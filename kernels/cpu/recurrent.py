@@ -282,28 +282,47 @@ def _gru_backward_parallel(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, 
 # not woken in a recurrent step: its threads spin for a while after each GEMM and would take the
 # cores from the next time loop's chunks (measured: a step 1.5x slower).
 @njit(cache=True, error_model="numpy", parallel=True)
-def _rows_gemm_parallel(A, B, out, nchunks):
+def _rows_gemm_parallel(A, B, out, bias, add_bias, nchunks):
+    # Each chunk adds the bias to its rows right after its GEMM, while they are in the cache.
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
         np.dot(A[r0:r1], B, out[r0:r1])
+        if add_bias:
+            for i in range(r0, r1):
+                for j in range(out.shape[1]):
+                    out[i, j] = out[i, j] + bias[j]
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _weight_gemm_parallel(dG, A, partial, nchunks):
-    # Chunk c's rows give partial[c] = dG[rows]ᵀ A[rows]; the caller adds them in chunk order.
+def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
+    # Chunk c's rows give partial[c] = dG[rows]ᵀ A[rows] and (BP4) colsum[c] = Σ_rows dG in
+    # float64, in row order; the caller adds the chunks in chunk order.
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
         np.dot(dG[r0:r1].T, A[r0:r1], partial[c])
+        if sum_cols:
+            acc = colsum[c]
+            for j in range(dG.shape[1]):
+                acc[j] = 0.0
+            for i in range(r0, r1):
+                for j in range(dG.shape[1]):
+                    acc[j] += dG[i, j]
 
 
 @njit(cache=True, error_model="numpy")
-def _sum_partials(partial, dW):
+def _sum_partials(partial, dW, colsum, db, sum_cols):
     for i in range(dW.shape[0]):
         for j in range(dW.shape[1]):
             s = partial[0, i, j]
             for c in range(1, partial.shape[0]):
                 s += partial[c, i, j]
             dW[i, j] = s
+    if sum_cols:
+        for j in range(db.shape[0]):
+            s = colsum[0, j]
+            for c in range(1, colsum.shape[0]):
+                s += colsum[c, j]
+            db[j] = s
 
 
 # ---- BLAS threads during a time loop -----------------------------------------------------------
@@ -400,29 +419,35 @@ class RecurrentOps:
         return dgx, dgh, dh
 
     # ---- the GEMMs over all rows ---------------------------------------------------------------
-    def rows_gemm(self, A, B, out, matmul=None):
-        """out = A B, the rows split into the time loops' chunks (see the reference op)."""
-        check_gemm("rows_gemm", A, B, out)
+    def rows_gemm(self, A, B, out, bias=None, matmul=None):
+        """out = A B (+ bias), the rows split into the time loops' chunks (see the reference op)."""
+        check_gemm("rows_gemm", A, B, out, bias)
         nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
         if nchunks == 1:
-            return super().rows_gemm(A, B, out, matmul)
-        checks.float_arrays(("A", "out"), A, out)
+            return super().rows_gemm(A, B, out, bias, matmul)
+        add_bias = bias is not None
+        b = bias if add_bias else out[0]  # unused without a bias
+        checks.float_arrays(("A", "out", "bias"), A, out, b)
         B = _blas_operand(B, A.dtype, "B")
         with _one_blas_thread():
-            _rows_gemm_parallel(A, B, out, nchunks)
+            _rows_gemm_parallel(A, B, out, b, add_bias, nchunks)
         return out
 
-    def weight_gemm(self, dG, A, dW, matmul=None):
-        """dW = dGᵀ A: each chunk's rows one GEMM, the partial products added in chunk order."""
-        check_gemm("weight_gemm", dG, A, dW)
+    def weight_gemm(self, dG, A, dW, db=None, matmul=None):
+        """dW = dGᵀ A (and db = Σ_rows dG): each chunk's rows one GEMM and column sum, the chunks
+        added in chunk order (the sums in float64)."""
+        check_gemm("weight_gemm", dG, A, dW, db)
         nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
         if nchunks == 1:
-            return super().weight_gemm(dG, A, dW, matmul)
-        checks.float_arrays(("dG", "A", "dW"), dG, A, dW)
+            return super().weight_gemm(dG, A, dW, db, matmul)
+        sum_cols = db is not None
+        d = db if sum_cols else dW[0]  # unused without db
+        checks.float_arrays(("dG", "A", "dW", "db"), dG, A, dW, d)
         partial = np.empty((nchunks, *dW.shape), dW.dtype)
+        colsum = np.empty((nchunks, dG.shape[1]), np.float64)
         with _one_blas_thread():
-            _weight_gemm_parallel(dG, A, partial, nchunks)
-        _sum_partials(partial, dW)
+            _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks)
+        _sum_partials(partial, dW, colsum, d, sum_cols)
         return dW
 
     # ---- the time loops ------------------------------------------------------------------------

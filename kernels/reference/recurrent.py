@@ -126,9 +126,10 @@ def check_steps(op, arrays):
     return T, N, H
 
 
-def check_gemm(op, A, B, out):
-    """A ValueError unless the operands of ``rows_gemm`` (out = A B) or ``weight_gemm``
-    (out = Aᵀ B) are 2-D, their inner sizes agree and out has the product's shape."""
+def check_gemm(op, A, B, out, vec=None):
+    """A ValueError unless the operands of ``rows_gemm`` (out = A B + bias) or ``weight_gemm``
+    (out = Aᵀ B, db = Σ_rows A) are 2-D, their inner sizes agree, out has the product's shape and
+    the vector (bias or db, when given) as many entries as out has columns (rows)."""
     names = {"rows_gemm": ("A", "B", "out"), "weight_gemm": ("dG", "A", "dW")}[op]
     for name, a in zip(names, (A, B, out), strict=True):
         if getattr(a, "ndim", None) != 2:
@@ -143,6 +144,12 @@ def check_gemm(op, A, B, out):
                          f"and {tuple(B.shape)}")
     if tuple(out.shape) != shape:
         raise ValueError(f"{names[2]}: expected shape {shape}, got shape {tuple(out.shape)}")
+    if vec is not None:
+        want = (shape[1],) if op == "rows_gemm" else (shape[0],)
+        if tuple(getattr(vec, "shape", ())) != want:
+            name = "bias" if op == "rows_gemm" else "db"
+            got = f"shape {tuple(vec.shape)}" if hasattr(vec, "shape") else type(vec).__name__
+            raise ValueError(f"{name}: expected shape {want}, got {got}")
 
 
 def step_order(T, reverse):
@@ -163,17 +170,22 @@ class RecurrentOps:
     """Plain-xp recurrent cell ops (a mixin of ``ReferenceOps``: uses ``self.xp`` and ``sigmoid``)."""
 
     # ---- the layers' GEMMs over all T·N rows --------------------------------------------------
-    def rows_gemm(self, A, B, out, matmul=None):
-        """out = A B (A (M, K) C-contiguous, B (K, N) or a transposed view): the input
-        projections x W_ihᵀ and the input gradients dG W_ih of all steps at once."""
-        check_gemm("rows_gemm", A, B, out)
+    def rows_gemm(self, A, B, out, bias=None, matmul=None):
+        """out = A B (+ bias) (A (M, K) C-contiguous, B (K, N) or a transposed view, bias (N,)):
+        the input projections x W_ihᵀ + b_ih and the input gradients dG W_ih of all steps at once."""
+        check_gemm("rows_gemm", A, B, out, bias)
         (self.xp.matmul if matmul is None else matmul)(A, B, out=out)
+        if bias is not None:
+            self.bias_act(out, bias, "identity", out)
         return out
 
-    def weight_gemm(self, dG, A, dW, matmul=None):
-        """dW = dGᵀ A over all rows (BP3: dG (M, G·H), A (M, K), both C-contiguous; dW (G·H, K))."""
-        check_gemm("weight_gemm", dG, A, dW)
+    def weight_gemm(self, dG, A, dW, db=None, matmul=None):
+        """dW = dGᵀ A over all rows (BP3: dG (M, G·H), A (M, K), both C-contiguous; dW (G·H, K));
+        with db (G·H,) also db = Σ_rows dG (BP4)."""
+        check_gemm("weight_gemm", dG, A, dW, db)
         (self.xp.matmul if matmul is None else matmul)(dG.T, A, out=dW)
+        if db is not None:
+            self.bias_grad(dG, db)
         return dW
 
     # ---- RNN ---------------------------------------------------------------------------------
