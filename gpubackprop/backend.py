@@ -189,24 +189,26 @@ class Backend:
         # The GEMM the layers call: xp.matmul, or cuBLAS through nvmath-python while a CUDA graph
         # run lasts (use_cublas_matmul), whose calls stream capture allows.
         self.matmul = self.xp.matmul
-        if self.precision != "fp32" and self.on_gpu:
+        if self.precision != "fp32" and self.device == "cuda":
             self.matmul = self._matmul16()
         self.rng = np.random.default_rng(seed)
 
     def _matmul16(self):
-        """A bf16/fp16 model's GEMM on a GPU: cuBLAS GemmEx on 16-bit copies of the operands,
-        float32 output and accumulation (kernels/cuda/gemm16.py); without nvmath-python,
-        xp.matmul's float32 GEMM of the same 16-bit values (the same numbers, no tensor cores)."""
-        cublas = nvmath_cublas()
+        """A bf16/fp16 model's GEMM on device='cuda': cuBLAS GemmEx on 16-bit operands (16-bit
+        storage as it is, float32 ones cast), float32 accumulation, float32 or 16-bit C
+        (kernels/cuda/gemm16.py); in the simulator or without nvmath-python, float32 GEMMs of
+        the same 16-bit values (Widened16Matmul: the same numbers, no tensor cores)."""
+        from gpubackprop.kernels.cuda.gemm16 import Matmul16, Widened16Matmul
+
+        cublas = nvmath_cublas() if self.on_gpu else None
         if cublas is None:
-            import warnings
+            if self.on_gpu:
+                import warnings
 
-            warnings.warn("precision: bf16/fp16 GEMMs need nvmath-python for cuBLAS GemmEx (pip "
-                          "install 'gpubackprop[gpu]'); using float32 GEMMs of the 16-bit values",
-                          RuntimeWarning, stacklevel=3)
-            return self.xp.matmul
-        from gpubackprop.kernels.cuda.gemm16 import Matmul16
-
+                warnings.warn("precision: bf16/fp16 GEMMs need nvmath-python for cuBLAS GemmEx "
+                              "(pip install 'gpubackprop[gpu]'); using float32 GEMMs of the "
+                              "16-bit values", RuntimeWarning, stacklevel=3)
+            return Widened16Matmul(self.xp, self.ops, self.precision)
         return Matmul16(self.xp, cublas, self.ops, self.precision)
 
     def __repr__(self):
@@ -237,8 +239,9 @@ class Backend:
     def use_cublas_matmul(self, on=True):
         """Route the layers' GEMMs through cuBLAS by nvmath-python (on) or back to xp.matmul
         (a bf16/fp16 model on a GPU keeps its GemmEx either way: it is capture-safe too)."""
-        if self.precision != "fp32" and self.on_gpu and (nvmath_cublas() is not None or not on):
-            return  # Matmul16 (or, without nvmath, eager xp.matmul) stays
+        if self.precision != "fp32" and self.device == "cuda" and \
+                (nvmath_cublas() is not None or not on):
+            return  # Matmul16 (or, without nvmath, Widened16Matmul) stays
         if not on:
             close = getattr(self.matmul, "close", None)
             if close is not None:

@@ -87,11 +87,10 @@ def model_problems(model, comm=None, device=True):
     if be.kernels != "fused":
         problems.append(f"kernels={be.kernels!r}: the reference set reads the per-step values on "
                         f"the host; graphs need kernels='fused'")
-    if getattr(model, "loss_scaler", None) is not None:
-        problems.append("the fp16 loss scaler updates its scale on the host")
-    elif getattr(model, "precision", "fp32") != "fp32":
-        problems.append(f"precision={model.precision!r}: its 16-bit GEMMs do not go through the "
-                        f"capturable cuBLAS calls yet")
+    # bf16/fp16 are capturable: the GEMMs are GemmEx through nvmath-python (Matmul16, as in the
+    # eager run), the 16-bit weight copy one cast kernel into a kept buffer, and fp16's loss
+    # scaler lives on the device (scale, unscale + inf check, the update's skip gate, the scale
+    # update: kernels reading its state array, no host read).
     if comm is not None and comm.size > 1:
         problems.append(f"data-parallel training over {comm.size} processes (the gradient "
                         f"all-reduce is not captured)")
@@ -342,12 +341,19 @@ class StepGraphs:
                self.total_loss, self.total_correct]
         if opt._scale is not None:
             out.append(opt._scale)
+        scaler = getattr(model, "loss_scaler", None)
+        if scaler is not None:  # fp16: the scale, its growth tracker and the found-inf flag
+            out.append(scaler.state)
         return out
 
     def _buffers_in_use(self):
         """References to the buffers a graph reads that a cache could drop (kernel-set scratch,
         layer workspaces): kept with the graph, so their memory is never handed out again."""
         keep = list(getattr(self.be.ops, "_scratch", {}).values())
+        # The 16-bit GEMM's operand copies (Conv2d's float32 ones, cast per shape) and the
+        # model's own buffers (its input rounded to 16 bits).
+        keep.extend(getattr(self.be.matmul, "_buffers", {}).values())
+        keep.extend(self.model.__dict__.get("_workspaces", {}).values())
         for _, layer in self.model.leaves():
             keep.extend(layer.__dict__.get("_workspaces", {}).values())
         return keep

@@ -97,10 +97,31 @@ def weight_layers(leaves):
     return [layer for _, layer in leaves if PATHS.get(type(layer).__name__) == "16-bit"]
 
 
+def native16_layers(leaves):
+    """The leaves that keep real 16-bit device arrays on device="cuda" (layers/dense16.py)."""
+    return [layer for _, layer in leaves if type(layer).__name__ == "Dense"]
+
+
+def link16(layers):
+    """Mark the adjacent pairs of 16-bit Dense layers (``_native16``) in every chain among
+    ``layers``: the upper hands the lower's output on in 16 bits (``_out16``), the lower its
+    input gradient back in 16 bits (``_in16``); elsewhere they exchange float32 arrays."""
+    for chain in layers:
+        seq = getattr(chain, "layers", None)
+        if type(chain).__name__ != "Sequential" or not isinstance(seq, list):
+            continue
+        for lower, upper in zip(seq, seq[1:], strict=False):
+            if getattr(lower, "_native16", False) and getattr(upper, "_native16", False):
+                lower._out16 = upper._in16 = True
+
+
 def store16(be, A):
     """A (a float32 array, or a list of them; None passes) rounded in place to the model's 16-bit
-    precision: a value the GPU stores in 16 bits (an activation, an activation's gradient)."""
+    precision: a value the GPU stores in 16 bits (an activation, an activation's gradient). A
+    16-bit storage array (Dense's on the CUDA set) is 16-bit already and passes as it is."""
     if be.precision == "fp32" or A is None:
+        return A
+    if not isinstance(A, list) and A.dtype.itemsize == 2:
         return A
     if isinstance(A, list):
         return [store16(be, a) for a in A]

@@ -190,6 +190,40 @@ def test_graph_run_of_an_lstm():
     assert graphs[3].events.count("replay") == 9 - 2  # 3 batches an epoch (the last of 8 rows)
 
 
+def mlp16(precision, device="cpu"):
+    """A bf16/fp16 MLP: two adjacent Dense layers (16-bit activations between them on the CUDA
+    set), then Dropout (a float32 boundary); fp16 with a scale that overflows at first (skipped
+    steps, back-offs) and grows every 3 finite steps, inside the graph run."""
+    scaler = {"init_scale": 2.0**24, "growth_interval": 3} if precision == "fp16" else None
+    return gb.Sequential([gb.Dense(6, 24, activation="relu"), gb.Dense(24, 16, activation="gelu"),
+                          gb.Dropout(0.25), gb.Dense(16, 3)], device=device, seed=5,
+                         precision=precision, loss_scaler=scaler)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_graph_run_of_a_16_bit_mlp_equals_the_eager_run(precision):
+    assert cg.model_problems(mlp16(precision), device=False) == []  # the scaler on the device
+    runs = {}
+    for mode in ("off", "host"):
+        made, scales = [], []
+
+        def make(made=made):
+            made.append(mlp16(precision))
+            return made[-1]
+
+        def on_step(step, made=made, scales=scales):  # the scale after every step (a host read)
+            if made[-1].loss_scaler is not None:
+                scales.append(made[-1].loss_scaler.scale)
+        runs[mode] = run(mode, "adamw-clip", make, on_step=on_step), scales
+    (eager, eager_scales), (graphs, scales) = runs["off"], runs["host"]
+    assert_same_run(eager, graphs)  # get_state: the fp16 scaler's scale and growth tracker too
+    assert graphs[3].events.count("replay") == 15 - 2
+    assert scales == eager_scales and len(scales) == (15 if precision == "fp16" else 0)
+    if precision == "fp16":
+        moves = np.diff(np.log2([2.0**24] + scales))
+        assert (moves == -1).any() and (moves == 1).any()  # skipped steps and growth, replayed
+
+
 def test_a_per_step_host_scalar_in_the_step_is_caught(monkeypatch):
     """A layer that hands the step counter to a kernel as an argument: frozen in a real graph.
     Not on the capturable list, it is refused up front; listed anyway, the replay check fails

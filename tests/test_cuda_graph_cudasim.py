@@ -56,3 +56,19 @@ def test_graph_run_of_a_cnn_in_the_cuda_set():
     graphs = tg.run("host", "adamw-clip", cnn, X, y, **kw)
     tg.assert_same_run(tg.run("off", "adamw-clip", cnn, X, y, **kw), graphs)
     assert graphs[3].events.count("replay") == 6 - 2
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the skipped steps' inf, as on a GPU
+def test_graph_run_of_a_16_bit_mlp_in_the_cuda_set():
+    """fp16 on the CUDA set (16-bit device arrays between the Dense layers, the 16-bit weight
+    copy, the loss scaler's kernels with skipped steps) through the host capture backend."""
+    import numpy as np
+
+    model16 = functools.partial(tg.mlp16, "fp16", device="cuda")
+    kw = dict(epochs=2, batch_size=32)  # 3 batches an epoch, the last of 6 rows
+    graphs = tg.run("host", "adamw-clip", model16, **kw)
+    tg.assert_same_run(tg.run("off", "adamw-clip", model16, **kw), graphs)
+    assert graphs[3].events.count("replay") == 6 - 2
+    model = graphs[0]
+    assert [layer.W.dtype for layer in model.dense_layers()] == [np.float16] * 3
+    assert model.loss_scaler.scale < 2.0**24  # the first steps overflowed and were skipped

@@ -133,3 +133,111 @@ def test_fp16_training_through_the_cuda_set_equals_the_cpu_emulation():
     for k in p_ref:
         assert np.abs(p_ref[k] - start[k]).max() > 0.01  # the finite steps did update
         np.testing.assert_allclose(p_sim[k], p_ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_bias_act16_with_a_16_bit_bias(ops, dev, activation, precision):
+    """b read from the 16-bit weight copy: the same as the float32 bias of its values."""
+    rng = np.random.default_rng(2)
+    Z = rng.normal(0, 2, (5, 37)).astype(np.float32)
+    st = P.storage_dtype(precision)
+    b16 = P.to_storage(np, rng.normal(0, 1, 37).astype(np.float32), precision)
+    Zr = Z.copy()
+    Ar = REF.bias_act16(Zr, P.from_storage(np, b16, precision), activation, np.empty(Z.shape, st),
+                        precision)
+    Zd = dev(Z.copy())
+    Ad = ops.bias_act16(Zd, dev(b16), activation, dev(np.empty(Z.shape, st)), precision)
+    np.testing.assert_array_equal(to_numpy(Zd), Zr)  # one float32 addition of the same values
+    ulp = 2.0**-10 if precision == "fp16" else 2.0**-7
+    np.testing.assert_allclose(P.from_storage(np, to_numpy(Ad), precision),
+                               P.from_storage(np, Ar, precision), rtol=ulp, atol=1e-6)
+    with pytest.raises(ValueError, match=r"b: expected shape \(37,\)"):
+        ops.bias_act16(Zd, dev(b16[:5]), activation, dev(np.empty(Z.shape, st)), precision)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 70])  # one chunk, ragged chunks (BIAS_GRAD_ROWS 8)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_bias_grad16_equals_the_float32_kernel_on_the_widened_values(ops, dev, rows, precision):
+    rng = np.random.default_rng(rows)
+    n = 45
+    dZ = P.to_storage(np, rng.normal(0, 1, (rows, n)).astype(np.float32), precision)
+    wide = P.from_storage(np, dZ, precision)
+    db0 = rng.normal(size=n).astype(np.float32)
+    for accumulate in (False, True):
+        want = ops.bias_grad(dev(wide), dev(db0.copy()), accumulate=accumulate)
+        got = ops.bias_grad16(dev(dZ), dev(db0.copy()), precision, accumulate=accumulate)
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))  # same sums, same order
+        ref = REF.bias_grad16(dZ, db0.copy(), precision, accumulate=accumulate)
+        np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ref, wide.astype(np.float64).sum(0) + accumulate * db0,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"dZ: expected a C-contiguous"):
+        ops.bias_grad16(dev(wide), dev(db0.copy()), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_widened16_matmul_reads_and_writes_16_bit_storage(ops, dev, precision):
+    """The GEMM the CUDA set's Dense calls without GemmEx: 16-bit operands (transposed views
+    too), float32 or 16-bit C; the float64 product of small integers / 8 is exact."""
+    from gpubackprop.kernels.cuda.gemm16 import Widened16Matmul
+
+    rng = np.random.default_rng(3)
+    st = P.storage_dtype(precision)
+    mm = Widened16Matmul(np, ops, precision)
+    a = (rng.integers(-4, 5, (9, 6)) / 8).astype(np.float32)
+    b = (rng.integers(-4, 5, (4, 6)) / 8).astype(np.float32)
+    want = a.astype(np.float64) @ b.T.astype(np.float64)
+    a16, b16 = dev(P.to_storage(np, a, precision)), dev(P.to_storage(np, b, precision))
+    out = dev(np.empty((9, 4), np.float32))
+    np.testing.assert_array_equal(to_numpy(mm(a16, b16.T, out=out)), want)
+    np.testing.assert_array_equal(to_numpy(mm(dev(a), b16.T, out=out)), want)  # a float32 one
+    out16 = dev(np.empty((9, 4), st))
+    assert mm(a16, b16.T, out=out16) is out16
+    np.testing.assert_array_equal(P.from_storage(np, to_numpy(out16), precision), want)
+    g = mm(a16.T, dev(np.ones((9, 3), np.float32)))  # Δᵀ X as BP3 reads it
+    np.testing.assert_array_equal(to_numpy(g), a.T.astype(np.float64) @ np.ones((9, 3)))
+
+
+@pytest.mark.skipif(not is_cudasim(), reason="the simulator run (on a GPU: test_precision_gemm)")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # an overflowed fp16 step's inf
+def test_the_cuda_sets_dense_keeps_16_bit_arrays_and_trains_as_the_emulation():
+    """A 4-layer fp16 MLP on the CUDA set: the Dense layers hold 16-bit device arrays (the weight
+    copy, the activations and Δ between adjacent Dense layers, a 16-bit BP2 GEMM output), float32
+    only at the loss; its predictions before training equal the CPU emulation's bit for bit
+    (relu/identity: the same float32 sums of the same 16-bit values, rounded once), and 4 Adam
+    steps give losses within 16-bit rounding (2^-10 relative) and parameters to float32 noise."""
+    import gpubackprop as gb
+    from gpubackprop.layers.dense16 import Workspace16
+
+    rng = np.random.default_rng(8)
+    X, y = rng.normal(size=(36, 10)), rng.integers(0, 4, 36)
+    runs = []
+    for device, kernels in (("cuda", "fused"), ("cpu", "reference"), ("cpu", "fused")):
+        model = gb.Sequential([gb.Dense(10, 24, activation="relu"),
+                               gb.Dense(24, 20, activation="tanh"),
+                               gb.Dense(20, 16, activation="relu"), gb.Dense(16, 4)],
+                              device=device, kernels=kernels, seed=4, precision="fp16")
+        before = model.predict(X)
+        opt = gb.Adam(lr=0.01)
+        losses = [gb.train_step(model, gb.SoftmaxCrossEntropy(), opt, X, y) for _ in range(4)]
+        runs.append((before, losses, model.get_params(), model))
+    sim = runs[0][3]
+    st = np.dtype(np.float16)
+    assert sim.flat_params16_storage.dtype == st and sim.flat_params16 is None
+    layers = sim.dense_layers()
+    assert [(d._out16, d._in16) for d in layers] == [(True, False), (True, True), (True, True),
+                                                     (False, True)]
+    spaces = [d._workspaces[36] for d in layers]
+    assert all(isinstance(ws, Workspace16) for ws in spaces)
+    assert [ws.A is None for ws in spaces] == [True, True, True, False]  # float32 only at the loss
+    assert [ws.dX.dtype for ws in spaces[1:]] == [st] * 3  # 16-bit BP2 outputs
+    assert all(ws.A16.dtype == st and ws.dZ16.dtype == st for ws in spaces)
+    assert "X16" in spaces[0].bufs and all("X16" not in ws.bufs for ws in spaces[1:])
+    sim.predict(X[:2])  # a forward: the copy made from the master weights as they are now
+    np.testing.assert_array_equal(sim.flat_params16_storage, sim.flat_params.astype(np.float16))
+    for before, losses, params, _ in runs[1:]:
+        np.testing.assert_array_equal(runs[0][0], before)
+        np.testing.assert_allclose(runs[0][1], losses, rtol=2.0**-10)
+        for k in params:
+            np.testing.assert_allclose(runs[0][2][k], params[k], rtol=1e-5, atol=1e-6)

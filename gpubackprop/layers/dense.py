@@ -6,6 +6,7 @@ import numpy as np
 
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, size_of
+from gpubackprop.layers.dense16 import forward16, infer16
 from gpubackprop.layers.registry import REQUIRED, SpecToken, register
 from gpubackprop.validation import check_choice, positive_int
 
@@ -116,6 +117,10 @@ class Dense(Layer):
         self._multiply = backend.xp.multiply
         self._saves_input = saves_input(self.activation)
         self._precision = backend.precision  # bf16/fp16: W, b are views of the 16-bit copy
+        # bf16/fp16 on device="cuda": that copy is 16-bit storage, and so are the activations
+        # (layers/dense16.py); _out16/_in16 (16-bit A out, 16-bit dX back) are set by the model.
+        self._native16 = self._precision != "fp32" and self.W.dtype.itemsize == 2
+        self._out16 = self._in16 = False
 
     def _workspace(self, B):
         return self.workspace(B, lambda: _Workspace(self.backend, B, self.n_in, self.n_out,
@@ -126,7 +131,7 @@ class Dense(Layer):
         if X.ndim < 2 or X.shape[-1] != self.n_in:
             raise ValueError(f"Dense({self.n_in}, {self.n_out}) input: expected shape (batch, "
                              f"{'..., ' if X.ndim > 2 else ''}{self.n_in}), got {tuple(X.shape)}")
-        if X.dtype != self._dtype:
+        if X.dtype != self._dtype and not (self._native16 and X.dtype == self.W.dtype):
             raise TypeError(f"Dense input: expected dtype {self._dtype}, got {X.dtype}")
         if X.ndim > 2:  # (N, ..., n_in): the GEMMs on the (rows, n_in) view, the output reshaped
             Y, backprop = self.forward(X.reshape(-1, self.n_in), train, input_grad)
@@ -141,6 +146,8 @@ class Dense(Layer):
             return Y.reshape(*lead, self.n_out), backprop_rows
         if not train:
             return self._infer(X), no_backprop
+        if self._native16:
+            return forward16(self, X, input_grad)
         # Training: everything lives in this batch size's workspace, so a step allocates nothing.
         ws = self._workspaces.get(X.shape[0]) or self._workspace(X.shape[0])
         Z, A = ws.Z, ws.A
@@ -184,6 +191,8 @@ class Dense(Layer):
         return A, backprop
 
     def _infer(self, X):
+        if self._native16:
+            return infer16(self, X)
         be = self.backend
         Z = be.empty((X.shape[0], self.n_out))
         A = be.empty(Z.shape) if self._saves_input else Z

@@ -197,14 +197,22 @@ class Model(Layer):
         # (refreshed by every top-level forward: gpubackprop.precision), the rest the masters.
         lowp_layers = {id(layer) for layer in mixed.weight_layers(leaves)} \
             if self.precision != "fp32" else set()
-        self.flat_params16 = be.empty(self.flat_params.shape) if lowp_layers else None
+        # On device="cuda" the Dense layers read a real 16-bit copy (flat_params16_storage: one
+        # cast a step, views per layer; layers/dense16.py), the others the float32 rounded one.
+        native = {id(layer) for layer in mixed.native16_layers(leaves)} \
+            if lowp_layers and be.device == "cuda" else set()
+        self.flat_params16 = be.empty(self.flat_params.shape) if lowp_layers - native else None
+        self.flat_params16_storage = be.empty(self.flat_params.shape,
+                                              mixed.storage_dtype(self.precision)) \
+            if native else None
         if self.loss_scaler is not None:
             self.loss_scaler.attach(be)
         self.state_buffers = {dt: be.zeros((n,), dt) for dt, n in state_offsets.items()}
         views = {id(layer): ({}, {}, {}) for _, layer in leaves}
         for _, layer, name, o, shape in params:
             p, g, _ = views[id(layer)]
-            src = self.flat_params16 if id(layer) in lowp_layers else self.flat_params
+            src = self.flat_params16_storage if id(layer) in native else \
+                self.flat_params16 if id(layer) in lowp_layers else self.flat_params
             p[name] = src[o:o + size_of(shape)].reshape(shape)
             g[name] = self.flat_grads[o:o + size_of(shape)].reshape(shape)
         for _, layer, name, dt, o, shape, h in states:
@@ -215,6 +223,8 @@ class Model(Layer):
         self._context = ModelContext(self.seed)
         for index, (_, layer) in enumerate(leaves):
             layer.attach(be, *views[id(layer)], self._context, index)
+        if native:
+            mixed.link16(walk(self))  # 16-bit activations between adjacent 16-bit Dense layers
         # The combinators under this model (Residual, inner models) run on its backend.
         for layer in walk(self):
             if layer is self or not layer.children():
@@ -309,6 +319,8 @@ class Model(Layer):
         be, p = self._backend, self.precision
         if self.flat_params16 is not None:
             be.ops.round16(self.flat_params, p, self.flat_params16)
+        if self.flat_params16_storage is not None:  # the Dense layers' 16-bit copy: one kernel
+            be.ops.cast16(self.flat_params, self.flat_params16_storage, p)
         several = isinstance(X, (list, tuple))
         out = []
         for i, (x, dt) in enumerate(zip(X if several else [X], self.input_dtypes, strict=True)):

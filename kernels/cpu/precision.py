@@ -161,9 +161,13 @@ class PrecisionOps:
         return X
 
     def bias_act16(self, Z, b, activation, A, precision):
-        """Z += b (float32, in place), A (16-bit) = σ(Z): the float32 kernel, then the cast."""
+        """Z += b (float32, in place), A (16-bit) = σ(Z): the float32 kernel, then the cast; b
+        float32 or 16-bit storage (widened first)."""
         check_f32("Z", Z)
         check_storage("A", A, precision, Z.shape)
+        if getattr(b, "dtype", None) == A.dtype:
+            check_storage("b", b, precision, Z.shape[1:])
+            b = self.widen16(b, np.empty(b.shape, np.float32), precision)
         A32 = np.empty(Z.shape, np.float32)
         self.bias_act(Z, b, activation, A32)
         return self.cast16(A32, A, precision)

@@ -10,10 +10,16 @@ graph capture (kernels/cuda/cublas.py). CuPy's own compute-type switch
 picks the accumulation of a float16 GEMM, not its output type. So the GEMM is called directly,
 with the row-major -> column-major mapping of ``cublas.gemm_calls``.
 
-The model's 16-bit tensors are float32 arrays holding 16-bit values (gpubackprop.precision), so
-each operand is cast to a 16-bit scratch copy first (exact: the values are already 16-bit), in its
-own layout (a transposed view stays a transposed view: ``op T``), by the CUDA set's ``cast16``;
-two elementwise passes per GEMM next to a GEMM of 2·m·n·k tensor-core FLOPs.
+An operand is either 16-bit storage (float16, or uint16 holding bfloat16 bits: what Dense keeps
+on the CUDA set, its activations, Δ and the model's 16-bit weight copy), read as it is, or a
+float32 array holding 16-bit values (the other 16-bit layers, Conv2d), cast to a 16-bit scratch
+copy first (exact: the values are already 16-bit) in its own layout (a transposed view stays a
+transposed view: ``op T``) by the CUDA set's ``cast16``. C is float32, or 16-bit storage (Dense's
+BP2 GEMM feeding the layer below: cuBLAS rounds the float32 accumulator once, to nearest even).
+
+``Widened16Matmul`` is the same contract without GemmEx (Numba's simulator, a GPU without
+nvmath-python): 16-bit operands widened exactly to float32, xp.matmul's float32 GEMM, a 16-bit C
+cast from its float32 result: the same numbers, no tensor cores.
 """
 
 import numpy as np
@@ -33,7 +39,9 @@ BINDINGS = {"gemm_ex": 19, "gemm_strided_batched_ex": 23}  # name -> arguments p
 def as16(xp, ops, a, precision, scratch):
     """A 16-bit storage copy of the float32 array ``a`` (holding 16-bit values), in a's layout
     where a or its last-two-axes transpose is C-contiguous (else a contiguous copy);
-    ``scratch(shape)`` gives the buffer."""
+    ``scratch(shape)`` gives the buffer. A 16-bit storage ``a`` is returned as it is."""
+    if a.dtype != F32:
+        return a
     if a.flags.c_contiguous:
         return ops.cast16(a, scratch(a.shape), precision)
     t = a.swapaxes(-1, -2)
@@ -67,10 +75,14 @@ class Matmul16(CublasMatmul):
             return buf
         return make
 
+    def takes(self, *arrays):
+        """Whether this GEMM handles these operands (float32 or this precision's 16-bit storage,
+        at least 2-D); others go to ``cupy.matmul``."""
+        return all(x is None or (x.ndim >= 2 and x.dtype in (F32, self.storage)) for x in arrays)
+
     def __call__(self, a, b, out=None):
         cp = self.cp
-        if a.ndim < 2 or b.ndim < 2 or a.dtype != F32 or b.dtype != F32 or \
-                (out is not None and out.dtype != F32):
+        if not self.takes(a, b, out):
             return cp.matmul(a, b, out=out)
         if out is None:
             shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
@@ -80,6 +92,7 @@ class Matmul16(CublasMatmul):
         if a.shape[-1] == 0:
             out[...] = 0
             return out
+        ctype, c_size = (CUDA_R_32F, 4) if out.dtype == F32 else (self.type16, 2)
         a16 = as16(cp, self.ops, a, self.precision, self._scratch("a"))
         b16 = as16(cp, self.ops, b, self.precision, self._scratch("b"))
         calls = gemm_calls(a16.shape, element_strides(a16), b16.shape, element_strides(b16),
@@ -94,13 +107,57 @@ class Matmul16(CublasMatmul):
         pa, pb, pc, t = a16.data.ptr, b16.data.ptr, out.data.ptr, self.type16
         for c in calls:
             # cuBLAS's A is our b, its B our a (kernels/cuda/cublas.py's docstring).
-            A, B, C = pb + 2 * c.a_offset, pa + 2 * c.b_offset, pc + 4 * c.c_offset
+            A, B, C = pb + 2 * c.a_offset, pa + 2 * c.b_offset, pc + c_size * c.c_offset
             if c.batch == 1:
                 c16.gemm_ex(h, c.transa, c.transb, c.m, c.n, c.k, alpha, A, t, c.lda, B, t, c.ldb,
-                            beta, C, CUDA_R_32F, c.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+                            beta, C, ctype, c.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
             else:
                 c16.gemm_strided_batched_ex(h, c.transa, c.transb, c.m, c.n, c.k, alpha, A, t,
                                             c.lda, c.stride_a, B, t, c.ldb, c.stride_b, beta, C,
-                                            CUDA_R_32F, c.ldc, c.stride_c, c.batch,
+                                            ctype, c.ldc, c.stride_c, c.batch,
                                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         return out
+
+
+class Widened16Matmul:
+    """Matmul16's contract without GemmEx (the simulator, a GPU without nvmath-python): 16-bit
+    storage operands widened exactly to float32 (``widen16``), xp.matmul's float32 GEMM, a 16-bit
+    ``out`` cast from the float32 product (``cast16``); float32 operands go to xp.matmul as they
+    are. The buffers are kept per shape, so a step allocates nothing after the first."""
+
+    def __init__(self, xp, ops, precision):
+        if precision not in TYPE16:
+            raise ValueError(f"precision: expected one of {tuple(TYPE16)}, got {precision!r}")
+        self.xp, self.ops, self.precision = xp, ops, precision
+        self.storage = np.dtype(np.float16 if precision == "fp16" else np.uint16)
+        self._buffers = {}
+        self.__name__ = "matmul"  # as xp.matmul (the graph tests' capture names the GEMM)
+
+    def _buffer(self, slot, shape):
+        key = (slot, tuple(shape))
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) > 64:
+                self._buffers.clear()
+            buf = self._buffers[key] = self.xp.empty(shape, F32)
+        return buf
+
+    def _widened(self, slot, a):
+        if a.dtype != self.storage:
+            return a
+        if a.flags.c_contiguous:
+            return self.ops.widen16(a, self._buffer(slot, a.shape), self.precision)
+        t = a.swapaxes(-1, -2)  # a transposed view (W.T, Δᵀ): widen its contiguous base
+        if t.flags.c_contiguous:
+            return self.ops.widen16(t, self._buffer(slot, t.shape), self.precision).swapaxes(-1, -2)
+        a = self.xp.ascontiguousarray(a)
+        return self.ops.widen16(a, self._buffer(slot, a.shape), self.precision)
+
+    def __call__(self, a, b, out=None):
+        xp = self.xp
+        a32, b32 = self._widened("a", a), self._widened("b", b)
+        if out is None or out.dtype != self.storage:
+            return xp.matmul(a32, b32, out=out)
+        c32 = self._buffer("c", out.shape)
+        xp.matmul(a32, b32, out=c32)
+        return self.ops.cast16(c32, out, self.precision)

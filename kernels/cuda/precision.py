@@ -18,9 +18,9 @@ import math
 import numpy as np
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cuda.dense import ACT_CODE, activate
+from gpubackprop.kernels.cuda.dense import ACT_CODE, BIAS_GRAD_ROWS, _col_sum_finish, activate
 from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
-from gpubackprop.kernels.cuda.numerics import mul
+from gpubackprop.kernels.cuda.numerics import imin, mul
 from gpubackprop.kernels.reference import GELU_C, GELU_K, LEAKY_SLOPE
 from gpubackprop.kernels.reference.dense import INV_SQRT_2PI, SQRT1_2
 from gpubackprop.kernels.reference.precision import (
@@ -100,6 +100,45 @@ def _bias_act16(Z, b, A, act, bf16):
         z = Z[i, j] + b[j]
         Z[i, j] = z
         store16(A, idx, activate(z, act, Z), bf16)
+
+
+@kernel_body("void(float32[:, ::1], {h}[::1], {h}[::1], int64, boolean)")
+def _bias16_act16(Z, b, A, act, bf16):
+    """Z += b (b read from the 16-bit weight copy, added in float32), A = σ(Z) in 16 bits."""
+    B, n = Z.shape
+    for idx in range(cuda.grid(1), B * n, cuda.gridsize(1)):
+        i = idx // n
+        j = idx - i * n
+        z = Z[i, j] + load16(b, j, bf16)
+        Z[i, j] = z
+        store16(A, idx, activate(z, act, Z), bf16)
+
+
+@kernel_body("void({h}[::1], int64, float32[::1], boolean, boolean)")
+def _bias_grad16(dZ, n, db, accumulate, bf16):
+    """Few rows of a 16-bit Δ (flat, rows of n): a thread a column, float32 sums in row order
+    (the float32 kernel's order, so the same bits as it gives on the widened Δ)."""
+    B = dZ.size // n
+    for j in range(cuda.grid(1), n, cuda.gridsize(1)):
+        s = np.float32(0)
+        for i in range(B):
+            s += load16(dZ, i * n + j, bf16)
+        db[j] = db[j] + s if accumulate else s
+
+
+@kernel_body("void({h}[::1], int64, float32[:, ::1], boolean)")
+def _col_sum_chunks16(dZ, n, partial, bf16):
+    """partial[c, j] = Σ of column j of the 16-bit Δ over rows [c·R, (c+1)·R), in float32."""
+    B = dZ.size // n
+    chunks = partial.shape[0]
+    R = (B + chunks - 1) // chunks
+    for idx in range(cuda.grid(1), chunks * n, cuda.gridsize(1)):
+        c = idx // n
+        j = idx - c * n  # consecutive threads read consecutive columns: coalesced
+        s = np.float32(0)
+        for i in range(c * R, imin(B, (c + 1) * R)):
+            s += load16(dZ, i * n + j, bf16)
+        partial[c, j] = s
 
 
 @kernel_body("void({h}[::1], {h}[::1], {h}[::1], int64, boolean)")
@@ -205,15 +244,41 @@ class PrecisionOps:
         return X
 
     def bias_act16(self, Z, b, activation, A, precision):
-        """Z += b (float32, in place), A (16-bit) = σ(Z) in float32: one kernel."""
+        """Z += b (float32, in place), A (16-bit) = σ(Z) in float32: one kernel; b float32, or
+        16-bit storage (a view of the model's 16-bit weight copy)."""
         check_f32("Z", Z)
-        check_f32("b", b, Z.shape[1:])
         check_storage("A", A, precision, Z.shape)
         act = ACT_CODE.get(activation)
         if act is None:
             raise checks.unknown_activation(activation)
+        if getattr(b, "dtype", None) == A.dtype:
+            check_storage("b", b, precision, Z.shape[1:])
+            self._launch16(_bias16_act16, Z.size, A, as_2d(Z), b, A.reshape(-1), act,
+                           precision == "bf16")
+            return A
+        check_f32("b", b, Z.shape[1:])
         self._launch16(_bias_act16, Z.size, A, as_2d(Z), b, A.reshape(-1), act, precision == "bf16")
         return A
+
+    def bias_grad16(self, dZ, db, precision, accumulate=False):
+        """db (float32) (+)= Σ_rows dZ (16-bit storage), summed in float32: the float32 kernels'
+        chunks and order (BIAS_GRAD_ROWS), so the bits of bias_grad on the widened dZ."""
+        check_storage("dZ", dZ, precision)
+        if dZ.ndim != 2:
+            raise ValueError(f"dZ: expected a 2-D (rows, n) array, got shape {tuple(dZ.shape)}")
+        B, n = dZ.shape
+        check_f32("db", db, (n,))
+        accumulate, bf16 = bool(accumulate), precision == "bf16"
+        if n == 0:
+            return db
+        chunks = -(-B // BIAS_GRAD_ROWS)
+        if chunks <= 1:
+            self._launch16(_bias_grad16, n, dZ, dZ.reshape(-1), n, db, accumulate, bf16)
+            return db
+        partial = self.scratch("bias_grad16", (chunks, n), np.dtype(np.float32))
+        self._launch16(_col_sum_chunks16, chunks * n, dZ, dZ.reshape(-1), n, partial, bf16)
+        self.launch(_col_sum_finish, n, np.dtype(np.float32), partial, db, accumulate)
+        return db
 
     def act_backward16(self, dA, saved, activation, dZ, precision):
         """dZ (16-bit) = dA ⊙ σ'(saved), 16-bit in and out, float32 inside: one kernel."""

@@ -79,10 +79,14 @@ class PrecisionOps:
 
     # ---- 16-bit forward and backward of an activation ---------------------------------------------
     def bias_act16(self, Z, b, activation, A, precision):
-        """Z += b (float32, in place), then A (16-bit storage) = σ(Z) computed in float32."""
+        """Z += b (float32, in place), then A (16-bit storage) = σ(Z) computed in float32; b is
+        float32 or 16-bit storage (the model's 16-bit weight copy), added as its float32 value."""
         check_f32("Z", Z)
-        check_f32("b", b, Z.shape[1:])
         check_storage("A", A, precision, Z.shape)
+        if getattr(b, "dtype", None) == A.dtype:
+            check_storage("b", b, precision, Z.shape[1:])
+            b = policy.from_storage(self.xp, b, precision)
+        check_f32("b", b, Z.shape[1:])
         A32 = self.xp.empty(Z.shape, F32)
         DenseOps.bias_act(self, Z, b, activation, A32)  # the reference's float32 op
         return self.cast16(A32, A, precision)
@@ -98,6 +102,16 @@ class PrecisionOps:
         d = xp.empty(dA.shape, F32)
         DenseOps.act_backward(self, a, s, activation, d)
         return self.cast16(d, dZ, precision)
+
+    def bias_grad16(self, dZ, db, precision, accumulate=False):
+        """BP4 on a 16-bit Δ: db (float32) (+)= Σ_rows dZ, dZ (rows, n) 16-bit storage, the
+        values widened exactly and summed in float32."""
+        check_storage("dZ", dZ, precision)
+        if dZ.ndim != 2:
+            raise ValueError(f"dZ: expected a 2-D (rows, n) array, got shape {tuple(dZ.shape)}")
+        check_f32("db", db, dZ.shape[1:])
+        return DenseOps.bias_grad(self, policy.from_storage(self.xp, dZ, precision), db,
+                                  accumulate)
 
     # ---- dynamic loss scaling ---------------------------------------------------------------------
     def unscale_check(self, g, state):
