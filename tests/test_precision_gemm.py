@@ -134,7 +134,7 @@ def _fakes():
 
         def gemm_strided_batched_ex(self, h, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb,
                                     sb, beta, C, ct, ldc, sc, batch, compute, algo):
-            assert at == bt and ct == gemm16.CUDA_R_32F
+            assert at == bt and ct in (gemm16.CUDA_R_32F, at)  # float32 C, or 16-bit as A, B
             assert compute == gemm16.CUBLAS_COMPUTE_32F and algo == gemm16.CUBLAS_GEMM_DEFAULT
             assert ctypes.c_float.from_address(alpha).value == 1
             assert ctypes.c_float.from_address(beta).value == 0
@@ -143,10 +143,18 @@ def _fakes():
             ext_c = (m - 1) + (n - 1) * ldc + 1
             last = batch - 1
             call = cublas.GemmCall(ta, tb, m, n, k, lda, ldb, ldc, 0, 0, 0, batch, sa, sb, sc)
-            cublas.emulate(call, self._values16(A, ext_a + last * sa, at),
-                           self._values16(B, ext_b + last * sb, bt),
-                           _flat(C, np.float32, ext_c + last * sc))
-            self.log.append(("gemm_ex", h, batch, at))
+            a16, b16 = self._values16(A, ext_a + last * sa, at), self._values16(B, ext_b + last * sb, bt)
+            if ct == gemm16.CUDA_R_32F:
+                cublas.emulate(call, a16, b16, _flat(C, np.float32, ext_c + last * sc))
+            else:  # the float32 accumulator rounded once into 16-bit C
+                n_c = ext_c + last * sc
+                c = self._values16(C, n_c, ct)
+                cublas.emulate(call, a16, b16, c)
+                bits = np.ctypeslib.as_array((ctypes.c_uint16 * n_c).from_address(C))
+                store = P.to_storage(np, c.astype(np.float32), "fp16" if ct == gemm16.CUDA_R_16F
+                                     else "bf16")
+                bits[:] = store.view(np.uint16)
+            self.log.append(("gemm_ex", h, batch, at, ct))
 
         def gemm_ex(self, h, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc,
                     compute, algo):
@@ -175,3 +183,45 @@ def test_matmul16_end_to_end_on_fake_bindings(precision):
         assert {e[3] for e in c.log if e[0] == "gemm_ex"} == {gemm16.TYPE16[precision]}
     mm(dev(rng, (3, 4), np.float64, False), dev(rng, (4, 2), np.float64, False))  # not float32
     assert cp.matmul_calls == 1
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_matmul16_reads_16_bit_storage_as_it_is_and_writes_16_bit_c(precision):
+    """The CUDA set's Dense hands GemmEx 16-bit storage (X₁₆, the weight copy's transposed view
+    W₁₆ᵀ, Δ₁₆ᵀ): no cast kernel for them; C float32 (Z, BP3) or 16-bit (BP2 to a 16-bit Dense)."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    cases, dev, Fake16, FakeCupy = _fakes()
+    rng = np.random.default_rng(9)
+    st = P.storage_dtype(precision)
+
+    class CountingOps(CpuOps):
+        casts = 0
+
+        def cast16(self, X, H, precision):
+            CountingOps.casts += 1
+            return super().cast16(X, H, precision)
+
+    for a_shape, b_shape, ta, tb in cases[:4]:  # the 2-D ones: Dense's GEMMs
+        cp, c = FakeCupy(), Fake16()
+        mm = gemm16.Matmul16(cp, c, CountingOps(np), precision)
+        a, b = dev(rng, a_shape, np.float32, ta) / 8, dev(rng, b_shape, np.float32, tb) / 8
+        want = np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        a16 = P.to_storage(np, np.asarray(a), precision)  # 16-bit storage in a's layout
+        b16 = P.to_storage(np, np.asarray(b), precision)
+        a16 = (a16.T.copy().T if ta else a16).view(type(a))
+        b16 = (b16.T.copy().T if tb else b16).view(type(b))
+        CountingOps.casts = 0
+        out = cp.empty(want.shape, np.float32)
+        assert mm(a16, b16, out) is out
+        np.testing.assert_array_equal(out, want)
+        assert CountingOps.casts == 0
+        mm(a16, b, out)  # a 16-bit and a float32 operand (inference: X float32, W₁₆ᵀ)
+        np.testing.assert_array_equal(out, want)
+        assert CountingOps.casts == 1
+        out16 = cp.empty(want.shape, st)
+        assert mm(a16, b16, out16) is out16
+        np.testing.assert_array_equal(P.from_storage(np, np.asarray(out16), precision), want)
+        assert [e[4] for e in c.log if e[0] == "gemm_ex"] == \
+            [gemm16.CUDA_R_32F] * 2 + [gemm16.TYPE16[precision]]
+        assert cp.matmul_calls == 0
