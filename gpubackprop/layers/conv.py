@@ -37,6 +37,7 @@ False (im2col + GEMM). The rounding differs from the direct sum's by a few units
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -100,6 +101,8 @@ class _Workspace:
 
 
 _WORKER = []
+# A forked child has no worker thread (the executor's thread stays in the parent): it makes its own.
+os.register_at_fork(after_in_child=_WORKER.clear)
 
 
 def _worker():
