@@ -346,6 +346,12 @@ def test_torch_twin_is_the_same_network(key):
     training mode (batch statistics) and, after it, in eval mode (the running statistics)."""
     torch = pytest.importorskip("torch")
     p = _plan(key)
+    if "dropout=" in p.spec:  # the same network, compared without its dropout's random masks
+        from gpubackprop.modelspec import plan
+
+        assert isinstance(benchmark.torch_twin(p)[0], torch.nn.TransformerEncoder)
+        assert benchmark.torch_twin(p)[0].layers[0].dropout.p == 0.1
+        p = plan(p.spec.replace("dropout=0.1", "dropout=0"), p.input_shape, p.output_shape[0])
     net = benchmark.torch_twin(p).double()
     model = benchmark.network_contender(p, 3, "cpu", "fused", dtype="float64").model
     assert model.n_params == sum(t.numel() for t in net.parameters())
@@ -404,7 +410,7 @@ def test_step_time_split_clocks_every_layer_kind(key):
                            "pooling", "residual add", "dense"},
                 "gru": {"recurrent GEMM", "recurrent time loop", "recurrent other", "dense"},
                 "transformer": {"layer norm", "residual add", "attention GEMM", "softmax",
-                                "attention other", "dense"}}[key]
+                                "attention other", "dense", "dropout"}}[key]
     assert set(split) == expected | {"rest"}
     assert all(split[k] > 0 for k in expected) and split["rest"] >= 0
     # restored: the kernel set, the array module and every layer's own forward
