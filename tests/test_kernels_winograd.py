@@ -326,6 +326,16 @@ def test_conv2d_takes_winograd_where_the_rule_and_the_kernel_set_say(backend_spe
         wide._winograd()
 
 
+def test_conv2d_keeps_the_gemm_path_under_16_bit_precision():
+    """bf16/fp16 models' conv GEMMs take the 16-bit values themselves (the GPU's numerics)."""
+    for precision, expected in (("fp32", True), ("bf16", False), ("fp16", False)):
+        layer = gb.Conv2d(16, 16, 3, padding=1)
+        model = gb.Sequential([layer], input_shape=(16, 32, 32), kernels="fused", device="cpu",
+                              precision=precision)
+        assert model.backend.precision == precision  # (binds the layers)
+        assert layer._winograd() is expected, precision
+
+
 def test_conv2d_winograd_halves_give_the_same_bits_on_one_thread_and_two(rng):
     """The fused CPU set runs the two halves of a batch's chunks on two threads: the same halves,
     so the same results, as one after the other."""

@@ -31,9 +31,10 @@ GEMMs M = U · V with U = GgGᵀ, Z = AᵀMA; backprop by the adjoints, dM = A d
 (dW = Gᵀ dU G once per step), dV = Uᵀ · dM and dX the overlapping sum of B dV Bᵀ: 2.25x fewer
 multiplications in every GEMM of the layer. ``Conv2d.winograd`` (a class attribute, settable per
 layer) is "auto" (where the kernel set's ``ops.winograd_conv`` says so and ``_winograd_pays``
-measured it faster: the fused CPU set), True (wherever the shape allows, on any kernel set) or
-False (im2col + GEMM). The rounding differs from the direct sum's by a few units in the last place
-(float64: ~1e-15 relative, so float64 still equals PyTorch to 1e-10, and float64 takes it too).
+measured it faster: the fused CPU set, fp32 models), True (wherever the shape allows, on any kernel
+set: for tests) or False (im2col + GEMM). The rounding differs from the direct sum's by a few
+units in the last place (float64: ~1e-15 relative, so float64 still equals PyTorch to 1e-10, and
+float64 takes it too).
 """
 
 import math
@@ -269,7 +270,10 @@ class Conv2d(Layer):
             return bool(choice) and self._winograd_shape
         if not (isinstance(choice, str) and choice == "auto"):
             raise ValueError(f"winograd: expected 'auto', True or False, got {choice!r}")
-        return self._winograd_shape and bool(self.backend.ops.winograd_conv) and self._winograd_pays()
+        # Not under bf16/fp16: there the conv GEMMs' inputs are the 16-bit values themselves (the
+        # CPU emulating the GPU's numerics, gpubackprop/precision.py), which V and U are not.
+        return (self._winograd_shape and bool(self.backend.ops.winograd_conv)
+                and getattr(self.backend, "precision", "fp32") == "fp32" and self._winograd_pays())
 
     def _winograd_pays(self):
         """The rule measured on a 2-core Xeon (float32, OpenBLAS, one thread, CPU time; forward +
@@ -380,8 +384,8 @@ class Conv2d(Layer):
 
     def _winograd_forward(self, X, Z, chunks, scratch):
         """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (no
-        bias yet), in the two halves of ``_halves``; each half's last V stays in its scratch "V"
-        for backprop."""
+        bias yet), in the two halves of ``_in_halves``; each half's last V stays in its scratch
+        "V0"/"V1" for backprop."""
         be = self.backend
         ops = be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
