@@ -128,7 +128,8 @@ def _step(model, loss, opt, Xd, Td, comm, share):
             if scaler is not None:
                 dY = [scaler.scale_grad(d) for d in dY] if isinstance(dY, list) else \
                     scaler.scale_grad(dY)
-            dY = store16(model.backend, dY)
+            if not getattr(model, "_output_grad16", False):  # else the last Dense's cast rounds it
+                dY = store16(model.backend, dY)
         backprop(dY)
     if comm is not None and comm.size > 1:
         if share != 1.0:

@@ -233,7 +233,9 @@ def test_the_cuda_sets_dense_keeps_16_bit_arrays_and_trains_as_the_emulation():
     assert [ws.A is None for ws in spaces] == [True, True, True, False]  # float32 only at the loss
     assert [ws.dX.dtype for ws in spaces[1:]] == [st] * 3  # 16-bit BP2 outputs
     assert all(ws.A16.dtype == st and ws.dZ16.dtype == st for ws in spaces)
-    assert "X16" in spaces[0].bufs and all("X16" not in ws.bufs for ws in spaces[1:])
+    assert all("X16" not in ws.bufs for ws in spaces)  # 16-bit inputs: no cast in the layers
+    assert [b.dtype for b in sim._workspaces.values()] == [st]  # the model's input cast once
+    assert sim._input16 and sim._output_grad16
     sim.predict(X[:2])  # a forward: the copy made from the master weights as they are now
     np.testing.assert_array_equal(sim.flat_params16_storage, sim.flat_params.astype(np.float16))
     for before, losses, params, _ in runs[1:]:

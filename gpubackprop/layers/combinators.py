@@ -187,7 +187,8 @@ class Sequential(Model):
         callbacks = []
         for i, layer in enumerate(self.layers):
             X, bp = layer.forward(X, True, input_grad or i > 0)
-            X = store16(be, X)
+            if not getattr(layer, "_native16", False):  # a 16-bit Dense's A is 16-bit already
+                X = store16(be, X)
             callbacks.append(bp)
         callbacks.reverse()
 

@@ -225,6 +225,13 @@ class Model(Layer):
             layer.attach(be, *views[id(layer)], self._context, index)
         if native:
             mixed.link16(walk(self))  # 16-bit activations between adjacent 16-bit Dense layers
+        # A chain whose first layer is such a Dense takes its input cast to 16-bit storage (one
+        # kernel, not a rounding and then the Dense's cast).
+        # Likewise the loss gradient of a chain ending in one goes to it as it is (its cast to
+        # 16 bits rounds it: the training step's rounding pass is left out).
+        chain = getattr(self, "layers", None) if type(self).__name__ == "Sequential" else None
+        self._input16 = bool(chain) and id(chain[0]) in native
+        self._output_grad16 = bool(chain) and id(chain[-1]) in native
         # The combinators under this model (Residual, inner models) run on its backend.
         for layer in walk(self):
             if layer is self or not layer.children():
@@ -330,12 +337,13 @@ class Model(Layer):
             key = ("input16", i, tuple(x.shape))
             buf = self._workspaces.get(key) if train else None
             if buf is None:
-                buf = be.empty(x.shape)
+                buf = be.empty(x.shape, mixed.storage_dtype(p) if self._input16 else None)
                 if train:
                     if len(self._workspaces) > 8:
                         self._workspaces.clear()
                     self._workspaces[key] = buf
-            out.append(be.ops.round16(be.xp.ascontiguousarray(x), p, buf))
+            x = be.xp.ascontiguousarray(x)
+            out.append(be.ops.cast16(x, buf, p) if self._input16 else be.ops.round16(x, p, buf))
         return out if several else out[0]
 
     def __call__(self, X):
