@@ -26,6 +26,13 @@ GEMM up to the order of the sums; a real 16-bit array would only add a widening 
 every GEMM. This is an emulation of the GPU's numerics for tests, not a speed feature: every
 16-bit mode is slower than fp32 on the CPU (one extra rounding pass per stored tensor).
 
+On device="cuda" (a GPU, or the CUDA set in Numba's simulator) the Dense layers keep real 16-bit
+device arrays instead (``native16_layers``, gpubackprop/layers/dense16.py): the copy is one flat
+16-bit storage array (``storage_dtype``) cast once a step by one kernel, and the activations and
+Δ between adjacent Dense layers of a chain (``link16``) are 16-bit storage; where a Dense meets
+the loss or another layer its values are float32 arrays holding the same 16-bit numbers. The
+values are the emulation's: every stored value is the float32 result rounded once.
+
 Every layer must have a declared path (``PATHS``): "16-bit" (GEMMs on 16-bit inputs: Dense,
 Conv2d), "elementwise" (loads and stores 16 bits, computes in float32: activations, pooling,
 dropout, reshapes, Add/Concatenate), or "float32" (computes in float32 from the master weights,
