@@ -30,10 +30,10 @@ ROUNDS, STEPS_PER_ROUND = 7, 30
 def _models():
     import gpubackprop as gb
 
-    def mlp():
+    def mlp(precision="fp32"):
         return gb.Sequential([gb.Dense(784, 256, activation="relu"), gb.Dropout(0.2),
                               gb.Dense(256, 256, activation="relu"), gb.Dense(256, 10)],
-                             device="cuda", seed=0)
+                             device="cuda", seed=0, precision=precision)
 
     def cnn():
         return gb.Sequential([gb.Conv2d(1, 16, 3, padding=1), gb.BatchNorm2d(16),
@@ -45,7 +45,9 @@ def _models():
         return gb.Sequential([gb.LSTM(28, 128), gb.LastStep(), gb.Dense(128, 10)], device="cuda",
                              seed=0, input_shape=(28, 28))
 
-    return {"mlp": (mlp, (784,)), "cnn": (cnn, (1, 28, 28)), "lstm": (lstm, (28, 28))}
+    # bf16/fp16 (issue 17): 16-bit Dense arrays, GemmEx, the weight copy; fp16's loss scaler
+    return {"mlp": (mlp, (784,)), "cnn": (cnn, (1, 28, 28)), "lstm": (lstm, (28, 28)),
+            "mlp bf16": (lambda: mlp("bf16"), (784,)), "mlp fp16": (lambda: mlp("fp16"), (784,))}
 
 
 def _data(shape, seed=0):
