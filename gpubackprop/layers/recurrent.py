@@ -38,16 +38,20 @@ parameter gradients to the model's, like every layer's backprop, and returns dX 
 
 How it runs (time-major inside, so every per-step slice is contiguous), per layer k::
 
-    gx = x W_ihᵀ + b_ih                       one GEMM over all T·N rows
+    gx = x W_ihᵀ + b_ih                       one GEMM over all T·N rows (rows_gemm)
     for t: gh = h_{t−1} W_hhᵀ                 one GEMM per step   } one time-loop op
            h_t (c_t) = cell(gx_t, gh, b_hh)   one cell per step   } (*_forward_steps)
   backward, t = T−1 … 0:
            dgx_t (dgh_t) = cell_backward(dout_t, dh_rec, …)   one cell per step  } one op
            dh_rec = dgh_t W_hh                                 one GEMM per step  } (*_backward_steps)
-    ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3)
-    ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        column sums (BP4; one for RNN, LSTM)
-    dx = Σ_d dgx_d W_ih_d                                       one GEMM per direction: the layer
-                                                                below's dout
+    ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3,
+    ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        weight_gemm) with the column sums
+                                                                (BP4; one for RNN, LSTM)
+    dx = Σ_d dgx_d W_ih_d                                       one GEMM per direction (rows_gemm):
+                                                                the layer below's dout
+
+The fused CPU set runs each of these ops in the same row chunks of the batch, one thread each
+(see ``kernels/cpu/recurrent.py``).
 """
 
 import math

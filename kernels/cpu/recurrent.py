@@ -1,5 +1,7 @@
 """CPU recurrent ops: one RNN, LSTM or GRU time step (cell), forward and backward, each one pass;
-and the time loops, all T steps of a direction (each step's GEMM and cell) in one Numba call.
+the time loops, all T steps of a direction (each step's GEMM and cell) in one Numba call; and the
+layers' GEMMs over all T·N rows (input projections, input and weight gradients) in the loops' row
+chunks.
 
 Each cell kernel runs over the (n, j) hidden units of rows n0 … n1−1 of one step: it reads the n-th
 rows of the gate pre-activations at the G gates of unit j, and writes unit j's state and saved
