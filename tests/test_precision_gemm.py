@@ -94,6 +94,17 @@ def test_gemmex_equals_float32_gemm_of_the_16bit_values(precision):
         got = be.matmul(a, b.swapaxes(-1, -2) if tb else b)
         want = np.matmul(A.astype(np.float64), (B.swapaxes(-1, -2) if tb else B).astype(np.float64))
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-5, atol=1e-5)
+        # 16-bit storage operands as they are, and a 16-bit C: the float32 result rounded once
+        # (to nearest even; a sum order apart, one 16-bit unit at most)
+        a16, b16 = cp.asarray(P.to_storage(np, A, precision)), cp.asarray(P.to_storage(np, B,
+                                                                                        precision))
+        b16 = b16.swapaxes(-1, -2) if tb else b16
+        np.testing.assert_array_equal(cp.asnumpy(be.matmul(a16, b16)), cp.asnumpy(got))
+        c16 = cp.empty(got.shape, P.storage_dtype(precision))
+        assert be.matmul(a16, b16, out=c16) is c16
+        ulp = 2.0**-10 if precision == "fp16" else 2.0**-7
+        np.testing.assert_allclose(P.from_storage(np, cp.asnumpy(c16), precision),
+                                   P.rounded(np, cp.asnumpy(got), precision), rtol=ulp, atol=1e-6)
 
 
 @pytest.mark.gpu
