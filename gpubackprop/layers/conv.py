@@ -28,7 +28,7 @@ A 1x1 convolution with stride 1 and no padding needs no columns at all: cols is 
 A 3x3 convolution of stride 1, dilation 1 and one group can run as Winograd F(2x2, 3x3) instead
 (kernels/reference/winograd.py has the math): per chunk V = BᵀdB of the input's 4x4 tiles, 16
 GEMMs M = U · V with U = GgGᵀ, Z = AᵀMA; backprop by the adjoints, dM = A dZ Aᵀ, BP3 dU = dM · Vᵀ
-(dW = Gᵀ dU G once per step), dV = Uᵀ · dM and dX the overlapping sum of B dV Bᵀ: 2.25x fewer
+(dW = Gᵀ dU G once per backprop), dV = Uᵀ · dM and dX the overlapping sum of B dV Bᵀ: 2.25x fewer
 multiplications in every GEMM of the layer. ``Conv2d.winograd`` (a class attribute, settable per
 layer) is "auto" (where the kernel set's ``ops.winograd_conv`` says so and ``_winograd_pays``
 measured it faster: the fused CPU set, fp32 models), True (wherever the shape allows, on any kernel
