@@ -86,14 +86,17 @@ class _TimedOps:
         attr = getattr(self._inner, name)
         if name not in _CLOCKED_OPS:
             return attr
-        clock = self._clock
+        return _timed_call(attr, name, self._clock)
 
-        def timed(*args, **kwargs):
-            category = clock.op_category(name)
-            if category is None:
-                return attr(*args, **kwargs)
-            return clock.run(None, category, attr, *args, **kwargs)
-        return timed
+
+def _timed_call(fn, name, clock):
+    """``fn`` clocked as op ``name`` in the category the current layer gives it (if any)."""
+    def timed(*args, **kwargs):
+        category = clock.op_category(name)
+        if category is None:
+            return fn(*args, **kwargs)
+        return clock.run(None, category, fn, *args, **kwargs)
+    return timed
 
 
 def _layers(layer):
@@ -146,10 +149,12 @@ def step_time_split(contender, steps=20):
     sync = sync_for(be.device) or no_sync  # not be.synchronize: it looks at be.xp
     clock = _Clock(sync)
     layers = list(_layers(model))
-    ops, xp = be.ops, be.xp
+    ops, xp, matmul = be.ops, be.xp, be.matmul
     for layer in layers:
         layer.forward = _timed_forward(layer, clock)  # an instance attribute over the method
+    # the layers' GEMMs go through be.matmul (xp.matmul, or cuBLAS in a CUDA graph run)
     be.ops, be.xp = _TimedOps(ops, clock), _TimedOps(xp, clock)
+    be.matmul = _timed_call(matmul, "matmul", clock)
     try:
         sync()
         t0 = time.perf_counter()
@@ -158,7 +163,7 @@ def step_time_split(contender, steps=20):
         sync()
         total = time.perf_counter() - t0
     finally:
-        be.ops, be.xp = ops, xp
+        be.ops, be.xp, be.matmul = ops, xp, matmul
         for layer in layers:
             del layer.forward
     out = {c: clock.totals.get(c, 0.0) / steps for c in categories_of(model)}

@@ -233,6 +233,7 @@ class MultiheadAttention(Layer):
         self._check(Xs)
         be = self.backend
         xp, ops = be.xp, be.ops
+        mm = be.matmul  # xp.matmul, or cuBLAS by nvmath-python in a CUDA graph run
         # Self-attention (one array for query, key and value, as TransformerEncoderLayer runs it)
         # projects q, k and v in one GEMM (N·T, E)·(E, 3E) and sends the summed input gradient
         # back in the query's place; otherwise one GEMM each.
@@ -263,7 +264,7 @@ class MultiheadAttention(Layer):
 
         if fused:
             Pr = ws.get("qkv", (N * Tq, 3 * E))
-            xp.matmul(q.reshape(N * Tq, E), Ws.T, out=Pr)  # [Q/√D K V] = X W_inᵀ, one GEMM
+            mm(q.reshape(N * Tq, E), Ws.T, out=Pr)  # [Q/√D K V] = X W_inᵀ, one GEMM
             if bs is not None:
                 ops.bias_act(Pr, bs, "identity", Pr)
             bufs = [(Pr, 3, i) for i in range(3)]
@@ -271,7 +272,7 @@ class MultiheadAttention(Layer):
             bufs = []
             for i, (x, T) in enumerate(((q, Tq), (k, Tk), (v, Tk))):
                 Pi = ws.get(f"p{i}", (N * T, E))
-                xp.matmul(x.reshape(N * T, E), Ws[i * E:(i + 1) * E].T, out=Pi)
+                mm(x.reshape(N * T, E), Ws[i * E:(i + 1) * E].T, out=Pi)
                 if bs is not None:
                     ops.bias_act(Pi, bs[i * E:(i + 1) * E], "identity", Pi)
                 bufs.append((Pi, 1, 0))
@@ -280,7 +281,7 @@ class MultiheadAttention(Layer):
         # Scores per (sample, head), one batched GEMM over N·H; the heads are strided views of
         # the projections, which BLAS reads in place.
         S = ws.get("S", (N, H, Tq, Tk))
-        xp.matmul(Qh, Kh.transpose(0, 1, 3, 2), out=S)
+        mm(Qh, Kh.transpose(0, 1, 3, 2), out=S)
         S2 = S.reshape(N * H * Tq, Tk)
         A = ops.masked_softmax(S2, self._mask(ws, Xs, N, Tq, Tk), S2).reshape(N, H, Tq, Tk)
         p = self.dropout if train else 0.0
@@ -290,9 +291,9 @@ class MultiheadAttention(Layer):
         else:
             Ad = A
         Out = ws.get("O", (N * Tq, E))  # the heads side by side: (N, T_q, H, D) rows
-        xp.matmul(Ad, Vh, out=heads(Out, Tq, 1, 0))
+        mm(Ad, Vh, out=heads(Out, Tq, 1, 0))
         Y = ws.get("Y", (N * Tq, E)) if train else be.empty((N * Tq, E))
-        xp.matmul(Out, Wo.T, out=Y)
+        mm(Out, Wo.T, out=Y)
         if bo is not None:
             ops.bias_act(Y, bo, "identity", Y)
         Y = Y.reshape(N, Tq, E)
@@ -310,7 +311,7 @@ class MultiheadAttention(Layer):
                 n_q = max(0, min(rows.stop, E) - rows.start)  # q rows among them (first)
                 gW, gb = G["in_proj_weight"][rows], G["in_proj_bias"][rows] if b is not None \
                     else None
-                tW = xp.matmul(d2.T, x2, out=None if acc else gW)
+                tW = mm(d2.T, x2, out=None if acc else gW)
                 tb = None if gb is None else ops.bias_grad(d2, be.empty(gb.shape) if acc else gb)
                 for t in (tW, tb):
                     if t is not None and n_q:
@@ -321,12 +322,12 @@ class MultiheadAttention(Layer):
                         gb += tb
 
             if acc:
-                G["out_proj.weight"] += xp.matmul(dY2.T, Out)
+                G["out_proj.weight"] += mm(dY2.T, Out)
             else:
-                xp.matmul(dY2.T, Out, out=G["out_proj.weight"])
+                mm(dY2.T, Out, out=G["out_proj.weight"])
             if bo is not None:
                 ops.bias_grad(dY2, G["out_proj.bias"], accumulate=acc)
-            dO = xp.matmul(dY2, Wo, out=ws.get("dO", (N * Tq, E)))
+            dO = mm(dY2, Wo, out=ws.get("dO", (N * Tq, E)))
             dOh = heads(dO, Tq, 1, 0)
             if fused:
                 dP = ws.get("dqkv", (N * Tq, 3 * E))
@@ -335,18 +336,18 @@ class MultiheadAttention(Layer):
                 dbufs = [(ws.get(f"dp{i}", (N * T, E)), 1, 0) for i, T in enumerate((Tq, Tk, Tk))]
             dQh, dKh, dVh = (heads(buf, T, slots, i) for (buf, slots, i), T in
                              zip(dbufs, (Tq, Tk, Tk), strict=True))
-            xp.matmul(Ad.transpose(0, 1, 3, 2), dOh, out=dVh)
-            dA = xp.matmul(dOh, Vh.transpose(0, 1, 3, 2), out=ws.get("dA", A.shape))
+            mm(Ad.transpose(0, 1, 3, 2), dOh, out=dVh)
+            dA = mm(dOh, Vh.transpose(0, 1, 3, 2), out=ws.get("dA", A.shape))
             if p > 0:
                 ops.dropout_backward(dA, dA, p, seed, layer, step)
             dS2 = ops.masked_softmax_backward(dA.reshape(S2.shape), A.reshape(S2.shape),
                                               dA.reshape(S2.shape))
             dS = dS2.reshape(N, H, Tq, Tk)
-            xp.matmul(dS, Kh, out=dQh)  # ∂/∂(Q/√D); Kh, Qh as the forward used them
-            xp.matmul(dS.transpose(0, 1, 3, 2), Qh, out=dKh)
+            mm(dS, Kh, out=dQh)  # ∂/∂(Q/√D); Kh, Qh as the forward used them
+            mm(dS.transpose(0, 1, 3, 2), Qh, out=dKh)
             if fused:
                 in_proj_grads(dP, q.reshape(N * Tq, E), slice(0, 3 * E))
-                dX = xp.matmul(dP, Ws, out=ws.get("dX", (N * Tq, E))) if input_grad else None
+                dX = mm(dP, Ws, out=ws.get("dX", (N * Tq, E))) if input_grad else None
                 dxs = [None if dX is None else dX.reshape(N, Tq, E), None, None]
             else:
                 dxs = []
@@ -354,7 +355,7 @@ class MultiheadAttention(Layer):
                                                            strict=True)):
                     rows = slice(i * E, (i + 1) * E)
                     in_proj_grads(d2, x.reshape(N * T, E), rows)
-                    dxs.append(xp.matmul(d2, Ws[rows], out=ws.get(f"dx{i}", (N * T, E)))
+                    dxs.append(mm(d2, Ws[rows], out=ws.get(f"dx{i}", (N * T, E)))
                                .reshape(N, T, E) if input_grad else None)
             return dxs + ([None] if len(Xs) == 4 else [])
 
