@@ -160,8 +160,9 @@ def _gru_cell_backward_rows(dh_out, dh_rec, dh, h_prev, saved, dgx, dgh, n0, n1)
 # ---- the time loops: all T steps of a direction, for rows n0 … n1−1 --------------------------------
 # Step s of a forward direction is t = s, reading hs[t] and writing hs[t + 1]; of a reverse one
 # t = T−1−s, reading hs[t + 1] and writing hs[t]. The backward loops take the steps the other way.
-# W_hhT is W_hhᵀ, C-contiguous (H, G·H); np.dot(a, B, out) is one BLAS GEMM (no copy: every operand
-# is a C-contiguous block of rows).
+# W_hhT is the transposed view W_hhᵀ (H, G·H), F-contiguous: SciPy's OpenBLAS runs that GEMM faster
+# than on a C-contiguous copy (64x128x512: 65 against 70 µs). np.dot(a, B, out) is one BLAS GEMM
+# (no copy: every other operand is a C-contiguous block of rows).
 @njit(cache=True, error_model="numpy", inline="always")
 def _step(s, T, reverse):
     """(t, prev, cur) of step s of a direction's forward loop."""
@@ -476,7 +477,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, gh)
         checks.float_arrays(STEPS_NAMES["rnn_forward_steps"], *arrays)
         _, N, _ = check_steps("rnn_forward_steps", arrays)
-        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, H): each step's GEMM without a transpose
+        W_hhT = W_hh.T  # (H, H), F-contiguous: see the note on the time loops
         self._run_steps(_rnn_forward_rows, _rnn_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, gh, act, bool(reverse)))
         return hs
@@ -502,7 +503,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
         checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
         _, N, _ = check_steps("lstm_forward_steps", arrays)
-        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, 4H)
+        W_hhT = W_hh.T  # (H, 4H), F-contiguous
         self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
         return hs, cs
@@ -527,7 +528,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, saved, gh)
         checks.float_arrays(STEPS_NAMES["gru_forward_steps"], *arrays)
         _, N, _ = check_steps("gru_forward_steps", arrays)
-        W_hhT = np.ascontiguousarray(W_hh.T)  # (H, 3H)
+        W_hhT = W_hh.T  # (H, 3H), F-contiguous
         self._run_steps(_gru_forward_rows, _gru_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, saved, gh, bool(reverse)))
         return hs
