@@ -179,24 +179,40 @@ def test_fused_cpu_steps_split_the_batch(cpu, rng):
     assert CpuOps(np, num_threads=2, parallel_min=0)._steps_chunks(2) == 2  # as warm_up runs it
 
 
-def test_fused_cpu_steps_take_another_gemm(ref, rng):
-    """Given a GEMM other than NumPy's (an emulation, a timer), the loop calls it once a step."""
+def test_fused_cpu_ops_run_their_own_gemms_whatever_matmul_says(ref, rng):
+    """Given a wrapper of NumPy's GEMM (a timer, a capture recorder), the fused CPU loops and GEMM
+    ops still call BLAS themselves: the same bits as without it; the reference calls the wrapper."""
     calls = []
 
     def matmul(a, b, out):
         calls.append(a.shape)
         return np.matmul(a, b, out=out)
 
-    T, N, H = 3, 4, 5
+    T, N, H = 3, 40, 5
+    ops = CpuOps(np, num_threads=2)
     for op in ("lstm_forward_steps", "gru_backward_steps"):
         a = rc.random_steps_args(rng, op, T, N, H, "float64")
-        want = {k: v.copy() for k, v in a.items()}
-        rc.call_steps(ref, op, want)
+        plain, wrapped, by_ref = ({k: v.copy() for k, v in a.items()} for _ in range(3))
+        rc.call_steps(ops, op, plain)
         calls.clear()
-        rc.call_steps(CpuOps(np, num_threads=2), op, a, matmul=matmul)
+        rc.call_steps(ops, op, wrapped, matmul=matmul)
+        assert calls == []
+        rc.call_steps(ref, op, by_ref, matmul=matmul)
         assert len(calls) == T
         for name in rc.steps_outputs(op):
-            np.testing.assert_allclose(a[name], want[name], rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(wrapped[name], plain[name])
+            np.testing.assert_allclose(by_ref[name], plain[name], rtol=1e-12, atol=1e-12)
+    A, W = rng.normal(size=(120, 4)), rng.normal(size=(6, 4))
+    out, out_w = np.empty((120, 6)), np.empty((120, 6))
+    ops.rows_gemm(A, W.T, out)
+    calls.clear()
+    ops.rows_gemm(A, W.T, out_w, matmul=matmul)
+    dW, dW_w = np.empty((6, 4)), np.empty((6, 4))
+    ops.weight_gemm(out, A, dW)
+    ops.weight_gemm(out, A, dW_w, matmul=matmul)
+    assert calls == []
+    np.testing.assert_array_equal(out_w, out)
+    np.testing.assert_array_equal(dW_w, dW)
 
 
 def test_fused_cpu_steps_leave_the_blas_threads_as_they_were(cpu, rng):

@@ -363,14 +363,12 @@ def _blas_operand(B, dtype, name):
     return np.ascontiguousarray(B)
 
 
-def _own_gemm(matmul):
-    """Whether a time loop may run its GEMMs itself: the caller's GEMM is NumPy's (or None). Any
-    other (an emulation, an instrumented one) gets the reference loop over the fused cells."""
-    return matmul is None or matmul is np.matmul
-
-
 class RecurrentOps:
-    """Fused recurrent ops (a mixin of ``CpuOps``): one Numba pass per cell, one call per loop."""
+    """Fused recurrent ops (a mixin of ``CpuOps``): one Numba pass per cell, one call per loop.
+
+    The time loops and the GEMM ops call BLAS themselves whatever ``matmul`` they are given: on
+    the CPU the layers' GEMM is NumPy's, and a wrapper around it (the benchmark's timer, a capture
+    recorder) sees these ops, not their GEMMs, so that a step has the same bits whoever watches."""
 
     def rnn_cell(self, gx, gh, b_hh, h, activation):
         """h = act(gx + gh + b_hh), act "tanh" or "relu"; one pass."""
@@ -425,9 +423,9 @@ class RecurrentOps:
     def rows_gemm(self, A, B, out, bias=None, matmul=None):
         """out = A B (+ bias), the rows split into the time loops' chunks (see the reference op)."""
         check_gemm("rows_gemm", A, B, out, bias)
-        nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
+        nchunks = self._steps_chunks(A.shape[0])
         if nchunks == 1:
-            return super().rows_gemm(A, B, out, bias, matmul)
+            return super().rows_gemm(A, B, out, bias)
         add_bias = bias is not None
         b = bias if add_bias else out[0]  # unused without a bias
         checks.float_arrays(("A", "out", "bias"), A, out, b)
@@ -440,9 +438,9 @@ class RecurrentOps:
         """dW = dGᵀ A (and db = Σ_rows dG): each chunk's rows one GEMM and column sum, the chunks
         added in chunk order (the sums in float64)."""
         check_gemm("weight_gemm", dG, A, dW, db)
-        nchunks = self._steps_chunks(A.shape[0]) if _own_gemm(matmul) else 1
+        nchunks = self._steps_chunks(A.shape[0])
         if nchunks == 1:
-            return super().weight_gemm(dG, A, dW, db, matmul)
+            return super().weight_gemm(dG, A, dW, db)
         sum_cols = db is not None
         d = db if sum_cols else dW[0]  # unused without db
         checks.float_arrays(("dG", "A", "dW", "db"), dG, A, dW, d)
@@ -471,8 +469,6 @@ class RecurrentOps:
 
     def rnn_forward_steps(self, gx, W_hh, b_hh, hs, gh, activation, reverse=False, matmul=None):
         """All T steps of one RNN direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().rnn_forward_steps(gx, W_hh, b_hh, hs, gh, activation, reverse, matmul)
         act = RNN_RELU if check_act(activation) == "relu" else RNN_TANH
         arrays = (gx, W_hh, b_hh, hs, gh)
         checks.float_arrays(STEPS_NAMES["rnn_forward_steps"], *arrays)
@@ -485,9 +481,6 @@ class RecurrentOps:
     def rnn_backward_steps(self, dout, W_hh, hs, dpre, dh, activation, reverse=False,
                            state_grad=True, matmul=None):
         """Backward through all T steps of one RNN direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().rnn_backward_steps(dout, W_hh, hs, dpre, dh, activation, reverse,
-                                              state_grad, matmul)
         act = RNN_RELU if check_act(activation) == "relu" else RNN_TANH
         arrays = (dout, W_hh, hs, dpre, dh)
         checks.float_arrays(STEPS_NAMES["rnn_backward_steps"], *arrays)
@@ -498,8 +491,6 @@ class RecurrentOps:
 
     def lstm_forward_steps(self, gx, W_hh, b_hh, hs, cs, gates, gh, reverse=False, matmul=None):
         """All T steps of one LSTM direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().lstm_forward_steps(gx, W_hh, b_hh, hs, cs, gates, gh, reverse, matmul)
         arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
         checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
         _, N, _ = check_steps("lstm_forward_steps", arrays)
@@ -511,9 +502,6 @@ class RecurrentOps:
     def lstm_backward_steps(self, dout, W_hh, cs, gates, dgates, dh, dc, reverse=False,
                             state_grad=True, matmul=None):
         """Backward through all T steps of one LSTM direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().lstm_backward_steps(dout, W_hh, cs, gates, dgates, dh, dc, reverse,
-                                               state_grad, matmul)
         arrays = (dout, W_hh, cs, gates, dgates, dh, dc)
         checks.float_arrays(STEPS_NAMES["lstm_backward_steps"], *arrays)
         _, N, _ = check_steps("lstm_backward_steps", arrays)
@@ -523,8 +511,6 @@ class RecurrentOps:
 
     def gru_forward_steps(self, gx, W_hh, b_hh, hs, saved, gh, reverse=False, matmul=None):
         """All T steps of one GRU direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().gru_forward_steps(gx, W_hh, b_hh, hs, saved, gh, reverse, matmul)
         arrays = (gx, W_hh, b_hh, hs, saved, gh)
         checks.float_arrays(STEPS_NAMES["gru_forward_steps"], *arrays)
         _, N, _ = check_steps("gru_forward_steps", arrays)
@@ -536,9 +522,6 @@ class RecurrentOps:
     def gru_backward_steps(self, dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse=False,
                            state_grad=True, matmul=None):
         """Backward through all T steps of one GRU direction in one call (see the reference op)."""
-        if not _own_gemm(matmul):
-            return super().gru_backward_steps(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse,
-                                              state_grad, matmul)
         arrays = (dout, W_hh, hs, saved, dgx, dgh, dh, carry)
         checks.float_arrays(STEPS_NAMES["gru_backward_steps"], *arrays)
         _, N, _ = check_steps("gru_backward_steps", arrays)

@@ -25,8 +25,9 @@ or T−1 … 0 with ``reverse``). Sequences are time-major (T, N, ·) and C-cont
 (hs[0] holds the initial state), a reverse one reads hs[t+1] and writes hs[t] (hs[T] the initial
 state), so that either direction's outputs are one contiguous slice in time order. W_hh is the
 (G·H, H) parameter; ``matmul`` the GEMM a step calls, as ``matmul(a, b, out=)`` (None:
-``xp.matmul``; the layers pass their backend's, which a CUDA graph capture replaces). Here they are
-the plain loop over the cell ops; a fused set runs the loop in one call.
+``xp.matmul``; the layers pass their backend's, which a CUDA graph capture replaces; the fused CPU
+set calls BLAS itself). Here they are the plain loop over the cell ops; a fused set runs the loop
+in one call.
 """
 
 RNN_ACTIVATIONS = ("tanh", "relu")
