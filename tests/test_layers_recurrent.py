@@ -249,8 +249,10 @@ def test_config_round_trip_and_checkpoint(backend_spec, rng, tmp_path):
      r"input features\), got shape \(4,\)"),
     (lambda: [gb.RNN(4, 8), gb.LSTM(6, 8)], (5, 4),
      r"layers\[1\] LSTM\(6, 8\): expected 6 input features per time step, got 8"),
-    (lambda: [gb.LSTM(4, 8), gb.Dense(8, 2)], (5, 4),
-     r"layers\[1\] Dense\(8, 2.*\): expected input shape \(8,\), got \(5, 8\)"),
+    # a Dense after a sequence acts on its last axis (as torch's nn.Linear): the features must fit
+    (lambda: [gb.LSTM(4, 8), gb.Dense(6, 2)], (5, 4),
+     r"layers\[1\] Dense\(6, 2.*\): expected input shape \(\.\.\., 6\) \(6 features on the last "
+     r"axis\), got \(5, 8\)"),
     (lambda: [gb.Dense(4, 8), gb.LastStep()], None,
      r"layers\[1\] LastStep\(\): expected a sequence per sample, of shape \(T, features\), got "
      r"shape \(8,\)"),
