@@ -25,6 +25,14 @@ one GEMM a group for the forward (into (C_out, n, L), then transposed to Z's lay
 size n·L, Δ transposed once) and for dcols (see ``_batch_inner`` for the measurements).
 A 1x1 convolution with stride 1 and no padding needs no columns at all: cols is X reshaped.
 
+A layer of few channels (stride 1, dilation 1, one group, not 1x1) can run as a direct
+convolution instead (kernels/cpu/direct_conv.py: each sample's zero-padded input once, every weight
+one shifted, vectorised row over the output; BP3 and dX in one more pass; the batch in fixed chunks
+over the cores): its im2col GEMMs are too skinny for BLAS (LeNet-5's K = 25 or 150, 6 or 16 rows).
+``Conv2d.direct`` is "auto" (where the kernel set offers ``ops.direct_conv`` and ``_direct_pays``:
+the fused CPU set, fp32, at most 6 channels in and 16 out), True (wherever the kernel set offers it
+and the shape allows: for tests) or False. Winograd, where chosen, comes first.
+
 A 3x3 convolution of stride 1, dilation 1 and one group can run as Winograd F(2x2, 3x3) instead
 (kernels/reference/winograd.py has the math): per chunk V = BᵀdB of the input's 4x4 tiles, 16
 GEMMs M = U · V with U = GgGᵀ, Z = AᵀMA; backprop by the adjoints, dM = A dZ Aᵀ, BP3 dU = dM · Vᵀ
@@ -50,6 +58,9 @@ from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
 from gpubackprop.validation import check_choice, positive_int
 
 MAX_COLS_BYTES = 32 << 20
+# Conv2d.direct "auto": the direct convolution for layers with at most this many input and output
+# channels (``_direct_pays`` has the measurements).
+DIRECT_MAX_IN, DIRECT_MAX_OUT = 6, 16
 
 
 def _geometry(layer, input_shape):
@@ -79,7 +90,7 @@ class _Workspace:
 
     __slots__ = ("Z", "A", "dZ", "dX", "cols", "chunks", "dW", "_scratch")
 
-    def __init__(self, layer, be, N, chunks, winograd=False):
+    def __init__(self, layer, be, N, chunks, winograd=False, direct=False):
         Co, (OH, OW) = layer.out_channels, layer.output_shape[1:]
         self.chunks = chunks
         nc = chunks[0][1]  # the largest chunk: the first
@@ -87,8 +98,8 @@ class _Workspace:
         self.A = be.empty(self.Z.shape) if saves_input(layer.activation) else self.Z
         self.dZ = be.empty(self.Z.shape) if layer.activation != "identity" else None
         self.dX = be.empty((N, *layer.input_shape))
-        # (Winograd keeps its tiles in scratch buffers "V" and "M" instead.)
-        self.cols = None if layer._pointwise or winograd else be.empty((nc, layer._Ktot, OH * OW))
+        # (Winograd keeps its tiles in scratch buffers "V" and "M" instead; direct needs none.)
+        self.cols = None if layer._pointwise or winograd or direct else be.empty((nc, layer._Ktot, OH * OW))
         self.dW = None  # made on first need: a second chunk, or a layer used twice in one step
         self._scratch = {}
 
@@ -141,6 +152,7 @@ class Conv2d(Layer):
 
     max_cols_bytes = MAX_COLS_BYTES
     winograd = "auto"  # "auto" | True | False: see the module docstring
+    direct = "auto"  # "auto" | True | False: direct convolution, see the module docstring
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, activation="identity", init=None):
@@ -166,6 +178,8 @@ class Conv2d(Layer):
                            and self.padding == (0, 0))
         self._winograd_shape = (self.kernel_size == (3, 3) and self.stride == (1, 1)
                                 and self.dilation == (1, 1) and self.groups == 1)
+        self._direct_shape = (self.stride == (1, 1) and self.dilation == (1, 1)
+                              and self.groups == 1 and not self._pointwise)
         self._workspaces = {}
 
     def __repr__(self):
@@ -275,6 +289,28 @@ class Conv2d(Layer):
         return (self._winograd_shape and bool(self.backend.ops.winograd_conv)
                 and getattr(self.backend, "precision", "fp32") == "fp32" and self._winograd_pays())
 
+    def _direct(self):
+        """Whether this layer runs as a direct convolution (ops.direct_conv_*): see the module
+        docstring. "auto": where the kernel set offers it and ``_direct_pays``; True: wherever
+        the kernel set offers it and the shape allows (for tests); False: never."""
+        choice = self.direct
+        offered = bool(getattr(self.backend.ops, "direct_conv", False)) and self._direct_shape
+        if isinstance(choice, (bool, np.bool_)):
+            return bool(choice) and offered
+        if not (isinstance(choice, str) and choice == "auto"):
+            raise ValueError(f"direct: expected 'auto', True or False, got {choice!r}")
+        # Not under bf16/fp16, as Winograd (the GEMMs there emulate the GPU's on 16-bit values).
+        return (offered and getattr(self.backend, "precision", "fp32") == "fp32"
+                and self._direct_pays())
+
+    def _direct_pays(self):
+        """The rule measured on a 2-core Xeon (float32, batch 128, layer forward + backward with
+        ReLU, interleaved medians, loaded machine): at most 6 channels in and 16 out. im2col + GEMM
+        / direct: LeNet-5's 1->6 5x5 pad 2 on 28x28 1.68 (3.84 -> 2.28 ms), 6->16 5x5 on 14x14 1.12
+        (5.18 -> 4.64), 3->16 5x5 on 32x32 1.67, 2->8 3x3 on 28x28 1.34; 3->32 3x3 on 32x32 0.62
+        (the direct cost grows with C_out·C_in·k², a GEMM's rate with C_out)."""
+        return self.in_channels <= DIRECT_MAX_IN and self.out_channels <= DIRECT_MAX_OUT
+
     def _winograd_pays(self):
         """The rule measured on a 2-core Xeon (float32, OpenBLAS, one thread, CPU time; forward +
         backward of the layer, transforms included, against im2col + GEMM, batch 64): 16+ channels
@@ -341,6 +377,8 @@ class Conv2d(Layer):
         N, Co = X.shape[0], self.out_channels
         L = self.output_shape[1] * self.output_shape[2]
         winograd = self._winograd()
+        if self._direct() and not winograd:
+            return self._direct_forward(X, train, input_grad)
         if not train:
             chunks = self._chunks(N, winograd)
             nc = chunks[0][1]
@@ -378,6 +416,41 @@ class Conv2d(Layer):
                 self._winograd_backward(X, dZ, ws, accumulate, input_grad)
             else:
                 self._backward_chunks(X, dZ, ws, accumulate, input_grad)
+            return ws.dX if input_grad else None
+
+        return A, backprop
+
+    def _direct_forward(self, X, train, input_grad):
+        """forward() on the direct convolution: Z = W ⋆ X in one call (no columns), then the bias
+        and activation; backprop's BP3 and dX in one more."""
+        be = self.backend
+        ops, act = be.ops, self.activation
+        N, Co = X.shape[0], self.out_channels
+        L = self.output_shape[1] * self.output_shape[2]
+        X = be.xp.ascontiguousarray(X)
+        if train:
+            ws = self.workspace(("direct", N), lambda: _Workspace(self, be, N, [(0, N)], direct=True))
+            Z, A = ws.Z, ws.A
+        else:
+            Z = be.empty((N, *self.output_shape))
+            A = be.empty(Z.shape) if saves_input(act) else Z
+        ops.direct_conv_forward(X, self.weight, Z, self.padding)
+        if self.bias or act != "identity":
+            ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
+        if not train:
+            return A, no_backprop
+        saved = Z if saves_input(act) else A
+
+        def backprop(dA):
+            # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z) (identity: Δ = dA).
+            dZ = dA if act == "identity" else ops.act_backward(dA, saved, act, ws.dZ)
+            dZ = be.xp.ascontiguousarray(dZ)
+            accumulate = self.take_accumulate()
+            if self.bias:  # BP4
+                ops.channel_bias_grad(dZ.reshape(N, Co, L), self._db, accumulate=accumulate)
+            # BP3 and dX in one pass over the samples
+            ops.direct_conv_backward(X, dZ, self.weight, self._dW, ws.dX if input_grad else None,
+                                     self.padding, accumulate=accumulate)
             return ws.dX if input_grad else None
 
         return A, backprop

@@ -22,6 +22,7 @@ import numpy as np
 from gpubackprop.kernels.cpu.attention import AttentionOps
 from gpubackprop.kernels.cpu.conv import ConvOps
 from gpubackprop.kernels.cpu.dense import GELU, GELU_TANH, SIGMOID, TANH, DenseOps
+from gpubackprop.kernels.cpu.direct_conv import DirectConvOps
 from gpubackprop.kernels.cpu.dropout import DropoutOps
 from gpubackprop.kernels.cpu.embedding import EmbeddingOps
 from gpubackprop.kernels.cpu.losses import LossOps
@@ -46,7 +47,8 @@ PAR_MIN_TRANSCENDENTAL = 1 << 22
 
 
 class CpuOps(DenseOps, LossOps, OptimizerOps, ConvOps, PoolingOps, RecurrentOps, NormalizationOps,
-             DropoutOps, EmbeddingOps, AttentionOps, WinogradOps, PrecisionOps, ReferenceOps):
+             DropoutOps, EmbeddingOps, AttentionOps, WinogradOps, DirectConvOps, PrecisionOps,
+             ReferenceOps):
     """The reference ops as fused Numba CPU kernels (float32 and float64)."""
 
     name = "fused-cpu"
