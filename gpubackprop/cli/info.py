@@ -53,6 +53,10 @@ def cmd_info(args):
 
     rows.append(("numba", numba.__version__))
     rows.append(("numba-cuda", _version("numba-cuda") or "not installed"))
+    # Core dependencies that decide numerics: SciPy's BLAS runs the CPU recurrent loops' GEMMs
+    # (threadpoolctl sets its threads), ml_dtypes gives NumPy bfloat16 (bf16, BF16 safetensors).
+    for name in ("scipy", "threadpoolctl", "ml_dtypes"):
+        rows.append((name, _version(name) or "not installed"))
     cp = cupy_module()
     rows.append(("cupy", getattr(cp, "__version__", "?") if cp is not None else "not installed"))
     rows.append(("nvmath-python", _version("nvmath-python") or "not installed"))
@@ -114,8 +118,8 @@ def cmd_info(args):
                 seconds = info.compile_time(device, dtype)
                 print(f"the MLP kernels ({dtype}: dense, loss, optimizers; serial and parallel): "
                       f"{seconds:.2f} s to compile, or to load from Numba's on-disk cache")
-            print("the conv, pooling, normalization, dropout and recurrent kernels compile on "
-                  "first use")
+            print("the other kernels (conv, Winograd, pooling, normalization, dropout, recurrent, "
+                  "embedding, attention, precision) compile on first use")
     if args.ptx:
         _print_ptx_report()
     return 0

@@ -87,6 +87,7 @@ class Options:
 
 
 def add_device_options(p, defaults, title):
+    """--device and --kernels in a group named ``title``; returns the group."""
     g = p.add_argument_group(title)
     choices = {"device": DEVICES, "kernels": KERNEL_SETS}
     helps = {"device": "auto (the GPU when CuPy and Numba see one, else the CPU), cpu or cuda",
@@ -100,6 +101,7 @@ def add_device_options(p, defaults, title):
         else:
             g.add_argument(f"--{name}", default=default, choices=choices[name],
                            help=f"{helps[name]} (default: {default})")
+    return g
 
 
 def resolve_device(device):

@@ -155,11 +155,12 @@ def add_parser(sub):
                    help="data-parallel training under mpiexec: every rank takes its share of each "
                         "global\nbatch (--batch-size), gradients are all-reduced; rank 0 alone "
                         "prints and writes\n(mpi: mpi4py, 'gpubackprop[mpi]'; nccl: one GPU a rank)")
-    p.add_argument("--cuda-graph", default="auto", choices=CUDA_GRAPH_MODES,
-                   help="the training step as one CUDA graph, replayed (auto: on a GPU where the "
-                        "model allows;\non: or an error saying why not; off: the eager step); "
-                        "the same results either way")
-    add_device_options(p, defaults, "device")
+    g = add_device_options(p, defaults, "device")
+    g.add_argument("--cuda-graph", default="auto", choices=CUDA_GRAPH_MODES,
+                   help="the training step captured once as a CUDA graph and replayed (auto: on a "
+                        "GPU where\nthe model's layers allow it, else the eager step; on: "
+                        "graphs, or an error saying\nwhy not; off: the eager step); the same "
+                        "results either way (default: auto)")
     g = p.add_argument_group("output")
     g.add_argument("--metrics-json", metavar="PATH",
                    help="write {test_accuracy, test_loss, epochs: [...], seconds} as JSON")
