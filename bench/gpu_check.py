@@ -73,7 +73,9 @@ def run_demo():
             "loss": metrics["loss"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _spin_kernel():
+def spin_kernel():
+    """A CuPy kernel that spins for ``cycles`` GPU clock cycles (a step queued behind it must
+    wait; also bench/gpu_graphs.py's host-time check)."""
     import cupy as cp
 
     return cp.RawKernel(r'''
@@ -126,7 +128,7 @@ def count_host_syncs():
     import gpubackprop as gb
     from gpubackprop.training import step_on_device
 
-    spin = _spin_kernel()
+    spin = spin_kernel()
     clock_hz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"] * 1e3
     out = {"ok": True, "steps": STEPS, "spin_seconds": SPIN_SECONDS}
     for name, model, Xh, yh in _sync_check_models():

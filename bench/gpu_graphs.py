@@ -143,25 +143,16 @@ def replay_equals_eager():
 
 
 # ---- host time per step ---------------------------------------------------------------------------
-def _spin():
-    import cupy as cp
-
-    return cp.RawKernel(r'''
-extern "C" __global__ void spin(long long cycles) {
-    long long start = clock64();
-    while (clock64() - start < cycles) { }
-}''', "spin")
-
-
 def host_time_per_step():
     """Median host seconds to queue one step, eager and replayed, each behind its own spin."""
     import cupy as cp
 
     import gpubackprop as gb
+    from bench.gpu_check import spin_kernel
     from gpubackprop.cuda_graph import GraphSettings, StepGraphs, resolve
     from gpubackprop.training import step_on_device, take
 
-    spin = _spin()
+    spin = spin_kernel()
     hz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"] * 1e3
     out = {}
     for name, (make, shape) in _models().items():
