@@ -219,26 +219,14 @@ class OptimizerOps:
 
     def sgd(self, p, g, buf, lr, momentum, nesterov, weight_decay, scale):
         """torch.optim.SGD without dampening, scale and weight decay included, one kernel."""
-        momentum = float(momentum)
-        if buf is None and not momentum and hasattr(p, "dtype"):
-            buf = self.scratch("no_buffer", (0,), p.dtype)
-        dt = checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
-        if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
-            self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        dt, buf, momentum = self._sgd_args(p, g, buf, momentum, scale)
         self.launch(_sgd, p.size, dt, as_1d(p), as_1d(g), as_1d(buf), float(lr), momentum,
                      bool(nesterov), float(weight_decay), as_1d(scale))
         return p
 
     def rmsprop(self, p, g, square_avg, buf, lr, alpha, eps, weight_decay, momentum, scale):
         """torch.optim.RMSprop (not centered), eps outside the square root, one kernel."""
-        momentum = float(momentum)
-        if buf is None and not momentum and hasattr(p, "dtype"):
-            buf = self.scratch("no_buffer", (0,), p.dtype)
-        dt = checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
-        if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
-                or (momentum and buf.shape != p.shape):
-            self._check_opt(p, g, scale, ("square_avg", square_avg),
-                            ("buf", buf) if momentum else None)
+        dt, buf, momentum = self._rmsprop_args(p, g, square_avg, buf, momentum, scale)
         self.launch(_rmsprop, p.size, dt, as_1d(p), as_1d(g), as_1d(square_avg),
                      as_1d(buf), float(lr), float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay),
                      momentum, as_1d(scale))
@@ -246,9 +234,7 @@ class OptimizerOps:
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, one kernel."""
-        dt = checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
-        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
-            self._check_opt(p, g, scale, ("m", m), ("v", v))
+        dt = self._adam_args(p, g, m, v, scale)
         beta1, beta2 = float(beta1), float(beta2)
         lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
                                                       decoupled, step)
@@ -271,12 +257,7 @@ class OptimizerOps:
 
     def sgd_values(self, p, g, buf, values, momentum, nesterov, weight_decay, scale):
         """``sgd`` with lr read in the kernel from ``values[SLOT["lr"]]``."""
-        momentum = float(momentum)
-        if buf is None and not momentum and hasattr(p, "dtype"):
-            buf = self.scratch("no_buffer", (0,), p.dtype)
-        dt = checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
-        if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
-            self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        dt, buf, momentum = self._sgd_args(p, g, buf, momentum, scale)
         self.launch(_sgd_values, p.size, dt, as_1d(p), as_1d(g), as_1d(buf), _values(values),
                     momentum, bool(nesterov), float(weight_decay), as_1d(scale))
         return p
@@ -284,14 +265,7 @@ class OptimizerOps:
     def rmsprop_values(self, p, g, square_avg, buf, values, alpha, eps, weight_decay, momentum,
                        scale):
         """``rmsprop`` with lr read in the kernel from ``values[SLOT["lr"]]``."""
-        momentum = float(momentum)
-        if buf is None and not momentum and hasattr(p, "dtype"):
-            buf = self.scratch("no_buffer", (0,), p.dtype)
-        dt = checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
-        if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
-                or (momentum and buf.shape != p.shape):
-            self._check_opt(p, g, scale, ("square_avg", square_avg),
-                            ("buf", buf) if momentum else None)
+        dt, buf, momentum = self._rmsprop_args(p, g, square_avg, buf, momentum, scale)
         self.launch(_rmsprop_values, p.size, dt, as_1d(p), as_1d(g), as_1d(square_avg),
                     as_1d(buf), _values(values), float(alpha), 1.0 - float(alpha), float(eps),
                     float(weight_decay), momentum, as_1d(scale))
@@ -300,15 +274,44 @@ class OptimizerOps:
     def adam_values(self, p, g, m, v, values, beta1, beta2, eps, weight_decay, decoupled, scale):
         """``adam`` with lr/(1 − β1^t), √(1 − β2^t) and 1 − lr·wd read in the kernel from
         ``values``."""
-        dt = checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
-        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
-            self._check_opt(p, g, scale, ("m", m), ("v", v))
+        dt = self._adam_args(p, g, m, v, scale)
         beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
         l2 = 0.0 if decoupled else weight_decay  # as adam_coefficients
         self.launch(_adam_values, p.size, dt, as_1d(p), as_1d(g), as_1d(m), as_1d(v),
                     _values(values), beta1, beta2, 1.0 - beta1, 1.0 - beta2, float(eps), l2,
                     as_1d(scale))
         return p
+
+    # The argument checks of an update and of its ``*_values`` form (the same arrays).
+    def _sgd_args(self, p, g, buf, momentum, scale):
+        """(dtype, buf, momentum) of checked SGD arguments; buf an empty scratch without
+        momentum."""
+        momentum = float(momentum)
+        if buf is None and not momentum and hasattr(p, "dtype"):
+            buf = self.scratch("no_buffer", (0,), p.dtype)
+        dt = checks.float_arrays(checks.NAMES_SGD, p, g, buf, scale)
+        if g.shape != p.shape or scale.size != 1 or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("buf", buf) if momentum else None)
+        return dt, buf, momentum
+
+    def _rmsprop_args(self, p, g, square_avg, buf, momentum, scale):
+        """(dtype, buf, momentum) of checked RMSprop arguments."""
+        momentum = float(momentum)
+        if buf is None and not momentum and hasattr(p, "dtype"):
+            buf = self.scratch("no_buffer", (0,), p.dtype)
+        dt = checks.float_arrays(checks.NAMES_RMSPROP, p, g, square_avg, buf, scale)
+        if g.shape != p.shape or square_avg.shape != p.shape or scale.size != 1 \
+                or (momentum and buf.shape != p.shape):
+            self._check_opt(p, g, scale, ("square_avg", square_avg),
+                            ("buf", buf) if momentum else None)
+        return dt, buf, momentum
+
+    def _adam_args(self, p, g, m, v, scale):
+        """The dtype of checked Adam arguments."""
+        dt = checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
+            self._check_opt(p, g, scale, ("m", m), ("v", v))
+        return dt
 
     @staticmethod
     def _check_opt(p, g, scale, *pairs):
