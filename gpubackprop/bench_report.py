@@ -17,6 +17,12 @@ SPLIT_NOTES = {
     "conv GEMM": "the conv layers' forward, weight- and input-gradient GEMMs",
     "conv other": "the conv layers' bias+activation, its derivative, the bias gradient, the weight "
                   "gradient's sum over a chunk and copies",
+    "winograd transforms": "the Winograd conv layers' tile transforms (filter U = GgGᵀ and its "
+                           "adjoint, input V = BᵀdB and dX, output Z = AᵀMA and dM), the "
+                           "calling thread's half",
+    "winograd GEMM": "the Winograd conv layers' 16 GEMMs a chunk (M = U·V, dU = dM·Vᵀ, "
+                     "dV = Uᵀ·dM), the calling thread's half (the worker's runs at the same time)",
+    "conv direct": "the direct convolutions (forward, and BP3 with dX in one pass)",
     "activation": "Activation layers (after a norm or a sum)",
     "pooling": "max, average and global average pooling",
     "recurrent other": "the recurrent layers' input bias, bias gradients and copies",
@@ -128,7 +134,11 @@ def _network_tables(key, r):
     want_ratio, want_gemm = NETWORK_TARGETS.get(key, (None, None))
     out = [f"`--model {r.get('model', r['spec'])}` on {shape} inputs, batch {r['batch']}: "
            f"{r['summary']}.", "",
-           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step. Targets (issue "
+           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step (nominal: every convolution "
+           f"as the direct sum, im2col + GEMM, as PyTorch's FLOPs count it)"
+           + "".join(f"; the {k} set's step runs {v / 1e6:.1f} MFLOP of GEMMs"
+                     for k, v in r.get("gemm_flops_run", {}).items() if v != r["step_flops"])
+           + ". Targets (issue "
            f"{19 if key == 'transformer' else 15}) on the CPU, "
            f"fused: × PyTorch ≥ {want_ratio}"
            + (f", of GEMM limit ≥ {want_gemm}" if want_gemm else "") + ".", "",
@@ -151,9 +161,17 @@ def _network_tables(key, r):
                    f"{row['peak_fraction']:.2f} |")
     peaks = ", ".join(f"{p['device']} {p['gflops']:.0f} GFLOP/s ({p['n']}³ sgemm)"
                       for p in r.get("peak", []))
-    out += ["", "Of GEMM limit: t(the step's GEMMs alone, back to back, in the layers' layouts) / "
-            "t(step), median of per-round ratios, each library against its own GEMMs. Of peak "
-            f"sgemm: step FLOPs / peak rate / t(step); peak: {peaks}."]
+    out += ["", "Of GEMM limit: t(the GEMMs the contender's own step runs, alone, back to back, "
+            "in the layers' layouts and threads) / t(step), median of per-round ratios. \"GEMMs "
+            "only\" is the fused set's GEMMs as they run: a Winograd conv layer's 16 GEMMs "
+            "(C_out×C_in)·(C_in×tiles) a chunk (forward, dU, dV) in its two halves of chunks on "
+            "two threads, none for a direct convolution, im2col GEMMs for the others; the "
+            "recurrent GEMMs in the fused ops' row chunks, one thread and one BLAS thread each. "
+            "\"GEMMs only (reference)\" (where it differs) the reference set's (im2col, one "
+            "GEMM a step); PyTorch's the nominal GEMMs by torch.matmul. GFLOP/s and of peak "
+            "sgemm count the nominal FLOPs for every contender (the direct convolution's, as "
+            "PyTorch's; Winograd does 2.25× fewer multiplications in its GEMMs): nominal FLOPs / "
+            f"peak rate / t(step); peak: {peaks}."]
     if r.get("split"):
         cats = []
         for sp in r["split"]:

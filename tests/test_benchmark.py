@@ -291,35 +291,128 @@ def _masked_plan():
     return p
 
 
-class _MatmulRecorder:
-    """The backend's matmul, recording the FLOPs of every call (2 per multiply-add)."""
+class _GemmRecorder:
+    """Records every GEMM a step calls as single products (m, k, n): through the backend's matmul
+    (conv, Winograd, dense, attention; from any thread), the kernel set's own xp.matmul, and the
+    fused CPU recurrent kernels' np.dot calls (their Numba loops run as Python, the same code)."""
 
-    def __init__(self, matmul):
-        self._matmul, self.flops = matmul, 0
+    _NUMBA = [f"_{m}_{d}_{how}" for m in ("rnn", "lstm", "gru") for d in ("forward", "backward")
+              for how in ("rows", "parallel")] + ["_rows_gemm_parallel", "_weight_gemm_parallel"]
 
-    def __call__(self, a, b, **kw):
-        out = self._matmul(a, b, **kw)
-        self.flops += 2 * out.size * a.shape[-1]
-        return out
+    def __init__(self, monkeypatch, be):
+        from gpubackprop.kernels.cpu import recurrent
+
+        self.calls = []
+        rec = self
+
+        class Xp:  # numpy, recording matmul and dot
+            def __getattr__(self, name):
+                return getattr(np, name)
+
+            def matmul(self, a, b, out=None, **kw):
+                rec._add(a, b)
+                return np.matmul(a, b, out=out, **kw)
+
+            def dot(self, a, b, out=None):
+                rec._add(a, b)
+                return np.dot(a, b, out)
+
+        matmul = be.matmul
+
+        def be_matmul(a, b, **kw):
+            self._add(a, b)
+            return matmul(a, b, **kw)
+        monkeypatch.setattr(be, "matmul", be_matmul)
+        monkeypatch.setattr(be.ops, "xp", Xp())
+        monkeypatch.setattr(recurrent, "np", Xp())
+        for name in self._NUMBA:
+            monkeypatch.setattr(recurrent, name, getattr(recurrent, name).py_func)
+
+    def _add(self, a, b):
+        lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        self.calls += [(a.shape[-2], a.shape[-1], b.shape[-1])] * int(np.prod(lead, dtype=int))
 
 
-@pytest.mark.parametrize("key", sorted(benchmark.QUICK_NETWORKS))
-def test_plan_gemms_are_the_gemms_a_step_performs(key):
-    """The layers' GEMMs in a real step (every one goes through the backend's matmul) add up to
-    the plan's FLOPs."""
-    net = benchmark.QUICK_NETWORKS[key]
-    p = benchmark.network_plan(net)
-    c = benchmark.network_contender(p, net.batch, "cpu", "fused")
+def _single_products(gemms):
+    """The plan's GEMMs as single products (m, k, n), sorted."""
+    return sorted(g for _, count, m, k, n in gemms for g in [(m, k, n)] * count)
+
+
+def _assert_plan_is_the_step(c, p, batch, monkeypatch):
     be = c.model.backend
     c.step()
-    be.matmul = rec = _MatmulRecorder(be.matmul)
-    try:
+    with monkeypatch.context() as mp:
+        rec = _GemmRecorder(mp, be)
         c.step()
-    finally:
-        be.matmul = rec._matmul
-    expected = sum(count * benchmark.gemm_flops(m, k, n)
-                   for what, count, m, k, n in benchmark.plan_step_gemms(p, net.batch))
-    assert rec.flops == expected
+    gemms = benchmark.plan_step_gemms(p, batch, c.model)
+    assert sorted(rec.calls) == _single_products(gemms)
+    assert benchmark.plan_step_flops(p, batch, c.model) == sum(2 * m * k * n for m, k, n in rec.calls)
+    return gemms
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+@pytest.mark.parametrize("key", sorted(benchmark.QUICK_NETWORKS))
+def test_plan_gemms_are_the_gemms_a_step_performs(key, kernels, monkeypatch):
+    """The GEMMs a real step calls (recorded, every one as its single products) are the plan's for
+    that model, and the model-less plan has the same FLOPs where no layer takes Winograd or a
+    direct convolution (im2col and the row chunks do the nominal multiplications)."""
+    net = benchmark.QUICK_NETWORKS[key]
+    p = benchmark.network_plan(net)
+    c = benchmark.network_contender(p, net.batch, "cpu", kernels)
+    _assert_plan_is_the_step(c, p, net.batch, monkeypatch)
+    paths = {benchmark.conv_path(layer, net.batch)[0] for _, layer in c.model.leaves()
+             if type(layer).__name__ == "Conv2d"}
+    if not paths & {"winograd", "direct"}:
+        assert benchmark.plan_step_flops(p, net.batch, c.model) == benchmark.plan_step_flops(p, net.batch)
+
+
+@pytest.mark.parametrize("winograd", ["auto", True])
+def test_plan_follows_winograd_layers_in_their_halves(winograd, monkeypatch):
+    """16->16 3x3 on 32x32 (the fused set's "auto" takes Winograd there), batch 4: chunks of two
+    samples, run in two halves; the plan's 16 GEMMs a chunk are those the step calls, fewer FLOPs
+    than the nominal, and the halves are one region of two lanes where the set runs two threads."""
+    from gpubackprop.modelspec import plan
+
+    p = plan("conv(16,3,pad=1)-relu-conv(16,3,pad=1)-gap-dense(classes)", (3, 32, 32), 4)
+    c = benchmark.network_contender(p, 4, "cpu", "fused")
+    conv = c.model.layers[1]
+    monkeypatch.setattr(conv, "winograd", winograd)
+    path, chunks = benchmark.conv_path(conv, 4)
+    assert path == "winograd" and len(chunks) >= 2
+    gemms = _assert_plan_is_the_step(c, p, 4, monkeypatch)
+    T = 16 * 16  # 2x2 tiles of a 32x32 output
+    n = chunks[0][1]
+    assert ("winograd forward", 16, 16, 16, n * T) in gemms
+    assert ("winograd weight gradient", 16, 16, n * T, 16) in gemms
+    assert ("winograd input gradient", 16, 16, 16, n * T) in gemms
+    assert benchmark.plan_step_flops(p, 4, c.model) < benchmark.plan_step_flops(p, 4)
+    regions = benchmark.plan_step_schedule(p, 4, c.model)
+    halves = [r for r in regions if r.how == "halves"]
+    assert len(halves) == (1 if c.model.backend.ops.nchunks >= 2 else 0)
+    gc = benchmark.gemm_limit_contender(regions, 4)
+    gc.step()
+    split = benchmark.step_time_split(c, steps=2)
+    assert split["winograd transforms"] > 0 and split["winograd GEMM"] > 0
+
+
+@pytest.mark.parametrize("spec", ["lstm(8)-last-dense(classes)",
+                                  "gru(8,layers=2,bidir=true)-last-dense(classes)"])
+def test_plan_follows_the_recurrent_row_chunks(spec, monkeypatch):
+    """With three row chunks (a batch of 48, 16+ rows a chunk), every recurrent GEMM of the step is
+    a chunk's (recorded from the kernels' own loops), as the plan's lanes say."""
+    from gpubackprop.modelspec import plan
+
+    p = plan(spec, (5, 4), 3)
+    c = benchmark.network_contender(p, 48, "cpu", "fused")
+    monkeypatch.setattr(c.model.backend.ops, "nchunks", 3)
+    assert c.model.backend.ops.row_chunks("steps", 48) == 3
+    gemms = _assert_plan_is_the_step(c, p, 48, monkeypatch)
+    assert ("recurrent hidden", 5, 16, 8, gemms[1][4]) in gemms
+    regions = benchmark.plan_step_schedule(p, 48, c.model)
+    chunked = [r for r in regions if r.how == "row chunks"]
+    assert chunked and all(len(r.lanes) == 3 for r in chunked)
+    assert benchmark.plan_step_flops(p, 48, c.model) == benchmark.plan_step_flops(p, 48)
+    benchmark.gemm_limit_contender(regions, 48).step()
 
 
 @pytest.mark.parametrize("library", ["gpubackprop", "pytorch"])
@@ -327,10 +420,15 @@ def test_gemm_limit_contender_runs_every_layout(library):
     if library == "pytorch":
         pytest.importorskip("torch")
     for key, net in benchmark.QUICK_NETWORKS.items():
-        gemms = benchmark.plan_step_gemms(benchmark.network_plan(net), net.batch)
+        p = benchmark.network_plan(net)
+        gemms = benchmark.plan_step_gemms(p, net.batch)
         c = benchmark.gemm_limit_contender(gemms, net.batch, "cpu", library)
         c.step()  # shapes agree (matmul with out= checks them)
         assert {g[0] for g in gemms} <= set(benchmark.LAYOUTS), key
+        model = benchmark.network_contender(p, net.batch, "cpu", "fused").model
+        regions = benchmark.plan_step_schedule(p, net.batch, model)
+        benchmark.gemm_limit_contender(regions, net.batch, "cpu", library).step()
+        assert {g[0] for r in regions for lane in r.lanes for g in lane} <= set(benchmark.LAYOUTS)
 
 
 @pytest.mark.parametrize("key", sorted(benchmark.NETWORKS))
@@ -398,9 +496,15 @@ def test_step_time_split_clocks_every_layer_kind(key):
     split = benchmark.step_time_split(c, steps=2)
     assert list(split) == benchmark.categories_of(c.model) and list(split)[-1] == "rest"
     assert set(split) <= set(benchmark.SPLIT_CATEGORIES)
-    expected = {"lenet5": {"im2col", "conv GEMM", "col2im", "conv other", "pooling", "dense"},
-                "resnet": {"im2col", "conv GEMM", "col2im", "conv other", "batch norm", "activation",
-                           "pooling", "residual add", "dense"},
+    # the conv layers' categories follow the path each takes on this kernel set
+    conv = {"conv other"}
+    for _, layer in c.model.leaves():
+        if type(layer).__name__ == "Conv2d":
+            conv |= {"winograd": {"winograd transforms", "winograd GEMM"}, "direct": {"conv direct"},
+                     "pointwise": {"conv GEMM"}}.get(benchmark.conv_path(layer, net.batch)[0],
+                                                     {"im2col", "conv GEMM", "col2im"})
+    expected = {"lenet5": conv | {"pooling", "dense"},
+                "resnet": conv | {"batch norm", "activation", "pooling", "residual add", "dense"},
                 "gru": {"recurrent GEMM", "recurrent time loop", "recurrent other", "dense"},
                 "transformer": {"layer norm", "residual add", "attention GEMM", "softmax",
                                 "attention other", "dense", "dropout"}}[key]

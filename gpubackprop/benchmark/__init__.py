@@ -27,9 +27,11 @@ How it measures (the same on every device):
   except for the model's first layer, the input-gradient GEMM Wᵀ·Δ; three per dense layer; per
   recurrent layer the input projection, one hidden GEMM a time step, one hidden-gradient GEMM a
   step after the first, two weight-gradient GEMMs and the input gradient; residual blocks count
-  their layers; 2 FLOPs a multiply-add). "Of GEMM limit" is t(those GEMMs alone, same layouts,
-  ``gemm_limit``) / t(step); "of peak" is FLOPs / (the peak sgemm rate, a large square GEMM) /
-  t(step). The time split (``split``) comes from a separate, instrumented run of real steps that
+  their layers; 2 FLOPs a multiply-add): nominal FLOPs, the direct convolution's as PyTorch's,
+  for GFLOP/s and "of peak" = FLOPs / (the peak sgemm rate, a large square GEMM) / t(step). "Of
+  GEMM limit" is t(the GEMMs the contender's step really runs, alone, in its layouts and threads,
+  ``plan_step_schedule`` on its built model: Winograd's 16 GEMMs a chunk in two halves, none for a
+  direct convolution, the fused recurrent ops' row chunks) / t(step). The time split (``split``) comes from a separate, instrumented run of real steps that
   clocks every layer's forward and backward pass and, inside conv and recurrent layers, every
   im2col, col2im, GEMM and cell-kernel call.
 
@@ -60,9 +62,12 @@ from gpubackprop.benchmark.environment import (
 from gpubackprop.benchmark.gemm import PEAK_GEMM, QUICK_PEAK_GEMM, gemm_flops, gemm_section, peak_gemm_gflops
 from gpubackprop.benchmark.gemm_limit import (
     LAYOUTS,
+    Region,
+    conv_path,
     gemm_limit_contender,
     plan_step_flops,
     plan_step_gemms,
+    plan_step_schedule,
 )
 from gpubackprop.benchmark.memory import memory_section
 from gpubackprop.benchmark.mlp import (
@@ -99,15 +104,15 @@ from gpubackprop.benchmark.twins import load_weights, torch_twin
 
 __all__ = [
     "Contender", "LAYOUTS", "LR", "MOMENTUM", "NETWORKS", "Network", "OP_NAMES", "OP_SHAPES",
-    "PEAK_GEMM", "QUICK_NETWORKS", "QUICK_PEAK_GEMM", "QUICK_SHAPES", "SCALING_BASE",
+    "PEAK_GEMM", "QUICK_NETWORKS", "QUICK_PEAK_GEMM", "QUICK_SHAPES", "Region", "SCALING_BASE",
     "SCALING_BATCHES", "SCALING_WIDTHS", "SECTIONS", "SHAPES", "SPLIT_CATEGORIES", "Timer",
-    "blas_threads", "build_parser", "categories_of", "configure_torch", "contenders", "cpu_model",
-    "devices_available", "environment", "gemm_contender", "gemm_flops", "gemm_limit_contender",
-    "gemm_section", "gpu_name", "gpubackprop_contender", "load_weights", "machine_type", "main",
-    "median", "memory_section", "mlp_layers", "network_contender", "network_plan",
-    "network_section", "op_bytes", "op_contenders", "ops_section", "peak_gemm_gflops",
-    "plan_step_flops", "plan_step_gemms", "ratio_median", "run", "scaling_section",
-    "sklearn_contender", "step_flops", "step_gemms", "step_time_split", "sync_for",
-    "throughput_section", "torch_contender", "torch_module", "torch_network_contender",
+    "blas_threads", "build_parser", "categories_of", "configure_torch", "contenders", "conv_path",
+    "cpu_model", "devices_available", "environment", "gemm_contender", "gemm_flops",
+    "gemm_limit_contender", "gemm_section", "gpu_name", "gpubackprop_contender", "load_weights",
+    "machine_type", "main", "median", "memory_section", "mlp_layers", "network_contender",
+    "network_plan", "network_section", "op_bytes", "op_contenders", "ops_section",
+    "peak_gemm_gflops", "plan_step_flops", "plan_step_gemms", "plan_step_schedule", "ratio_median",
+    "run", "scaling_section", "sklearn_contender", "step_flops", "step_gemms", "step_time_split",
+    "sync_for", "throughput_section", "torch_contender", "torch_module", "torch_network_contender",
     "torch_step_contender", "torch_twin", "vgg_spec", "xp_for",
 ]

@@ -16,7 +16,12 @@ import numpy as np
 from gpubackprop.benchmark import contenders
 from gpubackprop.benchmark.contenders import LR, MOMENTUM, torch_step_contender
 from gpubackprop.benchmark.gemm import PEAK_GEMM, peak_gemm_gflops
-from gpubackprop.benchmark.gemm_limit import gemm_limit_contender, plan_step_flops, plan_step_gemms
+from gpubackprop.benchmark.gemm_limit import (
+    gemm_limit_contender,
+    plan_step_flops,
+    plan_step_gemms,
+    plan_step_schedule,
+)
 from gpubackprop.benchmark.split import step_time_split
 from gpubackprop.benchmark.timing import Contender, median, ratio_median
 from gpubackprop.benchmark.twins import load_weights, torch_twin
@@ -108,9 +113,12 @@ def torch_network_contender(p, batch, device="cpu", model=None):
 def network_section(timer, devices, net, with_torch=True, peak_n=PEAK_GEMM, split_steps=20,
                     split_s=1.0, peaks=None, kernel_sets=("reference", "fused"), log=print):
     """Training steps of one network: samples/s of gpubackprop (each kernel set) and PyTorch, the
-    ratio, the fraction of the GEMM limit (each library against its own GEMMs alone) and of the
-    peak sgemm rate, and the per-op time split of gpubackprop's step (``split_steps`` steps at
-    most, about ``split_s`` seconds). ``peaks``: {device: GFLOP/s} already measured (filled in)."""
+    ratio, the fraction of the GEMM limit (each contender against the GEMMs its own step runs,
+    alone: the fused set's "GEMMs only", the reference set's "GEMMs only (reference)" where they
+    differ, PyTorch's the nominal GEMMs by torch.matmul) and of the peak sgemm rate (the nominal
+    FLOPs: the direct convolution's, as PyTorch's), and the per-op time split of gpubackprop's step
+    (``split_steps`` steps at most, about ``split_s`` seconds). ``peaks``: {device: GFLOP/s}
+    already measured (filled in)."""
     p = network_plan(net)
     batch = net.batch
     torch = contenders.torch_module() if with_torch else None
@@ -119,28 +127,50 @@ def network_section(timer, devices, net, with_torch=True, peak_n=PEAK_GEMM, spli
     peaks = {} if peaks is None else peaks
     out = {"title": net.title, "model": net.spec, "spec": p.spec, "summary": p.summary(),
            "input_shape": list(net.input_shape), "batch": batch, "classes": net.classes,
-           "step_flops": flops, "gemms": [list(g) for g in gemms], "rows": [], "split": [],
-           "peak": []}
+           "step_flops": flops, "gemms": [list(g) for g in gemms], "gemms_run": {},
+           "gemm_flops_run": {}, "rows": [], "split": [], "peak": []}
     for dev in devices:
         if dev not in peaks:
             peaks[dev] = peak_gemm_gflops(timer, dev, peak_n)
         peak = peaks[dev]
         out["peak"].append({"device": dev, "n": peak_n, "gflops": peak})
         ours = [network_contender(p, batch, dev, k) for k in kernel_sets]
-        cs = ours + [gemm_limit_contender(gemms, batch, dev)]
+        # Each kernel set's GEMMs as its step runs them (Winograd, direct convolutions, the row
+        # chunks): "GEMMs only" the last set's (fused), a "GEMMs only (<set>)" for another set's
+        # where they differ.
+        schedules = {c.name: plan_step_schedule(p, batch, c.model) for c in ours}
+        limits, own = {}, {}
+        for c in reversed(ours):
+            sched = schedules[c.name]
+            same = next((name for name, s in limits.items() if s == sched), None)
+            if same is None:
+                same = "GEMMs only" if not limits else f"GEMMs only ({c.kernels})"
+                limits[same] = sched
+            own[c.name] = same
+            out["gemms_run"][c.kernels] = [list(g) for g in plan_step_gemms(p, batch, c.model)]
+            out["gemm_flops_run"][c.kernels] = plan_step_flops(p, batch, c.model)
+        gemm_cs = []
+        for name, sched in limits.items():
+            gc = gemm_limit_contender(sched, batch, dev)
+            gc.name = name
+            gemm_cs.append(gc)
+        cs = ours + gemm_cs
         if torch is not None:
             cs += [torch_network_contender(p, batch, dev, ours[0].model),
                    gemm_limit_contender(gemms, batch, dev, "pytorch")]
         times = timer.run(cs)
-        gemm_t, torch_t = times["GEMMs only"], times.get("pytorch")
+        torch_t = times.get("pytorch")
         for c in cs:
             t = times[c.name]
-            own_gemm = times.get("GEMMs only (torch)") if c.library == "pytorch" else gemm_t
+            own_gemm = times.get("GEMMs only (torch)") if c.library == "pytorch" else \
+                times.get(own.get(c.name))
             out["rows"].append({
                 "device": dev, "contender": c.name, "library": c.library, "kernels": c.kernels,
                 "note": c.note, "samples_per_s": batch / median(t), "step_ms": 1e3 * median(t),
                 "gflops": flops / median(t) / 1e9, "rounds_s": t,
                 "ratio_to_pytorch": ratio_median(t, torch_t) if torch_t else None,
+                "gemm_limit": own.get(c.name, "GEMMs only (torch)" if c.library == "pytorch"
+                                      else None),
                 "gemm_fraction": ratio_median(t, own_gemm) if own_gemm else None,
                 "peak_fraction": flops / (peak * 1e9) / median(t)})
         if torch is None:

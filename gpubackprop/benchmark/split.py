@@ -4,7 +4,12 @@ their im2col, col2im, GEMM and time-loop calls, from an instrumented run of real
 
 Categories (``SPLIT_CATEGORIES``, in report order): the conv layers' im2col, GEMMs (forward,
 weight and input gradient) and col2im, and "conv other" (bias+activation, its derivative, the bias
-gradient, the weight gradient's sum over a chunk, copies); batch norm; activation (Activation
+gradient, the weight gradient's sum over a chunk, copies); for a conv layer on Winograd
+F(2×2, 3×3) (the fused CPU set's choice, layers/conv.py) "winograd transforms" (the filter
+transform U = GgGᵀ and its adjoint, the input tiles V = BᵀdB and dX, the output Z = AᵀMA and
+dM) and "winograd GEMM" (its 16 GEMMs a chunk: M = U·V, dU = dM·Vᵀ, dV = Uᵀ·dM), the rest of
+such a layer's time (bias, activation, the dU sums, the wait for the worker thread's half) in
+"conv other"; a direct convolution's calls in "conv direct"; batch norm; activation (Activation
 layers after a norm or a sum); pooling (max, average, global average); residual add; the recurrent
 layers' GEMMs, time loops (each step's GEMM and cell, forward and backward, in one op) and
 "recurrent other" (input bias, bias gradients, copies); the attention's GEMMs (projections,
@@ -13,13 +18,19 @@ scores, values, out_proj, their gradients), its masked softmax forward and backw
 transformer encoder layer each part is clocked as its own kind and the layer's own time (its
 residual sums) counts as "residual add"; dense layers (their GEMMs, bias and activation); and
 "rest": loss, optimizer, reshapes and Python between the layers.
+
+Only the thread that runs the step is clocked: Conv2d's Winograd layers run the second half of
+their chunks on a worker thread at the same time, whose calls are not clocked (the layer's wall
+time is the calling thread's: its own half, then the wait for the other, in "conv other").
 """
 
+import threading
 import time
 
 from gpubackprop.benchmark.timing import no_sync, sync_for
 
-SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "conv other", "batch norm", "layer norm",
+SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "winograd transforms", "winograd GEMM",
+                    "conv direct", "conv other", "batch norm", "layer norm",
                     "activation", "pooling", "residual add", "recurrent GEMM",
                     "recurrent time loop", "recurrent other", "attention GEMM", "softmax",
                     "attention other", "dense", "dropout", "rest")
@@ -31,7 +42,15 @@ _RECURRENT_OPS = {"matmul": "recurrent GEMM", "rows_gemm": "recurrent GEMM",
                      for d in ("forward", "backward")}}
 # layer kind: (category of its own time, {op name: category of that op's calls inside it})
 LAYER_CATEGORIES = {
-    "Conv2d": ("conv other", {"im2col": "im2col", "col2im": "col2im", "matmul": "conv GEMM"}),
+    "Conv2d": ("conv other", {"im2col": "im2col", "col2im": "col2im", "matmul": "conv GEMM",
+                              **{f"direct_conv_{d}": "conv direct"
+                                 for d in ("forward", "backward")}}),
+    # a Conv2d whose step runs Winograd F(2x2, 3x3) (``_layer_kind``)
+    "Conv2d winograd": ("conv other", {"matmul": "winograd GEMM",
+                                       **{f"winograd_{op}": "winograd transforms"
+                                          for op in ("filter", "filter_backward", "input",
+                                                     "input_backward", "output",
+                                                     "output_backward")}}),
     "BatchNorm1d": ("batch norm", {}), "BatchNorm2d": ("batch norm", {}),
     "LayerNorm": ("layer norm", {}), "Activation": ("activation", {}),
     "MaxPool2d": ("pooling", {}), "AvgPool2d": ("pooling", {}), "GlobalAvgPool2d": ("pooling", {}),
@@ -52,6 +71,7 @@ class _Clock:
 
     def __init__(self, sync):
         self.sync, self.totals, self.stack = sync, {}, []  # stack: [kind, time of inner regions]
+        self.thread = threading.get_ident()  # the step's thread: the only one clocked
 
     def run(self, kind, category, fn, *args, **kwargs):
         self.sync()
@@ -70,7 +90,7 @@ class _Clock:
 
     def op_category(self, name):
         """The category of op ``name`` called inside the current layer, or None (not clocked)."""
-        if not self.stack:
+        if not self.stack or threading.get_ident() != self.thread:
             return None
         kind = self.stack[-1][0]
         return LAYER_CATEGORIES.get(kind, (None, {}))[1].get(name)
@@ -116,12 +136,25 @@ def _layers(layer):
         yield layer
 
 
-def _timed_forward(layer, clock):
+def _layer_kind(layer, N=None):
+    """The layer's kind in ``LAYER_CATEGORIES``: its class name, "Conv2d winograd" for a Conv2d
+    whose step runs Winograd (the layer's own choice, as the GEMM plan reads it)."""
     kind = type(layer).__name__
-    category = LAYER_CATEGORIES.get(kind, ("rest", {}))[0]
+    if kind == "Conv2d" and getattr(layer, "backend", None) is not None and N is not None:
+        from gpubackprop.benchmark.gemm_limit import conv_path
+
+        if conv_path(layer, N)[0] == "winograd":
+            return "Conv2d winograd"
+    return kind
+
+
+def _timed_forward(layer, clock):
     forward = layer.forward
 
     def timed_forward(*args, **kwargs):
+        X = args[0] if args else kwargs.get("X")
+        kind = _layer_kind(layer, getattr(X, "shape", (None,))[0])
+        category = LAYER_CATEGORIES.get(kind, ("rest", {}))[0]
         Y, backprop = clock.run(kind, category, forward, *args, **kwargs)
 
         def timed_backprop(*a, **k):
@@ -134,8 +167,25 @@ def categories_of(model):
     """The split's categories for this model (its layer kinds'), in report order, "rest" last."""
     present = {LAYER_CATEGORIES.get(type(layer).__name__, ("rest", {}))[0] for layer in _layers(model)}
     for layer in _layers(model):
-        present.update(LAYER_CATEGORIES.get(type(layer).__name__, (None, {}))[1].values())
+        kind = type(layer).__name__
+        if kind == "Conv2d":  # what its path runs: Winograd's or im2col's categories
+            present.update(_conv_categories(layer))
+            continue
+        present.update(LAYER_CATEGORIES.get(kind, (None, {}))[1].values())
     return [c for c in SPLIT_CATEGORIES if c in present or c == "rest"]
+
+
+def _conv_categories(layer):
+    """The op categories a built Conv2d's step can fill: its Winograd path's, direct path's or
+    im2col's (GEMMs, and im2col/col2im unless pointwise)."""
+    from gpubackprop.benchmark.gemm_limit import conv_path
+
+    path = conv_path(layer, 1)[0] if getattr(layer, "backend", None) is not None else "im2col"
+    if path == "winograd":
+        return set(LAYER_CATEGORIES["Conv2d winograd"][1].values())
+    if path == "direct":
+        return {"conv direct"}
+    return {"conv GEMM"} | (set() if path == "pointwise" else {"im2col", "col2im"})
 
 
 def step_time_split(contender, steps=20):

@@ -451,6 +451,15 @@ class RecurrentOps:
         _sum_partials(partial, dW, colsum, d, sum_cols)
         return dW
 
+    def row_chunks(self, op, rows):
+        """The row chunks op ``op`` runs ``rows`` rows in, each chunk on its own thread with one
+        BLAS thread (chunk c: rows ``_span(c, chunks, rows)``): "steps" (a time loop; rows = the
+        batch; 1 = all rows on the calling thread, BLAS still on one thread), "rows_gemm" or
+        "weight_gemm" (rows = T·N; 0: one GEMM through the matmul given, as the reference's).
+        The benchmark's GEMM plan reads it (gpubackprop/benchmark/gemm_limit.py)."""
+        n = self._steps_chunks(rows)
+        return n if op == "steps" or n > 1 else 0
+
     # ---- the time loops ------------------------------------------------------------------------
     def _steps_chunks(self, N):
         """How many row chunks a time loop over a batch of N runs on (1: serial); with

@@ -171,6 +171,11 @@ class RecurrentOps:
     """Plain-xp recurrent cell ops (a mixin of ``ReferenceOps``: uses ``self.xp`` and ``sigmoid``)."""
 
     # ---- the layers' GEMMs over all T·N rows --------------------------------------------------
+    def row_chunks(self, op, rows):
+        """0: every GEMM of op ``op`` ("steps", "rows_gemm", "weight_gemm") is one call of the
+        matmul given, on the calling thread (a fused set may split the rows: kernels/cpu)."""
+        return 0
+
     def rows_gemm(self, A, B, out, bias=None, matmul=None):
         """out = A B (+ bias) (A (M, K) C-contiguous, B (K, N) or a transposed view, bias (N,)):
         the input projections x W_ihᵀ + b_ih and the input gradients dG W_ih of all steps at once."""
