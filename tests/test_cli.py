@@ -153,6 +153,22 @@ def test_info():
                  "first training step", "the MLP kernels (float32", "set: fused-"):
         assert word in r.stdout
     assert "Numba CPU" in r.stdout or "Numba CUDA" in r.stdout
+    for word in ("scipy", "threadpoolctl", "ml_dtypes", "nvmath-python"):
+        assert re.search(rf"^{word} +\S", r.stdout, re.MULTILINE), word
+
+
+def test_a_closed_stdout_ends_quietly():
+    # `gpubackprop info | head`: the reader is gone before the output is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "gpubackprop", "info", "--no-compile"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, env=ENV,
+                           timeout=180)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "error" not in r.stderr and "Traceback" not in r.stderr and "Broken pipe" not in r.stderr
 
 
 def test_gradcheck():

@@ -90,6 +90,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader left (`gpubackprop info | head`): stop quietly, as other tools do, with
+        # stdout pointed at devnull so that the interpreter's final flush raises nothing either.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, the shell's status for a writer killed by the signal
     except (UsageError, ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("GPUBACKPROP_DEBUG") and not isinstance(e, UsageError):
             raise
