@@ -176,6 +176,10 @@ def _network_tables(key, r):
         cats = []
         for sp in r["split"]:
             cats += [c for c in sp["ms"] if c not in cats and c != "rest"]
+        from gpubackprop.benchmark.split import SPLIT_CATEGORIES
+
+        order = {c: i for i, c in enumerate(SPLIT_CATEGORIES)}  # the split's order, any set's
+        cats.sort(key=lambda c: order.get(c, len(order)))
         out += ["", "Where a step's time goes (ms a step, share of the instrumented step), from an "
                 "instrumented run that clocks every layer's passes and the conv and recurrent "
                 "layers' kernel calls:", "",

@@ -31,9 +31,10 @@ How it measures (the same on every device):
   for GFLOP/s and "of peak" = FLOPs / (the peak sgemm rate, a large square GEMM) / t(step). "Of
   GEMM limit" is t(the GEMMs the contender's step really runs, alone, in its layouts and threads,
   ``plan_step_schedule`` on its built model: Winograd's 16 GEMMs a chunk in two halves, none for a
-  direct convolution, the fused recurrent ops' row chunks) / t(step). The time split (``split``) comes from a separate, instrumented run of real steps that
-  clocks every layer's forward and backward pass and, inside conv and recurrent layers, every
-  im2col, col2im, GEMM and cell-kernel call.
+  direct convolution, the fused recurrent ops' row chunks) / t(step). The time split (``split``)
+  comes from a separate, instrumented run of real steps that clocks every layer's forward and
+  backward pass and, inside conv and recurrent layers, every im2col, col2im, Winograd transform,
+  GEMM and time-loop call.
 
 The package, one module a network family: ``timing`` (Contender, Timer, medians), ``contenders``
 (the shared step and PyTorch), ``mlp``, ``networks`` (the conv and recurrent nets, with ``twins``:

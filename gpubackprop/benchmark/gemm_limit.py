@@ -61,6 +61,11 @@ LAYOUTS = {
     "winograd weight gradient": (False, True, "stacked"),   # dU = dM · Vᵀ, inner size n·T
     "winograd input gradient": (True, False, "stacked"),    # dV = Uᵀ · dM
 }
+# The buffers of a Winograd GEMM's operands A, B, C (Conv2d's U, V, M, and dU): A or B a
+# transposed view where LAYOUTS says so.
+WINOGRAD_OPERANDS = {"winograd forward": ("U", "V", "M"),
+                     "winograd weight gradient": ("M", "V", "dU"),
+                     "winograd input gradient": ("U", "M", "V")}
 # Which size of a GEMM the fused CPU recurrent ops split into row chunks: the rows (m) of A, or for
 # the weight gradients the inner size (k: each chunk a partial dW, summed after).
 SPLIT_AXIS = {"recurrent weight gradient": "k"}
@@ -362,10 +367,39 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
         mm = xp.matmul
         sync = sync_for(device)
 
+    def zeros(*shape):
+        return arr(*shape) * 0
+
+    def tiles(shape):
+        """A (16, C, P) Winograd tile buffer as Conv2d's: its rows TILE_PAD elements further apart."""
+        if library == "pytorch":
+            return arr(*shape)
+        from gpubackprop.kernels.reference.winograd import TILE_PAD
+
+        _, C, P = shape
+        return zeros(16, C * P + TILE_PAD)[:, :C * P].reshape(16, C, P)
+
     def serial_calls(lane):
-        calls = []
+        calls, buffers = [], {}
         for what, count, m, k, n in lane:
             a_t, b_t, how = LAYOUTS[what]
+            if what in WINOGRAD_OPERANDS:
+                # A Winograd half reuses its buffers chunk after chunk, as the layer's scratch: U,
+                # V (16, C_in, n·T) and M (16, C_out, n·T), in the cache (the chunks are sized so)
+                a, b, c = ((m, k), (k, n), (m, n))
+                shapes = {"winograd forward": (a, b, c), "winograd weight gradient": (a, b[::-1], c),
+                          "winograd input gradient": (a[::-1], b, c)}[what]
+                ops = []
+                for name, shape in zip(WINOGRAD_OPERANDS[what], shapes, strict=True):
+                    key = (name, shape)
+                    if key not in buffers:
+                        # zeros: the products feed each other, and stay 0 (no overflow)
+                        buffers[key] = tiles((16, *shape)) if name in ("V", "M") else \
+                            zeros(16, *shape)
+                    ops.append(buffers[key])
+                A, B, C = ops
+                calls.append((tr(A) if a_t else A, tr(B) if b_t else B, C))
+                continue
             lead = (count,) if how == "stacked" else ()
             A = tr(arr(*lead, k, m)) if a_t else arr(*lead, m, k)
             B = tr(arr(*lead, n, k)) if b_t else arr(*lead, k, n)
