@@ -93,15 +93,10 @@ def plan_step_gemms(p, batch, model=None):
 
 
 def plan_step_schedule(p, batch, model=None):
-    """The GEMMs of ``plan_step_gemms`` as [Region]: which run one after the other, which at once."""
+    """The GEMMs of ``plan_step_gemms`` as [Region], a layer's in regions of their own: which run
+    one after the other, which at once."""
     layers = None if model is None else list(model.layers)
-    out = []
-    for region in _entries_gemms(p.entries, batch, True, layers):
-        if out and region.how == "serial" and out[-1].how == "serial":
-            out[-1].lanes[0].extend(region.lanes[0])  # neighbouring serial GEMMs: one region
-        else:
-            out.append(region)
-    return out
+    return _entries_gemms(p.entries, batch, True, layers)  # a region a layer at least
 
 
 def _serial(gemms):
@@ -341,7 +336,9 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
     (gpubackprop's) or torch.matmul (``library="pytorch"``). ``gemms``: a list of GEMMs (run one
     after the other) or ``plan_step_schedule``'s regions, each run as the layers run it (Winograd's
     halves on two threads, the fused CPU recurrent ops' row chunks; PyTorch runs every region's
-    GEMMs one after the other)."""
+    GEMMs one after the other). A region's GEMMs of one shape share their buffers, as a layer's
+    chunks share its workspace (a Winograd half its U, V and M), so that they run from the cache
+    where the layer's do."""
     regions = gemms if gemms and isinstance(gemms[0], Region) else _serial(gemms)
     if library == "pytorch":
         torch = contenders.torch_module()
@@ -400,13 +397,18 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
                 A, B, C = ops
                 calls.append((tr(A) if a_t else A, tr(B) if b_t else B, C))
                 continue
+            same = (what, count, m, k, n)
+            if same in buffers:  # a layer's chunks of one shape: its workspace's buffers again
+                calls += buffers[same]
+                continue
             lead = (count,) if how == "stacked" else ()
             A = tr(arr(*lead, k, m)) if a_t else arr(*lead, m, k)
             B = tr(arr(*lead, n, k)) if b_t else arr(*lead, k, n)
             if how == "batched":
                 B = arr(count, k, n)
             C = arr(count, m, n) if how in ("batched", "stacked") else arr(m, n)
-            calls += [(A, B, C)] * (count if how == "loop" else 1)
+            buffers[same] = [(A, B, C)] * (count if how == "loop" else 1)
+            calls += buffers[same]
 
         def run():
             for A, B, C in calls:
