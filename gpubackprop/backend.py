@@ -186,11 +186,16 @@ class Backend:
         self.xp = cupy_module() if self.device == "cuda" and has_cupy_gpu() else np
         self.kernels = kernels
         self.ops = load_ops(self.device, kernels, self.xp)
-        # The GEMM the layers call: xp.matmul, or cuBLAS through nvmath-python while a CUDA graph
-        # run lasts (use_cublas_matmul), whose calls stream capture allows.
+        # The float32 GEMM the layers call: xp.matmul, or cuBLAS through nvmath-python while a
+        # CUDA graph run lasts (use_cublas_matmul), whose calls stream capture allows. A bf16/fp16
+        # model on device="cuda" has a second one for the layers that keep 16-bit device arrays
+        # (Dense: GemmEx on 16-bit operands); every other layer's GEMMs (those computing in float32,
+        # gpubackprop.precision.PATHS, and Conv2d, whose backward reads float32 Δ as the CPU
+        # emulation does) stay float32, so that the GPU computes the emulation's numbers.
         self.matmul = self.xp.matmul
+        self.matmul16 = None
         if self.precision != "fp32" and self.device == "cuda":
-            self.matmul = self._matmul16()
+            self.matmul16 = self._matmul16()
         self.rng = np.random.default_rng(seed)
 
     def _matmul16(self):
@@ -237,11 +242,8 @@ class Backend:
         return self.xp.zeros(shape, dtype=self.dtype if dtype is None else dtype)
 
     def use_cublas_matmul(self, on=True):
-        """Route the layers' GEMMs through cuBLAS by nvmath-python (on) or back to xp.matmul
-        (a bf16/fp16 model on a GPU keeps its GemmEx either way: it is capture-safe too)."""
-        if self.precision != "fp32" and self.device == "cuda" and \
-                (nvmath_cublas() is not None or not on):
-            return  # Matmul16 (or, without nvmath, Widened16Matmul) stays
+        """Route the layers' float32 GEMMs through cuBLAS by nvmath-python (on) or back to
+        xp.matmul (a bf16/fp16 model's ``matmul16``, GemmEx, is capture-safe and stays)."""
         if not on:
             close = getattr(self.matmul, "close", None)
             if close is not None:

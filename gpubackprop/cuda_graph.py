@@ -87,8 +87,8 @@ def model_problems(model, comm=None, device=True):
     if be.kernels != "fused":
         problems.append(f"kernels={be.kernels!r}: the reference set reads the per-step values on "
                         f"the host; graphs need kernels='fused'")
-    # bf16/fp16 are capturable: the GEMMs are GemmEx through nvmath-python (Matmul16, as in the
-    # eager run), the 16-bit weight copy one cast kernel into a kept buffer, and fp16's loss
+    # bf16/fp16 are capturable: the 16-bit Dense GEMMs are GemmEx through nvmath-python
+    # (Matmul16, as in the eager run), the float32 ones cuBLAS as in fp32 graph runs, the 16-bit weight copy one cast kernel into a kept buffer, and fp16's loss
     # scaler lives on the device (scale, unscale + inf check, the update's skip gate, the scale
     # update: kernels reading its state array, no host read).
     if comm is not None and comm.size > 1:
@@ -350,9 +350,10 @@ class StepGraphs:
         """References to the buffers a graph reads that a cache could drop (kernel-set scratch,
         layer workspaces): kept with the graph, so their memory is never handed out again."""
         keep = list(getattr(self.be.ops, "_scratch", {}).values())
-        # The 16-bit GEMM's operand copies (Conv2d's float32 ones, cast per shape) and the
+        # The 16-bit GEMM's operand copies (a float32 operand's, cast per shape) and the
         # model's own buffers (its input rounded to 16 bits).
-        keep.extend(getattr(self.be.matmul, "_buffers", {}).values())
+        for gemm in (self.be.matmul, self.be.matmul16):
+            keep.extend(getattr(gemm, "_buffers", {}).values())
         keep.extend(self.model.__dict__.get("_workspaces", {}).values())
         for _, layer in self.model.leaves():
             keep.extend(layer.__dict__.get("_workspaces", {}).values())

@@ -10,8 +10,8 @@ with autocast:
 activations between layers (forward), their   parameters (master weights), gradients of the
 gradients (backward), the model input         parameters, optimizer state, the update
 GEMM inputs: X, the weight copy, Δ = dA⊙σ'    GEMM accumulation (tensor cores: 32-bit compute)
-(Dense, Conv2d)                               softmax-CE and the other losses, BatchNorm and
-                                              LayerNorm statistics, reductions (BP4's Σ),
+(Dense; Conv2d: X and the weight copy, its    softmax-CE and the other losses, BatchNorm and
+Δ float32)                                    LayerNorm statistics, reductions (BP4's Σ),
                                               everything inside the float32 layers below
 ============================================  ==========================================
 

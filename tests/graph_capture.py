@@ -54,13 +54,16 @@ class HostCapture:
 
     def _recorded(self, fn):
         be, log = self.model.backend, []
-        ops, matmul = be.ops, be.matmul
+        ops, matmul, matmul16 = be.ops, be.matmul, be.matmul16
         be.ops = _Recorder(ops, log)
         be.matmul = _Recorder(type("M", (), {"matmul": staticmethod(matmul)})(), log).matmul
+        if matmul16 is not None:
+            be.matmul16 = _Recorder(type("M", (), {"matmul16": staticmethod(matmul16)})(),
+                                    log).matmul16
         try:
             out = fn()
         finally:
-            be.ops, be.matmul = ops, matmul
+            be.ops, be.matmul, be.matmul16 = ops, matmul, matmul16
         return out, log
 
     def capture(self, fn, touched):

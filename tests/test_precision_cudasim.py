@@ -243,3 +243,34 @@ def test_the_cuda_sets_dense_keeps_16_bit_arrays_and_trains_as_the_emulation():
         np.testing.assert_allclose(runs[0][1], losses, rtol=2.0**-10)
         for k in params:
             np.testing.assert_allclose(runs[0][2][k], params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_16_bit_dense_gemms_take_the_16_bit_gemm(monkeypatch):
+    """A bf16/fp16 model on device='cuda' has two GEMMs: ``matmul16`` for the Dense layers that
+    keep 16-bit arrays, and the float32 ``matmul`` for every other layer (the LSTM here computes in
+    float32 from the master weights, precision.PATHS; on a GPU Matmul16 would round a float32
+    operand to 16 bits, away from the CPU emulation). Every GEMM call is counted by which one ran."""
+    import gpubackprop as gb
+
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(6, 5, 4)), rng.integers(0, 3, 6)
+    model = gb.Sequential([gb.LSTM(4, 8), gb.LastStep(), gb.Dense(8, 8, activation="relu"),
+                           gb.Dense(8, 3)], input_shape=(5, 4), device="cuda", seed=0,
+                          precision="fp16")
+    be = model.backend
+    assert be.matmul is be.xp.matmul and be.matmul16 is not None
+    calls = {"matmul": 0, "matmul16": 0}
+
+    def counted(name, gemm):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return gemm(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(be, "matmul", counted("matmul", be.matmul))
+    monkeypatch.setattr(be, "matmul16", counted("matmul16", be.matmul16))
+    gb.train_step(model, gb.SoftmaxCrossEntropy(), gb.SGD(lr=0.1), X, y)
+    # The LSTM's GEMMs (input projection, each step, weight and input gradients) take matmul;
+    # the two Dense layers' forward, BP3 and BP2 (the LSTM below needs its gradient) matmul16.
+    assert calls["matmul"] > 0
+    assert calls["matmul16"] == 6

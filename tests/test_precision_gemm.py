@@ -84,14 +84,14 @@ def test_gemmex_equals_float32_gemm_of_the_16bit_values(precision):
     model = gb.Sequential([gb.Dense(64, 32)], device="cuda", precision=precision)
     be = model.backend
     pytest.importorskip("nvmath")
-    assert isinstance(be.matmul, gemm16.Matmul16)
+    assert isinstance(be.matmul16, gemm16.Matmul16)
     rng = np.random.default_rng(1)
     for a_shape, b_shape, tb in [((256, 64), (32, 64), True), ((32, 256), (256, 64), False),
                                  ((256, 32), (32, 64), False), ((4, 3, 33, 17), (4, 3, 17, 9), False)]:
         A = P.rounded(np, rng.normal(size=a_shape).astype(np.float32), precision)
         B = P.rounded(np, rng.normal(size=b_shape).astype(np.float32), precision)
         a, b = cp.asarray(A), cp.asarray(B)
-        got = be.matmul(a, b.swapaxes(-1, -2) if tb else b)
+        got = be.matmul16(a, b.swapaxes(-1, -2) if tb else b)
         want = np.matmul(A.astype(np.float64), (B.swapaxes(-1, -2) if tb else B).astype(np.float64))
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-5, atol=1e-5)
         # 16-bit storage operands as they are, and a 16-bit C: the float32 result rounded once
@@ -99,9 +99,9 @@ def test_gemmex_equals_float32_gemm_of_the_16bit_values(precision):
         a16, b16 = cp.asarray(P.to_storage(np, A, precision)), cp.asarray(P.to_storage(np, B,
                                                                                         precision))
         b16 = b16.swapaxes(-1, -2) if tb else b16
-        np.testing.assert_array_equal(cp.asnumpy(be.matmul(a16, b16)), cp.asnumpy(got))
+        np.testing.assert_array_equal(cp.asnumpy(be.matmul16(a16, b16)), cp.asnumpy(got))
         c16 = cp.empty(got.shape, P.storage_dtype(precision))
-        assert be.matmul(a16, b16, out=c16) is c16
+        assert be.matmul16(a16, b16, out=c16) is c16
         ulp = 2.0**-10 if precision == "fp16" else 2.0**-7
         np.testing.assert_allclose(P.from_storage(np, cp.asnumpy(c16), precision),
                                    P.rounded(np, cp.asnumpy(got), precision), rtol=ulp, atol=1e-6)

@@ -69,7 +69,7 @@ def _as16(be, A, ws, name):
 def forward16(layer, X, input_grad):
     """The training forward of ``layer`` (a Dense on the 16-bit path) on a 2-D X: (A, backprop)."""
     be, p, act = layer.backend, layer._precision, layer.activation
-    ops, matmul = be.ops, be.matmul  # Matmul16 (GemmEx), or Widened16Matmul without it
+    ops, matmul = be.ops, be.matmul16  # Matmul16 (GemmEx), or Widened16Matmul without it
     B = X.shape[0]
     ws = layer._workspaces.get(B) or layer.workspace(
         B, lambda: Workspace16(be, B, layer.n_in, layer.n_out, act, layer._out16, layer._in16))
@@ -108,6 +108,6 @@ def infer16(layer, X):
     """Inference of ``layer`` on a 2-D X: float32 output holding 16-bit values (new arrays)."""
     be, p = layer.backend, layer._precision
     Z = be.empty((X.shape[0], layer.n_out))
-    be.matmul(X, layer._WT, out=Z)  # X float32 (16-bit values) is cast by the GEMM, W₁₆ read
+    be.matmul16(X, layer._WT, out=Z)  # X float32 (16-bit values) is cast by the GEMM, W₁₆ read
     A16 = be.ops.bias_act16(Z, layer.b, layer.activation, be.empty(Z.shape, storage_dtype(p)), p)
     return be.ops.widen16(A16, Z, p)

@@ -12,7 +12,7 @@ with the row-major -> column-major mapping of ``cublas.gemm_calls``.
 
 An operand is either 16-bit storage (float16, or uint16 holding bfloat16 bits: what Dense keeps
 on the CUDA set, its activations, Δ and the model's 16-bit weight copy), read as it is, or a
-float32 array holding 16-bit values (the other 16-bit layers, Conv2d), cast to a 16-bit scratch
+float32 array holding 16-bit values (a float32 input reaching a 16-bit Dense), cast to a 16-bit scratch
 copy first (exact: the values are already 16-bit) in its own layout (a transposed view stays a
 transposed view: ``op T``) by the CUDA set's ``cast16``. C is float32, or 16-bit storage (Dense's
 BP2 GEMM feeding the layer below: cuBLAS rounds the float32 accumulator once, to nearest even).
