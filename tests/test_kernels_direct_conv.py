@@ -169,15 +169,20 @@ def test_conv2d_direct_gradients_are_central_differences(rng):
     assert np.abs(dX - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
 
 
-def test_conv2d_direct_rule():
+def test_conv2d_direct_rule(monkeypatch):
     """'auto': the fused CPU set, fp32 models, stride 1, no dilation, one group, not 1x1, at most 6
-    channels in and 16 out (LeNet-5's both); True forces it where the shape allows; the reference
-    set offers none."""
-    def chosen(layer, shape, kernels="fused", direct="auto", dtype="float32"):
+    channels in (3 on one thread) and 16 out (LeNet-5's both); True forces it where the shape
+    allows; the reference set offers none."""
+    def chosen(layer, shape, kernels="fused", direct="auto", dtype="float32", threads=2):
         layer.direct = direct
         model = gb.Sequential([layer], device="cpu", dtype=dtype, kernels=kernels, input_shape=shape)
-        assert model.backend.ops is not None  # binds the layers
+        ops = model.backend.ops  # (binds the layers)
+        if kernels == "fused":
+            monkeypatch.setattr(ops, "nchunks", threads)
         return model.layers[0]._direct()
+
+    assert chosen(gb.Conv2d(3, 16, 5), (3, 14, 14), threads=1)
+    assert not chosen(gb.Conv2d(6, 16, 5), (6, 14, 14), threads=1)
 
     assert chosen(gb.Conv2d(1, 6, 5, padding=2), (1, 28, 28))
     assert chosen(gb.Conv2d(6, 16, 5), (6, 14, 14))

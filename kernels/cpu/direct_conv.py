@@ -7,13 +7,14 @@ the input. Here each sample's input is copied once into a zero-padded plane buff
 rows Wp apart, and an output plane is computed in the padded width: with t = oh·Wp + ow,
 
     forward   Z[co, t]  = Σ_{c, i, j} W[co, c, i, j] · Xp[c, i·Wp + j + t]
-    dX        dXp[c, i·Wp + j + t] += W[co, c, i, j] · dZp[co, t]        (then cropped to dX)
+    dX        dX[c, t'] = Σ_{co, i, j} W[co, c, kh−1−i, kw−1−j] · dZq[co, (ph + i)·Wq + pw + j + t']
     BP3       dW[co, c, i, j] = Σ_n Σ_t dZp[n, co, t] · Xp[n, c, i·Wp + j + t]
 
 over t in [0, OH·Wp): every (c, i, j) is one contiguous shifted row of OH·Wp elements, a loop LLVM
 vectorises, at the cost of the Wp − OW columns past each output row (computed and dropped; dZp is
-zero there, so they add nothing to dX and dW). The buffers have kw elements of tail so that the
-last shifted row stays inside. The sums run in a fixed order (c, i, j for Z; co, i, j for dX; t
+zero there, so they add nothing to dW). dX is the same correlation on dZq, dZ zero-padded by
+kh−1, kw−1 (width Wq, t' = h·Wq + w), with the flipped weights. The buffers have a tail so that
+the last shifted row stays inside. The sums run in a fixed order (c, i, j for Z; co, i, j for dX; t
 for dW, reassociated by LLVM into vector lanes: ``fastmath`` reassoc/contract, fixed at compile
 time), so the bits do not depend on the thread count: the batch is split into ``DIRECT_CHUNKS``
 fixed chunks (prange), each with its own buffers and its own partial dW, summed in chunk order.
@@ -39,6 +40,67 @@ def _axpy(dst, d, w, src, s, count):
     """dst[d + t] += w · src[s + t] for t < count (d, s, count: uint64)."""
     for t in range(count):
         dst[d + t] += w * src[s + t]
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
+def _taps(dst, w, src, s, count):
+    """dst[t] += Σ_j w[j] · src[s + j + t] for t < count: a kernel row's taps in one pass over dst
+    (one load and store of dst for kw multiply-adds, rather than one each; 3 and 5 taps unrolled
+    so that LLVM vectorises over t), taps in order j = 0, 1, …"""
+    u = np.uint64  # (uint64 + an int literal is a float64 in Numba: offsets made as uint64)
+    kw = w.shape[0]
+    s1, s2 = s + u(1), s + u(2)
+    if kw == 5:
+        s3, s4 = s + u(3), s + u(4)
+        w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+        for t in range(count):
+            dst[t] += (w0 * src[s + t] + w1 * src[s1 + t] + w2 * src[s2 + t]
+                       + w3 * src[s3 + t] + w4 * src[s4 + t])
+    elif kw == 3:
+        w0, w1, w2 = w[0], w[1], w[2]
+        for t in range(count):
+            dst[t] += w0 * src[s + t] + w1 * src[s1 + t] + w2 * src[s2 + t]
+    else:
+        for j in range(kw):
+            _axpy(dst, u(0), w[j], src, s + u(j), count)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
+def _tap_dots(out, a, ia, b, ib, count):
+    """out[j] += Σ_t a[ia + t] · b[ib + j + t] for each tap j of a kernel row (out: kw values): one
+    pass over a for all kw sums (3 and 5 unrolled), lanes reassociated."""
+    u = np.uint64
+    kw = out.shape[0]
+    zero = a.dtype.type(0)
+    b1, b2 = ib + u(1), ib + u(2)
+    if kw == 5:
+        b3, b4 = ib + u(3), ib + u(4)
+        s0 = s1 = s2 = s3 = s4 = zero
+        for t in range(count):
+            v = a[ia + t]
+            s0 += v * b[ib + t]
+            s1 += v * b[b1 + t]
+            s2 += v * b[b2 + t]
+            s3 += v * b[b3 + t]
+            s4 += v * b[b4 + t]
+        out[0] += s0
+        out[1] += s1
+        out[2] += s2
+        out[3] += s3
+        out[4] += s4
+    elif kw == 3:
+        s0 = s1 = s2 = zero
+        for t in range(count):
+            v = a[ia + t]
+            s0 += v * b[ib + t]
+            s1 += v * b[b1 + t]
+            s2 += v * b[b2 + t]
+        out[0] += s0
+        out[1] += s1
+        out[2] += s2
+    else:
+        for j in range(kw):
+            out[j] += _dot(a, ia, b, ib + u(j), count)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
@@ -80,8 +142,7 @@ def _forward_chunk(X, Wt, Z, ph, pw, n0, n1):
                 acc[t] = zero
             for c in range(C):
                 for i in range(kh):
-                    for j in range(kw):
-                        _axpy(acc, u(0), Wt[co, c, i, j], xp, u((c * Hp + i) * Wp + j), u(T))
+                    _taps(acc, Wt[co, c, i], xp, u((c * Hp + i) * Wp), u(T))
             for oh in range(OH):
                 for ow in range(OW):
                     Z[n, co, oh, ow] = acc[oh * Wp + ow]
@@ -104,10 +165,15 @@ def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
     OH, OW = dZ.shape[2], dZ.shape[3]
     Hp, Wp = H + 2 * ph, W + 2 * pw
     T = OH * Wp
-    P = Hp * Wp + kw  # a padded plane and its tail
     xp = np.zeros(C * Hp * Wp + kw, X.dtype)
     dzp = np.zeros(Co * T, X.dtype)  # dZ in the padded width: zeros past OW stay zero
-    dxp = np.empty(P, X.dtype)
+    # dX as a forward correlation (a gather: shifted reads, aligned writes; scattering shifted rows
+    # into dX's planes made each row's stores wait on the previous row's): dZ zero-padded by
+    # kh−1, kw−1 (planes Hq x Wq), the flipped weights, the output rows offset by (ph, pw).
+    Hq, Wq = OH + 2 * (kh - 1), OW + 2 * (kw - 1)
+    TX = H * Wq
+    dzq = np.zeros(Co * Hq * Wq + pw + kw, X.dtype)
+    acc = np.empty(TX, X.dtype)
     zero = X.dtype.type(0)
     u = np.uint64
     for co in range(Co):
@@ -120,29 +186,29 @@ def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
         for co in range(Co):
             for oh in range(OH):
                 b = co * T + oh * Wp
+                q = (co * Hq + oh + kh - 1) * Wq + kw - 1
                 for ow in range(OW):
                     dzp[b + ow] = dZ[n, co, oh, ow]
+                    dzq[q + ow] = dZ[n, co, oh, ow]
         # BP3: one dot product over t per weight
         for c in range(C):
             for i in range(kh):
-                for j in range(kw):
-                    s = u((c * Hp + i) * Wp + j)
-                    for co in range(Co):
-                        dWp[co, c, i, j] += _dot(dzp, u(co * T), xp, s, u(T))
+                s = u((c * Hp + i) * Wp)
+                for co in range(Co):
+                    _tap_dots(dWp[co, c, i], dzp, u(co * T), xp, s, u(T))
         if not input_grad:
             continue
-        # dX: each input channel's padded plane gathers every (co, i, j) shifted row of dZp
+        # dX[c, h, w] = Σ_{co, i, j} W[co, c, kh−1−i, kw−1−j] · dZq[co, h + ph + i, w + pw + j]
         for c in range(C):
-            for t in range(P):
-                dxp[t] = zero
+            for t in range(TX):
+                acc[t] = zero
             for co in range(Co):
                 for i in range(kh):
-                    for j in range(kw):
-                        _axpy(dxp, u(i * Wp + j), Wt[co, c, i, j], dzp, u(co * T), u(T))
+                    _taps(acc, Wt[co, c, kh - 1 - i, ::-1], dzq, u((co * Hq + ph + i) * Wq + pw),
+                          u(TX))
             for h in range(H):
-                b = (h + ph) * Wp + pw
                 for w_ in range(W):
-                    dX[n, c, h, w_] = dxp[b + w_]
+                    dX[n, c, h, w_] = acc[h * Wq + w_]
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
