@@ -15,10 +15,10 @@ scikit-learn dependency).
 """
 
 import argparse
-import contextlib
 import time
 
 import gpubackprop as gb
+from gpubackprop.backend import blas_threads
 from gpubackprop.datasets import digits_rows
 
 
@@ -26,15 +26,6 @@ def build(device="auto", kernels="fused", seed=0, hidden=64, num_layers=1):
     return gb.Sequential([gb.LSTM(8, hidden, num_layers=num_layers), gb.LastStep(),
                           gb.Dense(hidden, 10)],
                          input_shape=(8, 8), device=device, seed=seed, kernels=kernels)
-
-
-def blas_threads(n):
-    """A context that runs NumPy's BLAS on ``n`` threads (a no-op without threadpoolctl, or n=0)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas") if n else contextlib.nullcontext()
 
 
 def main(device="auto", kernels="fused", epochs=25, seed=0, lr=0.01, batch_size=32, hidden=64,

@@ -36,7 +36,6 @@ small, and on shared cores several BLAS threads wait on each other).
 """
 
 import argparse
-import contextlib
 import math
 import pathlib
 import sysconfig
@@ -45,6 +44,7 @@ import time
 import numpy as np
 
 import gpubackprop as gb
+from gpubackprop.backend import blas_threads
 from gpubackprop.schedules import CosineLR, Warmup
 
 
@@ -136,15 +136,6 @@ def sample(model, prompt, n, rng, temperature=0.8):
         p = np.exp(z - z.max())
         ids.append(int(rng.choice(len(p), p=p / p.sum())))
     return ids[len(prompt):]
-
-
-def blas_threads(n):
-    """A context that runs NumPy's BLAS on ``n`` threads (a no-op without threadpoolctl, or n=0)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas") if n else contextlib.nullcontext()
 
 
 # ---- the run ------------------------------------------------------------------------------------
