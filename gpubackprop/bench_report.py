@@ -134,8 +134,9 @@ def _network_tables(key, r):
     want_ratio, want_gemm = NETWORK_TARGETS.get(key, (None, None))
     out = [f"`--model {r.get('model', r['spec'])}` on {shape} inputs, batch {r['batch']}: "
            f"{r['summary']}.", "",
-           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step (nominal: every convolution "
-           f"as the direct sum, im2col + GEMM, as PyTorch's FLOPs count it)"
+           f"{r['step_flops'] / 1e6:.1f} MFLOP of GEMMs a step"
+           + (" (nominal: every convolution as the direct sum, im2col + GEMM, as PyTorch's FLOPs "
+              "count it)" if any(g[0].startswith("conv") for g in r.get("gemms", [])) else "")
            + "".join(f"; the {k} set's step runs {v / 1e6:.1f} MFLOP of GEMMs"
                      for k, v in r.get("gemm_flops_run", {}).items() if v != r["step_flops"])
            + ". Targets (issue "
