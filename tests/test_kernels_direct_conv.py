@@ -67,6 +67,7 @@ def test_direct_kernels_equal_the_definition(rng, case, dtype, threads):
     terms' scale) bounds it with room."""
     N, C, Co, (H, W), (kh, kw), pad = case
     ops = CpuOps(num_threads=threads)
+    ops.direct_parallel = threads > 1  # the batch split over Numba's threads (off by default)
     X = rng.normal(size=(N, C, H, W)).astype(dtype)
     Wt = rng.normal(size=(Co, C, kh, kw)).astype(dtype)
     Zr, adjoint = direct_reference(X, Wt, pad)
@@ -91,14 +92,16 @@ def test_direct_kernels_do_not_depend_on_the_thread_count(rng):
     Wt = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
     dZ = rng.normal(size=(13, 5, 8, 9)).astype(np.float32)
     out = []
-    for threads in (1, 2):
+    for threads, parallel in ((1, False), (2, False), (2, True), (3, True)):
         ops = CpuOps(num_threads=threads)
+        ops.direct_parallel = parallel
         Z, dW, dX = np.empty_like(dZ), np.empty_like(Wt), np.empty_like(X)
         ops.direct_conv_forward(X, Wt, Z, 1)
         ops.direct_conv_backward(X, dZ, Wt, dW, dX, 1)
         out.append((Z, dW, dX))
-    for a, b in zip(*out, strict=True):
-        assert np.array_equal(a, b)
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            assert np.array_equal(a, b)
 
 
 def test_direct_kernels_check_their_arguments():
@@ -169,23 +172,20 @@ def test_conv2d_direct_gradients_are_central_differences(rng):
     assert np.abs(dX - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
 
 
-def test_conv2d_direct_rule(monkeypatch):
-    """'auto': the fused CPU set, fp32 models, stride 1, no dilation, one group, not 1x1, at most 6
-    channels in (3 on one thread) and 16 out (LeNet-5's both); True forces it where the shape
+def test_conv2d_direct_rule():
+    """'auto': the fused CPU set, fp32 models, stride 1, no dilation, one group, not 1x1, at most 3
+    channels in and 16 out (LeNet-5's conv1, not its conv2); True forces it where the shape
     allows; the reference set offers none."""
-    def chosen(layer, shape, kernels="fused", direct="auto", dtype="float32", threads=2):
+    def chosen(layer, shape, kernels="fused", direct="auto", dtype="float32"):
         layer.direct = direct
         model = gb.Sequential([layer], device="cpu", dtype=dtype, kernels=kernels, input_shape=shape)
-        ops = model.backend.ops  # (binds the layers)
-        if kernels == "fused":
-            monkeypatch.setattr(ops, "nchunks", threads)
+        assert model.backend.ops is not None  # (binds the layers)
         return model.layers[0]._direct()
 
-    assert chosen(gb.Conv2d(3, 16, 5), (3, 14, 14), threads=1)
-    assert not chosen(gb.Conv2d(6, 16, 5), (6, 14, 14), threads=1)
-
     assert chosen(gb.Conv2d(1, 6, 5, padding=2), (1, 28, 28))
-    assert chosen(gb.Conv2d(6, 16, 5), (6, 14, 14))
+    assert chosen(gb.Conv2d(3, 16, 5), (3, 14, 14))
+    assert not chosen(gb.Conv2d(6, 16, 5), (6, 14, 14))
+    assert chosen(gb.Conv2d(6, 16, 5), (6, 14, 14), direct=True)
     assert not chosen(gb.Conv2d(3, 32, 3, padding=1), (3, 32, 32))
     assert not chosen(gb.Conv2d(8, 16, 3), (8, 9, 9))
     assert chosen(gb.Conv2d(8, 32, 3), (8, 9, 9), direct=True)

@@ -27,10 +27,10 @@ A 1x1 convolution with stride 1 and no padding needs no columns at all: cols is 
 
 A layer of few channels (stride 1, dilation 1, one group, not 1x1) can run as a direct
 convolution instead (kernels/cpu/direct_conv.py: each sample's zero-padded input once, every weight
-one shifted, vectorised row over the output; BP3 and dX in one more pass; the batch in fixed chunks
-over the cores): its im2col GEMMs are too skinny for BLAS (LeNet-5's K = 25 or 150, 6 or 16 rows).
+one shifted, vectorised row over the output; BP3 and dX in one more pass): its im2col GEMMs are
+too skinny for BLAS (LeNet-5's K = 25 or 150, 6 or 16 rows).
 ``Conv2d.direct`` is "auto" (where the kernel set offers ``ops.direct_conv`` and ``_direct_pays``:
-the fused CPU set, fp32, at most 6 channels in (3 on one thread) and 16 out), True (wherever the
+the fused CPU set, fp32, at most 3 channels in and 16 out: LeNet-5's conv1), True (wherever the
 kernel set offers it and the shape allows: for tests) or False. Winograd, where chosen, comes first.
 
 A 3x3 convolution of stride 1, dilation 1 and one group can run as Winograd F(2x2, 3x3) instead
@@ -58,10 +58,9 @@ from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
 from gpubackprop.validation import check_choice, positive_int
 
 MAX_COLS_BYTES = 32 << 20
-# Conv2d.direct "auto": the direct convolution for layers with at most this many input channels
-# (on a kernel set of 2+ threads; on one: DIRECT_MAX_IN_SERIAL) and output channels
-# (``_direct_pays`` has the measurements).
-DIRECT_MAX_IN, DIRECT_MAX_IN_SERIAL, DIRECT_MAX_OUT = 6, 3, 16
+# Conv2d.direct "auto": the direct convolution for layers with at most this many input and output
+# channels (``_direct_pays`` has the measurements).
+DIRECT_MAX_IN, DIRECT_MAX_OUT = 3, 16
 
 
 def _geometry(layer, input_shape):
@@ -305,16 +304,15 @@ class Conv2d(Layer):
                 and self._direct_pays())
 
     def _direct_pays(self):
-        """The rule measured on a 2-core Xeon (float32, batch 128, layer forward + backward with
-        ReLU, interleaved medians of 15 rounds, shared machine): at most 16 channels out and 6 in
-        (3 on one thread). im2col + GEMM / direct, 2 threads (the GEMM path hardly gains from the
-        second core; the direct one splits the batch): LeNet-5's 1->6 5x5 pad 2 on 28x28 1.94
-        (3.85 -> 1.99 ms), 6->16 5x5 on 14x14 1.60 (5.14 -> 3.22); one thread (CPU time):
-        1->6 1.22, 3->16 5x5 on 32x32 1.18, 6->16 0.82, 8->16 0.85, 6->32 0.66, 3->32 3x3 on
-        32x32 0.68 (the direct cost grows with C_out·C_in·k², a GEMM's rate with C_out)."""
-        most = DIRECT_MAX_IN if getattr(self.backend.ops, "nchunks", 1) >= 2 else \
-            DIRECT_MAX_IN_SERIAL
-        return self.in_channels <= most and self.out_channels <= DIRECT_MAX_OUT
+        """The rule measured on a 2-core Xeon (float32, batch 128, interleaved medians, shared
+        machine): at most 3 channels in and 16 out. The direct kernels run on the calling thread
+        (kernels/cpu/direct_conv.py ``direct_parallel``), so one thread's CPU time decides; im2col +
+        GEMM / direct, layer forward + backward with ReLU: 1->6 5x5 pad 2 on 28x28 (LeNet-5's
+        conv1) 1.22, 3->16 5x5 on 32x32 1.18; 6->16 5x5 on 14x14 (conv2) 0.82, 8->16 0.85, 6->32
+        0.66, 3->32 3x3 on 32x32 0.68 (the direct cost grows with C_out·C_in·k², a GEMM's rate
+        with C_out). The LeNet-5 step (2 threads): both GEMM 10.4/10.1 ms, conv1 direct 9.7/9.4,
+        both direct 11.1/11.0."""
+        return self.in_channels <= DIRECT_MAX_IN and self.out_channels <= DIRECT_MAX_OUT
 
     def _winograd_pays(self):
         """The rule measured on a 2-core Xeon (float32, OpenBLAS, one thread, CPU time; forward +

@@ -17,7 +17,8 @@ kh−1, kw−1 (width Wq, t' = h·Wq + w), with the flipped weights. The buffers
 the last shifted row stays inside. The sums run in a fixed order (c, i, j for Z; co, i, j for dX; t
 for dW, reassociated by LLVM into vector lanes: ``fastmath`` reassoc/contract, fixed at compile
 time), so the bits do not depend on the thread count: the batch is split into ``DIRECT_CHUNKS``
-fixed chunks (prange), each with its own buffers and its own partial dW, summed in chunk order.
+fixed chunks, each with its own buffers and its own partial dW, summed in chunk order, run over
+Numba's threads (prange) where ``DirectConvOps.direct_parallel`` says so, else one after the other.
 """
 
 import numpy as np
@@ -230,6 +231,11 @@ def _backward(X, dZ, Wt, dW, dX, ph, pw, chunks, input_grad, accumulate):
                     dW[co, c, i, j] = dW[co, c, i, j] + s if accumulate else s
 
 
+# The same bodies on the calling thread only (prange runs as range): the same chunks, the same bits.
+_forward_serial = njit(cache=True, error_model="numpy")(_forward.py_func)
+_backward_serial = njit(cache=True, error_model="numpy")(_backward.py_func)
+
+
 def _check(X, Wt, out, padding, out_name):
     """(ph, pw) after checking the shapes of a stride-1 convolution X (N, C, H, W) * W (Co, C, kh,
     kw) -> ``out`` (N, Co, OH, OW)."""
@@ -257,13 +263,23 @@ class DirectConvOps:
     """Fused direct convolution (a mixin of ``CpuOps``): Conv2d takes it for few channels."""
 
     direct_conv = True
+    # Whether the direct kernels split the batch over Numba's threads (where the set has 2+). Off:
+    # in a training step BLAS's threads keep spinning on the other core after each GEMM (the
+    # dense layers'), and a parallel region's second thread then runs at a fraction of a core
+    # (LeNet-5, 2-core Xeon, whole step: 24 ms with the split against 11 without; the layers alone,
+    # no GEMM around them, gain 1.6-1.9x from it).
+    direct_parallel = False
+
+    def _direct_kernel(self, parallel, serial):
+        return parallel if self.direct_parallel and getattr(self, "nchunks", 1) >= 2 else serial
 
     def direct_conv_forward(self, X, W, Z, padding):
         """Z (N, Co, OH, OW) = Σ_{c, i, j} W[co, c, i, j] · Xpad[n, c, oh + i, ow + j] (stride 1,
         no bias); one pass over X."""
         checks.float_arrays(NAMES_FORWARD, X, W, Z)
         ph, pw = _check(X, W, Z, padding, "Z")
-        _forward(X, W, Z, ph, pw, min(DIRECT_CHUNKS, X.shape[0]))
+        self._direct_kernel(_forward, _forward_serial)(X, W, Z, ph, pw,
+                                                       min(DIRECT_CHUNKS, X.shape[0]))
         return Z
 
     def direct_conv_backward(self, X, dZ, W, dW, dX, padding, accumulate=False):
@@ -276,6 +292,7 @@ class DirectConvOps:
             raise ValueError(f"dW: expected shape {tuple(W.shape)}, got {tuple(dW.shape)}")
         if dX is not None and dX.shape != X.shape:
             raise ValueError(f"dX: expected shape {tuple(X.shape)}, got {tuple(dX.shape)}")
-        _backward(X, dZ, W, dW, X if dX is None else dX, ph, pw, min(DIRECT_CHUNKS, X.shape[0]),
-                  dX is not None, bool(accumulate))
+        self._direct_kernel(_backward, _backward_serial)(
+            X, dZ, W, dW, X if dX is None else dX, ph, pw, min(DIRECT_CHUNKS, X.shape[0]),
+            dX is not None, bool(accumulate))
         return dW, dX
