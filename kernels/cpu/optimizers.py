@@ -246,16 +246,23 @@ class OptimizerOps:
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam / AdamW (decoupled decay), bias-corrected, in one pass."""
+        lr_c, sqrt_bc2, _, decay = adam_coefficients(lr, float(beta1), float(beta2),
+                                                     float(weight_decay), decoupled, step)
+        return self.adam_update(p, g, m, v, lr_c, sqrt_bc2, decay, beta1, beta2, eps,
+                                weight_decay, decoupled, scale)
+
+    def adam_update(self, p, g, m, v, lr_c, sqrt_bc2, decay, beta1, beta2, eps, weight_decay,
+                    decoupled, scale):
+        """The update from the step's coefficients (``adam_coefficients``), in one pass: what
+        ``adam`` and the inherited ``adam_values`` run."""
         checks.float_arrays(checks.NAMES_ADAM, p, g, m, v, scale)
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or scale.size != 1:
             self._check_opt(p, g, scale, ("m", m), ("v", v))
         if scale[0] < 0:  # the skip factor (an overflowed fp16 step)
             return p
-        beta1, beta2 = float(beta1), float(beta2)
-        lr_c, sqrt_bc2, l2, decay = adam_coefficients(lr, beta1, beta2, float(weight_decay),
-                                                      decoupled, step)
-        args = (p, g, m, v, float(lr_c), beta1, beta2, float(eps), l2, float(decay), sqrt_bc2,
-                scale)
+        l2 = 0.0 if decoupled else float(weight_decay)  # adam_coefficients' L2 term
+        args = (p, g, m, v, float(lr_c), float(beta1), float(beta2), float(eps), l2, float(decay),
+                float(sqrt_bc2), scale)
         if self.parallel and p.size >= self.par_cheap:
             _adam_parallel(*args, self.nchunks)
         else:

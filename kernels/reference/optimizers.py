@@ -74,21 +74,27 @@ class OptimizerOps:
 
     def adam(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step, scale):
         """torch.optim.Adam (L2 decay added to g) or AdamW (decoupled decay), bias-corrected."""
+        lr_c, sqrt_bc2, _, decay = adam_coefficients(lr, beta1, beta2, weight_decay, decoupled, step)
+        return self.adam_update(p, g, m, v, lr_c, sqrt_bc2, decay, beta1, beta2, eps, weight_decay,
+                          decoupled, scale)
+
+    def adam_update(self, p, g, m, v, lr_c, sqrt_bc2, decay, beta1, beta2, eps, weight_decay,
+                    decoupled, scale):
+        """The Adam/AdamW update from the step's coefficients (``adam_coefficients``): what
+        ``adam`` and ``adam_values`` run (each kernel set its own)."""
         if self.skips(scale):
             return p
         xp = self.xp
         d = g * scale
         if weight_decay and decoupled:
-            p *= 1 - lr * weight_decay
+            p *= decay
         elif weight_decay:
             d = d + weight_decay * p
         m *= beta1
         m += (1 - beta1) * d
         v *= beta2
         v += (1 - beta2) * d * d
-        bc1 = 1 - beta1**step
-        bc2 = 1 - beta2**step
-        p -= (lr / bc1) * m / (xp.sqrt(v) / math.sqrt(bc2) + eps)
+        p -= lr_c * m / (xp.sqrt(v) / sqrt_bc2 + eps)
         return p
 
     # ---- the same updates with the per-step values read from a device array ----------------------
@@ -117,18 +123,6 @@ class OptimizerOps:
     def adam_values(self, p, g, m, v, values, beta1, beta2, eps, weight_decay, decoupled, scale):
         """``adam`` with lr/(1 − β1^t), √(1 − β2^t) and 1 − lr·wd from ``values`` (the step's
         ``adam_coefficients``); the plain-xp expressions, fed the same float64 numbers."""
-        if self.skips(scale):
-            return p
-        xp = self.xp
         lr_c, sqrt_bc2, decay = (float(values[i]) for i in (LR_C, SQRT_BC2, DECAY))
-        d = g * scale
-        if weight_decay and decoupled:
-            p *= decay
-        elif weight_decay:
-            d = d + weight_decay * p
-        m *= beta1
-        m += (1 - beta1) * d
-        v *= beta2
-        v += (1 - beta2) * d * d
-        p -= lr_c * m / (xp.sqrt(v) / sqrt_bc2 + eps)
-        return p
+        return self.adam_update(p, g, m, v, lr_c, sqrt_bc2, decay, beta1, beta2, eps, weight_decay,
+                          decoupled, scale)
