@@ -166,6 +166,58 @@ def test_fused_transforms_match_the_reference(ops, rng, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_output_transforms_fuse_the_bias_and_its_gradient(ops, rng, case, dtype):
+    """winograd_output(M, Z, b=) adds b[o] as the separate bias pass does (the same bits in the
+    fused set); winograd_output_backward(dZ, dM, db=) also sums dZ per channel (BP4), in float64,
+    into a db of dZ's dtype or float64, accumulating where asked; dM is unchanged by it."""
+    N, ci, co, H, W, padding = case
+    OH, OW, TH, TW = tiles(H, W, padding)
+    P = N * TH * TW
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    M = rng.standard_normal((16, co, P)).astype(dtype)
+    dZ = rng.standard_normal((N, co, OH, OW)).astype(dtype)
+    b = rng.standard_normal(co).astype(dtype)
+    exact = dZ.astype(np.float64).sum(axis=(0, 2, 3))
+    for which in (ops, REF):
+        Z = which.winograd_output(M, np.full(dZ.shape, np.nan, dtype), b=b)
+        plain = which.winograd_output(M, np.empty_like(dZ))
+        np.testing.assert_array_equal(Z, plain + b.reshape(1, co, 1, 1))
+        assert_close(Z, REF.winograd_output(M, np.empty_like(dZ), b=b), tol=tol, what="Z + b")
+        dM0 = which.winograd_output_backward(dZ, np.empty((16, co, P), dtype))
+        for db_dtype in (dtype, np.float64):
+            db = np.full(co, np.nan, db_dtype)
+            dM = which.winograd_output_backward(dZ, np.full((16, co, P), np.nan, dtype), db=db)
+            np.testing.assert_array_equal(dM, dM0)
+            assert db.dtype == db_dtype
+            np.testing.assert_allclose(db, exact, rtol=1e-6 if db_dtype == np.float32 else 1e-13,
+                                       atol=1e-6 if db_dtype == np.float32 else 1e-13)
+            db0 = db.copy()
+            which.winograd_output_backward(dZ, np.empty((16, co, P), dtype), db=db, accumulate=True)
+            np.testing.assert_allclose(db, db0 + exact.astype(db_dtype), rtol=1e-6, atol=1e-5)
+    # The fused set's sums: float64 throughout, so a float64 db is the exact sum's rounding.
+    db = np.empty(co)
+    ops.winograd_output_backward(dZ, np.empty((16, co, P), dtype), db=db)
+    np.testing.assert_allclose(db, exact, rtol=1e-14, atol=1e-13)
+
+
+def test_output_transform_bias_errors(ops):
+    M, Z = np.zeros((16, 3, 18), np.float32), np.zeros((2, 3, 5, 5), np.float32)
+    dZ = Z
+    for which in (ops, REF):
+        with pytest.raises(ValueError, match=r"b: expected shape \(3,\)"):
+            which.winograd_output(M, Z, b=np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match=r"db: expected shape \(3,\)"):
+            which.winograd_output_backward(dZ, M, db=np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="b: expected a C-contiguous float32"):
+        ops.winograd_output(M, Z, b=np.zeros(3, np.float64))
+    with pytest.raises(TypeError, match="db: expected a C-contiguous float32 or float64"):
+        ops.winograd_output_backward(dZ, M, db=np.zeros(3, np.int64))
+    with pytest.raises(TypeError, match="db: expected"):
+        ops.winograd_output_backward(dZ, M, db=np.zeros(6, np.float32)[::2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_transforms_take_tiles_with_rows_apart(ops, rng, dtype):
     """V, dV, M, dM as Conv2d lays them out: 16 C-contiguous rows TILE_PAD elements further apart."""
     N, ci, co, H, W, padding = CASES[0]

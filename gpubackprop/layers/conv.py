@@ -382,30 +382,35 @@ class Conv2d(Layer):
         winograd = self._winograd()
         if self._direct() and not winograd:
             return self._direct_forward(X, train, input_grad)
+        # Winograd adds the bias in its output transform (and BP4 in its adjoint) where the
+        # activation is the identity: no separate pass over Z (see _winograd_forward).
+        fused_bias = self.bias and act == "identity"
         if not train:
             chunks = self._chunks(N, winograd)
             nc = chunks[0][1]
             Z = be.empty((N, *self.output_shape))
             if winograd:
                 store = self.workspace(("inference", "winograd"), dict)
-                self._winograd_forward(X, Z, chunks, lambda name, shape: _scratch(store, be, name, shape))
+                self._winograd_forward(X, Z, chunks, lambda name, shape: _scratch(store, be, name, shape),
+                                       fused_bias)
             else:
                 cols_buf = None if self._pointwise else self.workspace(
                     ("inference", nc), lambda: be.empty((nc, self._Ktot, L)))
                 self._forward_into(X, Z, cols_buf, chunks, lambda name, shape: be.empty(shape))
             A = be.empty(Z.shape) if saves_input(act) else Z
-            if self.bias or act != "identity":
+            if (self.bias or act != "identity") and not (winograd and fused_bias):
                 ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
             return A, no_backprop
         ws = self.workspace(("winograd", N) if winograd else N,
                             lambda: _Workspace(self, be, N, self._chunks(N, winograd), winograd))
         Z, A = ws.Z, ws.A
         if winograd:
-            self._winograd_forward(X, Z, ws.chunks, lambda name, shape: ws.scratch(be, name, shape))
+            self._winograd_forward(X, Z, ws.chunks, lambda name, shape: ws.scratch(be, name, shape),
+                                   fused_bias)
         else:
             self._forward_into(X, Z, ws.cols, ws.chunks,
                                lambda name, shape: ws.scratch(be, name, shape))
-        if self.bias or act != "identity":
+        if (self.bias or act != "identity") and not (winograd and fused_bias):
             ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
         saved = Z if saves_input(act) else A
 
@@ -413,9 +418,9 @@ class Conv2d(Layer):
             # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z) (identity: Δ = dA).
             dZ = dA if act == "identity" else ops.act_backward(dA, saved, act, ws.dZ)
             accumulate = self.take_accumulate()
-            if self.bias:  # BP4: ∂C/∂b = Σ over samples and positions of Δ
+            if self.bias and not winograd:  # BP4: ∂C/∂b = Σ over samples and positions of Δ
                 ops.channel_bias_grad(dZ.reshape(N, Co, L), self._db, accumulate=accumulate)
-            if winograd:
+            if winograd:  # (BP4 there in the output transform's adjoint)
                 self._winograd_backward(X, dZ, ws, accumulate, input_grad)
             else:
                 self._backward_chunks(X, dZ, ws, accumulate, input_grad)
@@ -458,10 +463,10 @@ class Conv2d(Layer):
 
         return A, backprop
 
-    def _winograd_forward(self, X, Z, chunks, scratch):
-        """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (no
-        bias yet), in the two halves of ``_in_halves``; each half's last V stays in its scratch
-        "V0"/"V1" for backprop."""
+    def _winograd_forward(self, X, Z, chunks, scratch, bias=False):
+        """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (plus
+        the bias where ``bias``, in the output transform), in the two halves of ``_in_halves``;
+        each half's last V stays in its scratch "V0"/"V1" for backprop."""
         be = self.backend
         ops = be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
@@ -473,14 +478,19 @@ class Conv2d(Layer):
                 V = ops.winograd_input(X[s:e], _tiles_view(scratch, f"V{h}", Ci, n * T), self.padding)
                 M = _tiles_view(scratch, f"M{h}", Co, n * T)
                 self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
-                ops.winograd_output(M, Z[s:e])
+                if bias:
+                    ops.winograd_output(M, Z[s:e], b=self._b)
+                else:
+                    ops.winograd_output(M, Z[s:e])
 
         self._in_halves(run, chunks)
 
     def _winograd_backward(self, X, dZ, ws, accumulate, input_grad):
-        """BP3 and the input gradient through the adjoint transforms, each half's chunks last
+        """BP3, BP4 and the input gradient through the adjoint transforms, each half's chunks last
         first (its last V is still there); dU summed over a half's chunks in order, then over the
-        halves, then dW = Gᵀ dU G once."""
+        halves, then dW = Gᵀ dU G once. BP4 in the output transform's adjoint: each chunk's Σ of Δ
+        in float64 into its half's float64 sums, the halves added, then rounded into ∂C/∂b once
+        (a fixed order by shape, as the halves are)."""
         be = self.backend
         xp, ops = be.xp, be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
@@ -492,6 +502,8 @@ class Conv2d(Layer):
         def scratch(name, shape):
             return ws.scratch(be, name, shape)
 
+        db = [xp.zeros(Co, np.float64) for _ in range(2)] if self.bias else None
+
         def run(h, part):
             dU = scratch(f"dU{h}", (16, Co, Ci))
             for i, (s, e) in enumerate(reversed(part)):
@@ -499,7 +511,11 @@ class Conv2d(Layer):
                 V = _tiles_view(scratch, f"V{h}", Ci, n * T)
                 if i > 0:
                     ops.winograd_input(X[s:e], V, self.padding)
-                dM = ops.winograd_output_backward(dZ[s:e], _tiles_view(scratch, f"M{h}", Co, n * T))
+                dM = _tiles_view(scratch, f"M{h}", Co, n * T)
+                if db is None:
+                    ops.winograd_output_backward(dZ[s:e], dM)
+                else:
+                    ops.winograd_output_backward(dZ[s:e], dM, db=db[h], accumulate=True)
                 if i == 0:
                     self.backend.matmul(dM, V.transpose(0, 2, 1), out=dU)  # BP3: dU = dM · Vᵀ over the chunk
                 else:
@@ -515,6 +531,9 @@ class Conv2d(Layer):
         if halves == 2:
             dU += ws.scratch(be, "dU1", (16, Co, Ci))
         ops.winograd_filter_backward(dU, self._dW, accumulate=accumulate)
+        if db is not None:  # db[1] is zeros with one half
+            total = db[0] + db[1]
+            self._db[...] = self._db + total if accumulate else total  # (one rounding)
 
     def _in_halves(self, run, chunks):
         """``run(h, part)`` on the first and the second half of the chunks (h = 0, 1), the second

@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.reference.conv import expect_shape
 from gpubackprop.kernels.reference.winograd import check_filter, check_input, check_output
 
 NAMES_FILTER = ("W", "U")
@@ -257,88 +258,183 @@ def _input_backward_parallel(v, dX, ph, pw, TH, TW, P, ks):
                               bufs[3])
 
 
-# ---- Z = Aᵀ M A and its adjoint dM = A dZ Aᵀ, plane by plane ----------------------------------------
+# ---- Z = Aᵀ M A (+ b) and its adjoint dM = A dZ Aᵀ (with Σ dZ), plane by plane ----------------------
 @njit(cache=True, error_model="numpy")
-def _output_plane(M, Z, q, TH, TW):
-    """Plane q = n·Co + o of Z from its tiles in M: per tile row, · A across each tile's four rows
-    (four of M's rows at a time: the 16 rows lie a multiple of 4 KiB apart, and reading all of them
-    in one loop thrashed the L1 cache's sets), then Aᵀ · down the columns into Z's two rows (the
-    ragged last row and column cropped)."""
-    N, Co, OH, OW = Z.shape
+def _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e):
+    """Plane q = n·Co + o of the flat Z ``z`` from its tiles in the flat M ``m`` (M[k, o, p] at
+    k·ks + o·P + p): per tile row, · A across each tile's four rows (four of M's rows at a time),
+    into ``e`` (4 rows of 2·TW), then Aᵀ · down the columns into Z's two rows (the ragged last row
+    and column cropped), plus b[o] where ``b`` has entries: (AᵀMA) + b, rounded as the separate
+    bias pass rounds it."""
+    u = np.uint64
     n, o = q // Co, q % Co
-    e = np.empty((4, 2 * TW), Z.dtype)
-    base = n * TH * TW
+    T2 = 2 * TW
+    bias = b[o] if b.shape[0] else z.dtype.type(0)
+    base = o * P + n * TH * TW
+    zb = q * OH * OW
+    E1, E2, E3 = u(T2), u(2 * T2), u(3 * T2)
     for s in range(TH):
         p0 = base + s * TW
         for x in range(4):
-            k = 4 * x
+            k0 = u(4 * x * ks + p0)
+            k1 = k0 + u(ks)
+            k2 = k1 + u(ks)
+            k3 = k2 + u(ks)
+            r = u(x * T2)
             for t in range(TW):
-                m0, m1, m2, m3 = M[k, o, p0 + t], M[k + 1, o, p0 + t], M[k + 2, o, p0 + t], \
-                    M[k + 3, o, p0 + t]
-                e[x, 2 * t] = m0 + m1 + m2
-                e[x, 2 * t + 1] = m1 - m2 - m3
+                tt = u(t)
+                m0, m1, m2, m3 = m[k0 + tt], m[k1 + tt], m[k2 + tt], m[k3 + tt]
+                e[r + u(2) * tt] = m0 + m1 + m2
+                e[r + u(2) * tt + u(1)] = m1 - m2 - m3
         h = 2 * s
+        zr = u(zb + h * OW)
         for w in range(OW):
-            Z[n, o, h, w] = e[0, w] + e[1, w] + e[2, w]
+            ww = u(w)
+            z[zr + ww] = (e[ww] + e[E1 + ww] + e[E2 + ww]) + bias
         if h + 1 < OH:
+            zr += u(OW)
             for w in range(OW):
-                Z[n, o, h + 1, w] = e[1, w] - e[2, w] - e[3, w]
+                ww = u(w)
+                z[zr + ww] = (e[E1 + ww] - e[E2 + ww] - e[E3 + ww]) + bias
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _output_serial(M, Z, TH, TW):
-    for q in range(Z.shape[0] * Z.shape[1]):
-        _output_plane(M, Z, q, TH, TW)
+def _output_serial(m, Z, TH, TW, P, ks, b):
+    N, Co, OH, OW = Z.shape
+    z = Z.reshape(-1)
+    e = np.empty(8 * TW, Z.dtype)
+    for q in range(N * Co):
+        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _output_parallel(M, Z, TH, TW):
-    for q in prange(Z.shape[0] * Z.shape[1]):
-        _output_plane(M, Z, q, TH, TW)
+def _output_parallel(m, Z, TH, TW, P, ks, b):
+    N, Co, OH, OW = Z.shape
+    z = Z.reshape(-1)
+    for q in prange(N * Co):
+        e = np.empty(8 * TW, Z.dtype)
+        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _put4(dm, i, K, a, b):
+    """A tile's row (a, b) · Aᵀ = (a, a + b, a − b, −b) into four rows of dM, K apart."""
+    dm[i] = a
+    dm[i + K] = a + b
+    dm[i + K + K] = a - b
+    dm[i + K + K + K] = -b
 
 
 @njit(cache=True, error_model="numpy")
-def _output_backward_plane(dZ, dM, q, TH, TW):
-    """The tiles of plane q of dM from dZ's plane (a ragged tile's missing outputs as zeros): the
-    rows of A · y down the columns, y0, y0 + y1, y0 − y1, −y1, then each row (a, b) · Aᵀ across a
-    tile, (a, a + b, a − b, −b), written four rows of dM at a time (as in ``_output_plane``)."""
-    N, Co, OH, OW = dZ.shape
+def _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums):
+    """The tiles of plane q of the flat dM ``dm`` from the flat dZ ``dz`` (a ragged tile's missing
+    outputs as zeros). Per tile row, dZ's two rows are first split into their even and odd columns
+    (``y``: 4 rows of TW, zeros past the edge), so that every loop after has unit stride; then per
+    row x of A · y down the columns (y0, y0 + y1, y0 − y1, −y1) the four entries (a, a + b, a − b,
+    −b) of that row · Aᵀ, four rows of dM at a time. Where ``sums`` has entries, sums[q] = Σ of the
+    plane in float64: the split's four values of each tile added into ``acc[t]`` (TW lanes, a
+    vectorizable loop), the lanes then added in order — a fixed order, for BP4 of the bias."""
+    u = np.uint64
     n, o = q // Co, q % Co
-    W2 = 2 * TW
-    zero = dZ.dtype.type(0)
-    e = np.zeros((4, W2), dZ.dtype)
-    base = n * TH * TW
+    zero = dz.dtype.type(0)
+    want = sums.shape[0] > 0
+    TWu = u(TW)
+    Y1, Y2, Y3 = TWu, u(2) * TWu, u(3) * TWu
+    half = OW // 2  # tiles whose two columns lie inside dZ
+    base = o * P + n * TH * TW
+    zb = q * OH * OW
+    if want:
+        for t in range(TW):
+            acc[t] = 0.0
     for s in range(TH):
         h = 2 * s
-        odd = h + 1 < OH
-        for w in range(OW):
-            y0 = dZ[n, o, h, w]
-            y1 = dZ[n, o, h + 1, w] if odd else zero
-            e[0, w] = y0
-            e[1, w] = y0 + y1
-            e[2, w] = y0 - y1
-            e[3, w] = -y1
-        p0 = base + s * TW
-        for x in range(4):
-            k = 4 * x
+        r0 = u(zb + h * OW)
+        for t in range(half):
+            tt = u(t)
+            y[tt] = dz[r0 + u(2) * tt]
+            y[Y1 + tt] = dz[r0 + u(2) * tt + u(1)]
+        if half < TW:  # OW odd: the last tile's second column is outside
+            y[u(half)] = dz[r0 + u(OW - 1)]
+            y[Y1 + u(half)] = zero
+        if h + 1 < OH:
+            r1 = r0 + u(OW)
+            for t in range(half):
+                tt = u(t)
+                y[Y2 + tt] = dz[r1 + u(2) * tt]
+                y[Y3 + tt] = dz[r1 + u(2) * tt + u(1)]
+            if half < TW:
+                y[Y2 + u(half)] = dz[r1 + u(OW - 1)]
+                y[Y3 + u(half)] = zero
+        else:
             for t in range(TW):
-                a, b = e[x, 2 * t], e[x, 2 * t + 1]
-                dM[k, o, p0 + t] = a
-                dM[k + 1, o, p0 + t] = a + b
-                dM[k + 2, o, p0 + t] = a - b
-                dM[k + 3, o, p0 + t] = -b
+                y[Y2 + u(t)] = zero
+                y[Y3 + u(t)] = zero
+        if want:
+            for t in range(TW):
+                tt = u(t)
+                acc[tt] += (np.float64(y[tt]) + np.float64(y[Y1 + tt])) + \
+                    (np.float64(y[Y2 + tt]) + np.float64(y[Y3 + tt]))
+        p0 = u(base + s * TW)
+        K = u(ks)
+        k = p0  # rows 0-3 of dM: A·y's row y0
+        for t in range(TW):
+            tt = u(t)
+            a, b = y[tt], y[Y1 + tt]
+            _put4(dm, k + tt, K, a, b)
+        k = p0 + u(4) * K  # rows 4-7: y0 + y1
+        for t in range(TW):
+            tt = u(t)
+            a, b = y[tt] + y[Y2 + tt], y[Y1 + tt] + y[Y3 + tt]
+            _put4(dm, k + tt, K, a, b)
+        k = p0 + u(8) * K  # rows 8-11: y0 − y1
+        for t in range(TW):
+            tt = u(t)
+            a, b = y[tt] - y[Y2 + tt], y[Y1 + tt] - y[Y3 + tt]
+            _put4(dm, k + tt, K, a, b)
+        k = p0 + u(12) * K  # rows 12-15: −y1
+        for t in range(TW):
+            tt = u(t)
+            a, b = -y[Y2 + tt], -y[Y3 + tt]
+            _put4(dm, k + tt, K, a, b)
+    if want:
+        total = 0.0
+        for t in range(TW):
+            total += acc[t]
+        sums[q] = total
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _add_sums(sums, db, N, Co, accumulate):
+    """db[o] (+)= Σ_n sums[n·Co + o], the samples in order, in float64."""
+    for o in range(Co):
+        total = 0.0
+        for n in range(N):
+            total += sums[n * Co + o]
+        db[o] = db[o] + total if accumulate else total
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _output_backward_serial(dZ, dM, TH, TW):
-    for q in range(dZ.shape[0] * dZ.shape[1]):
-        _output_backward_plane(dZ, dM, q, TH, TW)
+def _output_backward_serial(dZ, dm, TH, TW, P, ks, sums, db, accumulate):
+    N, Co, OH, OW = dZ.shape
+    dz = dZ.reshape(-1)
+    y = np.empty(4 * TW, dZ.dtype)
+    acc = np.empty(TW, np.float64)
+    for q in range(N * Co):
+        _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums)
+    if sums.shape[0]:
+        _add_sums(sums, db, N, Co, accumulate)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _output_backward_parallel(dZ, dM, TH, TW):
-    for q in prange(dZ.shape[0] * dZ.shape[1]):
-        _output_backward_plane(dZ, dM, q, TH, TW)
+def _output_backward_parallel(dZ, dm, TH, TW, P, ks, sums, db, accumulate):
+    N, Co, OH, OW = dZ.shape
+    dz = dZ.reshape(-1)
+    for q in prange(N * Co):
+        y = np.empty(4 * TW, dZ.dtype)
+        acc = np.empty(TW, np.float64)
+        _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums)
+    if sums.shape[0]:
+        _add_sums(sums, db, N, Co, accumulate)
 
 
 def _check_tiles(name, a, dtype):
@@ -361,6 +457,27 @@ def _flat_rows(a):
     ks = a.strides[0] // a.itemsize
     return np.lib.stride_tricks.as_strided(a, shape=(15 * ks + a.shape[1] * a.shape[2],),
                                            strides=(a.itemsize,))
+
+
+_NO_SUMS = np.empty(0, np.float64)
+
+
+def _bias_arg(b, C, dtype):
+    """``b`` as the kernels take it: a C-contiguous (C,) array of ``dtype``, or an empty one."""
+    if b is None:
+        return np.empty(0, dtype)
+    if not hasattr(b, "dtype") or b.dtype != dtype or not b.flags.c_contiguous:
+        got = f"dtype {b.dtype}" if hasattr(b, "dtype") else type(b).__name__
+        raise TypeError(f"b: expected a C-contiguous {dtype} array (Z's dtype), got {got}")
+    expect_shape("b", b, (C,), " (the channels of Z)")
+    return b
+
+
+def _check_db(db, C, dtype):
+    if not hasattr(db, "dtype") or db.dtype not in (dtype, np.float64) or not db.flags.c_contiguous:
+        got = f"dtype {db.dtype}" if hasattr(db, "dtype") else type(db).__name__
+        raise TypeError(f"db: expected a C-contiguous {dtype} or float64 array, got {got}")
+    expect_shape("db", db, (C,), " (the channels of dZ)")
 
 
 class WinogradOps:
@@ -415,19 +532,37 @@ class WinogradOps:
             kernel(_flat_rows(dV), dX, ph, pw, TH, TW, dV.shape[2], dV.strides[0] // dV.itemsize)
         return dX
 
-    def winograd_output(self, M, Z):
-        """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped."""
-        _check_tiles("M", M, checks.float_arrays(("Z",), Z))
+    def winograd_output(self, M, Z, b=None):
+        """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped;
+        plus b[o] (C_out,) where given, in the same pass."""
+        dt = checks.float_arrays(("Z",), Z)
+        _check_tiles("M", M, dt)
         TH, TW = check_output(M, Z)
-        kernel = _output_parallel if self._wino_parallel(M.size) else _output_serial
-        kernel(M, Z, TH, TW)
+        b = _bias_arg(b, Z.shape[1], dt)
+        if Z.size:
+            kernel = _output_parallel if self._wino_parallel(M.size) else _output_serial
+            kernel(_flat_rows(M), Z, TH, TW, M.shape[2], M.strides[0] // M.itemsize, b)
         return Z
 
-    def winograd_output_backward(self, dZ, dM):
-        """dM (16, Co, N·TH·TW) = A dZ_tile Aᵀ (the adjoint of ``winograd_output``)."""
-        _check_tiles("dM", dM, checks.float_arrays(("dZ",), dZ))
+    def winograd_output_backward(self, dZ, dM, db=None, accumulate=False):
+        """dM (16, Co, N·TH·TW) = A dZ_tile Aᵀ (the adjoint of ``winograd_output``); and where
+        ``db`` (C_out,) is given, BP4 in the same pass: db (+)= Σ over samples and positions of dZ,
+        summed in float64 (each plane, then the samples in order: a fixed order), rounded once to
+        db's dtype (dZ's, or float64: Conv2d adds its chunks' sums in a float64 db)."""
+        dt = checks.float_arrays(("dZ",), dZ)
+        _check_tiles("dM", dM, dt)
         TH, TW = check_output(dM, dZ)
-        kernel = _output_backward_parallel if self._wino_parallel(dM.size) else \
-            _output_backward_serial
-        kernel(dZ, dM, TH, TW)
+        N, Co = dZ.shape[:2]
+        if db is None:
+            sums, db = _NO_SUMS, _NO_SUMS
+        else:
+            _check_db(db, Co, dt)
+            sums = np.empty(N * Co, np.float64)
+        if dZ.size:
+            kernel = _output_backward_parallel if self._wino_parallel(dM.size) else \
+                _output_backward_serial
+            kernel(dZ, _flat_rows(dM), TH, TW, dM.shape[2], dM.strides[0] // dM.itemsize, sums, db,
+                   bool(accumulate))
+        elif db.size and not accumulate:
+            db[...] = 0
         return dM

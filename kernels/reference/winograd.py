@@ -159,19 +159,26 @@ class WinogradOps:
         dX[:, :, :h, :w] = dXp[:, :, ph:ph + h, pw:pw + w]
         return dX
 
-    def winograd_output(self, M, Z):
-        """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped."""
+    def winograd_output(self, M, Z, b=None):
+        """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped;
+        then Z += b[o] where ``b`` (C_out,) is given (Conv2d's bias, as ``channel_bias_act`` adds it)."""
         TH, TW = check_output(M, Z)
         xp = self.xp
         N, Co, OH, OW = Z.shape
+        if b is not None:
+            expect_shape("b", b, (Co,), " (the channels of Z)")
         a = self._m(AT, Z.dtype)
         Mt = M.reshape(4, 4, Co, N, TH, TW)
         Y = xp.einsum("ax,xyonst,by->nosatb", a, Mt, a).reshape(N, Co, 2 * TH, 2 * TW)
         Z[...] = Y[:, :, :OH, :OW]
+        if b is not None:
+            Z += b.reshape(1, Co, 1, 1)
         return Z
 
-    def winograd_output_backward(self, dZ, dM):
-        """dM (16, Co, N·TH·TW) = A dZ_tile Aᵀ (the adjoint of ``winograd_output``)."""
+    def winograd_output_backward(self, dZ, dM, db=None, accumulate=False):
+        """dM (16, Co, N·TH·TW) = A dZ_tile Aᵀ (the adjoint of ``winograd_output``); where ``db``
+        (C_out,) is given, also db (+)= Σ over samples and positions of dZ (BP4 of the bias, as
+        ``channel_bias_grad``; db may be float64 for any dZ: the sum is then taken in float64)."""
         TH, TW = check_output(dM, dZ)
         xp = self.xp
         N, Co, OH, OW = dZ.shape
@@ -180,4 +187,11 @@ class WinogradOps:
         a = self._m(AT, dZ.dtype)
         d = xp.einsum("ax,nosatb,by->xyonst", a, dY.reshape(N, Co, TH, 2, TW, 2), a)
         dM[...] = d.reshape(16, Co, -1)
+        if db is not None:
+            expect_shape("db", db, (Co,), " (the channels of dZ)")
+            total = dZ.sum(axis=(0, 2, 3), dtype=db.dtype)
+            if accumulate:
+                db += total
+            else:
+                db[...] = total
         return dM
