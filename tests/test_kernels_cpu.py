@@ -188,6 +188,82 @@ def test_max_pool_backward_ignores_an_argmax_outside_its_window(ops, rng, dilati
     assert not np.allclose(naive, ref)
 
 
+# ---- max pooling over tiling windows (kernel == stride, no padding): the tiling kernels ---------
+# At least TILES_MIN elements, so the launcher takes them; ragged: the last rows and columns of a
+# plane in no window (cropped), kernels 2 and 3 (unrolled) and others (the generic body), rows of
+# fewer than 8 outputs (no vector step), ties, NaNs, signed zeros.
+TILES_CASES = [
+    ((3, 5, 33, 35), (2, 2)),
+    ((2, 4, 31, 34), (3, 3)),
+    ((64, 4, 10, 11), (2, 2)),
+    ((3, 3, 40, 27), (2, 3)),
+    ((1, 2, 64, 97), (4, 4)),
+    ((1, 1, 8200, 1), (1, 1)),
+]
+
+
+def _tiles_input(rng, shape, dtype, data):
+    if data == "ties":
+        return rng.integers(-2, 3, shape).astype(dtype)
+    if data == "zeros":  # +0.0 and -0.0 compare equal: the first of the window stays
+        return np.where(rng.random(shape) < 0.5, -0.0, 0.0).astype(dtype)
+    X = rng.standard_normal(shape).astype(dtype)
+    if data == "nan":
+        X[rng.random(shape) < 0.2] = np.nan
+    elif data == "-inf":
+        X[rng.random(shape) < 0.5] = -np.inf
+    return X
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "nan", "-inf", "zeros"])
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("case", TILES_CASES, ids=str)
+def test_max_pool_tiles_equal_reference_bit_for_bit(ops, rng, monkeypatch, case, dtype, data):
+    import numba
+
+    from gpubackprop.kernels.cpu import pooling
+
+    shape, k = case
+    assert np.prod(shape) >= pooling.TILES_MIN
+    win = (k, k, (0, 0), (1, 1))
+    out = shape[:2] + (shape[2] // k[0], shape[3] // k[1])
+    taken = []
+    for name in ("_max_pool_tiles", "_max_pool_tiles_backward"):
+        kernel = getattr(pooling, name)
+        monkeypatch.setattr(pooling, name, lambda *a, _k=kernel, _n=name: taken.append(_n) or _k(*a))
+    threads = numba.get_num_threads()
+    X = _tiles_input(rng, shape, dtype, data)
+    Yr, amr = kc.REF.max_pool2d(X, np.empty(out, dtype), np.empty(out, np.int64), *win)
+    Y, am = ops.max_pool2d(X, np.full(out, 7, dtype), np.full(out, -7, np.int64), *win)
+    np.testing.assert_array_equal(Y.view(np.uint8), Yr.view(np.uint8))
+    np.testing.assert_array_equal(am, amr)
+    dY = (rng.standard_normal(out) * 1e3).astype(dtype)
+    dY[rng.random(out) < 0.1] = -0.0  # 0 + -0.0 is +0.0 in the reference's sum
+    dY.flat[::7] = np.nan
+    ref = kc.REF.max_pool2d_backward(dY, amr, np.empty(shape, dtype), *win)
+    got = ops.max_pool2d_backward(dY, am, np.full(shape, np.nan, dtype), *win)
+    np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
+    assert taken == ["_max_pool_tiles", "_max_pool_tiles_backward"]
+    assert numba.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("k", [(2, 2), (3, 3), (2, 3)])
+def test_max_pool_tiles_backward_ignores_an_argmax_outside_its_window(ops, rng, k):
+    # As the reference: an argmax elsewhere in the plane, past it or negative adds nothing.
+    shape = (4, 3, 29, 31)
+    out = shape[:2] + (shape[2] // k[0], shape[3] // k[1])
+    win = (k, k, (0, 0), (1, 1))
+    _, am = kc.REF.max_pool2d(rng.standard_normal(shape), np.empty(out), np.empty(out, np.int64),
+                              *win)
+    wrong = rng.random(out) < 0.5
+    am[wrong] = rng.integers(-3, 29 * 31 + 3, out)[wrong]
+    dY = rng.standard_normal(out)
+    ref = kc.REF.max_pool2d_backward(dY, am, np.empty(shape), *win)
+    got = ops.max_pool2d_backward(dY, am, np.full(shape, np.nan), *win)
+    np.testing.assert_array_equal(got, ref)
+    assert np.count_nonzero(ref) > 0
+
+
 # ---- average pooling: the reference's sums, in its order ----------------------------------------
 AVG_POOL_SUMS = [
     ((3, 2, 11, 13), (3, 3), (1, 1), (1, 1)),
