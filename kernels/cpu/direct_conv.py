@@ -286,13 +286,34 @@ def _dots5(dw, dz, src, C, Hs, Ws, kh, count, o, nb):
 @njit(cache=True, error_model="numpy", inline="always")
 def _store_planes(out, n, o, nb, acc, count, Wp):
     """out[n, o + q, h, w] = acc[q·count + h·Wp + w] for q < nb: the planes of a block, the columns
-    past each row dropped."""
+    past each row dropped (flat uint64 indices, as _pad_sample5)."""
+    u = np.uint64
     H, W = out.shape[2], out.shape[3]
+    flat = out.reshape(-1)
     for q in range(nb):
+        d = u(((n * out.shape[1] + o + q) * H) * W)
+        b = u(q * count)
         for h in range(H):
-            b = q * count + h * Wp
-            for w in range(W):
-                out[n, o + q, h, w] = acc[b + w]
+            for w in range(u(W)):
+                flat[d + w] = acc[b + w]
+            d += u(W)
+            b += u(Wp)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pad_sample5(X, n, xp, ph, pw, Hp, Wp):
+    """_pad_sample with flat uint64 indices: with X's 4-D ones the row copies (28 or 14 values)
+    stayed scalar and cost as much as the blocked multiply-adds (LeNet-5's conv1 forward)."""
+    u = np.uint64
+    C, H, W = X.shape[1], X.shape[2], X.shape[3]
+    flat = X.reshape(-1)
+    s = u(n * C * H * W)
+    for c in range(C):
+        for h in range(H):
+            b = u((c * Hp + h + ph) * Wp + pw)
+            for w in range(u(W)):
+                xp[b + w] = flat[s + w]
+            s += u(W)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -342,7 +363,7 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1):
     acc = np.empty(4 * count, X.dtype)
     zero = X.dtype.type(0)
     for n in range(n0, n1):
-        _pad_sample(X, n, xp, ph, pw, Hp, Wp)
+        _pad_sample5(X, n, xp, ph, pw, Hp, Wp)
         o = 0
         while o < Co:
             nb = _block(Co - o)
@@ -443,17 +464,20 @@ def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
                     Wf[c, co, i, j] = Wt[co, c, kh - 1 - i, 4 - j]
     zero = X.dtype.type(0)
     dWp[...] = zero
+    u = np.uint64
+    dzf = dZ.reshape(-1)
     for n in range(n0, n1):
-        _pad_sample(X, n, xp, ph, pw, Hp, Wp)
+        _pad_sample5(X, n, xp, ph, pw, Hp, Wp)
         for co in range(Co):
             for oh in range(OH):
-                b = co * count + oh * Wp
-                for ow in range(OW):
-                    dzp[b + ow] = dZ[n, co, oh, ow]
+                s = u(((n * Co + co) * OH + oh) * OW)
+                b = u(co * count + oh * Wp)
+                for ow in range(u(OW)):
+                    dzp[b + ow] = dzf[s + ow]
                 if input_grad:
-                    q = (co * Hq + oh + kh - 1) * Wq + 4
-                    for ow in range(OW):
-                        dzq[q + ow] = dZ[n, co, oh, ow]
+                    q = u((co * Hq + oh + kh - 1) * Wq + 4)
+                    for ow in range(u(OW)):
+                        dzq[q + ow] = dzf[s + ow]
         o = 0  # BP3
         while o < Co:
             nb = _block(Co - o)
