@@ -187,8 +187,23 @@ def test_channel_bias_act(ops, rng, dtype, activation):
 
 @pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_channel_bias_grad(ops, rng, dtype):
-    for shape in [(1, 1, 1), (2, 3, 7), (4, 7, 65), (0, 3, 4), (2, 9, 1)]:
+    # L >= 64: the lanes over each row (pairs of 64-blocks, ragged tails in both halves);
+    # L < 64: the column sums of the short rows.
+    for shape in [(1, 1, 1), (2, 3, 7), (4, 7, 65), (0, 3, 4), (2, 9, 1), (3, 5, 200),
+                  (2, 4, 128), (2, 3, 191), (3, 6, 63), (5, 70, 3)]:
         cc.check_channel_bias_grad(ops, dev, rng, shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 63), (2, 3, 64), (4, 9, 1)])
+def test_channel_bias_grad_does_not_depend_on_the_thread_count(rng, shape):
+    """Each channel's float64 lanes in an order fixed by the shape: the same bits from one
+    thread and from three chunks of channels, long rows (lanes) and short ones (columns)."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    dZ = cc.random(rng, shape, np.float32)
+    outs = [ops.channel_bias_grad(dZ, np.empty(shape[1], np.float32))
+            for ops in (CpuOps(np, num_threads=1), CpuOps(np, num_threads=3, parallel_min=0))]
+    np.testing.assert_array_equal(*outs)
 
 
 @pytest.mark.parametrize("data", ["normal", "ties", "nan", "-inf"])

@@ -13,7 +13,10 @@ from layer_cases import central_differences
 from gpubackprop.kernels.cpu import CpuOps
 
 # Batch norm (N, C, *): BatchNorm1d's (N, C), (N, C, L), BatchNorm2d's (N, C, H, W); ragged sizes.
-BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65)]
+# Rows of L >= 128 go through the float64 lanes in pairs of 64-blocks, with ragged tails in both
+# halves of the last pair ((3, 4, 200), (2, 3, 191)).
+BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65),
+             (3, 4, 200), (2, 3, 191), (2, 2, 8, 16)]
 LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257)]
 REF = nc.REF
 

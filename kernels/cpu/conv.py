@@ -25,6 +25,7 @@ from gpubackprop.kernels.cpu.dense import (
     _relu,
     _sigmoid,
 )
+from gpubackprop.kernels.cpu.normalization import LANES, _add_lanes, _lanes_total
 from gpubackprop.kernels.cpu.numerics import _span, _tanh
 from gpubackprop.kernels.reference import GELU_C, GELU_K, LEAKY_SLOPE
 from gpubackprop.kernels.reference.conv import (
@@ -221,45 +222,66 @@ def _channel_bias_act_parallel(Z, b, A, act, inplace, nchunks):
         _channel_rows(Z, b, A, act, inplace, r0, r1)
 
 
-# ---- BP4 per channel: db[c] (+)= Σ_n Σ_l dZ[n, c, l], in float64 over 8 fixed lanes -----------------
-@njit(cache=True, error_model="numpy", inline="always")
-def _channel_sum(dZ, db, accumulate, c):
-    """Lane t sums the positions l ≡ t (mod 8) of every row of channel c (the tail in lane 0), the
-    lanes are added pairwise: a fixed order, so the same bits on every run, and a chain LLVM can
-    vectorize (one float64 accumulator made every add wait for the previous one: 1.5x slower)."""
-    u = np.uint64
+# ---- BP4 per channel: db[c] (+)= Σ_n Σ_l dZ[n, c, l], in float64 lanes as batch norm's sums ---------
+@njit(cache=True, error_model="numpy")
+def _channel_sums(dZ, db, accumulate, c0, c1):
+    """db[c] for channels c0..c1: lane t of a channel sums its positions l ≡ t (mod LANES) over the
+    samples in order (positions paired first, as batch norm's _add_lanes), the lanes added pairwise:
+    a fixed order, the same bits on every run and for any thread count. The loops run n outer and
+    channels inner, so dZ is read in memory order. Measured, 64x32x1024 float32 (8 MiB), one
+    thread, side by side: 8 scalar float64 chains (which LLVM left scalar) 0.59 ms, these vector
+    lanes 0.16 ms (np.sum 0.33 ms, a copy 0.21 ms)."""
     N, C, L = dZ.shape
+    w = c1 - c0
+    acc = np.zeros((w, LANES))
     dz = dZ.reshape(-1)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    nb = u(L // 8)
     for n in range(N):
-        base = u((n * C + c) * L)
-        for blk in range(nb):
-            j = base + blk * u(8)
-            a0 += dz[j]
-            a1 += dz[j + u(1)]
-            a2 += dz[j + u(2)]
-            a3 += dz[j + u(3)]
-            a4 += dz[j + u(4)]
-            a5 += dz[j + u(5)]
-            a6 += dz[j + u(6)]
-            a7 += dz[j + u(7)]
-        for m in range(nb * u(8), u(L)):
-            a0 += dz[base + m]
-    total = db.dtype.type(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
-    db[c] = db[c] + total if accumulate else total
+        for c in range(w):
+            _add_lanes(acc[c], dz, np.uint64((n * C + c0 + c) * L), L, None)
+    for c in range(w):
+        total = db.dtype.type(_lanes_total(acc[c]))
+        db[c0 + c] = db[c0 + c] + total if accumulate else total
+
+
+@njit(cache=True, error_model="numpy")
+def _channel_sums_short(dZ, db, accumulate, c0, c1):
+    """db[c] for channels c0..c1 when L < LANES: a channel's rows are too short for a vector loop
+    each, so each row of the channels' L·(c1 − c0) contiguous values is one, into float64 column
+    sums over the samples in order; then a channel's L column sums are its lanes 0..L−1 of
+    _lanes_total. That is _channel_sums' order (lane l takes position l of every row, rows in
+    order), bit for bit."""
+    N, C, L = dZ.shape
+    w = (c1 - c0) * L
+    cols = np.zeros(w)
+    dz = dZ.reshape(-1)
+    for n in range(N):
+        base = np.uint64((n * C + c0) * L)
+        for j in range(np.uint64(w)):
+            cols[j] += np.float64(dz[base + j])
+    acc = np.zeros(LANES)
+    for c in range(c1 - c0):
+        acc[:L] = cols[c * L:(c + 1) * L]
+        total = db.dtype.type(_lanes_total(acc))
+        db[c0 + c] = db[c0 + c] + total if accumulate else total
 
 
 @njit(cache=True, error_model="numpy")
 def _channel_bias_grad_serial(dZ, db, accumulate):
-    for c in range(dZ.shape[1]):
-        _channel_sum(dZ, db, accumulate, c)
+    if dZ.shape[2] < LANES:
+        _channel_sums_short(dZ, db, accumulate, 0, dZ.shape[1])
+    else:
+        _channel_sums(dZ, db, accumulate, 0, dZ.shape[1])
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _channel_bias_grad_parallel(dZ, db, accumulate):
-    for c in prange(dZ.shape[1]):
-        _channel_sum(dZ, db, accumulate, c)
+def _channel_bias_grad_parallel(dZ, db, accumulate, nchunks):
+    C = dZ.shape[1]
+    for k in prange(nchunks):
+        c0, c1 = _span(k, nchunks, C)
+        if dZ.shape[2] < LANES:
+            _channel_sums_short(dZ, db, accumulate, c0, c1)
+        else:
+            _channel_sums(dZ, db, accumulate, c0, c1)
 
 
 def window_args(win):
@@ -337,7 +359,7 @@ class ConvOps:
         check_channel_bias_grad(dZ, db)
         accumulate = bool(accumulate)
         if self.parallel and dZ.size >= self.par_cheap and dZ.shape[1] >= 2 * self.nchunks:
-            _channel_bias_grad_parallel(dZ, db, accumulate)
+            _channel_bias_grad_parallel(dZ, db, accumulate, self.nchunks)
         else:
             _channel_bias_grad_serial(dZ, db, accumulate)
         return db
