@@ -191,7 +191,8 @@ def test_max_pool_backward_ignores_an_argmax_outside_its_window(ops, rng, dilati
 # ---- max pooling over tiling windows (kernel == stride, no padding): the tiling kernels ---------
 # At least TILES_MIN elements, so the launcher takes them; ragged: the last rows and columns of a
 # plane in no window (cropped), kernels 2 and 3 (unrolled) and others (the generic body), rows of
-# fewer than 8 outputs (no vector step), ties, NaNs, signed zeros.
+# fewer than 8 outputs (rounded up to 8 where that stays in the plane: some rows, all but the
+# last, none), ties, NaNs, signed zeros.
 TILES_CASES = [
     ((3, 5, 33, 35), (2, 2)),
     ((2, 4, 31, 34), (3, 3)),
@@ -199,6 +200,8 @@ TILES_CASES = [
     ((3, 3, 40, 27), (2, 3)),
     ((1, 2, 64, 97), (4, 4)),
     ((1, 1, 8200, 1), (1, 1)),
+    ((2, 3, 300, 5), (2, 2)),
+    ((8, 8, 13, 14), (3, 3)),
 ]
 
 

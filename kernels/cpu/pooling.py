@@ -100,6 +100,18 @@ def _max_pool_parallel(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
 # medians of kernel calls, cache-warm, a loaded 2-core EPYC): forward 6.1 -> 0.80 ms, backward
 # 2.85 -> 0.97 ms; as a plain njit kernel the same code took 3.6 and 1.6 ms (scalar rows).
 @njit(cache=True, error_model="numpy", inline="always")
+def _row_length(oh, H, W, OH, OW, kh, kw):
+    """The outputs output row oh's loop runs over: OW rounded up to 8 (whole vector steps; a row of
+    fewer than 8 is otherwise all scalar, LeNet's 14 and 5 mostly), where the extra ones stay in
+    the plane: they read pixels of the rows below and write outputs (or, backward, pixels) of the
+    rows below, which this call writes again after. The plane's last rows: OW."""
+    n = (OW + 7) // 8 * 8
+    if oh * OW + n <= OH * OW and oh * kh * W + (kh - 1) * W + n * kw <= H * W:
+        return n
+    return OW
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _max_pool_tiles_plane(x, y, am, p, H, W, OH, OW, kh, kw):
     """Plane p of the flat X, Y and argmax: per output, the window in row-major order (selects)."""
     u = np.uint64
@@ -107,7 +119,7 @@ def _max_pool_tiles_plane(x, y, am, p, H, W, OH, OW, kh, kw):
     for oh in range(OH):
         ob = (p * OH + oh) * OW
         rb = oh * kh * W  # the window's first row, in the plane
-        for ow in range(u(OW)):
+        for ow in range(u(_row_length(oh, H, W, OH, OW, kh, kw))):
             c = rb + np.int64(ow) * kw
             b = x[u(xb + c)]  # the window's first pixel, then a strictly larger one or a NaN
             a = c
@@ -152,9 +164,10 @@ def _max_pool_tiles_backward_plane(dy, am, dx, p, H, W, OH, OW, kh, kw):
     for oh in range(OH):
         ob = (p * OH + oh) * OW
         rb = oh * kh * W
+        n = _row_length(oh, H, W, OH, OW, kh, kw)
         for i in range(kh):
             r = xb + rb + i * W  # row i of the windows, flat
-            for ow in range(u(OW)):
+            for ow in range(u(n)):
                 g = dy[u(ob) + ow]
                 d = am[u(ob) + ow] - (rb + np.int64(ow) * kw)  # the argmax, from the window's corner
                 for j in range(kw):
