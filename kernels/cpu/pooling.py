@@ -369,7 +369,7 @@ def _avg_pool_backward_parallel(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
 
 # Input elements from which max pooling over tiling windows runs the tiling kernels: below, the
 # general serial kernel's scalar rows cost less than a parallel launch (~4 µs, one thread too).
-TILES_MIN = 1 << 13
+TILES_MIN = 1 << 12
 
 
 def _tiles(win):
