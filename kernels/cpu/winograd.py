@@ -276,41 +276,54 @@ def _input_backward_parallel(dV, dX, ph, pw, TH, TW):
 # ---- Z = Aᵀ M A (+ b) and its adjoint dM = A dZ Aᵀ (with Σ dZ), plane by plane ----------------------
 @njit(cache=True, error_model="numpy")
 def _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e):
-    """Plane q = n·Co + o of the flat Z ``z`` from its tiles in the flat M ``m`` (M[k, o, p] at
-    k·ks + o·P + p): per tile row, · A across each tile's four rows (four of M's rows at a time),
-    into ``e`` (4 rows of 2·TW), then Aᵀ · down the columns into Z's two rows (the ragged last row
-    and column cropped), plus b[o] where ``b`` has entries: (AᵀMA) + b, rounded as the separate
-    bias pass rounds it."""
+    """Plane q = n·Co + o of the flat Z ``z`` from its T = TH·TW tiles in the flat M ``m`` (M[k, o, p]
+    at k·ks + o·P + p, the plane's tiles contiguous in each row): · A across each tile's rows x,
+    four rows of M at a time, in one loop over all T tiles (long rows: AVX-512 takes 16 at a time,
+    and a loop over one tile row, 8 tiles on 16x16, ran without its vectors), into ``e`` (the row
+    x's even and odd columns, 8 rows of T); then per tile row Aᵀ · down the columns into Z's two
+    rows (the ragged last row and column cropped), plus b[o] where ``b`` has entries:
+    (AᵀMA) + b, rounded as the separate bias pass rounds it."""
     u = np.uint64
     n, o = q // Co, q % Co
-    T2 = 2 * TW
+    T = TH * TW
     bias = b[o] if b.shape[0] else z.dtype.type(0)
-    base = o * P + n * TH * TW
+    base = o * P + n * T
+    for x in range(4):
+        k0 = u(4 * x * ks + base)
+        k1 = k0 + u(ks)
+        k2 = k1 + u(ks)
+        k3 = k2 + u(ks)
+        re = u(2 * x * T)
+        ro = re + u(T)
+        for p in range(T):
+            pp = u(p)
+            m0, m1, m2, m3 = m[k0 + pp], m[k1 + pp], m[k2 + pp], m[k3 + pp]
+            e[re + pp] = m0 + m1 + m2
+            e[ro + pp] = m1 - m2 - m3
+    E0, O0, E1, O1 = u(0), u(T), u(2 * T), u(3 * T)
+    E2, O2, E3, O3 = u(4 * T), u(5 * T), u(6 * T), u(7 * T)
+    half = OW // 2  # tiles whose two columns lie inside Z
     zb = q * OH * OW
-    E1, E2, E3 = u(T2), u(2 * T2), u(3 * T2)
     for s in range(TH):
-        p0 = base + s * TW
-        for x in range(4):
-            k0 = u(4 * x * ks + p0)
-            k1 = k0 + u(ks)
-            k2 = k1 + u(ks)
-            k3 = k2 + u(ks)
-            r = u(x * T2)
-            for t in range(TW):
-                tt = u(t)
-                m0, m1, m2, m3 = m[k0 + tt], m[k1 + tt], m[k2 + tt], m[k3 + tt]
-                e[r + u(2) * tt] = m0 + m1 + m2
-                e[r + u(2) * tt + u(1)] = m1 - m2 - m3
         h = 2 * s
         zr = u(zb + h * OW)
-        for w in range(OW):
-            ww = u(w)
-            z[zr + ww] = (e[ww] + e[E1 + ww] + e[E2 + ww]) + bias
+        r = u(s * TW)
+        for t in range(half):
+            i, w = r + u(t), zr + u(2 * t)
+            z[w] = (e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias
+            z[w + u(1)] = (e[O0 + i] + e[O1 + i] + e[O2 + i]) + bias
+        if half < TW:
+            i = r + u(half)
+            z[zr + u(OW - 1)] = (e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias
         if h + 1 < OH:
             zr += u(OW)
-            for w in range(OW):
-                ww = u(w)
-                z[zr + ww] = (e[E1 + ww] - e[E2 + ww] - e[E3 + ww]) + bias
+            for t in range(half):
+                i, w = r + u(t), zr + u(2 * t)
+                z[w] = (e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias
+                z[w + u(1)] = (e[O1 + i] - e[O2 + i] - e[O3 + i]) + bias
+            if half < TW:
+                i = r + u(half)
+                z[zr + u(OW - 1)] = (e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -318,7 +331,7 @@ def _output_serial(M, Z, TH, TW, b):
     m, P, ks = _rows(M)
     N, Co, OH, OW = Z.shape
     z = Z.reshape(-1)
-    e = np.empty(8 * TW, Z.dtype)
+    e = np.empty(8 * TH * TW, Z.dtype)
     for q in range(N * Co):
         _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
 
@@ -329,7 +342,7 @@ def _output_parallel(M, Z, TH, TW, b):
     N, Co, OH, OW = Z.shape
     z = Z.reshape(-1)
     for q in prange(N * Co):
-        e = np.empty(8 * TW, Z.dtype)
+        e = np.empty(8 * TH * TW, Z.dtype)
         _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
 
 
@@ -344,21 +357,21 @@ def _put4(dm, i, K, a, b):
 
 @njit(cache=True, error_model="numpy")
 def _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums):
-    """The tiles of plane q of the flat dM ``dm`` from the flat dZ ``dz`` (a ragged tile's missing
-    outputs as zeros). Per tile row, dZ's two rows are first split into their even and odd columns
-    (``y``: 4 rows of TW, zeros past the edge), so that every loop after has unit stride; then per
-    row x of A · y down the columns (y0, y0 + y1, y0 − y1, −y1) the four entries (a, a + b, a − b,
-    −b) of that row · Aᵀ, four rows of dM at a time. Where ``sums`` has entries, sums[q] = Σ of the
-    plane in float64: the split's four values of each tile added into ``acc[t]`` (TW lanes, a
-    vectorizable loop), the lanes then added in order — a fixed order, for BP4 of the bias."""
+    """The T = TH·TW tiles of plane q of the flat dM ``dm`` from the flat dZ ``dz`` (a ragged tile's
+    missing outputs as zeros). First each tile row's two rows of dZ split into their even and odd
+    columns (``y``: 4 rows of T, tile p = s·TW + t at p, zeros past the edge); then per row x of
+    A · y down the columns (y0, y0 + y1, y0 − y1, −y1) the four entries (a, a + b, a − b, −b) of
+    that row · Aᵀ, four rows of dM at a time, each in one loop over all T tiles (long rows, as in
+    ``_output_plane``). Where ``sums`` has entries, sums[q] = Σ of the plane in float64: each tile's
+    four values added into ``acc[t]`` (TW lanes, a vectorizable loop), the lanes then added in
+    order: a fixed order, for BP4 of the bias."""
     u = np.uint64
     n, o = q // Co, q % Co
     zero = dz.dtype.type(0)
     want = sums.shape[0] > 0
-    TWu = u(TW)
-    Y1, Y2, Y3 = TWu, u(2) * TWu, u(3) * TWu
+    T = TH * TW
+    Y1, Y2, Y3 = u(T), u(2 * T), u(3 * T)
     half = OW // 2  # tiles whose two columns lie inside dZ
-    base = o * P + n * TH * TW
     zb = q * OH * OW
     if want:
         for t in range(TW):
@@ -366,53 +379,49 @@ def _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums):
     for s in range(TH):
         h = 2 * s
         r0 = u(zb + h * OW)
+        r = u(s * TW)
         for t in range(half):
             tt = u(t)
-            y[tt] = dz[r0 + u(2) * tt]
-            y[Y1 + tt] = dz[r0 + u(2) * tt + u(1)]
+            y[r + tt] = dz[r0 + u(2) * tt]
+            y[Y1 + r + tt] = dz[r0 + u(2) * tt + u(1)]
         if half < TW:  # OW odd: the last tile's second column is outside
-            y[u(half)] = dz[r0 + u(OW - 1)]
-            y[Y1 + u(half)] = zero
+            y[r + u(half)] = dz[r0 + u(OW - 1)]
+            y[Y1 + r + u(half)] = zero
         if h + 1 < OH:
             r1 = r0 + u(OW)
             for t in range(half):
                 tt = u(t)
-                y[Y2 + tt] = dz[r1 + u(2) * tt]
-                y[Y3 + tt] = dz[r1 + u(2) * tt + u(1)]
+                y[Y2 + r + tt] = dz[r1 + u(2) * tt]
+                y[Y3 + r + tt] = dz[r1 + u(2) * tt + u(1)]
             if half < TW:
-                y[Y2 + u(half)] = dz[r1 + u(OW - 1)]
-                y[Y3 + u(half)] = zero
+                y[Y2 + r + u(half)] = dz[r1 + u(OW - 1)]
+                y[Y3 + r + u(half)] = zero
         else:
             for t in range(TW):
-                y[Y2 + u(t)] = zero
-                y[Y3 + u(t)] = zero
+                y[Y2 + r + u(t)] = zero
+                y[Y3 + r + u(t)] = zero
         if want:
             for t in range(TW):
-                tt = u(t)
-                acc[tt] += (np.float64(y[tt]) + np.float64(y[Y1 + tt])) + \
-                    (np.float64(y[Y2 + tt]) + np.float64(y[Y3 + tt]))
-        p0 = u(base + s * TW)
-        K = u(ks)
-        k = p0  # rows 0-3 of dM: A·y's row y0
-        for t in range(TW):
-            tt = u(t)
-            a, b = y[tt], y[Y1 + tt]
-            _put4(dm, k + tt, K, a, b)
-        k = p0 + u(4) * K  # rows 4-7: y0 + y1
-        for t in range(TW):
-            tt = u(t)
-            a, b = y[tt] + y[Y2 + tt], y[Y1 + tt] + y[Y3 + tt]
-            _put4(dm, k + tt, K, a, b)
-        k = p0 + u(8) * K  # rows 8-11: y0 − y1
-        for t in range(TW):
-            tt = u(t)
-            a, b = y[tt] - y[Y2 + tt], y[Y1 + tt] - y[Y3 + tt]
-            _put4(dm, k + tt, K, a, b)
-        k = p0 + u(12) * K  # rows 12-15: −y1
-        for t in range(TW):
-            tt = u(t)
-            a, b = -y[Y2 + tt], -y[Y3 + tt]
-            _put4(dm, k + tt, K, a, b)
+                i = r + u(t)
+                acc[t] += (np.float64(y[i]) + np.float64(y[Y1 + i])) + \
+                    (np.float64(y[Y2 + i]) + np.float64(y[Y3 + i]))
+    K = u(ks)
+    k = u(o * P + n * T)  # rows 0-3 of dM: A·y's row y0
+    for p in range(T):
+        i = u(p)
+        _put4(dm, k + i, K, y[i], y[Y1 + i])
+    k += u(4) * K  # rows 4-7: y0 + y1
+    for p in range(T):
+        i = u(p)
+        _put4(dm, k + i, K, y[i] + y[Y2 + i], y[Y1 + i] + y[Y3 + i])
+    k += u(4) * K  # rows 8-11: y0 − y1
+    for p in range(T):
+        i = u(p)
+        _put4(dm, k + i, K, y[i] - y[Y2 + i], y[Y1 + i] - y[Y3 + i])
+    k += u(4) * K  # rows 12-15: −y1
+    for p in range(T):
+        i = u(p)
+        _put4(dm, k + i, K, -y[Y2 + i], -y[Y3 + i])
     if want:
         total = 0.0
         for t in range(TW):
@@ -436,7 +445,7 @@ def _output_backward_serial(dZ, dM, TH, TW, db, accumulate):
     N, Co, OH, OW = dZ.shape
     sums = np.empty(N * Co if db.shape[0] else 0, np.float64)
     dz = dZ.reshape(-1)
-    y = np.empty(4 * TW, dZ.dtype)
+    y = np.empty(4 * TH * TW, dZ.dtype)
     acc = np.empty(TW, np.float64)
     for q in range(N * Co):
         _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums)
@@ -451,7 +460,7 @@ def _output_backward_parallel(dZ, dM, TH, TW, db, accumulate):
     sums = np.empty(N * Co if db.shape[0] else 0, np.float64)
     dz = dZ.reshape(-1)
     for q in prange(N * Co):
-        y = np.empty(4 * TW, dZ.dtype)
+        y = np.empty(4 * TH * TW, dZ.dtype)
         acc = np.empty(TW, np.float64)
         _output_backward_plane(dz, dm, q, Co, OH, OW, TH, TW, P, ks, y, acc, sums)
     if sums.shape[0]:
