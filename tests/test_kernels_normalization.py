@@ -17,7 +17,7 @@ from gpubackprop.kernels.cpu import CpuOps
 # halves of the last pair ((3, 4, 200), (2, 3, 191)).
 BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65),
              (3, 4, 200), (2, 3, 191), (2, 2, 8, 16)]
-LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257)]
+LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257), (4, 200), (2, 128)]
 REF = nc.REF
 
 
@@ -42,6 +42,22 @@ def test_layer_norm(ops, rng, shape, dtype):
 @pytest.mark.parametrize("dtype", nc.DTYPES)
 def test_backward_in_place(ops, rng, dtype):
     nc.check_norm_in_place(ops, dev, rng, dtype)
+
+
+@pytest.mark.parametrize("kind, shape", [("batch", (3, 4, 200)), ("batch", (5, 6)),
+                                         ("layer", (5, 200)), ("layer", (3, 129))])
+def test_backward_in_place_equals_out_of_place(ops, rng, kind, shape):
+    """dX = dY takes its own one-name loop (it vectorizes): the same bits as a separate dX."""
+    X, gamma, m, s, dY = nc._norm_backward_inputs(rng, kind, shape, np.float32)
+    name = f"{kind}_norm_backward"
+    P = gamma.shape[0]
+    grads = [np.empty(P, np.float32) for _ in range(4)]
+    dX = getattr(ops, name)(dY, X, gamma, m, s, np.empty_like(X), grads[0], grads[1])
+    dYi = dY.copy()
+    getattr(ops, name)(dYi, X, gamma, m, s, dYi, grads[2], grads[3])
+    np.testing.assert_array_equal(dYi, dX)
+    np.testing.assert_array_equal(grads[2], grads[0])
+    np.testing.assert_array_equal(grads[3], grads[1])
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 9, 9), (2, 3, 64)])
