@@ -94,71 +94,103 @@ def _filter_backward(dU, dW, accumulate):
 # ---- V = Bᵀ d B, plane by plane ------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
 def _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po):
-    """The tiles of plane q = n·C + c of the flat X ``x`` into the flat ``v`` (V[k, c, p] at
-    k·ks + c·P + p). The padded plane (zeros outside X, also past a ragged last tile) is first
-    split into its even and odd columns, ``pe`` and ``po`` (rows of TW + 1), so that every loop
-    after reads with unit stride: tile t of a row reads columns 2t … 2t + 3, i.e. pe[t], po[t],
-    pe[t + 1], po[t + 1]. Then per tile row and row x of Bᵀ (d0 − d2, d1 + d2, d2 − d1, d1 − d3:
-    row a plus ±row b, exact), the four entries of Bᵀ d B in that row. Indices are uint64, so
-    that Numba emits no negative-index checks (as in kernels/cpu/conv.py's copies)."""
+    """The T = TH·TW tiles of plane q = n·C + c of the flat X ``x`` into the flat ``v`` (V[k, c, p]
+    at k·ks + c·P + p). The padded plane (zeros outside X, also past a ragged last tile) is first
+    split into its even and odd columns, ``pe`` and ``po``, and its even and odd rows: padded row
+    2σ + ρ, columns 2t and 2t + 1 (t < TW), at ρ·L + σ·TW + t (L = (TH + 1)·TW + 1), so that tile
+    p = s·TW + t reads patch row i at p (i = 0: ρ 0; 1: ρ 1), or p + TW (i = 2, 3), and its right
+    half at p + 1: every pass after is one loop over all T tiles (long rows, vectorized; over one
+    tile row, 8 tiles on 16x16, the loops ran without their vectors). Each row's column 2·TW
+    (and 2·TW + 1), which the last tile of a row reads, lies at 2L + ρ·(TH + 1) + σ, and the long
+    loop's last tile of each row (which read the next row's first) is then redone from it. Per
+    row x of Bᵀ (d0 − d2, d1 + d2, d2 − d1, d1 − d3: row a plus ±row b, exact), the four entries of
+    Bᵀ d B in that row. Indices are uint64, so that Numba emits no negative-index checks (as in
+    kernels/cpu/conv.py's copies)."""
     u = np.uint64
     n, c = q // C, q % C
-    T1 = TW + 1
+    T = TH * TW
+    L = (TH + 1) * TW + 1
+    LE = 2 * L  # the rows' last columns
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     xb = q * H * W
     # padded column 2t holds X's column 2t − pw, 2t + 1 holds 2t + 1 − pw, where inside X
-    lo_e, hi_e = (pw + 1) // 2, min(T1, (W - 1 + pw) // 2 + 1)
-    lo_o, hi_o = pw // 2, min(T1, (W - 2 + pw) // 2 + 1)
+    lo_e, hi_e = (pw + 1) // 2, min(TW + 1, (W - 1 + pw) // 2 + 1)
+    lo_o, hi_o = pw // 2, min(TW + 1, (W - 2 + pw) // 2 + 1)
     hi_e, hi_o = max(hi_e, lo_e), max(hi_o, lo_o)
+    le0, le1 = min(lo_e, TW), min(hi_e, TW)  # [lo, hi) within the first TW columns
+    lo0, lo1 = min(lo_o, TW), min(hi_o, TW)
+    last_e, last_o = lo_e <= TW < hi_e, lo_o <= TW < hi_o
     for r in range(2 * TH + 2):
         h = r - ph
-        rb = u(r * T1)
+        rho, sig = r & 1, r >> 1
+        rb = u(rho * L + sig * TW)
+        lb = u(LE + rho * (TH + 1) + sig)
         if 0 <= h < H:
             xr = xb + h * W - pw  # + 2t (even) or 2t + 1 (odd): >= 0 inside [lo, hi)
-            for t in range(lo_e):
+            for t in range(le0):
                 pe[rb + u(t)] = zero
-            for t in range(lo_e, hi_e):
+            for t in range(le0, le1):
                 pe[rb + u(t)] = x[u(xr + 2 * t)]
-            for t in range(hi_e, T1):
+            for t in range(le1, TW):
                 pe[rb + u(t)] = zero
-            for t in range(lo_o):
+            for t in range(lo0):
                 po[rb + u(t)] = zero
-            for t in range(lo_o, hi_o):
+            for t in range(lo0, lo1):
                 po[rb + u(t)] = x[u(xr + 2 * t + 1)]
-            for t in range(hi_o, T1):
+            for t in range(lo1, TW):
                 po[rb + u(t)] = zero
+            pe[lb] = x[u(xr + 2 * TW)] if last_e else zero
+            po[lb] = x[u(xr + 2 * TW + 1)] if last_o else zero
         else:
-            for t in range(T1):
+            for t in range(TW):
                 pe[rb + u(t)] = zero
                 po[rb + u(t)] = zero
-    base = c * P + n * TH * TW
-    for s in range(TH):
-        for xx in range(4):
-            if xx == 0:
-                ra, rb_, sg = 0, 2, -one
-            elif xx == 1:
-                ra, rb_, sg = 1, 2, one
-            elif xx == 2:
-                ra, rb_, sg = 2, 1, -one
-            else:
-                ra, rb_, sg = 1, 3, -one
-            A = u((2 * s + ra) * T1)
-            B = u((2 * s + rb_) * T1)
-            k0 = u(4 * xx * ks + base + s * TW)
-            k1 = k0 + u(ks)
-            k2 = k1 + u(ks)
-            k3 = k2 + u(ks)
-            for t in range(TW):
-                tt = u(t)
-                e0 = pe[A + tt] + sg * pe[B + tt]
-                o0 = po[A + tt] + sg * po[B + tt]
-                e1 = pe[A + tt + u(1)] + sg * pe[B + tt + u(1)]
-                o1 = po[A + tt + u(1)] + sg * po[B + tt + u(1)]
-                v[k0 + tt] = e0 - e1
-                v[k1 + tt] = o0 + e1
-                v[k2 + tt] = e1 - o0
-                v[k3 + tt] = o0 - o1
+            pe[lb] = zero
+            po[lb] = zero
+    pe[u(L - 1)] = zero  # read past the end by the long loops' last tile (then redone)
+    po[u(L - 1)] = zero
+    pe[u(2 * L - 1)] = zero
+    po[u(2 * L - 1)] = zero
+    base = c * P + n * T
+    for xx in range(4):
+        if xx == 0:
+            ra, rb_, sg = 0, 2, -one
+        elif xx == 1:
+            ra, rb_, sg = 1, 2, one
+        elif xx == 2:
+            ra, rb_, sg = 2, 1, -one
+        else:
+            ra, rb_, sg = 1, 3, -one
+        # patch row i of tile p at (i & 1)·L + (i >> 1)·TW + p
+        A = u((ra & 1) * L + (ra >> 1) * TW)
+        B = u((rb_ & 1) * L + (rb_ >> 1) * TW)
+        k0 = u(4 * xx * ks + base)
+        k1 = k0 + u(ks)
+        k2 = k1 + u(ks)
+        k3 = k2 + u(ks)
+        for p in range(T):
+            pp = u(p)
+            e0 = pe[A + pp] + sg * pe[B + pp]
+            o0 = po[A + pp] + sg * po[B + pp]
+            e1 = pe[A + pp + u(1)] + sg * pe[B + pp + u(1)]
+            o1 = po[A + pp + u(1)] + sg * po[B + pp + u(1)]
+            v[k0 + pp] = e0 - e1
+            v[k1 + pp] = o0 + e1
+            v[k2 + pp] = e1 - o0
+            v[k3 + pp] = o0 - o1
+        for s in range(TH):  # each row's last tile: its right half from the last columns
+            pp = u(s * TW + TW - 1)
+            la = u(LE + (ra & 1) * (TH + 1) + s + (ra >> 1))
+            lb = u(LE + (rb_ & 1) * (TH + 1) + s + (rb_ >> 1))
+            e0 = pe[A + pp] + sg * pe[B + pp]
+            o0 = po[A + pp] + sg * po[B + pp]
+            e1 = pe[la] + sg * pe[lb]
+            o1 = po[la] + sg * po[lb]
+            v[k0 + pp] = e0 - e1
+            v[k1 + pp] = o0 + e1
+            v[k2 + pp] = e1 - o0
+            v[k3 + pp] = o0 - o1
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -166,7 +198,7 @@ def _input_serial(X, V, ph, pw, TH, TW):
     v, P, ks = _rows(V)
     N, C, H, W = X.shape
     x = X.reshape(-1)
-    pe = np.empty((2 * TH + 2) * (TW + 1), X.dtype)
+    pe = np.empty(2 * ((TH + 1) * TW + 1) + 2 * (TH + 1), X.dtype)
     po = np.empty_like(pe)
     for q in range(N * C):
         _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po)
@@ -178,7 +210,7 @@ def _input_parallel(X, V, ph, pw, TH, TW):
     N, C, H, W = X.shape
     x = X.reshape(-1)
     for q in prange(N * C):
-        pe = np.empty((2 * TH + 2) * (TW + 1), X.dtype)
+        pe = np.empty(2 * ((TH + 1) * TW + 1) + 2 * (TH + 1), X.dtype)
         po = np.empty_like(pe)
         _input_plane(x, v, q, C, H, W, ph, pw, TH, TW, P, ks, pe, po)
 
