@@ -217,70 +217,84 @@ def _input_parallel(X, V, ph, pw, TH, TW):
 
 # ---- dX = Σ_tiles B dV Bᵀ, as a gather, plane by plane -----------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, ee, eo, pe, po):
-    """Plane q of the flat dX from the tiles of the flat dV ``v`` (as ``_input_plane``'s). Across a
-    tile row, B's columns spread tile m's four entries over padded columns 2m … 2m + 3, so the even
-    column 2m takes v0(m) and (v1 + v2 − v0)(m − 1), the odd column 2m + 1 takes (v1 − v2 + v3)(m)
-    and −v3(m − 1): the row's even and odd columns into ``ee`` and ``eo`` (4 rows of TW + 1, one a
-    row x of the tiles), unit-stride gathers. Down the columns the same with tile rows s and
-    s − 1 (``pe``, ``po``): padded row 2s takes e0 and (e1 + e2 − e0) of the row above, row 2s + 1
-    (e1 − e2 + e3) and −e3 of the row above. Every padded pixel is formed once, in a fixed order,
-    and written if inside dX."""
+def _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, buf):
+    """Plane q of the flat dX from the T = TH·TW tiles of the flat dV ``v`` (as ``_input_plane``'s).
+    Across a tile row, B's columns spread tile m's four entries over padded columns 2m … 2m + 3,
+    so the even column 2m takes v0(m) and (v1 + v2 − v0)(m − 1), the odd column 2m + 1 takes
+    (v1 − v2 + v3)(m) and −v3(m − 1): for each row x of the tiles, the even and odd columns
+    ``ee``/``eo`` of every tile row at once, one loop over all T tiles (long rows, vectorized), in
+    ``buf``'s rows of TW with a zero row above and below (tile rows −1 and TH); the first column
+    of each tile row is then redone (the long loop added the previous row's last tile to it), and
+    column TW (the last tile's right half) lies apart, (TH + 2) entries a row x. Down the columns
+    the same with tile rows s and s − 1: padded row 2s takes e0 and (e1 + e2 − e0) of the row
+    above, row 2s + 1 (e1 − e2 + e3) and −e3 of the row above. Every padded pixel is formed once,
+    in a fixed order, and written if inside dX."""
     u = np.uint64
     n, c = q // C, q % C
-    T1 = TW + 1
-    zero = dx.dtype.type(0)
-    lo_e, hi_e = (pw + 1) // 2, min(T1, (W - 1 + pw) // 2 + 1)
-    lo_o, hi_o = pw // 2, min(T1, (W - 2 + pw) // 2 + 1)
+    T = TH * TW
+    R = (TH + 2) * TW  # one of ee_x, eo_x: rows −1 … TH of TW
+    LB = 8 * R  # then the last columns: (TH + 2) a row x, ee then eo
+    R2 = TH + 2
+    lo_e, hi_e = (pw + 1) // 2, min(TW + 1, (W - 1 + pw) // 2 + 1)
+    lo_o, hi_o = pw // 2, min(TW + 1, (W - 2 + pw) // 2 + 1)
     hi_e, hi_o = max(hi_e, lo_e), max(hi_o, lo_o)
-    for i in range(4 * T1):
-        pe[i] = zero
-        po[i] = zero
-    base = c * P + n * TH * TW
+    le1, lo1 = min(hi_e, TW), min(hi_o, TW)
+    last_e, last_o = lo_e <= TW < hi_e, lo_o <= TW < hi_o
+    base = c * P + n * T
     xb = q * H * W
+    for x in range(4):
+        k0 = u(4 * x * ks + base)
+        k1 = k0 + u(ks)
+        k2 = k1 + u(ks)
+        k3 = k2 + u(ks)
+        E = u(2 * x * R + TW)  # tile row 0 of ee_x
+        O = E + u(R)
+        for p in range(1, T):
+            pp, p1 = u(p), u(p - 1)
+            buf[E + pp] = v[k0 + pp] + (v[k1 + p1] + v[k2 + p1] - v[k0 + p1])
+            buf[O + pp] = (v[k1 + pp] - v[k2 + pp] + v[k3 + pp]) - v[k3 + p1]
+        LE = u(LB + 2 * x * R2 + 1)
+        LO = LE + u(R2)
+        for s in range(TH):
+            f = u(s * TW)
+            buf[E + f] = v[k0 + f]
+            buf[O + f] = v[k1 + f] - v[k2 + f] + v[k3 + f]
+            last = f + u(TW - 1)
+            buf[LE + u(s)] = v[k1 + last] + v[k2 + last] - v[k0 + last]
+            buf[LO + u(s)] = -v[k3 + last]
+    E0, E1, E2, E3 = u(0), u(2 * R), u(4 * R), u(6 * R)
+    O0, O1, O2, O3 = u(R), u(3 * R), u(5 * R), u(7 * R)
+    L0, L1, L2, L3 = u(LB), u(LB + 2 * R2), u(LB + 4 * R2), u(LB + 6 * R2)
+    M0, M1, M2, M3 = L0 + u(R2), L1 + u(R2), L2 + u(R2), L3 + u(R2)
     for s in range(TH + 1):
-        if s < TH:
-            p0 = base + s * TW
-            for x in range(4):
-                k0 = u(4 * x * ks + p0)
-                k1 = k0 + u(ks)
-                k2 = k1 + u(ks)
-                k3 = k2 + u(ks)
-                rb = u(x * T1)
-                ee[rb] = v[k0]
-                eo[rb] = v[k1] - v[k2] + v[k3]
-                for m in range(1, TW):
-                    mm, m1 = u(m), u(m - 1)
-                    ee[rb + mm] = v[k0 + mm] + (v[k1 + m1] + v[k2 + m1] - v[k0 + m1])
-                    eo[rb + mm] = (v[k1 + mm] - v[k2 + mm] + v[k3 + mm]) - v[k3 + m1]
-                last = u(TW - 1)
-                ee[rb + u(TW)] = v[k1 + last] + v[k2 + last] - v[k0 + last]
-                eo[rb + u(TW)] = -v[k3 + last]
-        else:
-            for i in range(4 * T1):
-                ee[i] = zero
-                eo[i] = zero
-        R0, R1, R2, R3 = u(0), u(T1), u(2 * T1), u(3 * T1)
+        cur, prv = u((s + 1) * TW), u(s * TW)  # tile rows s and s − 1 (zeros outside)
+        cl, pl = u(s + 1), u(s)
         h = 2 * s - ph
         if 0 <= h < H:
             d = xb + h * W - pw  # + 2m (even) or 2m + 1 (odd): >= 0 inside [lo, hi)
-            for m in range(lo_e, hi_e):
-                mm = u(m)
-                dx[u(d + 2 * m)] = ee[R0 + mm] + (pe[R1 + mm] + pe[R2 + mm] - pe[R0 + mm])
-            for m in range(lo_o, hi_o):
-                mm = u(m)
-                dx[u(d + 2 * m + 1)] = eo[R0 + mm] + (po[R1 + mm] + po[R2 + mm] - po[R0 + mm])
+            for m in range(lo_e, le1):
+                a, b = cur + u(m), prv + u(m)
+                dx[u(d + 2 * m)] = buf[E0 + a] + (buf[E1 + b] + buf[E2 + b] - buf[E0 + b])
+            if last_e:
+                dx[u(d + 2 * TW)] = buf[L0 + cl] + (buf[L1 + pl] + buf[L2 + pl] - buf[L0 + pl])
+            for m in range(lo_o, lo1):
+                a, b = cur + u(m), prv + u(m)
+                dx[u(d + 2 * m + 1)] = buf[O0 + a] + (buf[O1 + b] + buf[O2 + b] - buf[O0 + b])
+            if last_o:
+                dx[u(d + 2 * TW + 1)] = buf[M0 + cl] + (buf[M1 + pl] + buf[M2 + pl] - buf[M0 + pl])
         h += 1
         if 0 <= h < H:
             d = xb + h * W - pw
-            for m in range(lo_e, hi_e):
-                mm = u(m)
-                dx[u(d + 2 * m)] = (ee[R1 + mm] - ee[R2 + mm] + ee[R3 + mm]) - pe[R3 + mm]
-            for m in range(lo_o, hi_o):
-                mm = u(m)
-                dx[u(d + 2 * m + 1)] = (eo[R1 + mm] - eo[R2 + mm] + eo[R3 + mm]) - po[R3 + mm]
-        ee, pe = pe, ee
-        eo, po = po, eo
+            for m in range(lo_e, le1):
+                a, b = cur + u(m), prv + u(m)
+                dx[u(d + 2 * m)] = (buf[E1 + a] - buf[E2 + a] + buf[E3 + a]) - buf[E3 + b]
+            if last_e:
+                dx[u(d + 2 * TW)] = (buf[L1 + cl] - buf[L2 + cl] + buf[L3 + cl]) - buf[L3 + pl]
+            for m in range(lo_o, lo1):
+                a, b = cur + u(m), prv + u(m)
+                dx[u(d + 2 * m + 1)] = (buf[O1 + a] - buf[O2 + a] + buf[O3 + a]) - buf[O3 + b]
+            if last_o:
+                dx[u(d + 2 * TW + 1)] = (buf[M1 + cl] - buf[M2 + cl] + buf[M3 + cl]) - buf[M3 + pl]
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -288,10 +302,9 @@ def _input_backward_serial(dV, dX, ph, pw, TH, TW):
     v, P, ks = _rows(dV)
     N, C, H, W = dX.shape
     dx = dX.reshape(-1)
-    bufs = np.empty((4, 4 * (TW + 1)), dX.dtype)
+    buf = np.zeros(8 * (TH + 2) * (TW + 1), dX.dtype)  # rows −1 and TH stay zero
     for q in range(N * C):
-        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, bufs[0], bufs[1], bufs[2],
-                              bufs[3])
+        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, buf)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -300,9 +313,8 @@ def _input_backward_parallel(dV, dX, ph, pw, TH, TW):
     N, C, H, W = dX.shape
     dx = dX.reshape(-1)
     for q in prange(N * C):
-        bufs = np.empty((4, 4 * (TW + 1)), dX.dtype)
-        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, bufs[0], bufs[1], bufs[2],
-                              bufs[3])
+        buf = np.zeros(8 * (TH + 2) * (TW + 1), dX.dtype)
+        _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, buf)
 
 
 # ---- Z = Aᵀ M A (+ b) and its adjoint dM = A dZ Aᵀ (with Σ dZ), plane by plane ----------------------
