@@ -1,12 +1,13 @@
 """The fused Numba CPU kernel set (kernels/cpu.py) against the NumPy reference."""
 
 import kernel_cases as kc
+import numba
 import numpy as np
 import pytest
 from kernel_cases import cpu_ops  # noqa: F401  (the ops fixture: the fused CPU set)
 from kernel_cases import host as dev
 
-from gpubackprop.kernels.cpu import CpuOps
+from gpubackprop.kernels.cpu import CpuOps, pooling
 
 SHAPES = [(1, 1), (7, 13), (33, 257), (128, 1000)]
 
@@ -222,10 +223,6 @@ def _tiles_input(rng, shape, dtype, data):
 @pytest.mark.parametrize("dtype", kc.DTYPES)
 @pytest.mark.parametrize("case", TILES_CASES, ids=str)
 def test_max_pool_tiles_equal_reference_bit_for_bit(ops, rng, monkeypatch, case, dtype, data):
-    import numba
-
-    from gpubackprop.kernels.cpu import pooling
-
     shape, k = case
     assert np.prod(shape) >= pooling.TILES_MIN
     win = (k, k, (0, 0), (1, 1))

@@ -5,7 +5,8 @@ col2im: each row adds the gradients of the outputs whose window holds its pixels
 offset in row-major order; max pooling's is a scatter of each output's gradient to its argmax in
 an order that adds the same terms in the same order. Either way each pixel's sum is the
 reference's, bit for bit, and does not depend on the thread count. The parallel kernels split the
-N·C planes over threads.
+N·C planes over threads. Max pooling over tiling windows (kernel == stride, no padding, dilation 1:
+MaxPool2d(k)) has its own kernels: one pass per window, forward and backward (measured below).
 """
 
 import math
@@ -90,15 +91,23 @@ def _max_pool_parallel(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
 # Each pixel lies in at most one window, and every window lies inside the plane: no bounds logic,
 # each output row reads kh whole input rows, and the backward is a pure write of each window (its
 # argmax pixel gets 0 + dY, the others 0 + 0: the reference's one term, bit for bit; + 0 because
-# 0 + -0.0 is +0.0). The row loops run over the outputs with the window unrolled (kh, kw are
-# constants where the dispatch below inlines 2 or 3), so LLVM vectorizes them: 8 outputs a step,
-# strided loads split into even/odd lanes. LLVM vectorizes a row that short (OW = 8, 16 in VGG)
-# only without its runtime alias checks between X, Y and argmax, which make it keep a row under
-# 24 outputs scalar; Numba marks the arrays of a parfor's body noalias, so these kernels are
-# parfors only, and the launcher runs them on one thread where a parallel region does not pay.
-# Measured, VGG's two MaxPool2d(2) at batch 64 (64x32x32x32 and 64x64x16x16 float32, interleaved
-# medians of kernel calls, cache-warm, a loaded 2-core EPYC): forward 6.1 -> 0.80 ms, backward
-# 2.85 -> 0.97 ms; as a plain njit kernel the same code took 3.6 and 1.6 ms (scalar rows).
+# 0 + -0.0 is +0.0), no zeroing pass. The row loops run over the outputs with the window unrolled
+# (kh, kw are constants where the dispatch below inlines 2 or 3) and selects, so LLVM vectorizes
+# them: 8 outputs a step, the strided loads split into even and odd lanes. It vectorizes a row as
+# short as VGG's (OW = 16, 8) only without runtime alias checks between X, Y and argmax: with them
+# a plain njit loop keeps every row under 24 outputs scalar (its IR: `icmp ult OW, 24`). Numba
+# marks the arrays of a parfor's body noalias, so these kernels are parfors only, and the
+# launcher runs them on this thread alone below the parallel threshold (``_run_tiles``).
+# Measured (2-core AMD EPYC znver4, busy with other jobs; float32; interleaved medians of 60
+# rounds, forward then backward per layer, /tmp script, 2 calls each; general kernel -> these):
+#   VGG, MaxPool2d(2) on 64x32x32x32 and 64x64x16x16: forward 5.76 -> 1.19 ms, backward 3.95 ->
+#     1.24 ms (sum 9.72 -> 2.42); the same plane code as a plain njit loop: forward 3.13 ms;
+#   LeNet-5, on 128x6x28x28 and 128x16x10x10: forward 1.65 -> 0.28 ms, backward 0.58 -> 0.33 ms
+#     (sum 2.22 -> 0.61; the rows' rounding up to 8, ``_row_length``, in a kernel A/B: forward
+#     0.56 -> 0.23 ms, backward 0.45 -> 0.29 ms).
+# In the VGG step (prof.py vgg 10, runs alternated, very noisy): max_pool2d 6.5-11.7 -> 1.0-2.1
+# ms, max_pool2d_backward 4.4-7.8 -> 1.3-4.1 ms; there the backward reads argmax and dY from
+# memory: the int64 argmax is 8 of the 28 bytes an output moves each way at 2x2.
 @njit(cache=True, error_model="numpy", inline="always")
 def _row_length(oh, H, W, OH, OW, kh, kw):
     """The outputs output row oh's loop runs over: OW rounded up to 8 (whole vector steps; a row of
