@@ -350,23 +350,33 @@ def test_conv2d_winograd_gradcheck(backend_spec, rng):
 
 def test_conv2d_takes_winograd_where_the_rule_and_the_kernel_set_say(backend_spec):
     """"auto": the fused CPU set's Winograd for 3x3 stride-1 convolutions with 16+ channels in and
-    out and min(C_in, C_out)·min(OH, OW) >= 512; never for other shapes, whatever the setting."""
+    out on 4x4 outputs or larger, or 8+ on 32x32 or larger; never for other shapes, whatever the
+    setting."""
     model = model_for(backend_spec, [gb.Conv2d(16, 16, 3, padding=1), gb.Conv2d(16, 32, 3, padding=1),
-                                     gb.Conv2d(32, 8, 3, padding=1), gb.Conv2d(8, 16, 3, padding=1),
-                                     gb.Conv2d(16, 64, 3, stride=2, padding=1),
-                                     gb.Conv2d(64, 64, 3, padding=1),
+                                     gb.Conv2d(32, 4, 3, padding=1), gb.Conv2d(4, 8, 3, padding=1),
+                                     gb.Conv2d(8, 16, 3, stride=2, padding=1),
+                                     gb.Conv2d(16, 64, 3, padding=1),
                                      gb.Conv2d(64, 64, 3, dilation=2, padding=2),
                                      gb.Conv2d(64, 64, 3, groups=2, padding=1),
-                                     gb.Conv2d(64, 32, 3), gb.Conv2d(32, 16, 3, padding=1)],
+                                     gb.Conv2d(64, 32, 3), gb.Conv2d(32, 8, 3, padding=1),
+                                     gb.Conv2d(8, 16, 3, padding=1)],
                       input_shape=(16, 32, 32))
-    wide, wider, thin_out, thin_in, strided, small, dilated, grouped, smaller, narrow = model.layers
+    (wide, wider, thin_out, thin_in, strided, small, dilated, grouped, smaller, narrow,
+     eight) = model.layers
     fused_cpu = backend_spec == ("cpu", "fused")
     assert model.backend.ops.winograd_conv is fused_cpu
-    assert wide._winograd() is wider._winograd() is fused_cpu  # 16 · 32 (on 32x32) = 512
-    assert not thin_out._winograd() and not thin_in._winograd()  # 8 channels
-    assert small._winograd() is fused_cpu  # 64 · 16 on 16x16
-    assert not smaller._winograd()  # 32 · 14 = 448 on 14x14
-    assert not narrow._winograd()  # 16 · 14
+    assert wide._winograd() is wider._winograd() is fused_cpu  # 16 channels on 32x32
+    assert not thin_out._winograd() and not thin_in._winograd()  # 4 channels
+    assert small._winograd() is fused_cpu  # 16 in, 64 out on 16x16
+    assert smaller._winograd() is fused_cpu  # 32 on 14x14
+    assert not narrow._winograd() and not eight._winograd()  # 8 channels on 14x14
+    # 8 channels on 32x32; 16 on 4x4 but not on 3x3
+    for shape, size, pad, expected in (((8, 32, 32), 16, 1, True), ((8, 31, 32), 16, 1, False),
+                                       ((16, 6, 6), 16, 0, True), ((16, 5, 5), 16, 0, False),
+                                       ((32, 3, 3), 64, 1, False)):
+        layer = gb.Conv2d(shape[0], size, 3, padding=pad)
+        assert model_for(backend_spec, [layer], input_shape=shape).backend is not None  # (binds it)
+        assert layer._winograd() is (expected and fused_cpu), (shape, size)
     for layer in (strided, dilated, grouped):
         for choice in ("auto", True, False):
             layer.winograd = choice

@@ -30,19 +30,22 @@ convolution instead (kernels/cpu/direct_conv.py: each sample's zero-padded input
 one shifted, vectorised row over the output; BP3 and dX in one more pass): its im2col GEMMs are
 too skinny for BLAS (LeNet-5's K = 25 or 150, 6 or 16 rows).
 ``Conv2d.direct`` is "auto" (where the kernel set offers ``ops.direct_conv`` and ``_direct_pays``:
-the fused CPU set, fp32, at most 3 channels in and 16 out: LeNet-5's conv1), True (wherever the
+the fused CPU set, fp32, at most 16 channels out and 3 in, or 8 in for 5-wide kernels: both of
+LeNet-5's layers), True (wherever the
 kernel set offers it and the shape allows: for tests) or False. Winograd, where chosen, comes first.
 
 A 3x3 convolution of stride 1, dilation 1 and one group can run as Winograd F(2x2, 3x3) instead
 (kernels/reference/winograd.py has the math): per chunk V = BᵀdB of the input's 4x4 tiles, 16
 GEMMs M = U · V with U = GgGᵀ, Z = AᵀMA; backprop by the adjoints, dM = A dZ Aᵀ, BP3 dU = dM · Vᵀ
 (dW = Gᵀ dU G once per backprop), dV = Uᵀ · dM and dX the overlapping sum of B dV Bᵀ: 2.25x fewer
-multiplications in every GEMM of the layer. ``Conv2d.winograd`` (a class attribute, settable per
-layer) is "auto" (where the kernel set's ``ops.winograd_conv`` says so and ``_winograd_pays``
-measured it faster: the fused CPU set, fp32 models), True (wherever the shape allows, on any kernel
-set: for tests) or False (im2col + GEMM). The rounding differs from the direct sum's by a few
-units in the last place (float64: ~1e-15 relative, so float64 still equals PyTorch to 1e-10, and
-float64 takes it too).
+multiplications in every GEMM of the layer. The bias is added in the output transform where the
+activation is the identity (else ops.channel_bias_act as for im2col), and BP4 is summed in its
+adjoint (float64 sums, a fixed order: no ops.channel_bias_grad pass). ``Conv2d.winograd`` (a
+class attribute, settable per layer) is "auto" (where the kernel set's ``ops.winograd_conv`` says
+so and ``_winograd_pays`` measured it faster: the fused CPU set, fp32 models), True (wherever the
+shape allows, on any kernel set: for tests) or False (im2col + GEMM). The rounding differs from
+the direct sum's by a few units in the last place (float64: ~1e-15 relative, so float64 still
+equals PyTorch to 1e-10, and float64 takes it too).
 """
 
 import math
@@ -59,8 +62,9 @@ from gpubackprop.validation import check_choice, positive_int
 
 MAX_COLS_BYTES = 32 << 20
 # Conv2d.direct "auto": the direct convolution for layers with at most this many input and output
-# channels (``_direct_pays`` has the measurements).
-DIRECT_MAX_IN, DIRECT_MAX_OUT = 3, 16
+# channels, and up to DIRECT_MAX_IN_5 channels in for 5-wide kernels (register-blocked there);
+# ``_direct_pays`` has the measurements.
+DIRECT_MAX_IN, DIRECT_MAX_OUT, DIRECT_MAX_IN_5 = 3, 16, 8
 
 
 def _geometry(layer, input_shape):
@@ -311,8 +315,14 @@ class Conv2d(Layer):
         conv1) 1.22, 3->16 5x5 on 32x32 1.18; 6->16 5x5 on 14x14 (conv2) 0.82, 8->16 0.85, 6->32
         0.66, 3->32 3x3 on 32x32 0.68 (the direct cost grows with C_out·C_in·k², a GEMM's rate
         with C_out). The LeNet-5 step (2 threads): both GEMM 10.4/10.1 ms, conv1 direct 9.7/9.4,
-        both direct 11.1/11.0."""
-        return self.in_channels <= DIRECT_MAX_IN and self.out_channels <= DIRECT_MAX_OUT
+        both direct 11.1/11.0. Since the 5-wide kernels are register-blocked (2-core AMD EPYC znver4,
+        AVX-512, one thread, CPU time, the same layers): conv1 1.68, conv2 1.23, 8->16 5x5 on 14x14
+        1.40, 6->32 0.99, 3->32 3x3 (not blocked) 0.79; the LeNet-5 step (one thread, CPU time):
+        both direct 7.6 ms, conv1 only 9.8, neither 11.5: 5-wide kernels up to 8 channels in."""
+        if self.out_channels > DIRECT_MAX_OUT:
+            return False
+        limit = DIRECT_MAX_IN_5 if self.kernel_size[1] == 5 else DIRECT_MAX_IN
+        return self.in_channels <= limit
 
     def _winograd_pays(self):
         """The rule measured on a 2-core Xeon (float32, OpenBLAS, one thread, CPU time; forward +
@@ -322,10 +332,20 @@ class Conv2d(Layer):
         (short rows of tiles). gemm/winograd: 32->32 on 32x32 1.35, 32->64 on 16x16 1.26, 16->16 on
         32x32 1.30, 32->32 on 16x16 1.39, 64->64 on 8x8 1.25; below the rule, even: 16->16 on 16x16
         1.01, 16->32 on 8x8 1.07, 8->16 on 32x32 1.00; earlier, before the transforms' rows were
-        padded apart, 16->16 on 8x8 0.82, 32->32 on 4x4 0.87, 3->32 on 32x32 0.43."""
+        padded apart, 16->16 on 8x8 0.82, 32->32 on 4x4 0.87, 3->32 on 32x32 0.43.
+
+        Re-measured on a 2-core AMD EPYC (znver4, AVX-512; the same bench/winograd_cpu.py, loaded
+        machine), after the transforms' passes ran over whole planes of tiles and took the bias:
+        the rule is now 16+ channels in and out on 4x4 outputs or larger, or 8+ on 32x32 or larger.
+        gemm/winograd: 16->16 on 32x32 1.99, 32->32 on 16x16 2.24, 32->32 on 32x32 1.86, 32->64 on
+        16x16 1.90, 16->16 on 16x16 1.56-1.76, 16->32 on 8x8 1.24, 16->16 on 8x8 1.19-1.21, 32->32
+        on 8x8 1.41-1.54, 64->64 on 8x8 1.65, 64->32 on 14x14 1.78, 32->16 on 14x14 1.94, 16->16 on
+        6x6 1.33, 32->32 on 4x4 1.12-1.36, 64->64 on 4x4 0.92-1.22, 16->16 on 4x4 0.96-1.15; 8->16
+        on 32x32 1.62-1.72, 8->8 1.28; but 8->8 on 16x16 0.85-0.92, 8->16 on 16x16 0.79, 4->8 on
+        32x32 0.82, 3->16 on 32x32 1.01, 3->32 on 32x32 0.79."""
         C_out, OH, OW = self.output_shape
-        c = min(self.in_channels, C_out)
-        return c >= 16 and c * min(OH, OW) >= 512
+        c, side = min(self.in_channels, C_out), min(OH, OW)
+        return (c >= 16 and side >= 4) or (c >= 8 and side >= 32)
 
     def _tiles(self):
         """(TH, TW, T): the 2x2 output tiles of a sample, down, across and in all."""
