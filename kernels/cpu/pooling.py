@@ -108,6 +108,8 @@ def _max_pool_parallel(X, Y, argmax, kh, kw, sh, sw, ph, pw, dh, dw):
 # In the VGG step (prof.py vgg 10, runs alternated, very noisy): max_pool2d 6.5-11.7 -> 1.0-2.1
 # ms, max_pool2d_backward 4.4-7.8 -> 1.3-4.1 ms; there the backward reads argmax and dY from
 # memory: the int64 argmax is 8 of the 28 bytes an output moves each way at 2x2.
+# Both kernels on 2 threads there (forced): 1.8-11 ms and 1.9-11 ms, so the parallel threshold
+# (PAR_MIN_CHEAP) stands for them as for the other ops.
 @njit(cache=True, error_model="numpy", inline="always")
 def _row_length(oh, H, W, OH, OW, kh, kw):
     """The outputs output row oh's loop runs over: OW rounded up to 8 (whole vector steps; a row of
