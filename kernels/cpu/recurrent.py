@@ -9,8 +9,9 @@ gates (see ``kernels/reference/recurrent.py`` for the equations). The arithmetic
 reference's, in its order, in the arrays' dtype. A per-step cell op is serial: a parallel region
 per time step would cost more than it saves.
 
-The time loops call BLAS for each step's GEMM from inside the compiled loop (Numba's ``np.dot``,
-through SciPy's BLAS), so that a step costs no Python. On several threads they split the batch:
+The time loops call BLAS for each step's GEMM from inside the compiled loop (``_gemm``: NumPy's
+own OpenBLAS through ``kernels/cpu/blas.py``, faster here than SciPy's, which Numba's ``np.dot``
+calls, to the same bits), so that a step costs no Python. On several threads they split the batch:
 the samples of a batch are independent through the whole recurrence, so each thread runs every
 step of its own rows (its own GEMMs h_prev[rows] W_hhᵀ, single-threaded BLAS, and its cells) with
 no synchronisation between steps, where a threaded BLAS would meet its threads twice a step. The
@@ -22,7 +23,10 @@ import threading
 import numpy as np
 from numba import njit, prange
 
+from numba.extending import overload
+
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu import blas
 from gpubackprop.kernels.cpu.dense import _sigmoid
 from gpubackprop.kernels.cpu.numerics import _span, _tanh
 from gpubackprop.kernels.reference.recurrent import (
@@ -35,6 +39,18 @@ from gpubackprop.kernels.reference.recurrent import (
 )
 
 RNN_TANH, RNN_RELU = 0, 1
+
+
+def _gemm(A, B, out):
+    """out = A B, one BLAS GEMM (A, B C- or F-contiguous, out C-contiguous). Compiled: NumPy's
+    OpenBLAS (``blas.gemm``); run as Python (the benchmark's tests record the GEMMs a step calls
+    through this module's ``np``): ``np.dot``."""
+    np.dot(A, B, out)
+
+
+@overload(_gemm, jit_options={"cache": True, "error_model": "numpy"})
+def _gemm_impl(A, B, out):
+    return lambda A, B, out: blas.gemm(A, B, out)
 # Rows per thread from which a time loop splits the batch: below it a thread's GEMMs are too thin
 # for BLAS to run near its peak, and the parallel region's start (µs) is not worth it.
 STEPS_MIN_ROWS = 16
@@ -160,9 +176,10 @@ def _gru_cell_backward_rows(dh_out, dh_rec, dh, h_prev, saved, dgx, dgh, n0, n1)
 # ---- the time loops: all T steps of a direction, for rows n0 … n1−1 --------------------------------
 # Step s of a forward direction is t = s, reading hs[t] and writing hs[t + 1]; of a reverse one
 # t = T−1−s, reading hs[t + 1] and writing hs[t]. The backward loops take the steps the other way.
-# W_hhT is the transposed view W_hhᵀ (H, G·H), F-contiguous: SciPy's OpenBLAS runs that GEMM faster
-# than on a C-contiguous copy (64x128x512: 65 against 70 µs). np.dot(a, B, out) is one BLAS GEMM
-# (no copy: every other operand is a C-contiguous block of rows).
+# W_hhT is W_hhᵀ (H, G·H) as a C-contiguous copy (made once a call): NumPy's OpenBLAS runs the
+# step's GEMM faster on it than on the transposed view (28 steps of 64x128x512 on one thread:
+# 2.71 against 3.21 ms; SciPy's, with the view, 2.87). _gemm(a, B, out) is one BLAS GEMM (no copy:
+# every other operand is a C-contiguous block of rows).
 @njit(cache=True, error_model="numpy", inline="always")
 def _step(s, T, reverse):
     """(t, prev, cur) of step s of a direction's forward loop."""
@@ -177,7 +194,7 @@ def _rnn_forward_rows(gx, W_hhT, b, hs, gh, act, reverse, n0, n1):
     T = gx.shape[0]
     for s in range(T):
         t, p, c = _step(s, T, reverse)
-        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _gemm(hs[p][n0:n1], W_hhT, gh[n0:n1])
         _rnn_cell_rows(gx[t], gh, b, hs[c], act, n0, n1)
 
 
@@ -188,7 +205,7 @@ def _rnn_backward_rows(dout, W_hh, hs, dpre, dh, act, reverse, state_grad, n0, n
         t, _, c = _step(s, T, reverse)
         _rnn_cell_backward_rows(dout[t], dh, hs[c], dpre[t], act, n0, n1)
         if s > 0 or state_grad:
-            np.dot(dpre[t][n0:n1], W_hh, dh[n0:n1])  # the part of ∂C/∂h_prev through W_hh
+            _gemm(dpre[t][n0:n1], W_hh, dh[n0:n1])  # the part of ∂C/∂h_prev through W_hh
 
 
 @njit(cache=True, error_model="numpy")
@@ -197,7 +214,7 @@ def _lstm_forward_rows(gx, W_hhT, b, hs, cs, gates, gh, reverse, n0, n1):
     keep = gates.shape[0] == T
     for s in range(T):
         t, p, c = _step(s, T, reverse)
-        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _gemm(hs[p][n0:n1], W_hhT, gh[n0:n1])
         _lstm_cell_rows(gx[t], gh, b, cs[p], hs[c], cs[c], gates[t if keep else 0], n0, n1)
 
 
@@ -208,7 +225,7 @@ def _lstm_backward_rows(dout, W_hh, cs, gates, dgates, dh, dc, reverse, state_gr
         t, p, c = _step(s, T, reverse)
         _lstm_cell_backward_rows(dout[t], dh, dc, cs[p], cs[c], gates[t], dgates[t], n0, n1)
         if s > 0 or state_grad:
-            np.dot(dgates[t][n0:n1], W_hh, dh[n0:n1])
+            _gemm(dgates[t][n0:n1], W_hh, dh[n0:n1])
 
 
 @njit(cache=True, error_model="numpy")
@@ -217,7 +234,7 @@ def _gru_forward_rows(gx, W_hhT, b, hs, saved, gh, reverse, n0, n1):
     keep = saved.shape[0] == T
     for s in range(T):
         t, p, c = _step(s, T, reverse)
-        np.dot(hs[p][n0:n1], W_hhT, gh[n0:n1])
+        _gemm(hs[p][n0:n1], W_hhT, gh[n0:n1])
         _gru_cell_rows(gx[t], gh, b, hs[p], hs[c], saved[t if keep else 0], n0, n1)
 
 
@@ -228,7 +245,7 @@ def _gru_backward_rows(dout, W_hh, hs, saved, dgx, dgh, dh, carry, reverse, stat
         t, p, _ = _step(s, T, reverse)
         _gru_cell_backward_rows(dout[t], dh, carry, hs[p], saved[t], dgx[t], dgh[t], n0, n1)
         if s > 0 or state_grad:
-            np.dot(dgh[t][n0:n1], W_hh, dh[n0:n1])
+            _gemm(dgh[t][n0:n1], W_hh, dh[n0:n1])
     if state_grad:
         for n in range(n0, n1):
             for j in range(dh.shape[1]):
@@ -289,7 +306,7 @@ def _rows_gemm_parallel(A, B, out, bias, add_bias, nchunks):
     # Each chunk adds the bias to its rows right after its GEMM, while they are in the cache.
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
-        np.dot(A[r0:r1], B, out[r0:r1])
+        _gemm(A[r0:r1], B, out[r0:r1])
         if add_bias:
             for i in range(r0, r1):
                 for j in range(out.shape[1]):
@@ -302,7 +319,7 @@ def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
     # float64, in row order; the caller adds the chunks in chunk order.
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
-        np.dot(dG[r0:r1].T, A[r0:r1], partial[c])
+        _gemm(dG[r0:r1].T, A[r0:r1], partial[c])
         if sum_cols:
             acc = colsum[c]
             for j in range(dG.shape[1]):
@@ -334,8 +351,8 @@ _blas_controller = None
 
 
 def _blas_libraries():
-    """threadpoolctl's controller of the BLAS libraries loaded now (SciPy's, which Numba's np.dot
-    calls, and NumPy's), made once."""
+    """threadpoolctl's controller of the BLAS libraries loaded now (NumPy's, which ``_gemm``
+    calls, and SciPy's, which Numba's np.dot calls), made once."""
     global _blas_controller
     with _blas_lock:
         if _blas_controller is None:
@@ -361,6 +378,11 @@ def _blas_operand(B, dtype, name):
     if B.flags.c_contiguous or B.flags.f_contiguous:
         return B
     return np.ascontiguousarray(B)
+
+
+def _hidden_operand(W_hh):
+    """W_hhᵀ as the forward time loops' GEMMs take it: a C-contiguous copy (see their note)."""
+    return np.ascontiguousarray(W_hh.T)
 
 
 class RecurrentOps:
@@ -482,7 +504,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, gh)
         checks.float_arrays(STEPS_NAMES["rnn_forward_steps"], *arrays)
         _, N, _ = check_steps("rnn_forward_steps", arrays)
-        W_hhT = W_hh.T  # (H, H), F-contiguous: see the note on the time loops
+        W_hhT = _hidden_operand(W_hh)  # (H, H): see the note on the time loops
         self._run_steps(_rnn_forward_rows, _rnn_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, gh, act, bool(reverse)))
         return hs
@@ -503,7 +525,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
         checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
         _, N, _ = check_steps("lstm_forward_steps", arrays)
-        W_hhT = W_hh.T  # (H, 4H), F-contiguous
+        W_hhT = _hidden_operand(W_hh)  # (H, 4H)
         self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
         return hs, cs
@@ -523,7 +545,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, saved, gh)
         checks.float_arrays(STEPS_NAMES["gru_forward_steps"], *arrays)
         _, N, _ = check_steps("gru_forward_steps", arrays)
-        W_hhT = W_hh.T  # (H, 3H), F-contiguous
+        W_hhT = _hidden_operand(W_hh)  # (H, 3H)
         self._run_steps(_gru_forward_rows, _gru_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, saved, gh, bool(reverse)))
         return hs
