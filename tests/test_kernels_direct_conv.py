@@ -173,9 +173,9 @@ def test_conv2d_direct_gradients_are_central_differences(rng):
 
 
 def test_conv2d_direct_rule():
-    """'auto': the fused CPU set, fp32 models, stride 1, no dilation, one group, not 1x1, at most 3
-    channels in and 16 out (LeNet-5's conv1, not its conv2); True forces it where the shape
-    allows; the reference set offers none."""
+    """'auto': the fused CPU set, fp32 models, stride 1, no dilation, one group, not 1x1, at most 16
+    channels out and 3 in, or 8 in for 5-wide kernels (both of LeNet-5's layers); True forces it
+    where the shape allows; the reference set offers none."""
     def chosen(layer, shape, kernels="fused", direct="auto", dtype="float32"):
         layer.direct = direct
         model = gb.Sequential([layer], device="cpu", dtype=dtype, kernels=kernels, input_shape=shape)
@@ -184,8 +184,12 @@ def test_conv2d_direct_rule():
 
     assert chosen(gb.Conv2d(1, 6, 5, padding=2), (1, 28, 28))
     assert chosen(gb.Conv2d(3, 16, 5), (3, 14, 14))
-    assert not chosen(gb.Conv2d(6, 16, 5), (6, 14, 14))
-    assert chosen(gb.Conv2d(6, 16, 5), (6, 14, 14), direct=True)
+    assert chosen(gb.Conv2d(6, 16, 5), (6, 14, 14))
+    assert chosen(gb.Conv2d(8, 16, 5), (8, 14, 14))
+    assert not chosen(gb.Conv2d(9, 16, 5), (9, 14, 14))
+    assert not chosen(gb.Conv2d(6, 32, 5), (6, 14, 14))
+    assert not chosen(gb.Conv2d(6, 16, 3), (6, 14, 14))
+    assert chosen(gb.Conv2d(6, 16, 3), (6, 14, 14), direct=True)
     assert not chosen(gb.Conv2d(3, 32, 3, padding=1), (3, 32, 32))
     assert not chosen(gb.Conv2d(8, 16, 3), (8, 9, 9))
     assert chosen(gb.Conv2d(8, 32, 3), (8, 9, 9), direct=True)

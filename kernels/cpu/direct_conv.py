@@ -134,8 +134,8 @@ def _add5(r, p0, p1, p2, p3, p4):
     r[4] += p4
 
 @njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _rows5x4(acc, a, w, o, c, i, src, s, count):
-    """acc[a + q·count + t] += Σ_j w[o + q, c, i, j] · src[s + j + t] for q < 4, t < count: a
+def _rows5x4(acc, a, stride, w, o, c, i, src, s, count):
+    """acc[a + q·stride + t] += Σ_j w[o + q, c, i, j] · src[s + j + t] for q < 4, t < count: a
     kernel row of 5 taps for 4 output planes in one pass (each src load feeds 4 planes' multiply-adds,
     the 20 weights held in registers); taps in order j = 0, 1, …"""
     u = np.uint64
@@ -145,7 +145,7 @@ def _rows5x4(acc, a, w, o, c, i, src, s, count):
     w20, w21, w22, w23, w24 = r2[0], r2[1], r2[2], r2[3], r2[4]
     w30, w31, w32, w33, w34 = r3[0], r3[1], r3[2], r3[3], r3[4]
     s1, s2, s3, s4 = s + u(1), s + u(2), s + u(3), s + u(4)
-    a1, a2, a3 = a + u(1) * count, a + u(2) * count, a + u(3) * count
+    a1, a2, a3 = a + stride, a + u(2) * stride, a + u(3) * stride
     for t in range(count):
         x0, x1, x2, x3, x4 = src[s + t], src[s1 + t], src[s2 + t], src[s3 + t], src[s4 + t]
         acc[a + t] += w00 * x0 + w01 * x1 + w02 * x2 + w03 * x3 + w04 * x4
@@ -155,14 +155,14 @@ def _rows5x4(acc, a, w, o, c, i, src, s, count):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _rows5x2(acc, a, w, o, c, i, src, s, count):
+def _rows5x2(acc, a, stride, w, o, c, i, src, s, count):
     """_rows5x4 for 2 planes."""
     u = np.uint64
     r0, r1 = w[o, c, i], w[o + 1, c, i]
     w00, w01, w02, w03, w04 = r0[0], r0[1], r0[2], r0[3], r0[4]
     w10, w11, w12, w13, w14 = r1[0], r1[1], r1[2], r1[3], r1[4]
     s1, s2, s3, s4 = s + u(1), s + u(2), s + u(3), s + u(4)
-    a1 = a + u(1) * count
+    a1 = a + stride
     for t in range(count):
         x0, x1, x2, x3, x4 = src[s + t], src[s1 + t], src[s2 + t], src[s3 + t], src[s4 + t]
         acc[a + t] += w00 * x0 + w01 * x1 + w02 * x2 + w03 * x3 + w04 * x4
@@ -170,7 +170,7 @@ def _rows5x2(acc, a, w, o, c, i, src, s, count):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _rows5x1(acc, a, w, o, c, i, src, s, count):
+def _rows5x1(acc, a, stride, w, o, c, i, src, s, count):
     """_rows5x4 for 1 plane."""
     u = np.uint64
     r0 = w[o, c, i]
@@ -188,7 +188,7 @@ def _dots5x4(dw, o, c, i, dz, a, src, s, count):
     u = np.uint64
     zero = src.dtype.type(0)
     s1, s2, s3, s4 = s + u(1), s + u(2), s + u(3), s + u(4)
-    a1, a2, a3 = a + u(1) * count, a + u(2) * count, a + u(3) * count
+    a1, a2, a3 = a + count, a + u(2) * count, a + u(3) * count
     p00 = p01 = p02 = p03 = p04 = zero
     p10 = p11 = p12 = p13 = p14 = zero
     p20 = p21 = p22 = p23 = p24 = zero
@@ -216,7 +216,7 @@ def _dots5x2(dw, o, c, i, dz, a, src, s, count):
     u = np.uint64
     zero = src.dtype.type(0)
     s1, s2, s3, s4 = s + u(1), s + u(2), s + u(3), s + u(4)
-    a1 = a + u(1) * count
+    a1 = a + count
     p00 = p01 = p02 = p03 = p04 = zero
     p10 = p11 = p12 = p13 = p14 = zero
     for t in range(count):
@@ -260,11 +260,29 @@ def _corr5(acc, w, src, C, Hs, Ws, kh, off, count, o, nb):
         for i in range(kh):
             s = u((c * Hs + i) * Ws + off)
             if nb == 4:
-                _rows5x4(acc, u(0), w, o, c, i, src, s, u(count))
+                _rows5x4(acc, u(0), u(count), w, o, c, i, src, s, u(count))
             elif nb == 2:
-                _rows5x2(acc, u(0), w, o, c, i, src, s, u(count))
+                _rows5x2(acc, u(0), u(count), w, o, c, i, src, s, u(count))
             else:
-                _rows5x1(acc, u(0), w, o, c, i, src, s, u(count))
+                _rows5x1(acc, u(0), u(count), w, o, c, i, src, s, u(count))
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FM)
+def _scatter5(acc, P, w, src, C, Wp, kh, count, o, nb):
+    """acc[q·P + i·Wp + t] += Σ_{c, j} w[o + q, c, i, j] · src[c·count + j + t] for q < nb, i < kh,
+    t < count: dX as the adjoint of the forward, each dZ row spread over the kh rows it reaches
+    (planes P apart), sums in order c, i, j."""
+    u = np.uint64
+    for c in range(C):
+        s = u(c * count)
+        for i in range(kh):
+            a = u(i * Wp)
+            if nb == 4:
+                _rows5x4(acc, a, u(P), w, o, c, i, src, s, u(count))
+            elif nb == 2:
+                _rows5x2(acc, a, u(P), w, o, c, i, src, s, u(count))
+            else:
+                _rows5x1(acc, a, u(P), w, o, c, i, src, s, u(count))
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
@@ -284,15 +302,15 @@ def _dots5(dw, dz, src, C, Hs, Ws, kh, count, o, nb):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _store_planes(out, n, o, nb, acc, count, Wp):
-    """out[n, o + q, h, w] = acc[q·count + h·Wp + w] for q < nb: the planes of a block, the columns
-    past each row dropped (flat uint64 indices, as _pad_sample5)."""
+def _store_planes(out, n, o, nb, acc, stride, off, Wp):
+    """out[n, o + q, h, w] = acc[q·stride + off + h·Wp + w] for q < nb: the planes of a block, the
+    columns past each row dropped (flat uint64 indices, as _pad_sample5)."""
     u = np.uint64
     H, W = out.shape[2], out.shape[3]
     flat = out.reshape(-1)
     for q in range(nb):
         d = u(((n * out.shape[1] + o + q) * H) * W)
-        b = u(q * count)
+        b = u(q * stride + off)
         for h in range(H):
             for w in range(u(W)):
                 flat[d + w] = acc[b + w]
@@ -370,7 +388,7 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1):
             for t in range(nb * count):
                 acc[t] = zero
             _corr5(acc, Wt, xp, C, Hp, Wp, kh, 0, count, o, nb)
-            _store_planes(Z, n, o, nb, acc, count, Wp)
+            _store_planes(Z, n, o, nb, acc, count, 0, Wp)
             o += nb
 
 
@@ -442,26 +460,30 @@ def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
 def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
-    """_backward_chunk for 5-wide kernels, register-blocked: BP3 a block of dZ's planes at a time,
-    dX a block of X's (the forward's _corr5 on dZq with the flipped weights Wf[c, co] =
-    W[co, c, kh − 1 − i, 4 − j])."""
+    """_backward_chunk for 5-wide kernels, register-blocked: BP3 a block of dZ's planes at a time;
+    dX a block of X's planes as the adjoint of the forward (_scatter5: dXp[c, (oh + i)·Wp + ow + j]
+    += W[co, c, i, j] · dZ[co, oh, ow], the taps gathered from dZp shifted by 4 − j, weights
+    Wg[c, co, i, j'] = W[co, c, i, 4 − j']): C_out·kh·C_in·OH·Wp·5 multiply-adds, where the
+    gather on dZ padded by k − 1 (_backward_chunk's) takes C_out·kh·C_in·H·(OW + 4)·5 (conv2:
+    OH·Wp = 140 against H·(OW + 4) = 252)."""
     C, H, W = X.shape[1], X.shape[2], X.shape[3]
     Co, kh = Wt.shape[0], Wt.shape[2]
     OH, OW = dZ.shape[2], dZ.shape[3]
     Hp, Wp = H + 2 * ph, W + 2 * pw
     count = -(-(OH * Wp) // ROUND) * ROUND
     xp = np.zeros(C * Hp * Wp + 5 + ROUND, X.dtype)
-    dzp = np.zeros(Co * count, X.dtype)  # dZ in the padded width: zeros past OW stay zero
-    Hq, Wq = OH + 2 * (kh - 1), OW + 4
-    countx = -(-(H * Wq) // ROUND) * ROUND
-    dzq = np.zeros(Co * Hq * Wq + pw + 5 + ROUND, X.dtype)
-    acc = np.empty(4 * countx, X.dtype)
-    Wf = np.empty((C, Co, kh, 5), X.dtype)
+    # dZ in the padded width, planes ``count`` apart after 4 leading zeros: the 4 columns past OW
+    # in each row (Wp − OW = 4) and the tails stay zero, so dZp[4 + co·count + t − j] reads zero
+    # outside plane co for j <= 4.
+    dzp = np.zeros(4 + Co * count, X.dtype)
+    P = Hp * Wp + ROUND  # a padded dX plane and the tail the last row's count reaches
+    acc = np.empty(4 * P, X.dtype)
+    Wg = np.empty((C, Co, kh, 5), X.dtype)
     for co in range(Co):
         for c in range(C):
             for i in range(kh):
                 for j in range(5):
-                    Wf[c, co, i, j] = Wt[co, c, kh - 1 - i, 4 - j]
+                    Wg[c, co, i, j] = Wt[co, c, i, 4 - j]
     zero = X.dtype.type(0)
     dWp[...] = zero
     u = np.uint64
@@ -471,27 +493,23 @@ def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
         for co in range(Co):
             for oh in range(OH):
                 s = u(((n * Co + co) * OH + oh) * OW)
-                b = u(co * count + oh * Wp)
+                b = u(4 + co * count + oh * Wp)
                 for ow in range(u(OW)):
                     dzp[b + ow] = dzf[s + ow]
-                if input_grad:
-                    q = u((co * Hq + oh + kh - 1) * Wq + 4)
-                    for ow in range(u(OW)):
-                        dzq[q + ow] = dzf[s + ow]
         o = 0  # BP3
         while o < Co:
             nb = _block(Co - o)
-            _dots5(dWp, dzp, xp, C, Hp, Wp, kh, count, o, nb)
+            _dots5(dWp, dzp[4:], xp, C, Hp, Wp, kh, count, o, nb)
             o += nb
         if not input_grad:
             continue
-        o = 0  # dX: the correlation of dZq with Wf, rows offset by (ph, pw)
+        o = 0  # dX
         while o < C:
             nb = _block(C - o)
-            for t in range(nb * countx):
+            for t in range(nb * P):
                 acc[t] = zero
-            _corr5(acc, Wf, dzq, Co, Hq, Wq, kh, ph * Wq + pw, countx, o, nb)
-            _store_planes(dX, n, o, nb, acc, countx, Wq)
+            _scatter5(acc, P, Wg, dzp, Co, Wp, kh, count, o, nb)
+            _store_planes(dX, n, o, nb, acc, P, ph * Wp + pw, Wp)
             o += nb
 
 
