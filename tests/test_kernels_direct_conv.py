@@ -49,6 +49,15 @@ CASES = [
     (4, 3, 5, (6, 13), (2, 4), (0, 3)),
     (2, 4, 2, (5, 3), (3, 5), (1, 1)),
     (17, 2, 7, (4, 4), (4, 4), (0, 0)),
+    # the register-blocked 5-wide kernels: blocks of 4, 2 and 1 planes (7 in, 9 out), 16 channels
+    # in or out, padding 0, 1, 2, a 1x1 output; 3-wide kernels next to them
+    (3, 7, 9, (5, 7), (5, 5), (1, 1)),
+    (9, 16, 4, (13, 11), (5, 5), (2, 2)),
+    (4, 16, 16, (6, 6), (5, 5), (2, 2)),
+    (2, 5, 3, (8, 5), (3, 5), (0, 2)),
+    (1, 1, 1, (5, 5), (5, 5), (0, 0)),
+    (2, 3, 16, (7, 7), (3, 3), (2, 2)),
+    (5, 16, 1, (9, 6), (3, 3), (0, 0)),
 ]
 
 
@@ -87,6 +96,53 @@ def test_direct_kernels_equal_the_definition(rng, case, dtype, threads):
     assert np.abs(dW2 - 1 - dWr).max() <= tol * max(np.abs(dWr).max(), 1.0) * 4
 
 
+FUSED_CASES = [CASES[2], CASES[3], CASES[5], CASES[7], CASES[8], CASES[12]]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[ids(c) for c in FUSED_CASES])
+def test_direct_kernels_fuse_bias_and_relu(rng, case, activation, dtype):
+    """The bias and ReLU in the forward's write, Δ = dA ⊙ ReLU'(A) and BP4 in the backward, against
+    the definition (tolerances as above; BP4 sums in float64)."""
+    N, C, Co, (H, W), (kh, kw), pad = case
+    ops = CpuOps(num_threads=2)
+    ops.direct_parallel = True
+    X = rng.normal(size=(N, C, H, W)).astype(dtype)
+    Wt = rng.normal(size=(Co, C, kh, kw)).astype(dtype)
+    b = rng.normal(size=Co).astype(dtype)
+    Zr, adjoint = direct_reference(X, Wt, pad)
+    Zr = Zr + b[None, :, None, None]
+    Ar = np.maximum(Zr, 0) if activation == "relu" else Zr
+    A = np.full(Zr.shape, np.nan, dtype)
+    ops.direct_conv_forward(X, Wt, A, pad, b=b, activation=activation)
+    dA = rng.normal(size=Zr.shape).astype(dtype)
+    # Δ from the kernel's own A, so that the mask is the one it applies
+    dZ = np.where(A > 0, dA, 0) if activation == "relu" else dA
+    dXr, dWr = adjoint(dZ)
+    dbr = dZ.astype(np.float64).sum(axis=(0, 2, 3))
+    dW, dX = np.full(Wt.shape, np.nan, dtype), np.full(X.shape, np.nan, dtype)
+    db = np.full(Co, np.nan, dtype)
+    ops.direct_conv_backward(X, dA, Wt, dW, dX, pad, activation=activation, A=A, db=db)
+    tol = 1e-12 if dtype == "float64" else 1e-4
+    for name, got, want in (("A", A, Ar), ("dX", dX, dXr), ("dW", dW, dWr), ("db", db, dbr)):
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+    # accumulate adds to db as to dW
+    db2 = np.ones(Co, dtype)
+    ops.direct_conv_backward(X, dA, Wt, dW.copy(), None, pad, accumulate=True, activation=activation,
+                             A=A, db=db2)
+    assert np.abs(db2 - 1 - dbr).max() <= tol * max(np.abs(dbr).max(), 1.0) * 4
+    # the serial kernels give the same bits
+    ops.direct_parallel = False
+    A1, db1 = np.empty_like(A), np.empty_like(db)
+    dW1, dX1 = np.empty_like(dW), np.empty_like(dX)
+    ops.direct_conv_forward(X, Wt, A1, pad, b=b, activation=activation)
+    ops.direct_conv_backward(X, dA, Wt, dW1, dX1, pad, activation=activation, A=A, db=db1)
+    for got, want in ((A1, A), (db1, db), (dW1, dW), (dX1, dX)):
+        assert np.array_equal(got, want)
+
+
 def test_direct_kernels_do_not_depend_on_the_thread_count(rng):
     X = rng.normal(size=(13, 3, 8, 9)).astype(np.float32)
     Wt = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
@@ -118,6 +174,17 @@ def test_direct_kernels_check_their_arguments():
     with pytest.raises(ValueError, match="dW: expected shape"):
         ops.direct_conv_backward(X, np.zeros((2, 4, 3, 3), np.float32), Wt,
                                  np.zeros((4, 3, 3, 2), np.float32), None, 0)
+    dZ, dW = np.zeros((2, 4, 3, 3), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        ops.direct_conv_forward(X, Wt, dZ, 0, activation="tanh")
+    with pytest.raises(ValueError, match="b: expected shape"):
+        ops.direct_conv_forward(X, Wt, dZ, 0, b=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="A: the forward's output"):
+        ops.direct_conv_backward(X, dZ, Wt, dW, None, 0, activation="relu")
+    with pytest.raises(ValueError, match="A: expected shape"):
+        ops.direct_conv_backward(X, dZ, Wt, dW, None, 0, activation="relu", A=dZ[:1].copy())
+    with pytest.raises(ValueError, match="db: expected shape"):
+        ops.direct_conv_backward(X, dZ, Wt, dW, None, 0, db=np.zeros(3, np.float32))
 
 
 # Layers the direct path takes, forced, (in, out, k, keywords, H x W).

@@ -462,24 +462,37 @@ class Conv2d(Layer):
         else:
             Z = be.empty((N, *self.output_shape))
             A = be.empty(Z.shape) if saves_input(act) else Z
-        ops.direct_conv_forward(X, self.weight, Z, self.padding)
-        if self.bias or act != "identity":
-            ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
+        # The bias and ReLU (or none) in the kernels' own write of Z and read of Δ (BP4 there too),
+        # any other activation as separate passes. LeNet-5 step, one thread, CPU time, side by side:
+        # see _direct_pays' docstring for the figures.
+        fused = act in getattr(ops, "direct_activations", ())
+        if fused:
+            ops.direct_conv_forward(X, self.weight, A, self.padding, b=self._b, activation=act)
+        else:
+            ops.direct_conv_forward(X, self.weight, Z, self.padding)
+            if self.bias or act != "identity":
+                ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
         if not train:
             return A, no_backprop
         saved = Z if saves_input(act) else A
 
         def backprop(dA):
+            accumulate = self.take_accumulate()
+            dX = ws.dX if input_grad else None
+            if fused:  # BP1/BP2's Hadamard part, BP4, BP3 and dX in one pass over the samples
+                ops.direct_conv_backward(X, be.xp.ascontiguousarray(dA), self.weight, self._dW, dX,
+                                         self.padding, accumulate=accumulate, activation=act,
+                                         A=saved, db=self._db if self.bias else None)
+                return dX
             # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z) (identity: Δ = dA).
             dZ = dA if act == "identity" else ops.act_backward(dA, saved, act, ws.dZ)
             dZ = be.xp.ascontiguousarray(dZ)
-            accumulate = self.take_accumulate()
             if self.bias:  # BP4
                 ops.channel_bias_grad(dZ.reshape(N, Co, L), self._db, accumulate=accumulate)
             # BP3 and dX in one pass over the samples
-            ops.direct_conv_backward(X, dZ, self.weight, self._dW, ws.dX if input_grad else None,
-                                     self.padding, accumulate=accumulate)
-            return ws.dX if input_grad else None
+            ops.direct_conv_backward(X, dZ, self.weight, self._dW, dX, self.padding,
+                                     accumulate=accumulate)
+            return dX
 
         return A, backprop
 

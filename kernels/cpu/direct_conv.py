@@ -31,6 +31,7 @@ from gpubackprop.kernels import checks
 DIRECT_CHUNKS = 8
 NAMES_FORWARD = ("X", "W", "Z")
 NAMES_BACKWARD = ("X", "dZ", "W", "dW", "dX")
+DIRECT_ACTIVATIONS = ("identity", "relu")
 _FM = {"reassoc", "contract"}
 
 
@@ -319,6 +320,49 @@ def _store_planes(out, n, o, nb, acc, stride, off, Wp):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _store_act(out, n, o, nb, acc, count, Wp, b, relu):
+    """out[n, o + q, h, w] = σ(acc[q·count + h·Wp + w] + b[o + q]), σ ReLU or the identity: the
+    conv layer's bias and activation in the forward's one write (ReLU as kernels/cpu/dense.py's:
+    z < 0 gives 0, NaN kept), the layer's separate channel_bias_act pass saved."""
+    u = np.uint64
+    H, W = out.shape[2], out.shape[3]
+    zero = acc.dtype.type(0)
+    flat = out.reshape(-1)
+    for q in range(nb):
+        d = u(((n * out.shape[1] + o + q) * H) * W)
+        a = u(q * count)
+        bq = b[o + q]
+        for h in range(H):
+            if relu:
+                for w in range(u(W)):
+                    v = acc[a + w] + bq
+                    flat[d + w] = zero if v < zero else v
+            else:
+                for w in range(u(W)):
+                    flat[d + w] = acc[a + w] + bq
+            d += u(W)
+            a += u(Wp)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _load_dz(dzp, b, dzf, Af, s, count, relu, zero):
+    """dzp[b + t] = Δ = dA[s + t] ⊙ ReLU'(A[s + t]) (dA where A > 0, else 0, as act_backward; the
+    identity: dA) for t < count; returns Σ_t Δ in float64 (BP4's share of the row)."""
+    total = 0.0
+    if relu:
+        for t in range(count):
+            v = dzf[s + t] if Af[s + t] > zero else zero
+            dzp[b + t] = v
+            total += v
+    else:
+        for t in range(count):
+            v = dzf[s + t]
+            dzp[b + t] = v
+            total += v
+    return total
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _pad_sample5(X, n, xp, ph, pw, Hp, Wp):
     """_pad_sample with flat uint64 indices: with X's 4-D ones the row copies (28 or 14 values)
     stayed scalar and cost as much as the blocked multiply-adds (LeNet-5's conv1 forward)."""
@@ -347,7 +391,7 @@ def _pad_sample(X, n, xp, ph, pw, Hp, Wp):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _forward_chunk(X, Wt, Z, ph, pw, n0, n1):
+def _forward_chunk(X, Wt, Z, ph, pw, n0, n1, b, relu):
     C, H, W = X.shape[1], X.shape[2], X.shape[3]
     Co, kh, kw = Wt.shape[0], Wt.shape[2], Wt.shape[3]
     OH, OW = Z.shape[2], Z.shape[3]
@@ -365,13 +409,15 @@ def _forward_chunk(X, Wt, Z, ph, pw, n0, n1):
             for c in range(C):
                 for i in range(kh):
                     _taps(acc, Wt[co, c, i], xp, u((c * Hp + i) * Wp), u(T))
+            bc = b[co]
             for oh in range(OH):
                 for ow in range(OW):
-                    Z[n, co, oh, ow] = acc[oh * Wp + ow]
+                    v = acc[oh * Wp + ow] + bc
+                    Z[n, co, oh, ow] = zero if relu and v < zero else v
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1):
+def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu):
     """_forward_chunk for 5-wide kernels, register-blocked: a block of planes at a time."""
     C, H, W = X.shape[1], X.shape[2], X.shape[3]
     Co, kh = Wt.shape[0], Wt.shape[2]
@@ -388,25 +434,26 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1):
             for t in range(nb * count):
                 acc[t] = zero
             _corr5(acc, Wt, xp, C, Hp, Wp, kh, 0, count, o, nb)
-            _store_planes(Z, n, o, nb, acc, count, 0, Wp)
+            _store_act(Z, n, o, nb, acc, count, Wp, b, relu)
             o += nb
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _forward(X, Wt, Z, ph, pw, chunks):
+def _forward(X, Wt, Z, ph, pw, chunks, b, relu):
     N = X.shape[0]
     size = -(-N // chunks)
     for k in prange(chunks):
         n0 = min(N, k * size)
         if Wt.shape[3] == 5:
-            _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size))
+            _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
         else:
-            _forward_chunk(X, Wt, Z, ph, pw, n0, min(N, n0 + size))
+            _forward_chunk(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
-    """dWp (Co, C, kh, kw) = this chunk's BP3 sum (written); dX[n0:n1] if ``input_grad``."""
+def _backward_chunk(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_grad):
+    """dWp (Co, C, kh, kw) = this chunk's BP3 sum (written), dbp (Co,) its BP4 sum (float64, added
+    to); dX[n0:n1] if ``input_grad``; Δ = dZ ⊙ ReLU'(A) where ``relu`` (_load_dz), else dZ."""
     C, H, W = X.shape[1], X.shape[2], X.shape[3]
     Co, kh, kw = Wt.shape[0], Wt.shape[2], Wt.shape[3]
     OH, OW = dZ.shape[2], dZ.shape[3]
@@ -428,15 +475,17 @@ def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
             for i in range(kh):
                 for j in range(kw):
                     dWp[co, c, i, j] = zero
+    dzf, Af = dZ.reshape(-1), A.reshape(-1)
     for n in range(n0, n1):
         _pad_sample(X, n, xp, ph, pw, Hp, Wp)
         for co in range(Co):
             for oh in range(OH):
                 b = co * T + oh * Wp
+                s = u(((n * Co + co) * OH + oh) * OW)
+                dbp[co] += _load_dz(dzp, u(b), dzf, Af, s, u(OW), relu, zero)
                 q = (co * Hq + oh + kh - 1) * Wq + kw - 1
                 for ow in range(OW):
-                    dzp[b + ow] = dZ[n, co, oh, ow]
-                    dzq[q + ow] = dZ[n, co, oh, ow]
+                    dzq[q + ow] = dzp[b + ow]
         # BP3: one dot product over t per weight
         for c in range(C):
             for i in range(kh):
@@ -459,7 +508,7 @@ def _backward_chunk(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
+def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_grad):
     """_backward_chunk for 5-wide kernels, register-blocked: BP3 a block of dZ's planes at a time;
     dX a block of X's planes as the adjoint of the forward (_scatter5: dXp[c, (oh + i)·Wp + ow + j]
     += W[co, c, i, j] · dZ[co, oh, ow], the taps gathered from dZp shifted by 4 − j, weights
@@ -487,15 +536,14 @@ def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
     zero = X.dtype.type(0)
     dWp[...] = zero
     u = np.uint64
-    dzf = dZ.reshape(-1)
+    dzf, Af = dZ.reshape(-1), A.reshape(-1)
     for n in range(n0, n1):
         _pad_sample5(X, n, xp, ph, pw, Hp, Wp)
         for co in range(Co):
             for oh in range(OH):
                 s = u(((n * Co + co) * OH + oh) * OW)
                 b = u(4 + co * count + oh * Wp)
-                for ow in range(u(OW)):
-                    dzp[b + ow] = dzf[s + ow]
+                dbp[co] += _load_dz(dzp, b, dzf, Af, s, u(OW), relu, zero)
         o = 0  # BP3
         while o < Co:
             nb = _block(Co - o)
@@ -514,17 +562,27 @@ def _backward_chunk5(X, dZ, Wt, dWp, dX, ph, pw, n0, n1, input_grad):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _backward(X, dZ, Wt, dW, dX, ph, pw, chunks, input_grad, accumulate):
+def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad, accumulate):
     N = X.shape[0]
     size = -(-N // chunks)
     parts = np.empty((chunks,) + Wt.shape, dW.dtype)
+    bparts = np.zeros((chunks, Wt.shape[0]))  # BP4 in float64, a chunk's rows in order
     for k in prange(chunks):
         n0 = min(N, k * size)
         if Wt.shape[3] == 5:
-            _backward_chunk5(X, dZ, Wt, parts[k], dX, ph, pw, n0, min(N, n0 + size), input_grad)
+            _backward_chunk5(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0,
+                             min(N, n0 + size), input_grad)
         else:
-            _backward_chunk(X, dZ, Wt, parts[k], dX, ph, pw, n0, min(N, n0 + size), input_grad)
+            _backward_chunk(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0,
+                            min(N, n0 + size), input_grad)
     Co, C, kh, kw = Wt.shape
+    if bias_grad:
+        for co in range(Co):
+            t = bparts[0, co]
+            for k in range(1, chunks):
+                t += bparts[k, co]
+            total = db.dtype.type(t)
+            db[co] = db[co] + total if accumulate else total
     for co in range(Co):
         for c in range(C):
             for i in range(kh):
@@ -577,18 +635,38 @@ class DirectConvOps:
     def _direct_kernel(self, parallel, serial):
         return parallel if self.direct_parallel and getattr(self, "nchunks", 1) >= 2 else serial
 
-    def direct_conv_forward(self, X, W, Z, padding):
-        """Z (N, Co, OH, OW) = Σ_{c, i, j} W[co, c, i, j] · Xpad[n, c, oh + i, ow + j] (stride 1,
-        no bias); one pass over X."""
-        checks.float_arrays(NAMES_FORWARD, X, W, Z)
+    # The activations the direct kernels fuse (into the forward's write and backward's read of dZ);
+    # the layer runs any other as separate passes.
+    direct_activations = DIRECT_ACTIVATIONS
+
+    def _direct_act(self, activation):
+        if activation not in DIRECT_ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {DIRECT_ACTIVATIONS}, got {activation!r}")
+        return activation == "relu"
+
+    def direct_conv_forward(self, X, W, Z, padding, b=None, activation="identity"):
+        """Z (N, Co, OH, OW) = σ(Σ_{c, i, j} W[co, c, i, j] · Xpad[n, c, oh + i, ow + j] + b[co])
+        (stride 1; b None: no bias; σ "identity" or "relu"); one pass over X."""
+        relu = self._direct_act(activation)
+        if b is None:
+            b = np.zeros(W.shape[0], W.dtype)
+        checks.float_arrays(NAMES_FORWARD + ("b",), X, W, Z, b)
         ph, pw = _check(X, W, Z, padding, "Z")
+        if b.shape != (W.shape[0],):
+            raise ValueError(f"b: expected shape {(W.shape[0],)}, got {tuple(b.shape)}")
         self._direct_kernel(_forward, _forward_serial)(X, W, Z, ph, pw,
-                                                       min(DIRECT_CHUNKS, X.shape[0]))
+                                                       min(DIRECT_CHUNKS, X.shape[0]), b, relu)
         return Z
 
-    def direct_conv_backward(self, X, dZ, W, dW, dX, padding, accumulate=False):
-        """dW (+)= Σ_n dZ[n] ⋆ Xpad[n] (BP3), and dX = the full convolution of dZ with the flipped
-        W (None: skipped); one pass over X and dZ."""
+    def direct_conv_backward(self, X, dZ, W, dW, dX, padding, accumulate=False, activation="identity",
+                             A=None, db=None):
+        """Δ = dZ ⊙ σ'(A) (σ "relu": dZ is dA, A the forward's output; "identity": Δ = dZ); dW (+)=
+        Σ_n Δ[n] ⋆ Xpad[n] (BP3), db (+)= Σ over n and positions of Δ (BP4, summed in float64; None:
+        skipped), and dX = the full convolution of Δ with the flipped W (None: skipped); one pass
+        over X and dZ."""
+        relu = self._direct_act(activation)
+        if relu and A is None:
+            raise ValueError("A: the forward's output is needed for activation 'relu'")
         arrays = (X, dZ, W, dW) + (() if dX is None else (dX,))
         checks.float_arrays(NAMES_BACKWARD[:len(arrays)], *arrays)
         ph, pw = _check(X, W, dZ, padding, "dZ")
@@ -596,7 +674,16 @@ class DirectConvOps:
             raise ValueError(f"dW: expected shape {tuple(W.shape)}, got {tuple(dW.shape)}")
         if dX is not None and dX.shape != X.shape:
             raise ValueError(f"dX: expected shape {tuple(X.shape)}, got {tuple(dX.shape)}")
+        if relu:
+            checks.float_arrays(("dZ", "A"), dZ, A)
+            if A.shape != dZ.shape:
+                raise ValueError(f"A: expected shape {tuple(dZ.shape)}, got {tuple(A.shape)}")
+        if db is not None:
+            checks.float_arrays(("dW", "db"), dW, db)
+            if db.shape != (W.shape[0],):
+                raise ValueError(f"db: expected shape {(W.shape[0],)}, got {tuple(db.shape)}")
         self._direct_kernel(_backward, _backward_serial)(
-            X, dZ, W, dW, X if dX is None else dX, ph, pw, min(DIRECT_CHUNKS, X.shape[0]),
-            dX is not None, bool(accumulate))
+            X, dZ, A if relu else dZ, relu, W, dW, np.zeros(W.shape[0], W.dtype) if db is None else db,
+            X if dX is None else dX, ph, pw, min(DIRECT_CHUNKS, X.shape[0]), dX is not None,
+            db is not None, bool(accumulate))
         return dW, dX
