@@ -14,9 +14,10 @@ from gpubackprop.kernels.cpu import CpuOps
 
 # Batch norm (N, C, *): BatchNorm1d's (N, C), (N, C, L), BatchNorm2d's (N, C, H, W); ragged sizes.
 # Rows of L >= 128 go through the float64 lanes in pairs of 64-blocks, with ragged tails in both
-# halves of the last pair ((3, 4, 200), (2, 3, 191)).
+# halves of the last pair ((3, 4, 200), (2, 3, 191)); rows shorter than 64 as column sums in blocks
+# of at most 1024 columns ((3, 70, 20): blocks of 51 and 19 channels, (2, 1100): 1024 and 76).
 BN_SHAPES = [(1, 1), (2, 1), (5, 3), (33, 7), (7, 5, 13), (4, 3, 5, 6), (3, 9, 1, 1), (16, 4, 65),
-             (3, 4, 200), (2, 3, 191), (2, 2, 8, 16)]
+             (3, 4, 200), (2, 3, 191), (2, 2, 8, 16), (3, 70, 20), (2, 1100)]
 LN_SHAPES = [(1, 1), (1, 7), (5, 3), (33, 70), (3, 257), (4, 200), (2, 128)]
 REF = nc.REF
 
@@ -60,7 +61,7 @@ def test_backward_in_place_equals_out_of_place(ops, rng, kind, shape):
     np.testing.assert_array_equal(grads[3], grads[1])
 
 
-@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 9, 9), (2, 3, 64)])
+@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 9, 9), (2, 3, 64), (4, 70, 20), (5, 9)])
 def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape):
     """Each channel's float64 lanes (positions l mod 64 of every row, rows in order) are summed in
     an order fixed by the shape: one thread and three chunks of channels give the same bits."""
