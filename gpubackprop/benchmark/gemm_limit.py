@@ -25,6 +25,7 @@ from numba import njit, prange
 from gpubackprop.benchmark import contenders
 from gpubackprop.benchmark.gemm import gemm_flops
 from gpubackprop.benchmark.timing import Contender, sync_for, xp_for
+from gpubackprop.kernels.cpu.recurrent import _gemm, _gemm_tn
 
 GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
@@ -73,8 +74,8 @@ SPLIT_AXIS = {"recurrent weight gradient": "k"}
 # How a region of the step's GEMMs runs (``plan_step_schedule``): "serial", its one lane on the
 # calling thread through xp.matmul (BLAS's own threads); "halves", Conv2d's Winograd halves, lane 0
 # on the calling thread and lane 1 on a worker thread at once (xp.matmul); "row chunks", the fused
-# CPU recurrent ops, each lane one chunk's rows on its own thread (Numba prange), np.dot on one BLAS
-# thread. A lane is a list of GEMMs.
+# CPU recurrent ops, each lane one chunk's rows on its own thread (Numba prange), their GEMM
+# (NumPy's OpenBLAS, kernels/cpu/blas.py) on one BLAS thread. A lane is a list of GEMMs.
 Region = collections.namedtuple("Region", ["how", "lanes"])
 
 
@@ -287,19 +288,20 @@ def plan_step_flops(p, batch, model=None):
 
 @njit(cache=True, parallel=True)
 def _row_chunk_gemms(A, B, C, spans, count):
-    # The fused CPU time loops' and rows_gemm's GEMMs: chunk c's rows, count times (one a step).
+    # The fused CPU time loops' and rows_gemm's GEMMs: chunk c's rows, count times (one a step),
+    # through the kernels' own GEMM.
     for c in prange(spans.shape[0]):
         r0, r1 = spans[c, 0], spans[c, 1]
         for _ in range(count):
-            np.dot(A[r0:r1], B, C[r0:r1])
+            _gemm(A[r0:r1], B, C[r0:r1])
 
 
 @njit(cache=True, parallel=True)
 def _inner_chunk_gemms(dG, A, partial, spans):
-    # weight_gemm's: chunk c's rows of dG and A into its partial dW.
+    # weight_gemm's: chunk c's rows of dG and A into its partial dWᵀ, as the kernel computes it.
     for c in prange(spans.shape[0]):
         r0, r1 = spans[c, 0], spans[c, 1]
-        np.dot(dG[r0:r1].T, A[r0:r1], partial[c])
+        _gemm_tn(dG[r0:r1], A[r0:r1], partial[c])
 
 
 def _row_chunks_call(lanes, arr):
@@ -308,21 +310,20 @@ def _row_chunks_call(lanes, arr):
     from gpubackprop.kernels.cpu.recurrent import _one_blas_thread
 
     (what, count, _, k, n), = lanes[0]
-    a_t, b_t, _ = LAYOUTS[what]
     sizes = [lane[0][3] if SPLIT_AXIS.get(what) == "k" else lane[0][2] for lane in lanes]
     ends = np.cumsum([0] + sizes)
     spans = np.stack([ends[:-1], ends[1:]], axis=1).astype(np.int64)
     rows = int(ends[-1])
     if SPLIT_AXIS.get(what) == "k":  # dW (m×n) = dGᵀ A over rows chunks: dG (rows, m), A (rows, n)
         m = lanes[0][0][2]
-        dG, A, partial = arr(rows, m), arr(rows, n), arr(len(lanes), m, n)
+        dG, A, partial = arr(rows, m), arr(rows, n), arr(len(lanes), n, m)
 
         def call():
             with _one_blas_thread():
                 _inner_chunk_gemms(dG, A, partial, spans)
         return call
     A = arr(rows, k)
-    B = arr(n, k).T if b_t else arr(k, n)  # W_hhᵀ, W_ihᵀ: transposed views (F-contiguous)
+    B = arr(k, n)  # the kernels take W_hhᵀ, W_ihᵀ as C-contiguous copies (recurrent.py)
     C = arr(rows, n)
 
     def call():

@@ -51,6 +51,19 @@ def _gemm(A, B, out):
 @overload(_gemm, jit_options={"cache": True, "error_model": "numpy"})
 def _gemm_impl(A, B, out):
     return lambda A, B, out: blas.gemm(A, B, out)
+
+
+def _gemm_tn(dG, A, out_t):
+    """out_tᵀ = dGᵀ A (dG (M, m), A (M, n) C-contiguous; out_t (n, m) C-contiguous), one BLAS
+    GEMM: compiled, BLAS computes out_t = Aᵀ dG, the product's other orientation, which NumPy's
+    OpenBLAS runs faster here (one thread, the LSTM's chunks of 1792 rows: dW_hh (512x128)
+    3.33 -> 3.12 ms, dW_ih (512x28) 1.23 -> 0.98 ms). As Python: np.dot(dG.T, A)."""
+    out_t.T[...] = np.dot(dG.T, A)
+
+
+@overload(_gemm_tn, jit_options={"cache": True, "error_model": "numpy"})
+def _gemm_tn_impl(dG, A, out_t):
+    return lambda dG, A, out_t: blas.gemm(A.T, dG, out_t)
 # Rows per thread from which a time loop splits the batch: below it a thread's GEMMs are too thin
 # for BLAS to run near its peak, and the parallel region's start (µs) is not worth it.
 STEPS_MIN_ROWS = 16
@@ -315,11 +328,11 @@ def _rows_gemm_parallel(A, B, out, bias, add_bias, nchunks):
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
-    # Chunk c's rows give partial[c] = dG[rows]ᵀ A[rows] and (BP4) colsum[c] = Σ_rows dG in
+    # Chunk c's rows give partial[c] = (dG[rows]ᵀ A[rows])ᵀ and (BP4) colsum[c] = Σ_rows dG in
     # float64, in row order; the caller adds the chunks in chunk order.
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
-        _gemm(dG[r0:r1].T, A[r0:r1], partial[c])
+        _gemm_tn(dG[r0:r1], A[r0:r1], partial[c])
         if sum_cols:
             acc = colsum[c]
             for j in range(dG.shape[1]):
@@ -331,11 +344,12 @@ def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
 
 @njit(cache=True, error_model="numpy")
 def _sum_partials(partial, dW, colsum, db, sum_cols):
+    # partial[c] holds chunk c's dWᵀ (see _gemm_tn).
     for i in range(dW.shape[0]):
         for j in range(dW.shape[1]):
-            s = partial[0, i, j]
+            s = partial[0, j, i]
             for c in range(1, partial.shape[0]):
-                s += partial[c, i, j]
+                s += partial[c, j, i]
             dW[i, j] = s
     if sum_cols:
         for j in range(db.shape[0]):
@@ -370,13 +384,12 @@ def _one_blas_thread():
 
 
 def _blas_operand(B, dtype, name):
-    """B as the GEMM kernels take it: the dtype checked, C- or F-contiguous (a transposed view of a
-    parameter is F-contiguous), else a C-contiguous copy."""
+    """B as the GEMM kernels take it: the dtype checked, C-contiguous (a copy of a transposed view
+    such as W_ihᵀ: NumPy's OpenBLAS runs the LSTM's input projection, 3584x28x512 in two chunks,
+    in 0.79 ms on it against 0.89 on the view)."""
     if getattr(B, "dtype", None) != dtype:
         got = f"dtype {B.dtype}" if hasattr(B, "dtype") else type(B).__name__
         raise TypeError(f"{name}: expected dtype {dtype}, got {got}")
-    if B.flags.c_contiguous or B.flags.f_contiguous:
-        return B
     return np.ascontiguousarray(B)
 
 
@@ -466,7 +479,7 @@ class RecurrentOps:
         sum_cols = db is not None
         d = db if sum_cols else dW[0]  # unused without db
         checks.float_arrays(("dG", "A", "dW", "db"), dG, A, dW, d)
-        partial = np.empty((nchunks, *dW.shape), dW.dtype)
+        partial = np.empty((nchunks, dW.shape[1], dW.shape[0]), dW.dtype)  # dWᵀ a chunk
         colsum = np.empty((nchunks, dG.shape[1]), np.float64)
         with _one_blas_thread():
             _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks)
