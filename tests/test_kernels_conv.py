@@ -188,13 +188,14 @@ def test_channel_bias_act(ops, rng, dtype, activation):
 @pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_channel_bias_grad(ops, rng, dtype):
     # L >= 64: the lanes over each row (pairs of 64-blocks, ragged tails in both halves);
-    # L < 64: the column sums of the short rows.
+    # L < 64: the column sums of the short rows, in blocks of at most 1024 columns ((3, 70, 20):
+    # 51 and 19 channels; (2, 1100, 1): 1024 and 76).
     for shape in [(1, 1, 1), (2, 3, 7), (4, 7, 65), (0, 3, 4), (2, 9, 1), (3, 5, 200),
-                  (2, 4, 128), (2, 3, 191), (3, 6, 63), (5, 70, 3)]:
+                  (2, 4, 128), (2, 3, 191), (3, 6, 63), (5, 70, 3), (3, 70, 20), (2, 1100, 1)]:
         cc.check_channel_bias_grad(ops, dev, rng, shape, dtype)
 
 
-@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 63), (2, 3, 64), (4, 9, 1)])
+@pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 63), (2, 3, 64), (4, 9, 1), (4, 70, 20)])
 def test_channel_bias_grad_does_not_depend_on_the_thread_count(rng, shape):
     """Each channel's float64 lanes in an order fixed by the shape: the same bits from one
     thread and from three chunks of channels, long rows (lanes) and short ones (columns)."""

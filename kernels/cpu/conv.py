@@ -25,7 +25,7 @@ from gpubackprop.kernels.cpu.dense import (
     _relu,
     _sigmoid,
 )
-from gpubackprop.kernels.cpu.normalization import LANES, _add_lanes, _lanes_total
+from gpubackprop.kernels.cpu.normalization import LANES, SHORT_COLUMNS, _add_lanes, _lanes_total
 from gpubackprop.kernels.cpu.numerics import _span, _tanh
 from gpubackprop.kernels.reference import GELU_C, GELU_K, LEAKY_SLOPE
 from gpubackprop.kernels.reference.conv import (
@@ -249,20 +249,27 @@ def _channel_sums_short(dZ, db, accumulate, c0, c1):
     each, so each row of the channels' L·(c1 − c0) contiguous values is one, into float64 column
     sums over the samples in order; then a channel's L column sums are its lanes 0..L−1 of
     _lanes_total. That is _channel_sums' order (lane l takes position l of every row, rows in
-    order), bit for bit."""
+    order), bit for bit. Blocks of channels of at most SHORT_COLUMNS columns keep the column
+    sums in L1."""
     N, C, L = dZ.shape
-    w = (c1 - c0) * L
-    cols = np.zeros(w)
     dz = dZ.reshape(-1)
-    for n in range(N):
-        base = np.uint64((n * C + c0) * L)
-        for j in range(np.uint64(w)):
-            cols[j] += np.float64(dz[base + j])
     acc = np.zeros(LANES)
-    for c in range(c1 - c0):
-        acc[:L] = cols[c * L:(c + 1) * L]
-        total = db.dtype.type(_lanes_total(acc))
-        db[c0 + c] = db[c0 + c] + total if accumulate else total
+    cb = max(1, SHORT_COLUMNS // L)
+    for b0 in range(c0, c1, cb):
+        b1 = min(c1, b0 + cb)
+        w = (b1 - b0) * L
+        cols = np.zeros(w)
+        for n in range(N):
+            base = np.uint64((n * C + b0) * L)
+            for j in range(np.uint64(w)):
+                cols[j] += np.float64(dz[base + j])
+        for c in range(b1 - b0):
+            if L == 1:  # lane 0 alone: adding the zero lanes would only turn -0.0 into 0.0
+                total = db.dtype.type(cols[c])
+            else:
+                acc[:L] = cols[c * L:(c + 1) * L]
+                total = db.dtype.type(_lanes_total(acc))
+            db[b0 + c] = db[b0 + c] + total if accumulate else total
 
 
 @njit(cache=True, error_model="numpy")
