@@ -169,7 +169,7 @@ def test_fused_transforms_match_the_reference(ops, rng, case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_output_transforms_fuse_the_bias_and_its_gradient(ops, rng, case, dtype):
     """winograd_output(M, Z, b=) adds b[o] as the separate bias pass does (the same bits in the
-    fused set); winograd_output_backward(dZ, dM, db=) also sums dZ per channel (BP4), in float64,
+    fused set), and applies ReLU where asked; winograd_output_backward(dZ, dM, db=) also sums dZ per channel (BP4), in float64,
     into a db of dZ's dtype or float64, accumulating where asked; dM is unchanged by it."""
     N, ci, co, H, W, padding = case
     OH, OW, TH, TW = tiles(H, W, padding)
@@ -184,6 +184,10 @@ def test_output_transforms_fuse_the_bias_and_its_gradient(ops, rng, case, dtype)
         plain = which.winograd_output(M, np.empty_like(dZ))
         np.testing.assert_array_equal(Z, plain + b.reshape(1, co, 1, 1))
         assert_close(Z, REF.winograd_output(M, np.empty_like(dZ), b=b), tol=tol, what="Z + b")
+        for bias in (b, None):  # ReLU in the same pass, with and without a bias
+            A = which.winograd_output(M, np.full(dZ.shape, np.nan, dtype), b=bias, activation="relu")
+            np.testing.assert_array_equal(A, np.maximum(plain + (0 if bias is None else
+                                                                 bias.reshape(1, co, 1, 1)), 0))
         dM0 = which.winograd_output_backward(dZ, np.empty((16, co, P), dtype))
         for db_dtype in (dtype, np.float64):
             db = np.full(co, np.nan, db_dtype)
@@ -209,6 +213,9 @@ def test_output_transform_bias_errors(ops):
             which.winograd_output(M, Z, b=np.zeros(4, np.float32))
         with pytest.raises(ValueError, match=r"db: expected shape \(3,\)"):
             which.winograd_output_backward(dZ, M, db=np.zeros(2, np.float32))
+    for which in (ops, REF):
+        with pytest.raises(ValueError, match="activation: the Winograd output transform applies"):
+            which.winograd_output(M, Z, activation="tanh")
     with pytest.raises(TypeError, match="b: expected a C-contiguous float32"):
         ops.winograd_output(M, Z, b=np.zeros(3, np.float64))
     with pytest.raises(TypeError, match="db: expected a C-contiguous float32 or float64"):

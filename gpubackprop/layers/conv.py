@@ -38,14 +38,14 @@ A 3x3 convolution of stride 1, dilation 1 and one group can run as Winograd F(2x
 (kernels/reference/winograd.py has the math): per chunk V = BᵀdB of the input's 4x4 tiles, 16
 GEMMs M = U · V with U = GgGᵀ, Z = AᵀMA; backprop by the adjoints, dM = A dZ Aᵀ, BP3 dU = dM · Vᵀ
 (dW = Gᵀ dU G once per backprop), dV = Uᵀ · dM and dX the overlapping sum of B dV Bᵀ: 2.25x fewer
-multiplications in every GEMM of the layer. The bias is added in the output transform where the
-activation is the identity (else ops.channel_bias_act as for im2col), and BP4 is summed in its
-adjoint (float64 sums, a fixed order: no ops.channel_bias_grad pass). ``Conv2d.winograd`` (a
-class attribute, settable per layer) is "auto" (where the kernel set's ``ops.winograd_conv`` says
-so and ``_winograd_pays`` measured it faster: the fused CPU set, fp32 models), True (wherever the
-shape allows, on any kernel set: for tests) or False (im2col + GEMM). The rounding differs from
-the direct sum's by a few units in the last place (float64: ~1e-15 relative, so float64 still
-equals PyTorch to 1e-10, and float64 takes it too).
+multiplications in every GEMM of the layer. The bias is added (and the activation applied) in the
+output transform where the activation is the identity or ReLU (else ops.channel_bias_act as for
+im2col), and BP4 is summed in its adjoint (float64 sums, a fixed order: no ops.channel_bias_grad
+pass). ``Conv2d.winograd`` (a class attribute, settable per layer) is "auto" (where the kernel
+set's ``ops.winograd_conv`` says so and ``_winograd_pays`` measured it faster: the fused CPU set,
+fp32 models), True (wherever the shape allows, on any kernel set: for tests) or False (im2col +
+GEMM). The rounding differs from the direct sum's by a few units in the last place (float64:
+~1e-15 relative, so float64 still equals PyTorch to 1e-10, and float64 takes it too).
 """
 
 import math
@@ -54,7 +54,7 @@ import os
 import numpy as np
 
 from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
-from gpubackprop.kernels.reference.winograd import TILE_PAD
+from gpubackprop.kernels.reference.winograd import OUTPUT_ACTIVATIONS, TILE_PAD
 from gpubackprop.layers.base import Layer, fmt_shape, int_pair, no_backprop, pair_repr
 from gpubackprop.layers.dense import INITS, init_weights
 from gpubackprop.layers.registry import REQUIRED, SpecToken, plain, register
@@ -402,9 +402,9 @@ class Conv2d(Layer):
         winograd = self._winograd()
         if self._direct() and not winograd:
             return self._direct_forward(X, train, input_grad)
-        # Winograd adds the bias in its output transform (and BP4 in its adjoint) where the
-        # activation is the identity: no separate pass over Z (see _winograd_forward).
-        fused_bias = self.bias and act == "identity"
+        # Winograd adds the bias and applies the activation in its output transform where it
+        # offers that activation (identity, ReLU): no separate pass over Z (BP4: in its adjoint).
+        fused = act in OUTPUT_ACTIVATIONS
         if not train:
             chunks = self._chunks(N, winograd)
             nc = chunks[0][1]
@@ -412,13 +412,13 @@ class Conv2d(Layer):
             if winograd:
                 store = self.workspace(("inference", "winograd"), dict)
                 self._winograd_forward(X, Z, chunks, lambda name, shape: _scratch(store, be, name, shape),
-                                       fused_bias)
+                                       fused)
             else:
                 cols_buf = None if self._pointwise else self.workspace(
                     ("inference", nc), lambda: be.empty((nc, self._Ktot, L)))
                 self._forward_into(X, Z, cols_buf, chunks, lambda name, shape: be.empty(shape))
             A = be.empty(Z.shape) if saves_input(act) else Z
-            if (self.bias or act != "identity") and not (winograd and fused_bias):
+            if (self.bias or act != "identity") and not (winograd and fused):
                 ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
             return A, no_backprop
         ws = self.workspace(("winograd", N) if winograd else N,
@@ -426,11 +426,11 @@ class Conv2d(Layer):
         Z, A = ws.Z, ws.A
         if winograd:
             self._winograd_forward(X, Z, ws.chunks, lambda name, shape: ws.scratch(be, name, shape),
-                                   fused_bias)
+                                   fused)
         else:
             self._forward_into(X, Z, ws.cols, ws.chunks,
                                lambda name, shape: ws.scratch(be, name, shape))
-        if (self.bias or act != "identity") and not (winograd and fused_bias):
+        if (self.bias or act != "identity") and not (winograd and fused):
             ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
         saved = Z if saves_input(act) else A
 
@@ -496,10 +496,11 @@ class Conv2d(Layer):
 
         return A, backprop
 
-    def _winograd_forward(self, X, Z, chunks, scratch, bias=False):
-        """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (plus
-        the bias where ``bias``, in the output transform), in the two halves of ``_in_halves``;
-        each half's last V stays in its scratch "V0"/"V1" for backprop."""
+    def _winograd_forward(self, X, Z, chunks, scratch, fused=False):
+        """Z (N, Co, OH, OW) = Aᵀ [U · V] A chunk by chunk, V = Bᵀ d B of the chunk's tiles (then
+        the bias and the activation where ``fused``, in the output transform: Z holds A then), in
+        the two halves of ``_in_halves``; each half's last V stays in its scratch "V0"/"V1" for
+        backprop."""
         be = self.backend
         ops = be.ops
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
@@ -511,8 +512,9 @@ class Conv2d(Layer):
                 V = ops.winograd_input(X[s:e], _tiles_view(scratch, f"V{h}", Ci, n * T), self.padding)
                 M = _tiles_view(scratch, f"M{h}", Co, n * T)
                 self.backend.matmul(U, V, out=M)  # 16 GEMMs (Co × Ci)·(Ci × n·T)
-                if bias:
-                    ops.winograd_output(M, Z[s:e], b=self._b)
+                if fused:
+                    ops.winograd_output(M, Z[s:e], b=self._b if self.bias else None,
+                                        activation=self.activation)
                 else:
                     ops.winograd_output(M, Z[s:e])
 

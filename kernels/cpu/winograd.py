@@ -38,7 +38,12 @@ from numba import njit, prange
 
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.reference.conv import expect_shape
-from gpubackprop.kernels.reference.winograd import check_filter, check_input, check_output
+from gpubackprop.kernels.reference.winograd import (
+    check_filter,
+    check_input,
+    check_output,
+    output_activation,
+)
 
 NAMES_FILTER = ("W", "U")
 NAMES_FILTER_BACKWARD = ("dU", "dW")
@@ -331,20 +336,28 @@ def _input_backward_parallel(dV, dX, ph, pw, TH, TW):
         _input_backward_plane(v, dx, q, C, H, W, ph, pw, TH, TW, P, ks, buf)
 
 
-# ---- Z = Aᵀ M A (+ b) and its adjoint dM = A dZ Aᵀ (with Σ dZ), plane by plane ----------------------
+# ---- Z = Aᵀ M A (+ b, ReLU) and its adjoint dM = A dZ Aᵀ (with Σ dZ), plane by plane ----------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _act(z, relu, zero):
+    return zero if relu and z < zero else z
+
+
 @njit(cache=True, error_model="numpy")
-def _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e):
+def _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e, relu):
     """Plane q = n·Co + o of the flat Z ``z`` from its T = TH·TW tiles in the flat M ``m`` (M[k, o, p]
     at k·ks + o·P + p, the plane's tiles contiguous in each row): · A across each tile's rows x,
     four rows of M at a time, in one loop over all T tiles (long rows: AVX-512 takes 16 at a time,
     and a loop over one tile row, 8 tiles on 16x16, ran without its vectors), into ``e`` (the row
     x's even and odd columns, 8 rows of T); then per tile row Aᵀ · down the columns into Z's two
     rows (the ragged last row and column cropped), plus b[o] where ``b`` has entries:
-    (AᵀMA) + b, rounded as the separate bias pass rounds it."""
+    (AᵀMA) + b, rounded as the separate bias pass rounds it (−0.0 without one: z + (−0.0) is z,
+    −0.0 included), then ReLU where ``relu`` (0 if z < 0, else z: NaN kept, as the fused
+    set's activation pass does)."""
     u = np.uint64
     n, o = q // Co, q % Co
     T = TH * TW
-    bias = b[o] if b.shape[0] else z.dtype.type(0)
+    bias = b[o] if b.shape[0] else z.dtype.type(-0.0)
+    zero = z.dtype.type(0)
     base = o * P + n * T
     for x in range(4):
         k0 = u(4 * x * ks + base)
@@ -368,40 +381,40 @@ def _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e):
         r = u(s * TW)
         for t in range(half):
             i, w = r + u(t), zr + u(2 * t)
-            z[w] = (e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias
-            z[w + u(1)] = (e[O0 + i] + e[O1 + i] + e[O2 + i]) + bias
+            z[w] = _act((e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias, relu, zero)
+            z[w + u(1)] = _act((e[O0 + i] + e[O1 + i] + e[O2 + i]) + bias, relu, zero)
         if half < TW:
             i = r + u(half)
-            z[zr + u(OW - 1)] = (e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias
+            z[zr + u(OW - 1)] = _act((e[E0 + i] + e[E1 + i] + e[E2 + i]) + bias, relu, zero)
         if h + 1 < OH:
             zr += u(OW)
             for t in range(half):
                 i, w = r + u(t), zr + u(2 * t)
-                z[w] = (e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias
-                z[w + u(1)] = (e[O1 + i] - e[O2 + i] - e[O3 + i]) + bias
+                z[w] = _act((e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias, relu, zero)
+                z[w + u(1)] = _act((e[O1 + i] - e[O2 + i] - e[O3 + i]) + bias, relu, zero)
             if half < TW:
                 i = r + u(half)
-                z[zr + u(OW - 1)] = (e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias
+                z[zr + u(OW - 1)] = _act((e[E1 + i] - e[E2 + i] - e[E3 + i]) + bias, relu, zero)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _output_serial(M, Z, TH, TW, b):
+def _output_serial(M, Z, TH, TW, b, relu):
     m, P, ks = _rows(M)
     N, Co, OH, OW = Z.shape
     z = Z.reshape(-1)
     e = np.empty(8 * TH * TW, Z.dtype)
     for q in range(N * Co):
-        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
+        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e, relu)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _output_parallel(M, Z, TH, TW, b):
+def _output_parallel(M, Z, TH, TW, b, relu):
     m, P, ks = _rows(M)
     N, Co, OH, OW = Z.shape
     z = Z.reshape(-1)
     for q in prange(N * Co):
         e = np.empty(8 * TH * TW, Z.dtype)
-        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e)
+        _output_plane(m, z, q, Co, OH, OW, TH, TW, P, ks, b, e, relu)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -612,16 +625,18 @@ class WinogradOps:
             kernel(dV, dX, ph, pw, TH, TW)
         return dX
 
-    def winograd_output(self, M, Z, b=None):
+    def winograd_output(self, M, Z, b=None, activation="identity"):
         """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped;
-        plus b[o] (C_out,) where given, in the same pass."""
+        plus b[o] (C_out,) where given, then the activation ("identity" or "relu"), in the same
+        pass (Conv2d's bias and activation where they fuse here)."""
         dt = checks.float_arrays(("Z",), Z)
         _check_tiles("M", M, dt)
         TH, TW = check_output(M, Z)
         b = _bias_arg(b, Z.shape[1], dt)
+        relu = output_activation(activation) == "relu"
         if Z.size:
             kernel = _output_parallel if self._wino_parallel(M.size) else _output_serial
-            kernel(M, Z, TH, TW, b)
+            kernel(M, Z, TH, TW, b, relu)
         return Z
 
     def winograd_output_backward(self, dZ, dM, db=None, accumulate=False):

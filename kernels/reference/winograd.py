@@ -84,6 +84,18 @@ def check_input(X, V, padding):
     return ph, pw, TH, TW
 
 
+# The activations the output transform applies itself (Conv2d fuses them there).
+OUTPUT_ACTIVATIONS = ("identity", "relu")
+
+
+def output_activation(activation):
+    """``activation`` if the output transform applies it, else a ValueError naming it."""
+    if not isinstance(activation, str) or activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"activation: the Winograd output transform applies 'identity' or 'relu', "
+                         f"got {activation!r}")
+    return activation
+
+
 def check_output(M, Z):
     """(TH, TW) for M (16, Co, N·TH·TW) and Z (N, Co, OH, OW), or ValueError."""
     _four_d("Z", Z)
@@ -159,10 +171,12 @@ class WinogradOps:
         dX[:, :, :h, :w] = dXp[:, :, ph:ph + h, pw:pw + w]
         return dX
 
-    def winograd_output(self, M, Z, b=None):
+    def winograd_output(self, M, Z, b=None, activation="identity"):
         """Z (N, Co, OH, OW) = Aᵀ M_tile A for every tile, the ragged last row/column cropped;
-        then Z += b[o] where ``b`` (C_out,) is given (Conv2d's bias, as ``channel_bias_act`` adds it)."""
+        then Z += b[o] where ``b`` (C_out,) is given and Z = σ(Z) in place for ``activation``
+        "identity" or "relu" (Conv2d's bias and activation, as ``channel_bias_act`` applies them)."""
         TH, TW = check_output(M, Z)
+        activation = output_activation(activation)
         xp = self.xp
         N, Co, OH, OW = Z.shape
         if b is not None:
@@ -173,6 +187,8 @@ class WinogradOps:
         Z[...] = Y[:, :, :OH, :OW]
         if b is not None:
             Z += b.reshape(1, Co, 1, 1)
+        if activation == "relu":
+            xp.maximum(Z, 0, out=Z)
         return Z
 
     def winograd_output_backward(self, dZ, dM, db=None, accumulate=False):
