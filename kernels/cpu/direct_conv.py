@@ -21,6 +21,7 @@ fixed chunks, each with its own buffers and its own partial dW, summed in chunk 
 Numba's threads (prange) where ``DirectConvOps.direct_parallel`` says so, else one after the other.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -633,7 +634,17 @@ class DirectConvOps:
     direct_parallel = False
 
     def _direct_kernel(self, parallel, serial):
-        return parallel if self.direct_parallel and getattr(self, "nchunks", 1) >= 2 else serial
+        if not (self.direct_parallel and getattr(self, "nchunks", 1) >= 2):
+            return serial
+
+        def run(*args):
+            # Chunks handed out one at a time (Numba's dynamic schedule), not half each: a thread
+            # slowed by a busy core (BLAS's spinning threads, another process) takes fewer. The
+            # chunks themselves are fixed, so the bits do not change.
+            with numba.parallel_chunksize(1):
+                return parallel(*args)
+
+        return run
 
     # The activations the direct kernels fuse (into the forward's write and backward's read of dZ);
     # the layer runs any other as separate passes.
