@@ -34,6 +34,30 @@ def test_in_place(ops, rng, dtype, activation):
     kc.check_act_backward(ops, dev, rng, (9, 31), dtype, activation, in_place=True)
 
 
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_in_place_equals_out_of_place(ops, rng, activation):
+    """The in-place kernels (one name for the one buffer: dZ is dA, A is Z, or a view of it from
+    the same start) give the bits of the separate-buffer ones; ragged chunks in the parallel set."""
+    shape = (33, 257)
+    dA, S = kc.random(rng, shape, np.float32), kc.random(rng, shape, np.float32)
+    want = ops.act_backward(dA, S, activation, np.empty_like(dA))
+    for dZ in (dA.copy(), None):
+        if dZ is None:  # a view of the same buffer
+            buf = dA.copy()
+            dZ, dAv = buf.reshape(-1).reshape(shape), buf
+        else:
+            dAv = dZ
+        ops.act_backward(dAv, S, activation, dZ)
+        np.testing.assert_array_equal(dZ, want)
+    if not kc.saves_input(activation):
+        Z, b = kc.random(rng, shape, np.float32), kc.random(rng, shape[1], np.float32)
+        Zs = Z.copy()
+        want = ops.bias_act(Zs, b, activation, np.empty_like(Z))
+        Zi = Z.copy()
+        ops.bias_act(Zi, b, activation, Zi.reshape(-1).reshape(shape))
+        np.testing.assert_array_equal(Zi, want)
+
+
 @pytest.mark.parametrize("dtype", kc.DTYPES)
 @pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
 def test_activation_edges(ops, dtype, activation):
