@@ -8,7 +8,8 @@ Interleaved rounds (rotated order), medians. ``--cpu`` clocks the process's CPU 
 loaded machine, like for like only with one thread); else wall time, each block after the CPUs are
 at most 15% busy (up to 3 s), as the benchmark runner waits. Layers: forward + backward with ReLU,
 batch 128, ``Conv2d.direct`` True against False. Step: LeNet-5 (gpubackprop.benchmark.networks),
-the direct path on both conv layers, on the "auto" choice (conv1 only) and on neither.
+the direct path on both conv layers, on the "auto" choice (both, since the 5-wide kernels are
+register-blocked), on neither, and on both with the bias and ReLU as separate passes.
 """
 
 import argparse
@@ -63,12 +64,25 @@ def layer_step(case, direct, rng):
     return step
 
 
-def lenet_step(choice):
+def lenet_step(choice, fuse=True):
+    """The LeNet-5 step with ``Conv2d.direct`` = ``choice`` on both layers; ``fuse`` False runs the
+    direct layers' bias, ReLU, its derivative and BP4 as separate passes."""
     c = network_contender(network_plan(NETWORKS["lenet5"]), 128)
     convs = [layer for _, layer in c.model.leaves() if isinstance(layer, Conv2d)]
     for layer in convs:
         layer.direct = choice
-    return c.step
+    if fuse:
+        return c.step
+    ops = c.model.backend.ops
+
+    def step():
+        ops.direct_activations = ()  # (an instance attribute: the class's stays)
+        try:
+            c.step()
+        finally:
+            del ops.direct_activations
+
+    return step
 
 
 def main():
@@ -85,9 +99,10 @@ def main():
         print(f"{name:10s} direct {np.median(d) * 1e3:6.2f} ms  im2col+GEMM {np.median(g) * 1e3:6.2f}"
               f" ms  gemm/direct {np.median(g / d):.2f}")
     res = interleaved({"both": lenet_step(True), "auto": lenet_step("auto"),
-                       "neither": lenet_step(False)}, args.rounds, clock)
+                       "neither": lenet_step(False), "both, unfused": lenet_step(True, fuse=False)},
+                      args.rounds, clock)
     for k, v in res.items():
-        print(f"LeNet-5 step, direct on {k:8s} {np.median(v) * 1e3:6.2f} ms")
+        print(f"LeNet-5 step, direct on {k:13s} {np.median(v) * 1e3:6.2f} ms")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,10 @@ class Conv2d(Layer):
         both direct 11.1/11.0. Since the 5-wide kernels are register-blocked (2-core AMD EPYC znver4,
         AVX-512, one thread, CPU time, the same layers): conv1 1.68, conv2 1.23, 8->16 5x5 on 14x14
         1.40, 6->32 0.99, 3->32 3x3 (not blocked) 0.79; the LeNet-5 step (one thread, CPU time):
-        both direct 7.6 ms, conv1 only 9.8, neither 11.5: 5-wide kernels up to 8 channels in."""
+        both direct 7.6 ms, conv1 only 9.8, neither 11.5: 5-wide kernels up to 8 channels in. With
+        the bias and ReLU fused into the direct kernels (bench/direct_conv_cpu.py --cpu, one thread):
+        conv1 2.36, conv2 1.46, 3->16 5x5 on 32x32 2.40, 8->16 1.65, 6->32 1.18, 3->32 3x3 0.78; the
+        step both direct 7.4 ms, unfused 8.2, neither 13.4 (a loaded machine: CPU times inflated)."""
         if self.out_channels > DIRECT_MAX_OUT:
             return False
         limit = DIRECT_MAX_IN_5 if self.kernel_size[1] == 5 else DIRECT_MAX_IN

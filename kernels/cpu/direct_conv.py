@@ -19,6 +19,22 @@ for dW, reassociated by LLVM into vector lanes: ``fastmath`` reassoc/contract, f
 time), so the bits do not depend on the thread count: the batch is split into ``DIRECT_CHUNKS``
 fixed chunks, each with its own buffers and its own partial dW, summed in chunk order, run over
 Numba's threads (prange) where ``DirectConvOps.direct_parallel`` says so, else one after the other.
+
+5-wide kernels (LeNet-5's) take register-blocked kernels (``_forward_chunk5``, ``_backward_chunk5``):
+a kernel row's 5 taps for a block of 4 (2, 1) output planes in one pass over t, BP3's 20 sums of
+a block in one pass, and dX as the forward's adjoint rather than the gather above,
+
+    dX        dXp[c, i·Wp + t] += Σ_{co, j} W[co, c, i, j] · dZp[co, t − j]    for each i < kh
+
+(each dZ row spread over the kh rows of the padded dX plane it reaches, the taps read from dZp
+shifted: Wp·OH·kh·5 multiply-adds a pair of channels where the gather takes Wq·H·kh·5: conv2 140
+against 252 a row of taps). The layer's bias and ReLU (``direct_activations``) fuse into the
+forward's write of Z, and Δ = dA ⊙ ReLU'(A) with BP4 (float64 sums, chunks in order) into the
+backward's read of dZ. Measured for LeNet-5 (batch 128, float32, 2-core AMD EPYC znver4, AVX-512,
+one thread, CPU time, interleaved medians, against the per-channel kernels above): conv1 forward
+0.97 -> 0.50 ms, BP3 1.43 -> 0.50; conv2 forward 1.85 -> 1.0, BP3 + dX 5.4 -> 2.4 (the
+multiply-adds alone, dropped columns included, would take ~0.36, 0.36, 0.9 and 1.8 ms at one
+AVX-512 FMA a cycle); the step 9.8 ms (conv2 on im2col + GEMM) -> 7.2.
 """
 
 import numba
@@ -119,11 +135,15 @@ def _dot(a, ia, b, ib, count):
 # of 4 (2, 1) planes in one pass over t, so that each shifted load of the source row feeds 4 planes'
 # multiply-adds (the one-plane _taps: 5 loads and an accumulator's load and store for 5; here 5 + 8
 # for 20), and BP3's 20 sums of a block in one pass (_tap_dots: 6 loads for 5). Measured (2-core
-# AMD EPYC znver4, AVX-512, one thread, CPU time, batch 128, interleaved medians): LeNet-5's conv1
-# forward 0.97 -> 0.78 ms, its BP3 1.39 -> 0.74; conv2 (6->16 on 14x14) forward 2.0 -> 1.4, BP3
-# 2.4 -> 1.6. Rows of t are counted up to a multiple of ROUND (the vector loop's step) so no row
-# ends in a scalar remainder (the buffers' tails are zero: those outputs are dropped, and add
-# nothing to BP3).
+# AMD EPYC znver4, AVX-512, one thread, CPU time, batch 128, interleaved medians), the blocks alone:
+# LeNet-5's conv1 forward 0.97 -> 0.78 ms, its BP3 1.43 -> 0.75; conv2 (6->16 on 14x14) forward
+# 1.85 -> 1.20; then the copies on flat uint64 indices (_pad_sample5, _store_planes, _load_dz: with
+# 4-D indices those short rows stayed scalar and cost as much as the multiply-adds): conv1 forward
+# 0.77 -> 0.52, BP3 0.75 -> 0.48. Block sizes 2, 3, 4 and 6 measured alike for conv1; 4 (and a
+# multiple-of-16 count) best for conv2. A full 5x5 kernel unrolled inside the loop over t was 1.4x
+# (2 planes) to 8x (3, 4) slower: LLVM spilled it. Rows of t are counted up to a multiple of ROUND
+# (the vector loop's step) so no row ends in a scalar remainder (the buffers' tails are zero: those
+# outputs are dropped, and add nothing to BP3 or dX).
 ROUND = 16
 
 
