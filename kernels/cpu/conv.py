@@ -230,8 +230,8 @@ def _channel_sums(dZ, db, accumulate, c0, c1):
     samples in order (positions paired first, as batch norm's _add_lanes), the lanes added pairwise:
     a fixed order, the same bits on every run and for any thread count. The loops run n outer and
     channels inner, so dZ is read in memory order. Measured, 64x32x1024 float32 (8 MiB), one
-    thread, side by side: 8 scalar float64 chains (which LLVM left scalar) 0.59 ms, these vector
-    lanes 0.16 ms (np.sum 0.33 ms, a copy 0.21 ms)."""
+    thread, side by side (a busy 2-core VM): 8 scalar float64 chains (which LLVM left scalar)
+    0.75 ms, these vector lanes 0.18 ms (np.sum 0.36 ms); 64x32x256: 0.15 -> 0.04 ms."""
     N, C, L = dZ.shape
     w = c1 - c0
     acc = np.zeros((w, LANES))
