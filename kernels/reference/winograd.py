@@ -79,8 +79,9 @@ def check_input(X, V, padding):
     ph, pw = padding_pair(padding)
     N, C, H, W = X.shape
     _, _, TH, TW = tiles(H, W, (ph, pw))
-    expect_shape("V", V, (16, C, N * TH * TW), f" (16, C, N·TH·TW for X {tuple(X.shape)}, "
-                 f"padding {(ph, pw)})")
+    if V.shape != (16, C, N * TH * TW):  # (the message only then: Conv2d calls this per chunk)
+        expect_shape("V", V, (16, C, N * TH * TW), f" (16, C, N·TH·TW for X {tuple(X.shape)}, "
+                     f"padding {(ph, pw)})")
     return ph, pw, TH, TW
 
 
@@ -101,7 +102,8 @@ def check_output(M, Z):
     _four_d("Z", Z)
     N, Co, OH, OW = Z.shape
     TH, TW = -(-OH // 2), -(-OW // 2)
-    expect_shape("M", M, (16, Co, N * TH * TW), f" (16, C_out, N·TH·TW for Z {tuple(Z.shape)})")
+    if M.shape != (16, Co, N * TH * TW):
+        expect_shape("M", M, (16, Co, N * TH * TW), f" (16, C_out, N·TH·TW for Z {tuple(Z.shape)})")
     return TH, TW
 
 
