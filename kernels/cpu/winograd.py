@@ -26,11 +26,16 @@ or writes V or M then one loop over all of a plane's tiles instead of one a tile
 a 16-wide AVX-512 loop over the 8 tiles of a row on 16x16 ran its scalar remainder only; the last
 tile of each row, whose patch overruns into the next row, redone from the rows' last columns),
 4x32x16x16: output 42 -> 23, output gradient 68 -> 23, input 80 -> 67, input gradient 134 -> 73;
-1x32x32x32: 34 -> 17, 43 -> 15, 47 -> 43, 73 -> 44 (the same bits as before throughout). The flat
+1x32x32x32: 34 -> 17, 43 -> 15, 47 -> 43, 73 -> 44 (the same bits as before throughout); the
+input's even and odd columns then split in one loop, 67 -> 60 and 43 -> 39. All of it, the op
+calls as Conv2d makes them (bias and BP4 in): 4x32x16x16 input 80 -> 63, input gradient 124 -> 72,
+output 44 -> 24, output gradient + bias gradient 64 + 11 -> 27; 1x32x32x32 53 -> 38, 72 -> 43,
+35 -> 17, 45 + 11 -> 20. (Writing dX's even and odd columns in one loop instead made the input
+gradient 1.4x slower: its 8 loads a pixel pair did not vectorize as a group.) The flat
 views of V and M are made inside the kernels (NumPy's as_strided in the wrappers cost ~6 µs a
-call). The output transform adds Conv2d's bias and its adjoint sums BP4's bias gradient in the
-same pass (``b=``, ``db=``): ~0 and ~3 µs a chunk, against 8 and 11 µs for the separate
-``channel_bias_act``/``channel_bias_grad`` passes over the chunk's Z.
+call). The output transform adds Conv2d's bias (and applies ReLU) and its adjoint sums BP4's
+bias gradient in the same pass (``b=``, ``activation=``, ``db=``): ~0 and ~2 µs a chunk, against
+8 and 11 µs for the separate ``channel_bias_act``/``channel_bias_grad`` passes over the chunk's Z.
 """
 
 import numpy as np
@@ -594,7 +599,14 @@ class WinogradOps:
     # here), so that the transforms and the 16 GEMMs pass over them in the cache. Measured on the
     # VGG-style 32->32 3x3 layer on 32x32, batch 64, forward + backward, one thread, loaded machine:
     # V + M of 0.5 MiB a chunk 38.7 ms, 1 MiB (one sample) 38.1, 2 MiB 57.7, 4 MiB 85.4 (im2col +
-    # GEMM: 66.0); 32->32 on 16x16: 23.7, 20.3, 25.3, 33.4 (41.6).
+    # GEMM: 66.0); 32->32 on 16x16: 23.7, 20.3, 25.3, 33.4 (41.6). Re-measured on the 2-core AMD
+    # EPYC (1 MiB of L2 a core) after the long-row transforms, min CPU ms of interleaved rounds,
+    # budget 256 KiB / 512 KiB / 1 MiB / 2 MiB: 16->16 on 32x32 12.9 / 13.1 / 11.6 / 12.1, 32->32
+    # on 16x16 11.0 / 9.5 / 9.0 / 9.0, 32->32 on 32x32 36.8 / 36.6 / 36.7 / 38.5, 32->64 on 16x16
+    # 17.6 / 17.5 / 16.4 / 16.6: 1 MiB stays. Keeping every chunk's V from the forward pass instead
+    # of recomputing it in backprop (8-32 MiB a layer, read back from memory) does not pay either:
+    # 15.2 -> 16.1, 11.8 -> 12.3, 39.8 -> 39.1, 19.6 -> 19.8 ms (the same four layers, before the
+    # long rows): V recomputed from X runs in the cache about as fast as V read from memory.
     winograd_cache_bytes = 1 << 20
     # ... and each of a chunk's 16 GEMMs (C_out·P·C_in multiply-adds) no larger than OpenBLAS runs
     # on one thread (it threads a GEMM above 65536·4 of them, interface/gemm.c): Conv2d runs two
