@@ -318,3 +318,43 @@ def test_row_gemm_errors(ref, rng, ops_name):
         ops.rows_gemm(A, W.T, np.zeros((40, 5)), np.zeros(3))
     with pytest.raises(ValueError, match=r"db: expected shape \(5,\), got shape \(3,\)"):
         ops.weight_gemm(np.zeros((40, 5)), A, np.zeros((5, 3)), np.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", rc.DTYPES)
+def test_weight_gemm_with_a_second_operand(ref, rng, dtype):
+    """weight_gemm(dG, A, dW, db, A2=, dW2=): dW = dGᵀ A, dW2 = dGᵀ A2, db = Σ_rows dG; the fused
+    set one GEMM a chunk on its copy of [A, A2] (ragged chunks of 2 and 3, and serial), the
+    reference two, equal to NumPy's products; without db; accumulating layers' use of it is
+    tested in test_layers_recurrent."""
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    for M, K1, K2, threads in [(7, 3, 5, 2), (40, 1, 9, 2), (50, 7, 4, 3), (33, 28, 17, 1)]:
+        G = rng.uniform(-1, 1, (M, 12)).astype(dtype)
+        A = rng.uniform(-1, 1, (M, K1)).astype(dtype)
+        A2 = rng.uniform(-1, 1, (M, K2)).astype(dtype)
+        for ops in (ref, CpuOps(np, num_threads=threads)):
+            for with_db in (True, False):
+                dW, dW2 = np.full((12, K1), np.nan, dtype), np.full((12, K2), np.nan, dtype)
+                db = np.full(12, np.nan, dtype) if with_db else None
+                ops.weight_gemm(G, A, dW, db, A2=A2, dW2=dW2)
+                np.testing.assert_allclose(dW, G.T @ A, rtol=tol, atol=tol * M)
+                np.testing.assert_allclose(dW2, G.T @ A2, rtol=tol, atol=tol * M)
+                if with_db:
+                    np.testing.assert_allclose(db, G.astype(np.float64).sum(0), rtol=tol,
+                                               atol=tol * M)
+
+
+@pytest.mark.parametrize("ops_name", ["reference", "cpu"])
+def test_weight_gemm_second_operand_errors(ref, ops_name):
+    ops = ref if ops_name == "reference" else CpuOps(np, num_threads=2, parallel_min=0)
+    G, A, dW = np.zeros((40, 5)), np.zeros((40, 3)), np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"dW2: expected an array with A2"):
+        ops.weight_gemm(G, A, dW, A2=np.zeros((40, 2)))
+    with pytest.raises(ValueError, match=r"A2: expected an array with dW2"):
+        ops.weight_gemm(G, A, dW, dW2=np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"dG, A2: expected as many rows, got shapes \(40, 5\) "
+                                         r"and \(39, 2\)"):
+        ops.weight_gemm(G, A, dW, A2=np.zeros((39, 2)), dW2=np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"dW2: expected shape \(5, 2\), got shape \(2, 5\)"):
+        ops.weight_gemm(G, A, dW, A2=np.zeros((40, 2)), dW2=np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"A2: expected a 2-D array, got shape \(40,\)"):
+        ops.weight_gemm(G, A, dW, A2=np.zeros(40), dW2=np.zeros((5, 2)))

@@ -194,7 +194,9 @@ def _recurrent_regions(kind, kw, T, N, first, ops):
     """A built recurrent layer's GEMMs as its kernel set runs them: the fused CPU set's in row
     chunks (``ops.row_chunks``), one region an op; else serially (one call a GEMM or a step)."""
     out = []
-    for what, count, m, k, n, op in _recurrent_ops(kind, kw, T, N, first):
+    # The fused CPU set's weight_gemm runs an RNN's or LSTM's two weight gradients as one GEMM.
+    merged = kind != "GRU" and ops.row_chunks("weight_gemm", T * N) > 0
+    for what, count, m, k, n, op in _recurrent_ops(kind, kw, T, N, first, merged):
         split = "k" if SPLIT_AXIS.get(what) == "k" else "m"
         rows = k if split == "k" else m
         chunks = ops.row_chunks(op, rows)
@@ -259,10 +261,12 @@ def _encoder_gemms(kw, T, N, first):
     return out + _dense(rows, E, E, True, proj) + _dense(rows, E, F) + _dense(rows, F, E)
 
 
-def _recurrent_ops(kind, kw, T, N, first):
+def _recurrent_ops(kind, kw, T, N, first, merged=False):
     """A recurrent layer's GEMMs, each with the op that runs it (layers/recurrent.py): per layer
     and direction the input projection (rows_gemm), the time loops' step GEMMs (forward and
-    backward; "steps"), the two weight gradients (weight_gemm) and the input gradient (rows_gemm)."""
+    backward; "steps"), the two weight gradients (weight_gemm; with ``merged`` one GEMM on
+    [x, h_prev], as the fused CPU set runs an RNN's or LSTM's) and the input gradient
+    (rows_gemm)."""
     H, F, GH = kw["hidden_size"], kw["input_size"], GATES[kind] * kw["hidden_size"]
     D = 2 if kw.get("bidirectional") else 1
     out = []
@@ -273,8 +277,11 @@ def _recurrent_ops(kind, kw, T, N, first):
             out.append(("recurrent hidden", T, N, H, GH, "steps"))  # t = 0 too: h_0 may be given
             if T > 1:
                 out.append(("recurrent hidden gradient", T - 1, N, GH, H, "steps"))
-            out.append(("recurrent weight gradient", 1, GH, T * N, F_k, "weight_gemm"))  # dW_ih
-            out.append(("recurrent weight gradient", 1, GH, T * N, H, "weight_gemm"))    # dW_hh
+            if merged:  # [dW_ih, dW_hh]
+                out.append(("recurrent weight gradient", 1, GH, T * N, F_k + H, "weight_gemm"))
+            else:
+                out.append(("recurrent weight gradient", 1, GH, T * N, F_k, "weight_gemm"))  # dW_ih
+                out.append(("recurrent weight gradient", 1, GH, T * N, H, "weight_gemm"))    # dW_hh
             if k > 0 or not first:
                 out.append(("recurrent input gradient", 1, T * N, GH, F_k, "rows_gemm"))
     return out

@@ -46,7 +46,10 @@ How it runs (time-major inside, so every per-step slice is contiguous), per laye
            dh_rec = dgh_t W_hh                                 one GEMM per step  } (*_backward_steps)
     ∂C/∂W_ih = Σ_t dgx_tᵀ x_t;  ∂C/∂W_hh = Σ_t dgh_tᵀ h_{t−1}   two GEMMs over all steps (BP3,
     ∂C/∂b_ih = Σ dgx;  ∂C/∂b_hh = Σ dgh                        weight_gemm) with the column sums
-                                                                (BP4; one for RNN, LSTM)
+                                                                (BP4; one for RNN, LSTM, where
+                                                                dgh = dgx: one weight_gemm for
+                                                                both, one GEMM on [x, h_{t−1}] in
+                                                                the fused CPU set)
     dx = Σ_d dgx_d W_ih_d                                       one GEMM per direction (rows_gemm):
                                                                 the layer below's dout
 
@@ -468,12 +471,19 @@ class _Recurrent(Layer):
                 # BP3/BP4 over all steps at once.
                 dgx2, dgh2 = dgx.reshape(T * N, GH), dg_h.reshape(T * N, GH)
                 hprev2 = _previous(hs, d, T).reshape(T * N, H)
-                # BP4 with them: for an RNN and an LSTM dgh is dgx, so one column sum serves both.
+                # BP4 with them: for an RNN and an LSTM dgh is dgx, so one column sum serves both,
+                # and both weight gradients are one weight_gemm (dGᵀ x and dGᵀ h_prev, which the
+                # fused CPU set runs as one GEMM on [x, h_prev]).
                 gru, bias = mode == "GRU", self.bias
-                self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate,
-                                  self._db_ih[j] if bias else None)
-                self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j], accumulate,
-                                  self._db_hh[j] if bias and gru else None)
+                if gru:
+                    self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate,
+                                      self._db_ih[j] if bias else None)
+                    self._weight_grad(bufs, ("dW_hh", j), dgh2, hprev2, self._dW_hh[j],
+                                      accumulate, self._db_hh[j] if bias else None)
+                else:
+                    self._weight_grad(bufs, ("dW_ih", j), dgx2, x2, self._dW_ih[j], accumulate,
+                                      self._db_ih[j] if bias else None,
+                                      second=(("dW_hh", j), hprev2, self._dW_hh[j]))
                 if bias and not gru:
                     if accumulate:
                         self._db_hh[j] += bufs.get(("dW_ih", j, "db"), self._db_ih[j].shape)
@@ -503,19 +513,24 @@ class _Recurrent(Layer):
             return dX, None
         return dX, ((dh0, dc0) if mode == "LSTM" else dh0)
 
-    def _weight_grad(self, bufs, key, dG, A, dW, accumulate, db=None):
+    def _weight_grad(self, bufs, key, dG, A, dW, accumulate, db=None, second=None):
         """dW (+)= dGᵀ A, one GEMM over all T·N rows (BP3), and with db, db (+)= Σ_rows dG (BP4);
-        accumulating, the fresh sums stay in the buffers (key) and (key, "db")."""
+        with ``second`` = (key2, A2, dW2) also dW2 (+)= dGᵀ A2 in the same op; accumulating, the
+        fresh sums stay in the buffers (key), (key, "db") and (key2)."""
         ops, matmul = self.backend.ops, self.backend.matmul
+        key2, A2, dW2 = second if second is not None else (None, None, None)
         if not accumulate:
-            ops.weight_gemm(dG, A, dW, db, matmul=matmul)
+            ops.weight_gemm(dG, A, dW, db, matmul=matmul, A2=A2, dW2=dW2)
             return
         tmp = bufs.get(key, dW.shape)
         tmp_db = None if db is None else bufs.get((*key, "db"), db.shape)
-        ops.weight_gemm(dG, A, tmp, tmp_db, matmul=matmul)
+        tmp2 = None if second is None else bufs.get(key2, dW2.shape)
+        ops.weight_gemm(dG, A, tmp, tmp_db, matmul=matmul, A2=A2, dW2=tmp2)
         dW += tmp
         if db is not None:
             db += tmp_db
+        if second is not None:
+            dW2 += tmp2
 
 
 class RNN(_Recurrent):

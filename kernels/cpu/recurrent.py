@@ -35,6 +35,7 @@ from gpubackprop.kernels.reference.recurrent import (
     check_act,
     check_cell,
     check_gemm,
+    check_second_operand,
     check_steps,
 )
 
@@ -327,12 +328,25 @@ def _rows_gemm_parallel(A, B, out, bias, add_bias, nchunks):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
-    # Chunk c's rows give partial[c] = (dG[rows]ᵀ A[rows])ᵀ and (BP4) colsum[c] = Σ_rows dG in
-    # float64, in row order; the caller adds the chunks in chunk order.
+def _weight_gemm_parallel(dG, A, A2, scratch, partial, colsum, sum_cols, nchunks):
+    # Chunk c's rows give partial[c] = (dG[rows]ᵀ [A, A2][rows])ᵀ and (BP4) colsum[c] = Σ_rows dG
+    # in float64, in row order; the caller adds the chunks in chunk order. With A2 (K2 > 0
+    # columns) the chunk first copies its rows of A and A2 side by side into its scratch, so that
+    # both products are one GEMM: for the LSTM (28 + 128 columns, 3584 rows in two chunks) the
+    # copy and one GEMM take 3.53 ms against 3.98 for two GEMMs (one thread each, NumPy's BLAS).
+    K1, K2 = A.shape[1], A2.shape[1]
     for c in prange(nchunks):
         r0, r1 = _span(c, nchunks, A.shape[0])
-        _gemm_tn(dG[r0:r1], A[r0:r1], partial[c])
+        if K2 == 0:
+            _gemm_tn(dG[r0:r1], A[r0:r1], partial[c])
+        else:
+            S = scratch[c, :r1 - r0]
+            for r in range(r1 - r0):
+                for j in range(K1):
+                    S[r, j] = A[r0 + r, j]
+                for j in range(K2):
+                    S[r, K1 + j] = A2[r0 + r, j]
+            _gemm_tn(dG[r0:r1], S, partial[c])
         if sum_cols:
             acc = colsum[c]
             for j in range(dG.shape[1]):
@@ -343,14 +357,20 @@ def _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks):
 
 
 @njit(cache=True, error_model="numpy")
-def _sum_partials(partial, dW, colsum, db, sum_cols):
-    # partial[c] holds chunk c's dWᵀ (see _gemm_tn).
+def _sum_partials(partial, dW, dW2, colsum, db, sum_cols):
+    # partial[c] holds chunk c's [dW, dW2]ᵀ (see _gemm_tn); dW2 may have no columns.
+    K1 = dW.shape[1]
     for i in range(dW.shape[0]):
-        for j in range(dW.shape[1]):
+        for j in range(K1):
             s = partial[0, j, i]
             for c in range(1, partial.shape[0]):
                 s += partial[c, j, i]
             dW[i, j] = s
+        for j in range(dW2.shape[1]):
+            s = partial[0, K1 + j, i]
+            for c in range(1, partial.shape[0]):
+                s += partial[c, K1 + j, i]
+            dW2[i, j] = s
     if sum_cols:
         for j in range(db.shape[0]):
             s = colsum[0, j]
@@ -469,21 +489,32 @@ class RecurrentOps:
             _rows_gemm_parallel(A, B, out, b, add_bias, nchunks)
         return out
 
-    def weight_gemm(self, dG, A, dW, db=None, matmul=None):
-        """dW = dGᵀ A (and db = Σ_rows dG): each chunk's rows one GEMM and column sum, the chunks
-        added in chunk order (the sums in float64)."""
+    def weight_gemm(self, dG, A, dW, db=None, matmul=None, A2=None, dW2=None):
+        """dW = dGᵀ A (and db = Σ_rows dG; with A2, dW2 also dW2 = dGᵀ A2): each chunk's rows one
+        GEMM (on its copy of [A, A2] with A2) and column sum, the chunks added in chunk order (the
+        sums in float64)."""
         check_gemm("weight_gemm", dG, A, dW, db)
+        pair = check_second_operand(dG, A2, dW2)
         nchunks = self._steps_chunks(A.shape[0])
         if nchunks == 1:
-            return super().weight_gemm(dG, A, dW, db)
+            return super().weight_gemm(dG, A, dW, db, A2=A2, dW2=dW2)
         sum_cols = db is not None
         d = db if sum_cols else dW[0]  # unused without db
         checks.float_arrays(("dG", "A", "dW", "db"), dG, A, dW, d)
-        partial = np.empty((nchunks, dW.shape[1], dW.shape[0]), dW.dtype)  # dWᵀ a chunk
+        M, K1 = A.shape
+        if pair:
+            checks.float_arrays(("dG", "A2", "dW2"), dG, A2, dW2)
+            K2 = A2.shape[1]
+            scratch = np.empty((nchunks, -(-M // nchunks), K1 + K2), dW.dtype)
+        else:
+            K2 = 0
+            A2, dW2 = np.empty((M, 0), dW.dtype), np.empty((dW.shape[0], 0), dW.dtype)
+            scratch = np.empty((nchunks, 0, 0), dW.dtype)
+        partial = np.empty((nchunks, K1 + K2, dW.shape[0]), dW.dtype)  # [dW, dW2]ᵀ a chunk
         colsum = np.empty((nchunks, dG.shape[1]), np.float64)
         with _one_blas_thread():
-            _weight_gemm_parallel(dG, A, partial, colsum, sum_cols, nchunks)
-        _sum_partials(partial, dW, colsum, d, sum_cols)
+            _weight_gemm_parallel(dG, A, A2, scratch, partial, colsum, sum_cols, nchunks)
+        _sum_partials(partial, dW, dW2, colsum, d, sum_cols)
         return dW
 
     def row_chunks(self, op, rows):

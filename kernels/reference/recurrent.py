@@ -153,6 +153,29 @@ def check_gemm(op, A, B, out, vec=None):
             raise ValueError(f"{name}: expected shape {want}, got {got}")
 
 
+def check_second_operand(dG, A2, dW2):
+    """Whether ``weight_gemm`` has a second product dW2 = dGᵀ A2 (both given, their shapes
+    checked), or a ValueError naming the one given alone."""
+    if A2 is None and dW2 is None:
+        return False
+    if A2 is None or dW2 is None:
+        raise ValueError(f"{'A2' if A2 is None else 'dW2'}: expected an array with "
+                         f"{'dW2' if A2 is None else 'A2'} (the second product dW2 = dGᵀ A2), "
+                         f"got None")
+    names = ("dG", "A2", "dW2")
+    for name, a in zip(names, (dG, A2, dW2), strict=True):
+        if getattr(a, "ndim", None) != 2:
+            got = f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+            raise ValueError(f"{name}: expected a 2-D array, got {got}")
+    if A2.shape[0] != dG.shape[0]:
+        raise ValueError(f"dG, A2: expected as many rows, got shapes {tuple(dG.shape)} and "
+                         f"{tuple(A2.shape)}")
+    if tuple(dW2.shape) != (dG.shape[1], A2.shape[1]):
+        raise ValueError(f"dW2: expected shape {(dG.shape[1], A2.shape[1])}, got shape "
+                         f"{tuple(dW2.shape)}")
+    return True
+
+
 def step_order(T, reverse):
     """(t, prev, cur) in the order a direction runs: h_t is computed from hs[prev] into hs[cur]."""
     if not reverse:
@@ -185,13 +208,18 @@ class RecurrentOps:
             self.bias_act(out, bias, "identity", out)
         return out
 
-    def weight_gemm(self, dG, A, dW, db=None, matmul=None):
+    def weight_gemm(self, dG, A, dW, db=None, matmul=None, A2=None, dW2=None):
         """dW = dGᵀ A over all rows (BP3: dG (M, G·H), A (M, K), both C-contiguous; dW (G·H, K));
-        with db (G·H,) also db = Σ_rows dG (BP4)."""
+        with db (G·H,) also db = Σ_rows dG (BP4). With A2 (M, K2) and dW2 (G·H, K2) also
+        dW2 = dGᵀ A2, the same dG's second product (an RNN's or LSTM's dW_ih and dW_hh), which a
+        fused set may run as one GEMM on [A, A2]."""
         check_gemm("weight_gemm", dG, A, dW, db)
+        pair = check_second_operand(dG, A2, dW2)
         (self.xp.matmul if matmul is None else matmul)(dG.T, A, out=dW)
         if db is not None:
             self.bias_grad(dG, db)
+        if pair:
+            (self.xp.matmul if matmul is None else matmul)(dG.T, A2, out=dW2)
         return dW
 
     # ---- RNN ---------------------------------------------------------------------------------
