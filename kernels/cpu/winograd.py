@@ -36,6 +36,10 @@ views of V and M are made inside the kernels (NumPy's as_strided in the wrappers
 call). The output transform adds Conv2d's bias (and applies ReLU) and its adjoint sums BP4's
 bias gradient in the same pass (``b=``, ``activation=``, ``db=``): ~0 and ~2 µs a chunk, against
 8 and 11 µs for the separate ``channel_bias_act``/``channel_bias_grad`` passes over the chunk's Z.
+With all of this round (bench/winograd_cpu.py, one thread, CPU time, interleaved medians, loaded
+machine), the layers forward + backward: 16->16 on 32x32 18.4 -> 13.3 ms, 32->32 on 16x16 14.7 ->
+10.5, 32->32 on 32x32 43.1 -> 33.7, 32->64 on 16x16 22.6 -> 16.6; the VGG-style net's step 84.7 ->
+70.6 ms (PyTorch at one thread: 122-128), the resnet preset's 88.1 -> 75.6 (PyTorch 78-79).
 """
 
 import numpy as np
