@@ -17,6 +17,7 @@ FLOAT_DTYPES = (F32, F64)
 # The launchers' argument names, in the order their arrays are passed to ``float_arrays``.
 NAMES_BIAS_ACT = ("Z", "b", "A")
 NAMES_ACT_BACKWARD = ("dA", "saved", "dZ")
+NAMES_ACTIVATION = ("X", "A")
 NAMES_SOFTMAX_CE = ("logits", "dlogits", "loss_rows")
 NAMES_BIAS_GRAD = ("dZ", "db")
 NAMES_SGD = ("p", "g", "buf", "scale")

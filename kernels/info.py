@@ -59,6 +59,7 @@ def run_mlp_ops(ops, dtype):
     for act in ACTIVATIONS:
         ops.bias_act(Z, b, act, A)
         ops.act_backward(A, Z, act, A)
+        ops.activation(Z, act, A)
     ops.softmax_ce(Z, xp.zeros(2, np.int64), A, xp.zeros(2, dt))
     ops.bias_grad(Z, b)
     ops.bias_grad(Z, b, accumulate=True)

@@ -80,6 +80,33 @@ def check_act_backward(ops, dev, rng, shape, dtype, activation, in_place=False):
     assert_close(dZd, ref, f"act_backward {activation}")
 
 
+def _bits(a):
+    a = to_numpy(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+def check_activation(ops, dev, rng, shape, dtype, activation, in_place=False, edges=False):
+    """A = σ(X) alone: within tolerance of the reference, X left as it was (unless A is X), and
+    bit for bit what the set's bias_act gives with a bias of -0.0 (the Activation layer's old path)."""
+    X = np.array([EDGE], dtype) if edges else random(rng, shape, dtype)
+    with np.errstate(all="ignore"):  # gelu(-inf) = -inf · 0 is NaN, in both
+        Ar = REF.activation(X.copy(), activation, np.empty_like(X))
+        rows = X.reshape(-1, X.shape[-1])
+        old = ops.bias_act(dev(rows.copy()), dev(np.full(rows.shape[1], -0.0, dtype)), activation,
+                           dev(np.empty_like(rows)))
+        Xd = dev(X.copy())
+        Ad = Xd if in_place else dev(np.empty_like(X))
+        out = ops.activation(Xd, activation, Ad)
+    assert out is Ad
+    if edges:
+        assert_same_nan(Ad, Ar, f"activation {activation} edges")
+    assert_close(Ad, Ar, f"activation {activation}")
+    if not in_place:
+        np.testing.assert_array_equal(_bits(Xd), _bits(X), err_msg=f"activation {activation}: X")
+    np.testing.assert_array_equal(_bits(Ad).reshape(-1), _bits(old).reshape(-1),
+                                  err_msg=f"activation {activation}: bias_act(X, -0.0)'s bits")
+
+
 EDGE = [0.0, -0.0, 1e-30, -1e-30, 1e-5, -1e-5, 0.5, -0.5, 20.0, -20.0, 101.0, -101.0, 150.0,
         -150.0, 1e4, -1e4, np.nan, np.inf, -np.inf]
 
@@ -230,6 +257,14 @@ def check_errors(ops, dev):
         ops.bias_act(Z, b, "relu", dev(np.zeros((4, 5), f32)))
     with pytest.raises(ValueError, match=r"activation: expected one of .*got 'softplus'"):
         ops.bias_act(Z, b, "softplus", A)
+    with pytest.raises(TypeError, match=r"X: expected a float32 or float64 array, got dtype int64"):
+        ops.activation(dev(np.zeros((4, 6), np.int64)), "relu", A)
+    with pytest.raises(ValueError, match=r"A: expected shape \(4, 6\) \(the shape of X\), got"):
+        ops.activation(Z, "relu", dev(np.zeros((4, 5), f32)))
+    with pytest.raises(ValueError, match=r"A: expected a C-contiguous array"):
+        ops.activation(Z, "relu", dev(np.zeros((6, 4), f32)).T)
+    with pytest.raises(ValueError, match=r"activation: expected one of .*got 'softplus'"):
+        ops.activation(Z, "softplus", A)
     with pytest.raises(ValueError, match=r"saved: expected shape \(4, 6\) \(the shape of dA\)"):
         ops.act_backward(Z, dev(np.zeros((4, 5), f32)), "tanh", A)
     with pytest.raises(TypeError, match=r"dZ: expected dtype float32 \(the dtype of dA\), got dtype float64"):

@@ -27,6 +27,27 @@ def test_act_backward(ops, rng, shape, dtype, activation):
 
 
 @pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 5, 7, 11), (2, 16, 9, 9)])
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_activation(ops, rng, shape, dtype, activation):
+    kc.check_activation(ops, dev, rng, shape, dtype, activation)
+    kc.check_activation(ops, dev, rng, shape, dtype, activation, in_place=True)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+def test_activation_edges_and_thread_count(rng, dtype, activation):
+    """z = ±0, |z| > 100, ±inf, NaN; and the same bits serial and in 1..4 ragged chunks."""
+    X = kc.random(rng, (5, 3, 7, 13), dtype)
+    want = CpuOps(np, num_threads=1).activation(X, activation, np.empty_like(X))
+    kc.check_activation(kc.REF, dev, rng, (7, 13), dtype, activation)  # the reference's own two
+    for threads in (1, 2, 3, 4):
+        par = CpuOps(np, num_threads=threads, parallel_min=0)
+        kc.check_activation(par, dev, rng, None, dtype, activation, edges=True)
+        np.testing.assert_array_equal(par.activation(X, activation, np.empty_like(X)), want)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
 @pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
 def test_in_place(ops, rng, dtype, activation):
     if not kc.saves_input(activation):  # the gelus' backward needs Z, so A cannot overwrite it
@@ -153,7 +174,7 @@ def test_run_every_op_calls_every_family_with_valid_arguments():
                "dropout_backward", "lstm_cell_backward", "gru_cell_backward", "embedding_backward",
                "masked_softmax_backward", "adam", "winograd_input_backward",
                "winograd_output_backward", "winograd_filter_backward", "rnn_backward_steps",
-               "lstm_forward_steps", "gru_backward_steps", "rows_gemm", "weight_gemm"):
+               "lstm_forward_steps", "gru_backward_steps", "rows_gemm", "weight_gemm", "activation"):
         assert op in calls, op
 
 

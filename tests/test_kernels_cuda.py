@@ -35,6 +35,16 @@ def test_bias_act_and_backward(ops, dev, rng, dtype, activation):
 @pytest.mark.parametrize("dtype", kc.DTYPES)
 @pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # gelu(-inf): NaN
+def test_activation(ops, dev, rng, dtype, activation):
+    for shape in SHAPES + [(3, 5, 2, 11)]:
+        kc.check_activation(ops, dev, rng, shape, dtype, activation)
+    kc.check_activation(ops, dev, rng, (3, 23), dtype, activation, in_place=True)
+    kc.check_activation(ops, dev, rng, None, dtype, activation, edges=True)
+
+
+@pytest.mark.parametrize("dtype", kc.DTYPES)
+@pytest.mark.parametrize("activation", kc.ALL_ACTIVATIONS)
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # gelu(-inf): NaN
 def test_in_place_and_edges(ops, dev, rng, dtype, activation):
     if not kc.saves_input(activation):  # the gelus' backward needs Z, so A cannot overwrite it
         kc.check_bias_act(ops, dev, rng, (3, 23), dtype, activation, in_place=True)

@@ -231,6 +231,31 @@ def test_standalone_activation_after_a_norm_gradchecks_and_leaves_its_input(back
     assert repr(act) == f"Activation({activation!r})" and act.config() == {"activation": activation}
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_standalone_activation_gives_the_bits_of_bias_act_with_a_bias_of_minus_zero(
+        backend_spec, activation, rng):
+    """One pass A = σ(X) (ops.activation; the gelus keep X itself for σ') gives the bits of the
+    former path, X copied into Z, Z += -0.0 and A = σ(Z) by bias_act; a non-contiguous X too."""
+    model = gb.Sequential([gb.Activation(activation)], device=backend_spec[0],
+                          kernels=backend_spec[1], dtype="float32", input_shape=(3, 5, 7), seed=0)
+    be, ops = model.backend, model.backend.ops
+    act = model.layers[0]
+    X = (rng.normal(size=(4, 3, 5, 7)) * 3).astype(np.float32)
+    dY = rng.normal(size=X.shape).astype(np.float32)
+    Z = be.to_device(X.reshape(4, -1).copy())
+    A = ops.bias_act(Z, be.xp.full(105, -0.0, dtype=np.float32), activation, be.empty(Z.shape))
+    saved = Z if activation in ("gelu", "gelu_tanh") else A
+    dX = ops.act_backward(be.to_device(dY.reshape(4, -1)), saved, activation, be.empty(Z.shape))
+    for Xd in (be.to_device(X), be.to_device(X.transpose(0, 1, 3, 2).copy()).transpose(0, 1, 3, 2)):
+        Y, backprop = act.forward(Xd, train=True)
+        np.testing.assert_array_equal(be.to_host(Y).view(np.uint32),
+                                      be.to_host(A).reshape(X.shape).view(np.uint32))
+        np.testing.assert_array_equal(be.to_host(backprop(be.to_device(dY))).view(np.uint32),
+                                      be.to_host(dX).reshape(X.shape).view(np.uint32))
+        Y_eval, _ = act.forward(Xd, train=False)
+        np.testing.assert_array_equal(be.to_host(Y_eval), be.to_host(Y))
+
+
 def test_reshape_moves_data_only(backend_spec, rng):
     model = gb.Sequential([gb.Reshape((4, 3)), gb.LSTM(3, 5), gb.LastStep(), gb.Dense(5, 2)],
                           device=backend_spec[0], kernels=backend_spec[1], dtype="float64",

@@ -256,7 +256,7 @@ class Flatten(Reshape):
 
 class Activation(Layer):
     """Y = σ(X) element by element, any shape: an activation on its own (after a norm or a residual
-    sum), through the same fused kernels as Dense's (bias+activation forward, σ' Hadamard backward)."""
+    sum), through the same fused math as Dense's (the activation forward, σ' Hadamard backward)."""
 
     def __init__(self, activation="relu"):
         self.activation = check_choice(activation, ACTIVATIONS, "activation")
@@ -270,29 +270,26 @@ class Activation(Layer):
     def infer_shape(self, input_shape):
         return tuple(input_shape)
 
-    def _buffers(self, N):
-        be, n = self.backend, size_of(self.input_shape)
-        Z = be.empty((N, n))
-        A = be.empty((N, n)) if saves_input(self.activation) else Z
-        # A bias of -0.0: z + (-0.0) is z for every z, -0.0 included (z + 0.0 is not).
-        return Z, A, be.empty((N, n)), be.xp.full(n, -0.0, dtype=be.dtype)
-
     def forward(self, X, train=False, input_grad=True):
         self.check_input(X)
-        N = X.shape[0]
-        Z, A, dZbuf, nz = self.workspace(N, lambda: self._buffers(N)) if train else self._buffers(N)
-        ops, act = self.backend.ops, self.activation
-        Z[...] = X.reshape(Z.shape)  # the kernels write Z in place: X stays the caller's
-        ops.bias_act(Z, nz, act, A)
-        Y = A.reshape(X.shape)
+        be, ops, act = self.backend, self.backend.ops, self.activation
+        shape = (X.shape[0], size_of(self.input_shape))
         if not train:
-            return Y, no_backprop
-        saved = Z if saves_input(act) else A
+            return ops.activation(X.reshape(shape), act, be.empty(shape)).reshape(X.shape), no_backprop
+        A, dXbuf = self.workspace(shape[0], lambda: (be.empty(shape), be.empty(shape)))
+        # One pass that reads X and leaves it as it is, A = σ(X). (It was: X copied into a Z
+        # buffer, then Z += -0.0 and A = σ(Z) by bias_act: the same bits, one pass more.)
+        X2 = X.reshape(shape)  # a view; a copy of its own for a non-contiguous X
+        ops.activation(X2, act, A)
+        Y = A.reshape(X.shape)
+        # σ' from A, or for the gelus from X itself: no layer writes into its input, and the
+        # caller's X (the layer below's output buffer) is rewritten only by the next forward.
+        saved = X2 if saves_input(act) else A
 
         def backprop(dY):
             if not input_grad:
                 return None
-            return ops.act_backward(dY.reshape(dZbuf.shape), saved, act, dZbuf).reshape(X.shape)
+            return ops.act_backward(dY.reshape(dXbuf.shape), saved, act, dXbuf).reshape(X.shape)
 
         return Y, backprop
 

@@ -1,4 +1,5 @@
-"""CPU dense-layer ops: bias + activation forward, the σ' Hadamard product (BP1/BP2), BP4."""
+"""CPU dense-layer ops: bias + activation forward (and the activation alone), the σ' Hadamard
+product (BP1/BP2), BP4."""
 
 import math
 
@@ -153,6 +154,41 @@ def _bias_act_parallel(Z, b, A, act, nchunks):
             _bias_act_rows(Z, b, A, act, r0, r1)
 
 
+# ---- the activation alone: A = σ(X), X kept (an Activation layer after a norm or a sum) ----------
+# Flat, any shape; run by the drivers it shares with act_backward (_flat_serial/_flat_parallel),
+# inlined for the reason given at _act_backward_span (A is X: one name for the one buffer). The
+# same scalar functions as bias_act's, so σ(X) here is bit for bit bias_act's σ(X + (-0.0))
+# (z + (-0.0) is z, -0.0 included).
+@njit(cache=True, error_model="numpy", inline="always")
+def _activation_span(X, A, act, i0, i1):
+    t = X.dtype.type
+    zero, one, half = t(0), t(1), t(0.5)
+    if act == IDENTITY:
+        for i in range(i0, i1):
+            A[i] = X[i]
+    elif act == SIGMOID:
+        for i in range(i0, i1):
+            A[i] = _sigmoid(X[i], zero, one)
+    elif act == TANH:
+        for i in range(i0, i1):
+            A[i] = _tanh(X[i])
+    elif act == RELU:
+        for i in range(i0, i1):
+            A[i] = _relu(X[i], zero)
+    elif act == LEAKY_RELU:
+        slope = t(LEAKY_SLOPE)
+        for i in range(i0, i1):
+            A[i] = _leaky_relu(X[i], zero, slope)
+    elif act == GELU:
+        s = t(SQRT1_2)
+        for i in range(i0, i1):
+            A[i] = _gelu(X[i], half, s)
+    else:  # GELU_TANH
+        c, k = t(GELU_C), t(GELU_K)
+        for i in range(i0, i1):
+            A[i] = _gelu_tanh(X[i], half, one, c, k)
+
+
 # ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
 # Inlined into each call, so that the in-place call (dZ is dA) passes one name for the one buffer:
 # with two, LLVM's runtime alias check fails and the loop runs scalar, the ReLU's select as a
@@ -198,28 +234,37 @@ def _act_backward_span(dA, S, dZ, act, i0, i1):
             dZ[i] = dA[i] * (half * (one + t) + half * z * (one - t * t) * c * (one + k3 * z * z))
 
 
-@njit(cache=True, error_model="numpy")
-def _act_backward_serial(dA, S, dZ, act):
-    n = dA.size
-    fs, fz = S.reshape(n), dZ.reshape(n)
-    if _same_buffer(dZ, dA):
-        _act_backward_span(fz, fs, fz, act, 0, n)
+# ---- the flat drivers of both: forward A = σ(src), or backward dZ = src ⊙ σ'(S) ------------------
+# One pair for the two ops (the branch on ``forward`` sits outside the loops): dst is src in place.
+@njit(cache=True, error_model="numpy", inline="always")
+def _flat_span(src, S, dst, act, forward, i0, i1):
+    if forward:
+        _activation_span(src, dst, act, i0, i1)
     else:
-        _act_backward_span(dA.reshape(n), fs, fz, act, 0, n)
+        _act_backward_span(src, S, dst, act, i0, i1)
+
+
+@njit(cache=True, error_model="numpy")
+def _flat_serial(src, S, dst, act, forward):
+    n = src.size
+    fs, fd = S.reshape(n), dst.reshape(n)
+    if _same_buffer(dst, src):
+        _flat_span(fd, fs, fd, act, forward, 0, n)
+    else:
+        _flat_span(src.reshape(n), fs, fd, act, forward, 0, n)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _act_backward_parallel(dA, S, dZ, act, nchunks):
-    n = dA.size
-    fa, fs, fz = dA.reshape(n), S.reshape(n), dZ.reshape(n)
-    inplace = _same_buffer(dZ, dA)
+def _flat_parallel(src, S, dst, act, forward, nchunks):
+    n = src.size
+    fsrc, fs, fd = src.reshape(n), S.reshape(n), dst.reshape(n)
+    inplace = _same_buffer(dst, src)
     for c in prange(nchunks):
         i0, i1 = _span(c, nchunks, n)
         if inplace:
-            _act_backward_span(fz, fs, fz, act, i0, i1)
+            _flat_span(fd, fs, fd, act, forward, i0, i1)
         else:
-            _act_backward_span(fa, fs, fz, act, i0, i1)
-
+            _flat_span(fsrc, fs, fd, act, forward, i0, i1)
 
 
 # ---- BP4: bias gradient, column sums in row order (NumPy's order for axis=0) ---------------------
@@ -269,6 +314,20 @@ class DenseOps:
             _bias_act_serial(Z, b, A, act)
         return A
 
+    def activation(self, X, activation, A):
+        """A = σ(X) in one pass, any shape (X is not written). A may be X itself."""
+        checks.float_arrays(checks.NAMES_ACTIVATION, X, A)
+        if A.shape != X.shape:
+            checks.check_same_shape("X", X, ("A", A))
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise checks.unknown_activation(activation)
+        if self.parallel and X.size >= self.par_by_act[act]:
+            _flat_parallel(X, X, A, act, True, self.nchunks)
+        else:
+            _flat_serial(X, X, A, act, True)
+        return A
+
     def act_backward(self, dA, saved, activation, dZ):
         """dZ = dA ⊙ σ'(saved) in one pass (saved is A, or Z for the gelus). dZ may be dA."""
         checks.float_arrays(checks.NAMES_ACT_BACKWARD, dA, saved, dZ)
@@ -278,9 +337,9 @@ class DenseOps:
         if act is None:
             raise checks.unknown_activation(activation)
         if self.parallel and dA.size >= self.par_by_act[act]:
-            _act_backward_parallel(dA, saved, dZ, act, self.nchunks)
+            _flat_parallel(dA, saved, dZ, act, False, self.nchunks)
         else:
-            _act_backward_serial(dA, saved, dZ, act)
+            _flat_serial(dA, saved, dZ, act, False)
         return dZ
 
     def bias_grad(self, dZ, db, accumulate=False):

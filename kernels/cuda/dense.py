@@ -1,9 +1,10 @@
-"""CUDA dense-layer ops: bias + activation forward, the σ' Hadamard product (BP1/BP2), BP4."""
+"""CUDA dense-layer ops: bias + activation forward (and the activation alone), the σ' Hadamard
+product (BP1/BP2), BP4."""
 
 import math
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cuda.launch import as_2d, cuda, device_function, kernel_body
+from gpubackprop.kernels.cuda.launch import as_1d, as_2d, cuda, device_function, kernel_body
 from gpubackprop.kernels.cuda.numerics import imin, mul
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
 from gpubackprop.kernels.reference.dense import INV_SQRT_2PI, SQRT1_2
@@ -54,6 +55,14 @@ def _bias_act(Z, b, A, act):
         z = Z[i, j] + b[j]
         Z[i, j] = z
         A[i, j] = activate(z, act, Z)
+
+
+# ---- the activation alone: A = σ(X), X kept (an Activation layer after a norm or a sum) ----------
+@kernel_body("void({t}[::1], {t}[::1], int64)")
+def _activation(X, A, act):
+    """Flat, any shape; σ(X) bit for bit bias_act's σ(X + (-0.0)). A may be X."""
+    for i in range(cuda.grid(1), X.size, cuda.gridsize(1)):
+        A[i] = activate(X[i], act, X)
 
 
 # ---- backward: dZ = dA ⊙ σ'(saved) (the Hadamard product of BP1/BP2) ------------------------------
@@ -139,6 +148,17 @@ class DenseOps:
         if act is None:
             raise checks.unknown_activation(activation)
         self.launch(_bias_act, Z.size, dt, Z, b, A, act)
+        return A
+
+    def activation(self, X, activation, A):
+        """A = σ(X), one kernel, any shape (X is not written). A may be X itself."""
+        dt = checks.float_arrays(checks.NAMES_ACTIVATION, X, A)
+        if A.shape != X.shape:
+            checks.check_same_shape("X", X, ("A", A))
+        act = ACT_CODE.get(activation)
+        if act is None:
+            raise checks.unknown_activation(activation)
+        self.launch(_activation, X.size, dt, as_1d(X), as_1d(A), act)
         return A
 
     def act_backward(self, dA, saved, activation, dZ):

@@ -1,4 +1,5 @@
-"""Reference dense-layer ops: bias + activation forward, the σ' Hadamard product, the bias gradient."""
+"""Reference dense-layer ops: bias + activation forward (and the activation alone), the σ' Hadamard
+product, the bias gradient."""
 
 import math
 
@@ -51,24 +52,28 @@ class DenseOps:
     # ---- forward: Z = X Wᵀ + b; A = σ(Z) -------------------------------------------------------
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z). A may be Z itself unless ``saves_input(activation)``."""
-        xp = self.xp
         Z += b
+        return self.activation(Z, activation, A)
+
+    def activation(self, X, activation, A):
+        """A = σ(X) element by element, any shape (X is not written). A may be X itself."""
+        xp = self.xp
         if activation == "identity":
-            if A is not Z:
-                A[...] = Z
+            if A is not X:
+                A[...] = X
         elif activation == "sigmoid":
-            A[...] = self.sigmoid(Z)
+            A[...] = self.sigmoid(X)
         elif activation == "tanh":
-            xp.tanh(Z, out=A)
+            xp.tanh(X, out=A)
         elif activation == "relu":
-            xp.maximum(Z, 0, out=A)
+            xp.maximum(X, 0, out=A)
         elif activation == "leaky_relu":
-            A[...] = xp.where(Z > 0, Z, Z * Z.dtype.type(LEAKY_SLOPE))
+            A[...] = xp.where(X > 0, X, X * X.dtype.type(LEAKY_SLOPE))
         elif activation == "gelu":
-            A[...] = Z * normal_cdf(xp, Z)
+            A[...] = X * normal_cdf(xp, X)
         elif activation == "gelu_tanh":
-            t = xp.tanh(GELU_C * (Z + GELU_K * Z**3))
-            A[...] = 0.5 * Z * (1 + t)
+            t = xp.tanh(GELU_C * (X + GELU_K * X**3))
+            A[...] = 0.5 * X * (1 + t)
         else:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         return A
