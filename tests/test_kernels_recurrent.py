@@ -358,3 +358,52 @@ def test_weight_gemm_second_operand_errors(ref, ops_name):
         ops.weight_gemm(G, A, dW, A2=np.zeros((40, 2)), dW2=np.zeros((2, 5)))
     with pytest.raises(ValueError, match=r"A2: expected a 2-D array, got shape \(40,\)"):
         ops.weight_gemm(G, A, dW, A2=np.zeros(40), dW2=np.zeros((5, 2)))
+
+
+# ---- the recurrent kernels' GEMM (kernels/cpu/blas.py) --------------------------------------------
+def _layouts(rng, m, k, n, dtype):
+    """A (m, k) and B (k, n), each C-contiguous and as a transposed view (F-contiguous)."""
+    for ta in (False, True):
+        for tb in (False, True):
+            A = rng.uniform(-1, 1, (k, m) if ta else (m, k)).astype(dtype)
+            B = rng.uniform(-1, 1, (n, k) if tb else (k, n)).astype(dtype)
+            yield (A.T if ta else A), (B.T if tb else B)
+
+
+GEMM_SIZES = [(1, 1, 1), (5, 7, 3), (1, 9, 4), (6, 1, 2), (37, 17, 65)]
+
+
+@pytest.mark.parametrize("dtype", rc.DTYPES)
+def test_blas_gemm_equals_numpy(rng, dtype):
+    """The compiled kernels' GEMM (NumPy's OpenBLAS, or the np.dot fallback) equals np.dot for
+    ragged sizes and every layout pair, and so does the np.dot fallback called through its C
+    signature (the path a NumPy without its ILP64 OpenBLAS takes)."""
+    import ctypes
+
+    from numba import njit
+
+    from gpubackprop.kernels.cpu import blas
+
+    @njit
+    def gemm(A, B, out):
+        blas.gemm(A, B, out)
+
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    c_f = ctypes.c_float if dtype == "float32" else ctypes.c_double
+    i32, i64, p = ctypes.c_int32, ctypes.c_int64, ctypes.c_size_t
+    fallback = ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, c_f, p, i64, p, i64, c_f, p,
+                                i64)(blas._fallback(np.dtype(dtype).type).address)
+    for m, k, n in GEMM_SIZES:
+        for A, B in _layouts(rng, m, k, n, dtype):
+            want = np.dot(A, B)
+            out = np.full((m, n), np.nan, dtype)
+            gemm(A, B, out)
+            np.testing.assert_allclose(out, want, rtol=tol, atol=tol * k)
+            out = np.full((m, n), np.nan, dtype)
+            ta = blas.NO_TRANS if A.flags.c_contiguous else blas.TRANS
+            tb = blas.NO_TRANS if B.flags.c_contiguous else blas.TRANS
+            lda = k if ta == blas.NO_TRANS else m
+            ldb = n if tb == blas.NO_TRANS else k
+            fallback(blas.ROW_MAJOR, ta, tb, m, n, k, 1.0, A.ctypes.data, lda, B.ctypes.data, ldb,
+                     0.0, out.ctypes.data, n)
+            np.testing.assert_allclose(out, want, rtol=tol, atol=tol * k)
