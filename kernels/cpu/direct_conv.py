@@ -37,7 +37,6 @@ multiply-adds alone, dropped columns included, would take ~0.36, 0.36, 0.9 and 1
 AVX-512 FMA a cycle); the step 9.8 ms (conv2 on im2col + GEMM) -> 7.2.
 """
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -459,16 +458,32 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu):
             o += nb
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def _forward(X, Wt, Z, ph, pw, chunks, b, relu):
+@njit(cache=True, error_model="numpy")
+def _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu):
+    """Chunk k of ``chunks``: the forward on its samples."""
     N = X.shape[0]
     size = -(-N // chunks)
+    n0 = min(N, k * size)
+    if Wt.shape[3] == 5:
+        _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
+    else:
+        _forward_chunk(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _forward(X, Wt, Z, ph, pw, chunks, b, relu):
     for k in prange(chunks):
-        n0 = min(N, k * size)
-        if Wt.shape[3] == 5:
-            _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
-        else:
-            _forward_chunk(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
+        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu)
+
+
+# The serial twins are functions of their own, not njit(_forward.py_func): Numba's cache names a
+# function's entries by its name and first line, so a twin sharing the parallel one's Python
+# function shared its cache entries, and whichever compiled first ran for both (the "parallel"
+# kernels ran on one thread: the split measured x1.00 where a plain parallel loop gained x2).
+@njit(cache=True, error_model="numpy")
+def _forward_serial(X, Wt, Z, ph, pw, chunks, b, relu):
+    for k in range(chunks):
+        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
@@ -582,21 +597,25 @@ def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_gra
             o += nb
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad, accumulate):
+@njit(cache=True, error_model="numpy")
+def _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad):
+    """Chunk k of ``chunks``: its BP3 sum into parts[k], BP4 into bparts[k], dX of its samples."""
     N = X.shape[0]
     size = -(-N // chunks)
-    parts = np.empty((chunks,) + Wt.shape, dW.dtype)
-    bparts = np.zeros((chunks, Wt.shape[0]))  # BP4 in float64, a chunk's rows in order
-    for k in prange(chunks):
-        n0 = min(N, k * size)
-        if Wt.shape[3] == 5:
-            _backward_chunk5(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0,
-                             min(N, n0 + size), input_grad)
-        else:
-            _backward_chunk(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0,
-                            min(N, n0 + size), input_grad)
-    Co, C, kh, kw = Wt.shape
+    n0 = min(N, k * size)
+    if Wt.shape[3] == 5:
+        _backward_chunk5(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0, min(N, n0 + size),
+                         input_grad)
+    else:
+        _backward_chunk(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0, min(N, n0 + size),
+                        input_grad)
+
+
+@njit(cache=True, error_model="numpy")
+def _backward_sums(parts, bparts, dW, db, bias_grad, accumulate):
+    """dW (+)= Σ_k parts[k] and db (+)= Σ_k bparts[k], chunks in order."""
+    chunks = parts.shape[0]
+    Co, C, kh, kw = dW.shape
     if bias_grad:
         for co in range(Co):
             t = bparts[0, co]
@@ -614,9 +633,24 @@ def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_g
                     dW[co, c, i, j] = dW[co, c, i, j] + s if accumulate else s
 
 
-# The same bodies on the calling thread only (prange runs as range): the same chunks, the same bits.
-_forward_serial = njit(cache=True, error_model="numpy")(_forward.py_func)
-_backward_serial = njit(cache=True, error_model="numpy")(_backward.py_func)
+@njit(cache=True, error_model="numpy", parallel=True)
+def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad, accumulate):
+    parts = np.empty((chunks,) + Wt.shape, dW.dtype)
+    bparts = np.zeros((chunks, Wt.shape[0]))  # BP4 in float64, a chunk's rows in order
+    for k in prange(chunks):
+        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad)
+    _backward_sums(parts, bparts, dW, db, bias_grad, accumulate)
+
+
+@njit(cache=True, error_model="numpy")
+def _backward_serial(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad,
+                     accumulate):
+    """_backward on the calling thread: the same chunks, the same bits."""
+    parts = np.empty((chunks,) + Wt.shape, dW.dtype)
+    bparts = np.zeros((chunks, Wt.shape[0]))
+    for k in range(chunks):
+        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad)
+    _backward_sums(parts, bparts, dW, db, bias_grad, accumulate)
 
 
 def _check(X, Wt, out, padding, out_name):
@@ -650,21 +684,16 @@ class DirectConvOps:
     # in a training step BLAS's threads keep spinning on the other core after each GEMM (the
     # dense layers'), and a parallel region's second thread then runs at a fraction of a core
     # (LeNet-5, 2-core Xeon, whole step: 24 ms with the split against 11 without; the layers alone,
-    # no GEMM around them, gain 1.6-1.9x from it).
+    # no GEMM around them, gain 1.6-1.9x from it). Re-measured on the 2-core AMD EPYC once the
+    # split really ran on two threads (see _forward_serial), the kernels alone, LeNet-5's conv2,
+    # batch 128: idle machine, forward 1.02 -> 0.70 ms, backward 2.51 -> 1.48 (conv1 0.46 -> 0.42,
+    # 0.51 -> 0.46); with the other core busy (another process), forward 1.3 -> 8 ms, backward
+    # 2.6 -> 16 (the region waits for the second thread's time slices). A split pays only where
+    # the second core is free for the whole region.
     direct_parallel = False
 
     def _direct_kernel(self, parallel, serial):
-        if not (self.direct_parallel and getattr(self, "nchunks", 1) >= 2):
-            return serial
-
-        def run(*args):
-            # Chunks handed out one at a time (Numba's dynamic schedule), not half each: a thread
-            # slowed by a busy core (BLAS's spinning threads, another process) takes fewer. The
-            # chunks themselves are fixed, so the bits do not change.
-            with numba.parallel_chunksize(1):
-                return parallel(*args)
-
-        return run
+        return parallel if self.direct_parallel and getattr(self, "nchunks", 1) >= 2 else serial
 
     # The activations the direct kernels fuse (into the forward's write and backward's read of dZ);
     # the layer runs any other as separate passes.
