@@ -419,11 +419,6 @@ def _blas_operand(B, dtype, name):
     return np.ascontiguousarray(B)
 
 
-def _hidden_operand(W_hh):
-    """W_hhᵀ as the forward time loops' GEMMs take it: a C-contiguous copy (see their note)."""
-    return np.ascontiguousarray(W_hh.T)
-
-
 class RecurrentOps:
     """Fused recurrent ops (a mixin of ``CpuOps``): one Numba pass per cell, one call per loop.
 
@@ -480,6 +475,27 @@ class RecurrentOps:
         _gru_cell_backward_rows(*args, 0, N)
         return dgx, dgh, dh
 
+    # ---- scratch kept between calls -------------------------------------------------------------
+    def _scratch(self, name, shape, dtype):
+        """A buffer kept per (name, calling thread, shape, dtype) for the ops' own temporaries, so
+        that a step allocates none: the weight gradients' 2 MB of scratch and partials, new each
+        call, came back as fresh pages from the OS (malloc hands blocks that large to mmap)."""
+        store = self.__dict__.setdefault("_recurrent_scratch", {})
+        key = (name, threading.get_ident(), tuple(shape), np.dtype(dtype))
+        buf = store.get(key)
+        if buf is None:
+            if len(store) >= 64:  # many shapes (batch sizes): keep memory bounded
+                store.clear()
+            buf = store[key] = np.empty(shape, dtype)
+        return buf
+
+    def _hidden_operand(self, W_hh):
+        """W_hhᵀ as the forward time loops' GEMMs take it: a C-contiguous copy (see their note),
+        into a kept buffer."""
+        out = self._scratch("W_hhT", W_hh.shape[::-1], W_hh.dtype)
+        np.copyto(out, W_hh.T)
+        return out
+
     # ---- the GEMMs over all rows ---------------------------------------------------------------
     def rows_gemm(self, A, B, out, bias=None, matmul=None):
         """out = A B (+ bias), the rows split into the time loops' chunks (see the reference op)."""
@@ -511,13 +527,13 @@ class RecurrentOps:
         if pair:
             checks.float_arrays(("dG", "A2", "dW2"), dG, A2, dW2)
             K2 = A2.shape[1]
-            scratch = np.empty((nchunks, -(-M // nchunks), K1 + K2), dW.dtype)
+            scratch = self._scratch("wg scratch", (nchunks, -(-M // nchunks), K1 + K2), dW.dtype)
         else:
             K2 = 0
             A2, dW2 = np.empty((M, 0), dW.dtype), np.empty((dW.shape[0], 0), dW.dtype)
             scratch = np.empty((nchunks, 0, 0), dW.dtype)
-        partial = np.empty((nchunks, K1 + K2, dW.shape[0]), dW.dtype)  # [dW, dW2]ᵀ a chunk
-        colsum = np.empty((nchunks, dG.shape[1]), np.float64)
+        partial = self._scratch("wg partial", (nchunks, K1 + K2, dW.shape[0]), dW.dtype)  # [dW, dW2]ᵀ
+        colsum = self._scratch("wg colsum", (nchunks, dG.shape[1]), np.float64)
         with _one_blas_thread():
             _weight_gemm_parallel(dG, A, A2, scratch, partial, colsum, sum_cols, nchunks)
         _sum_partials(partial, dW, dW2, colsum, d, sum_cols)
@@ -554,7 +570,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, gh)
         checks.float_arrays(STEPS_NAMES["rnn_forward_steps"], *arrays)
         _, N, _ = check_steps("rnn_forward_steps", arrays)
-        W_hhT = _hidden_operand(W_hh)  # (H, H): see the note on the time loops
+        W_hhT = self._hidden_operand(W_hh)  # (H, H): see the note on the time loops
         self._run_steps(_rnn_forward_rows, _rnn_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, gh, act, bool(reverse)))
         return hs
@@ -575,7 +591,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
         checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
         _, N, _ = check_steps("lstm_forward_steps", arrays)
-        W_hhT = _hidden_operand(W_hh)  # (H, 4H)
+        W_hhT = self._hidden_operand(W_hh)  # (H, 4H)
         self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
         return hs, cs
@@ -595,7 +611,7 @@ class RecurrentOps:
         arrays = (gx, W_hh, b_hh, hs, saved, gh)
         checks.float_arrays(STEPS_NAMES["gru_forward_steps"], *arrays)
         _, N, _ = check_steps("gru_forward_steps", arrays)
-        W_hhT = _hidden_operand(W_hh)  # (H, 3H)
+        W_hhT = self._hidden_operand(W_hh)  # (H, 3H)
         self._run_steps(_gru_forward_rows, _gru_forward_parallel, N,
                         (gx, W_hhT, b_hh, hs, saved, gh, bool(reverse)))
         return hs
