@@ -53,7 +53,7 @@ class DenseOps:
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z). A may be Z itself unless ``saves_input(activation)``."""
         Z += b
-        return self.activation(Z, activation, A)
+        return DenseOps.activation(self, Z, activation, A)  # the reference's, in a fused set too
 
     def activation(self, X, activation, A):
         """A = σ(X) element by element, any shape (X is not written). A may be X itself."""
