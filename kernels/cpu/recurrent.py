@@ -16,6 +16,12 @@ the samples of a batch are independent through the whole recurrence, so each thr
 step of its own rows (its own GEMMs h_prev[rows] W_hhᵀ, single-threaded BLAS, and its cells) with
 no synchronisation between steps, where a threaded BLAS would meet its threads twice a step. The
 rows are fixed chunks and a row's arithmetic does not depend on which chunk holds it.
+
+Measured on the 2-core AMD EPYC (Zen 4) VM, benchmark networks, float32, batch 128, interleaved
+with PyTorch 2.13 (step minima; × PyTorch the median of per-round ratios; a shared machine): with
+NumPy's OpenBLAS for every GEMM here, weight_gemm's transposed orientation, one GEMM for an LSTM's
+two weight gradients and no allocation per step, LSTM(28→128) → LastStep → Dense 16.0 -> 14.4 ms
+(× PyTorch 0.96 -> 1.09), 2-layer GRU(128) 31.6 -> 27.8 ms (× PyTorch 1.72 -> 1.95).
 """
 
 import threading
