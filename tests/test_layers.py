@@ -254,6 +254,8 @@ def test_standalone_activation_gives_the_bits_of_bias_act_with_a_bias_of_minus_z
                                       be.to_host(dX).reshape(X.shape).view(np.uint32))
         Y_eval, _ = act.forward(Xd, train=False)
         np.testing.assert_array_equal(be.to_host(Y_eval), be.to_host(Y))
+    with pytest.raises(TypeError, match=r"Activation input: expected dtype float32, got float64"):
+        act.forward(be.xp.asarray(X, dtype=np.float64), train=True)
 
 
 def test_reshape_moves_data_only(backend_spec, rng):

@@ -273,6 +273,8 @@ class Activation(Layer):
     def forward(self, X, train=False, input_grad=True):
         self.check_input(X)
         be, ops, act = self.backend, self.backend.ops, self.activation
+        if X.dtype != be.dtype:  # read as it is (no cast through a copy any more)
+            raise TypeError(f"Activation input: expected dtype {be.dtype}, got {X.dtype}")
         shape = (X.shape[0], size_of(self.input_shape))
         if not train:
             return ops.activation(X.reshape(shape), act, be.empty(shape)).reshape(X.shape), no_backprop
