@@ -482,7 +482,7 @@ class RecurrentOps:
         return dgx, dgh, dh
 
     # ---- scratch kept between calls -------------------------------------------------------------
-    def _scratch(self, name, shape, dtype):
+    def _recurrent_buffer(self, name, shape, dtype):
         """A buffer kept per (name, calling thread, shape, dtype) for the ops' own temporaries, so
         that a step allocates none: the weight gradients' 2 MB of scratch and partials, new each
         call, came back as fresh pages from the OS (malloc hands blocks that large to mmap)."""
@@ -498,7 +498,7 @@ class RecurrentOps:
     def _hidden_operand(self, W_hh):
         """W_hhᵀ as the forward time loops' GEMMs take it: a C-contiguous copy (see their note),
         into a kept buffer."""
-        out = self._scratch("W_hhT", W_hh.shape[::-1], W_hh.dtype)
+        out = self._recurrent_buffer("W_hhT", W_hh.shape[::-1], W_hh.dtype)
         np.copyto(out, W_hh.T)
         return out
 
@@ -533,13 +533,14 @@ class RecurrentOps:
         if pair:
             checks.float_arrays(("dG", "A2", "dW2"), dG, A2, dW2)
             K2 = A2.shape[1]
-            scratch = self._scratch("wg scratch", (nchunks, -(-M // nchunks), K1 + K2), dW.dtype)
+            scratch = self._recurrent_buffer("wg scratch", (nchunks, -(-M // nchunks), K1 + K2), dW.dtype)
         else:
             K2 = 0
             A2, dW2 = np.empty((M, 0), dW.dtype), np.empty((dW.shape[0], 0), dW.dtype)
             scratch = np.empty((nchunks, 0, 0), dW.dtype)
-        partial = self._scratch("wg partial", (nchunks, K1 + K2, dW.shape[0]), dW.dtype)  # [dW, dW2]ᵀ
-        colsum = self._scratch("wg colsum", (nchunks, dG.shape[1]), np.float64)
+        # [dW, dW2]ᵀ of each chunk
+        partial = self._recurrent_buffer("wg partial", (nchunks, K1 + K2, dW.shape[0]), dW.dtype)
+        colsum = self._recurrent_buffer("wg colsum", (nchunks, dG.shape[1]), np.float64)
         with _one_blas_thread():
             _weight_gemm_parallel(dG, A, A2, scratch, partial, colsum, sum_cols, nchunks)
         _sum_partials(partial, dW, dW2, colsum, d, sum_cols)
