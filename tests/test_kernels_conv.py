@@ -240,3 +240,26 @@ def test_random_geometries(ops, rng, dtype):
             cc.check_max_pool(ops, dev, rng, case, dtype, "ties")
             for count_include_pad in (True, False):
                 cc.check_avg_pool(ops, dev, rng, case, dtype, count_include_pad)
+
+
+def _blas_threads():
+    """{library path: threads} of the BLAS libraries loaded now."""
+    from threadpoolctl import threadpool_info
+
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_conv_gemm_threads_one_blas_thread_on_the_fused_set_only(ops):
+    """The fused set runs Conv2d's im2col GEMMs on one BLAS thread (kernels/cpu/conv.py says why),
+    restored afterwards; the reference set leaves BLAS as it is."""
+    import scipy.linalg.cython_blas  # noqa: F401 (every BLAS the context limits, loaded first)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and set(before.values()) == {2}
+        with ops.conv_gemm_threads():
+            assert _blas_threads() == dict.fromkeys(before, 1)
+        assert _blas_threads() == before
+        with ReferenceOps(np).conv_gemm_threads():
+            assert _blas_threads() == before

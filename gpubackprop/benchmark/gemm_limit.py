@@ -314,7 +314,7 @@ def _inner_chunk_gemms(dG, A, partial, spans):
 def _row_chunks_call(lanes, arr):
     """One row-chunk region (all lanes one GEMM kind, split along m or k) as a call of the Numba
     loops above, with BLAS on one thread, as kernels/cpu/recurrent.py runs it."""
-    from gpubackprop.kernels.cpu.recurrent import _one_blas_thread
+    from gpubackprop.kernels.cpu.blas import one_blas_thread
 
     (what, count, _, k, n), = lanes[0]
     sizes = [lane[0][3] if SPLIT_AXIS.get(what) == "k" else lane[0][2] for lane in lanes]
@@ -326,7 +326,7 @@ def _row_chunks_call(lanes, arr):
         dG, A, partial = arr(rows, m), arr(rows, n), arr(len(lanes), n, m)
 
         def call():
-            with _one_blas_thread():
+            with one_blas_thread():
                 _inner_chunk_gemms(dG, A, partial, spans)
         return call
     A = arr(rows, k)
@@ -334,7 +334,7 @@ def _row_chunks_call(lanes, arr):
     C = arr(rows, n)
 
     def call():
-        with _one_blas_thread():
+        with one_blas_thread():
             _row_chunk_gemms(A, B, C, spans, count)
     return call
 

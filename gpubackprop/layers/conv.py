@@ -419,7 +419,8 @@ class Conv2d(Layer):
             else:
                 cols_buf = None if self._pointwise else self.workspace(
                     ("inference", nc), lambda: be.empty((nc, self._Ktot, L)))
-                self._forward_into(X, Z, cols_buf, chunks, lambda name, shape: be.empty(shape))
+                with ops.conv_gemm_threads():
+                    self._forward_into(X, Z, cols_buf, chunks, lambda name, shape: be.empty(shape))
             A = be.empty(Z.shape) if saves_input(act) else Z
             if (self.bias or act != "identity") and not (winograd and fused):
                 ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
@@ -431,8 +432,9 @@ class Conv2d(Layer):
             self._winograd_forward(X, Z, ws.chunks, lambda name, shape: ws.scratch(be, name, shape),
                                    fused)
         else:
-            self._forward_into(X, Z, ws.cols, ws.chunks,
-                               lambda name, shape: ws.scratch(be, name, shape))
+            with ops.conv_gemm_threads():  # (kernels/cpu/conv.py: why one BLAS thread there)
+                self._forward_into(X, Z, ws.cols, ws.chunks,
+                                   lambda name, shape: ws.scratch(be, name, shape))
         if (self.bias or act != "identity") and not (winograd and fused):
             ops.channel_bias_act(Z.reshape(N, Co, L), self._b, act, A.reshape(N, Co, L))
         saved = Z if saves_input(act) else A
@@ -446,7 +448,8 @@ class Conv2d(Layer):
             if winograd:  # (BP4 there in the output transform's adjoint)
                 self._winograd_backward(X, dZ, ws, accumulate, input_grad)
             else:
-                self._backward_chunks(X, dZ, ws, accumulate, input_grad)
+                with ops.conv_gemm_threads():
+                    self._backward_chunks(X, dZ, ws, accumulate, input_grad)
             return ws.dX if input_grad else None
 
         return A, backprop

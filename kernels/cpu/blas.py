@@ -19,6 +19,7 @@ run ``np.dot`` (SciPy's BLAS, as before). ``BLAS_SOURCE`` says which.
 """
 
 import ctypes
+import threading
 
 import llvmlite.binding as ll
 import numpy as np
@@ -149,3 +150,27 @@ def _gemm_impl(A, B, out):
              out.ctypes.data, max(n, 1))
 
     return impl
+
+
+# ---- BLAS's own threads ------------------------------------------------------------------------
+_controller_lock = threading.Lock()
+_controller = []
+
+
+def blas_libraries():
+    """threadpoolctl's controller of the BLAS libraries loaded now (NumPy's, which ``gemm`` calls,
+    and SciPy's, which Numba's np.dot calls), made once."""
+    with _controller_lock:
+        if not _controller:
+            import scipy.linalg.cython_blas  # noqa: F401 (loads the BLAS that np.dot calls)
+            from threadpoolctl import ThreadpoolController
+
+            _controller.append(ThreadpoolController().select(user_api="blas"))
+        return _controller[0]
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on the calling thread only: where the fused set splits the work
+    over the cores itself (a recurrent time loop's row chunks, Conv2d's two halves), a threaded
+    BLAS inside, or its threads left spinning after a GEMM, would fight that split for the cores."""
+    return blas_libraries().limit(limits=1)

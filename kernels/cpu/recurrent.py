@@ -391,30 +391,7 @@ def _sum_partials(partial, dW, dW2, colsum, db, sum_cols):
             db[j] = s
 
 
-# ---- BLAS threads during a time loop -----------------------------------------------------------
-_blas_lock = threading.Lock()
-_blas_controller = None
-
-
-def _blas_libraries():
-    """threadpoolctl's controller of the BLAS libraries loaded now (NumPy's, which ``_gemm``
-    calls, and SciPy's, which Numba's np.dot calls), made once."""
-    global _blas_controller
-    with _blas_lock:
-        if _blas_controller is None:
-            import scipy.linalg.cython_blas  # noqa: F401 (loads the BLAS that np.dot calls)
-            from threadpoolctl import ThreadpoolController
-
-            _blas_controller = ThreadpoolController().select(user_api="blas")
-        return _blas_controller
-
-
-def _one_blas_thread():
-    """A context in which BLAS runs on the calling thread only (each chunk of a time loop is one
-    thread's; a threaded BLAS inside would fight the other chunks for the cores)."""
-    return _blas_libraries().limit(limits=1)
-
-
+# ---- BLAS operands --------------------------------------------------------------------------------
 def _blas_operand(B, dtype, name):
     """B as the GEMM kernels take it: the dtype checked, C-contiguous (a copy of a transposed view
     such as W_ihᵀ: NumPy's OpenBLAS runs the LSTM's input projection, 3584x28x512 in two chunks,
@@ -513,7 +490,7 @@ class RecurrentOps:
         b = bias if add_bias else out[0]  # unused without a bias
         checks.float_arrays(("A", "out", "bias"), A, out, b)
         B = _blas_operand(B, A.dtype, "B")
-        with _one_blas_thread():
+        with blas.one_blas_thread():
             _rows_gemm_parallel(A, B, out, b, add_bias, nchunks)
         return out
 
@@ -541,7 +518,7 @@ class RecurrentOps:
         # [dW, dW2]ᵀ of each chunk
         partial = self._recurrent_buffer("wg partial", (nchunks, K1 + K2, dW.shape[0]), dW.dtype)
         colsum = self._recurrent_buffer("wg colsum", (nchunks, dG.shape[1]), np.float64)
-        with _one_blas_thread():
+        with blas.one_blas_thread():
             _weight_gemm_parallel(dG, A, A2, scratch, partial, colsum, sum_cols, nchunks)
         _sum_partials(partial, dW, dW2, colsum, d, sum_cols)
         return dW
@@ -565,7 +542,7 @@ class RecurrentOps:
     def _run_steps(self, serial, parallel, N, args):
         """Checks done, runs one time loop: serially on all rows, or split into row chunks."""
         nchunks = self._steps_chunks(N)
-        with _one_blas_thread():
+        with blas.one_blas_thread():
             if nchunks == 1:
                 serial(*args, 0, N)
             else:

@@ -10,6 +10,7 @@ set: ``window`` normalises kernel/stride/padding/dilation to (h, w) int pairs an
 size, with PyTorch's floor rule OH = (H + 2·ph − dh·(kh − 1) − 1) // sh + 1.
 """
 
+import contextlib
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -132,6 +133,10 @@ class ConvOps:
     # decides per layer, layers/conv.py). The reference set gives them (its tests define the
     # fused ones) but keeps the layer on one GEMM a sample, the plain definition.
     batch_inner_gemm = False
+
+    def conv_gemm_threads(self):
+        """The context Conv2d runs its im2col GEMMs in: here BLAS's threads as they are."""
+        return contextlib.nullcontext()
 
     def im2col(self, X, cols, kernel, stride, padding, dilation, batch_inner=False):
         """cols (N, C·kh·kw, OH·OW) = every window of X (N, C, H, W); zeros where it lies in padding.
