@@ -395,6 +395,30 @@ def test_plan_follows_winograd_layers_in_their_halves(winograd, monkeypatch):
     assert split["winograd transforms"] > 0 and split["winograd GEMM"] > 0
 
 
+def test_plan_runs_im2col_layers_in_their_kernel_sets_gemm_threads(monkeypatch):
+    """A stride-2 conv runs im2col + GEMM: its region carries the kernel set's conv_gemm_threads
+    (one BLAS thread in the fused set), and the GEMMs-only contender runs it inside that context."""
+    from gpubackprop.modelspec import plan
+
+    p = plan("conv(8,3,stride=2,pad=1)-relu-gap-dense(classes)", (3, 16, 16), 4)
+    c = benchmark.network_contender(p, 4, "cpu", "fused")
+    ops = c.model.backend.ops
+    assert benchmark.conv_path(c.model.layers[0], 4)[0] in ("im2col", "batch-inner")
+    regions = benchmark.plan_step_schedule(p, 4, c.model)
+    conv = [r for r in regions if r.threads is not None]
+    assert len(conv) == 1 and conv[0].threads == ops.conv_gemm_threads
+    entered = []
+    real = type(ops).conv_gemm_threads
+
+    def counted(self):
+        entered.append(1)
+        return real(self)
+    monkeypatch.setattr(type(ops), "conv_gemm_threads", counted)
+    regions = benchmark.plan_step_schedule(p, 4, c.model)
+    benchmark.gemm_limit_contender(regions, 4).step()
+    assert entered == [1]
+
+
 @pytest.mark.parametrize("spec", ["lstm(8)-last-dense(classes)",
                                   "gru(8,layers=2,bidir=true)-last-dense(classes)"])
 def test_plan_follows_the_recurrent_row_chunks(spec, monkeypatch):

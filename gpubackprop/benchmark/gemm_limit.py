@@ -75,8 +75,10 @@ SPLIT_AXIS = {"recurrent weight gradient": "k"}
 # calling thread through xp.matmul (BLAS's own threads); "halves", Conv2d's Winograd halves, lane 0
 # on the calling thread and lane 1 on a worker thread at once (xp.matmul); "row chunks", the fused
 # CPU recurrent ops, each lane one chunk's rows on its own thread (Numba prange), their GEMM
-# (NumPy's OpenBLAS, kernels/cpu/blas.py) on one BLAS thread. A lane is a list of GEMMs.
-Region = collections.namedtuple("Region", ["how", "lanes"])
+# (NumPy's OpenBLAS, kernels/cpu/blas.py) on one BLAS thread. A lane is a list of GEMMs. ``threads``:
+# None, or the context the layer runs a serial region's GEMMs in (Conv2d's im2col GEMMs: the
+# kernel set's ``conv_gemm_threads``, one BLAS thread in the fused CPU set).
+Region = collections.namedtuple("Region", ["how", "lanes", "threads"], defaults=[None])
 
 
 def _pair(v):
@@ -182,7 +184,7 @@ def _conv_regions(layer, N, input_grad):
             out.append(("conv weight gradient", n * G, cog, L, K))
         if input_grad:
             out.append(("conv input gradient", n * G, K, cog, L))
-    return _serial(out)
+    return [Region("serial", [out], layer.backend.ops.conv_gemm_threads)] if out else []
 
 
 def _span(c, nchunks, n):
@@ -426,7 +428,14 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
     steps = []
     worker = None
     for region in regions:
-        if library == "pytorch" or region.how == "serial":
+        if library != "pytorch" and region.threads is not None:
+            def in_threads(runs=[serial_calls(lane) for lane in region.lanes],
+                           threads=region.threads):
+                with threads():
+                    for run in runs:
+                        run()
+            steps.append(in_threads)
+        elif library == "pytorch" or region.how == "serial":
             steps += [serial_calls(lane) for lane in region.lanes]
         elif region.how == "halves":
             first, second = (serial_calls(lane) for lane in region.lanes)
