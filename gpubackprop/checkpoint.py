@@ -55,6 +55,28 @@ def build_layer(desc):
         raise CheckpointError(str(e)) from None
 
 
+def unfused_batch_norm(desc):
+    """``desc`` (an architecture) with every BatchNorm's activation= as a BatchNorm followed by an
+    Activation layer: how the spec's "bn-ACT" was built before the bn token fused the activation
+    after it. ``--resume`` of such a checkpoint rebuilds its own architecture (the same values;
+    only the layer positions, and so the parameter names, differ)."""
+    if isinstance(desc, list):
+        out = []
+        for d in desc:
+            d = unfused_batch_norm(d)
+            if isinstance(d, dict) and d.get("type") in ("BatchNorm1d", "BatchNorm2d") \
+                    and "activation" in d:
+                act = d["activation"]
+                out += [{k: v for k, v in d.items() if k != "activation"},
+                        {"type": "Activation", "activation": act}]
+            else:
+                out.append(d)
+        return out
+    if isinstance(desc, dict):
+        return {k: unfused_batch_norm(v) for k, v in desc.items()}
+    return desc
+
+
 def describe_architecture(desc):
     """A short text like ``[Conv2d(1, 8, 3), Flatten(), Dense(64, 10, identity)]``."""
     kind = desc.get("type")

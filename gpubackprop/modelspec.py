@@ -32,8 +32,8 @@ Tokens (sizes of the input are inferred from the data's per-sample shape):
                                                     to itself, e.g.
                                                     res(conv(16,3,pad=1)-bn-relu-conv(16,3,pad=1)-bn)
     identity | sigmoid | tanh | relu | leaky_relu | gelu | gelu_tanh
-                                                    right after conv or dense: that layer's fused
-                                                    activation=; elsewhere an Activation layer
+                                                    right after conv, dense or bn: that layer's
+                                                    fused activation=; elsewhere an Activation layer
 
 ``classes`` stands for the number of classes wherever an integer goes (``dense(classes)``).
 Presets by name: ``mlp`` (hidden dense layers from ``hidden``/``activation``/``init``, the

@@ -593,3 +593,17 @@ def test_network_target_checks_read_the_fused_cpu_rows():
                       "resnet: fused × PyTorch": (1.2, 1.3, False),
                       "resnet: fraction of the GEMM limit": (0.8, 0.7, True),
                       "GRU: fused × PyTorch": (1.5, 1.5, True)}  # no GEMM-limit target for the GRU
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_step_time_split_of_vgg_bn_relu(kernels):
+    """VGG's bn-relu is one BatchNorm2d(activation="relu"): on the fused CPU set the ReLU is inside
+    the batch norm passes (no "activation" category); on the reference set the layer composes the
+    activation ops, clocked as "activation"."""
+    net = benchmark.QUICK_NETWORKS["vgg"]
+    c = benchmark.network_contender(benchmark.network_plan(net), net.batch, "cpu", kernels)
+    kinds = [type(layer).__name__ for _, layer in c.model.leaves()]
+    assert "Activation" not in kinds and kinds.count("BatchNorm2d") == 3
+    split = benchmark.step_time_split(c, steps=2)
+    assert ("activation" in split) == (kernels == "reference")
+    assert split["batch norm"] > 0 and split.get("activation", 1) > 0

@@ -321,3 +321,64 @@ def test_a_version_1_training_configuration_says_gelu_tanh_for_its_gelu():
     assert layers[0]["activation"] == "gelu_tanh" and layers[1]["block"]["activation"] == "gelu_tanh"
     assert new["config"] == {"activation": "gelu_tanh",
                              "model": "conv(8)-gelu_tanh-dense(16)-gelu_tanh-dense(classes)"}
+
+
+def test_checkpoint_of_bn_then_activation_loads_and_runs(tmp_path, backend_spec):
+    """A checkpoint saved before BatchNorm took activation= (its architecture: BatchNorm2d, then
+    Activation, the BatchNorm's description without an "activation" key) still builds, runs and
+    trains; it computes what the fused BatchNorm2d(activation="relu") computes."""
+    device, kernels = backend_spec
+    old_layers = [gb.Conv2d(2, 4, 3, padding=1), gb.BatchNorm2d(4), gb.Activation("relu"),
+                  gb.Flatten(), gb.Dense(4 * 5 * 5, 3)]
+    model = gb.Sequential(old_layers, input_shape=(2, 5, 5), device=device, kernels=kernels,
+                          dtype="float64", seed=3)
+    X = np.random.default_rng(0).normal(size=(6, 2, 5, 5))
+    y = np.arange(6) % 3
+    opt, loss = gb.Adam(0.01), gb.SoftmaxCrossEntropy()
+    gb.fit(model, loss, opt, X, y, epochs=1, batch_size=3, progress=False)
+    path = tmp_path / "old.npz"
+    save_checkpoint(path, model, opt, loss)
+    ck = load_checkpoint(path)
+    assert ck.architecture["layers"][1] == {"type": "BatchNorm2d", "num_features": 4,
+                                            "eps": 1e-5, "momentum": 0.1}
+    assert ck.architecture["layers"][2] == {"type": "Activation", "activation": "relu"}
+    again = ck.build_model(device=device, kernels=kernels)
+    fused = gb.Sequential([gb.Conv2d(2, 4, 3, padding=1), gb.BatchNorm2d(4, activation="relu"),
+                           gb.Flatten(), gb.Dense(4 * 5 * 5, 3)], input_shape=(2, 5, 5),
+                          device=device, kernels=kernels, dtype="float64", seed=3)
+    fused.set_params({k.replace("4.", "3."): v for k, v in model.get_params().items()})
+    fused.set_state({k: v for k, v in model.get_state().items() if k != "step"})
+    for train in (False, True):  # eval first: a training forward updates the running statistics
+        Y0, Y1, Yf = (np.asarray(m.backend.to_host(m.forward(m.backend.to_device(X), train)[0]))
+                      for m in (model, again, fused))
+        np.testing.assert_array_equal(Y1, Y0)
+        np.testing.assert_allclose(Yf, Y0, rtol=1e-12, atol=1e-12)
+    state = ck.restore(again, gb.Adam(0.01), gb.SoftmaxCrossEntropy())
+    gb.fit(again, gb.SoftmaxCrossEntropy(), gb.Adam(0.01), X, y, epochs=2, batch_size=3,
+           progress=False, state=state)
+
+
+def test_resume_of_a_run_whose_bn_relu_was_two_layers(tmp_path, monkeypatch):
+    """``train --resume`` of a checkpoint made before the bn token fused the activation after it
+    (BatchNorm2d, Activation) continues that architecture, as an uninterrupted run of it would."""
+    from gpubackprop.checkpoint import unfused_batch_norm
+    from gpubackprop.cli import main
+    from gpubackprop.layers import SPEC_TOKENS
+
+    args = ["train", "--dataset", "digits", "--model", "conv(4,3)-bn-relu-gap-dense(classes)",
+            "--batch-size", "256", "--device", "cpu", "--quiet"]
+    old, part, new = tmp_path / "old.npz", tmp_path / "part.npz", tmp_path / "new.npz"
+    with monkeypatch.context() as m:  # the parser as it was: bn-relu as two layers
+        m.setattr(SPEC_TOKENS["bn"], "fuses_activation", False)
+        assert main(args + ["--epochs", "2", "--checkpoint", str(old)]) == 0
+        assert main(args + ["--epochs", "1", "--checkpoint", str(part)]) == 0
+    arch = load_checkpoint(part).architecture
+    assert [d["type"] for d in arch["layers"]][:3] == ["Conv2d", "BatchNorm2d", "Activation"]
+    assert main(["train", "--resume", "--epochs", "2", "--checkpoint", str(part), "--quiet"]) == 0
+    a, b = load_checkpoint(old), load_checkpoint(part)
+    assert b.architecture == arch and b.training_state().epoch == 2
+    for k, v in a.params.items():
+        np.testing.assert_array_equal(b.params[k], v, k)
+    assert main(args + ["--epochs", "1", "--checkpoint", str(new)]) == 0  # a new run: fused
+    fused = load_checkpoint(new).architecture
+    assert fused["layers"][1]["activation"] == "relu" and unfused_batch_norm(fused) == arch

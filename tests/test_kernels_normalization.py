@@ -243,3 +243,68 @@ def test_reference_layer_norm_against_torch(rng, shape):
     tY.backward(torch.tensor(dY))
     for got, exp in ((Y, tY), (dX, tX.grad), (dg, tg.grad), (db, tb.grad)):
         np.testing.assert_allclose(got, exp.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---- batch norm + ReLU (activation="relu": the BatchNorm layer's fused activation) ---------------
+def _bn_relu_composed(ops, X, gamma, beta, dA, start, accumulate):
+    """BN then ops.activation; act_backward then BN backward: the definition the fused op keeps."""
+    C = X.shape[1]
+    m, s = np.empty(C, X.dtype), np.empty(C, X.dtype)
+    A = ops.batch_norm_train(X, gamma, beta, nc.EPS, np.empty_like(X), m, s)
+    ops.activation(A, "relu", A)
+    dZ = ops.act_backward(dA, A, "relu", np.empty_like(X))
+    dg, db = start[0].copy(), start[1].copy()
+    dX = ops.batch_norm_backward(dZ, X, gamma, m, s, np.empty_like(X), dg, db,
+                                 accumulate=accumulate)
+    return A, m, s, dX, dg, db
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("dtype", nc.DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES + [(64, 8, 7, 9), (5, 6, 1)])
+def test_batch_norm_relu_equals_the_composition(ops, rng, shape, dtype, accumulate):
+    """The fused BN + ReLU against the reference's composition (within the set's tolerance) and
+    the CPU set's own composition (bit for bit: the same arithmetic, no dZ buffer), train, eval,
+    backward, dX separate and in place."""
+    X, gamma, beta = nc._bn_inputs(rng, shape, dtype)
+    dA = nc.random(rng, shape, dtype)
+    C = shape[1]
+    start = nc.random(rng, (2, C), dtype) if accumulate else np.zeros((2, C), dtype)
+    ref = _bn_relu_composed(REF, X, gamma, beta, dA, start, accumulate)
+    own = _bn_relu_composed(CpuOps(np, num_threads=1), X, gamma, beta, dA, start, accumulate)
+    m, s = np.empty(C, dtype), np.empty(C, dtype)
+    A = ops.batch_norm_train(X, gamma, beta, nc.EPS, np.empty_like(X), m, s, activation="relu")
+    assert (A >= 0).all() and (X.size < 4 or (A == 0).any())
+    dg, db = start[0].copy(), start[1].copy()
+    dX = ops.batch_norm_backward(dA, X, gamma, m, s, np.empty_like(X), dg, db,
+                                 accumulate=accumulate, activation="relu", A=A)
+    dZr = REF.act_backward(dA, ref[0], "relu", np.empty_like(X))
+    scales = nc._backward_scales("batch", X, gamma, ref[1], ref[2], dZr, start)
+    for what, got, r, o, scale in zip(("A", "mean", "invstd", "dX", "dgamma", "dbeta"),
+                                      (A, m, s, dX, dg, db), ref, own,
+                                      (None, None, None) + scales, strict=True):
+        nc.assert_close(got, r, f"bn+relu {shape} {what}", scale)
+        np.testing.assert_array_equal(got, o, f"bn+relu {shape} {what}: not the composition's bits")
+    dAi = dA.copy()  # dX in place of dA
+    dg2, db2 = start[0].copy(), start[1].copy()
+    ops.batch_norm_backward(dAi, X, gamma, m, s, dAi, dg2, db2, accumulate=accumulate,
+                            activation="relu", A=A)
+    for got, want in ((dAi, dX), (dg2, dg), (db2, db)):
+        np.testing.assert_array_equal(got, want)
+    rm, rv = nc.random(rng, C, dtype), np.abs(nc.random(rng, C, dtype)) + 0.5
+    Ye = ops.batch_norm_eval(X, gamma, beta, rm, rv, nc.EPS, np.empty_like(X), activation="relu")
+    Yr = REF.batch_norm_eval(X, gamma, beta, rm, rv, nc.EPS, np.empty_like(X))
+    nc.assert_close(Ye, np.maximum(Yr, 0), f"bn+relu eval {shape}")
+
+
+def test_batch_norm_activation_errors(ops):
+    X, g = np.zeros((4, 3, 5), np.float32), np.ones(3, np.float32)
+    m, s = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"activation: expected one of \('identity', 'relu'\)"):
+        ops.batch_norm_train(X, g, g, nc.EPS, np.empty_like(X), m, s, activation="tanh")
+    with pytest.raises(ValueError, match=r"A: the forward's output is needed"):
+        ops.batch_norm_backward(X, X, g, m, s, np.empty_like(X), m.copy(), s.copy(),
+                                activation="relu")
+    with pytest.raises(ValueError, match=r"A: expected shape \(4, 3, 5\)"):
+        ops.batch_norm_backward(X, X, g, m, s, np.empty_like(X), m.copy(), s.copy(),
+                                activation="relu", A=np.zeros((4, 3, 4), np.float32))

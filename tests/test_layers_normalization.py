@@ -18,6 +18,12 @@ NORM_CASES = {
     "bn1d-NC": (lambda: BatchNorm1d(3), (6, 3)),
     "bn1d-NCL": (lambda: BatchNorm1d(3, momentum=0.3), (4, 3, 5)),
     "bn2d": (lambda: BatchNorm2d(2, eps=1e-3), (3, 2, 3, 4)),
+    # the fused activation (spec "bn-relu"): ReLU fused in the CPU set's batch norm passes
+    # (L = 1, odd planes), GELU composed with the activation ops on every set
+    "bn1d-NC-relu": (lambda: BatchNorm1d(3, activation="relu"), (6, 3)),
+    "bn1d-NCL1-relu": (lambda: BatchNorm1d(4, momentum=0.3, activation="relu"), (5, 4, 1)),
+    "bn2d-relu": (lambda: BatchNorm2d(2, eps=1e-3, activation="relu"), (3, 2, 5, 7)),
+    "bn2d-gelu": (lambda: BatchNorm2d(3, activation="gelu"), (2, 3, 3, 3)),
     "ln-1d": (lambda: LayerNorm(5), (4, 5)),
     "ln-2d": (lambda: LayerNorm((3, 4)), (2, 3, 4)),
     "ln-last-of-3": (lambda: LayerNorm(4, eps=1e-3), (2, 3, 4)),
@@ -94,6 +100,10 @@ def _torch_twin(torch, case, layer):
         m = nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
     else:
         m = nn.LayerNorm(layer.normalized_shape, eps=layer.eps)
+    act = getattr(layer, "activation", "identity")
+    if act != "identity":  # BatchNorm2d then nn.ReLU (nn.GELU), the twin keeping BN's attributes
+        fn = {"relu": nn.ReLU(), "gelu": nn.GELU()}[act]
+        m.register_forward_hook(lambda _module, _inputs, out: fn(out))
     return m.double()
 
 
@@ -228,6 +238,22 @@ def test_repr_and_config_round_trip():
     assert repr(BatchNorm2d(8, eps=1e-3, momentum=0.01)) == "BatchNorm2d(8, eps=0.001, momentum=0.01)"
     assert repr(LayerNorm((3, 4))) == "LayerNorm((3, 4))" and repr(LayerNorm(7)) == "LayerNorm(7)"
     assert repr(Dropout(0.25)) == "Dropout(p=0.25)"
+
+
+def test_batch_norm_activation_repr_config_and_errors():
+    layer = BatchNorm2d(8, momentum=0.2, activation="relu")
+    assert repr(layer) == "BatchNorm2d(8, momentum=0.2, activation='relu')"
+    assert layer.config() == {"num_features": 8, "eps": 1e-5, "momentum": 0.2, "activation": "relu"}
+    again = BatchNorm2d(**json.loads(json.dumps(layer.config())))
+    assert repr(again) == repr(layer) and again.config() == layer.config()
+    # identity: the config (a checkpoint's architecture) as before activation= existed
+    assert BatchNorm1d(3, activation="identity").config() == BatchNorm1d(3).config() == \
+        {"num_features": 3, "eps": 1e-5, "momentum": 0.1}
+    assert repr(BatchNorm1d(3, activation="identity")) == "BatchNorm1d(3)"
+    with pytest.raises(ValueError, match=r"activation"):
+        BatchNorm1d(3, activation="relux")
+    model = lc.model_for(("cpu", "fused"), [BatchNorm1d(3, activation="relu")], input_shape=(3,))
+    assert list(model.get_params()) == ["0.weight", "0.bias"]
 
 
 def test_param_and_state_names():

@@ -132,7 +132,9 @@ def test_resnet_preset():
     assert [e[3] for e in res] == [(16, 8, 8), (32, 4, 4)]
     block = [e[0] for e in res[0][1]["block"]]
     assert block.count("Conv2d") == 2 and block.count("BatchNorm2d") == 2
-    assert block == ["Conv2d", "BatchNorm2d", "Activation", "Conv2d", "BatchNorm2d"]
+    assert block == ["Conv2d", "BatchNorm2d", "Conv2d", "BatchNorm2d"]  # bn-relu: one layer
+    assert [e[1]["activation"] for e in res[0][1]["block"]] == ["identity", "relu", "identity",
+                                                               "identity"]
     after = kinds(p)[kinds(p).index("Residual") + 1]
     assert after == "Activation"  # a relu after the sum
 
@@ -307,3 +309,21 @@ def test_an_unknown_name_suggests_the_nearest_token():
         parse("lstn(8)-last-dense(2)")
     with pytest.raises(SpecError, match=r"did you mean relu\?"):
         parse("dense(8)-relux")
+
+
+def test_bn_fuses_the_activation_after_it():
+    """"bn-relu" is one BatchNorm (activation="relu"), as "conv-relu" is one Conv2d; only the
+    token right after bn fuses, on images and on vectors."""
+    p = plan("conv(4,3,pad=1)-bn-relu-relu-flatten-dense(6)-bn(momentum=0.2)-tanh-dense(classes)",
+             (2, 5, 5), 3)
+    assert kinds(p) == ["Conv2d", "BatchNorm2d", "Activation", "Flatten", "Dense", "BatchNorm1d",
+                        "Dense"]
+    assert p.entries[1][1] == {"num_features": 4, "eps": 1e-5, "momentum": 0.1,
+                               "activation": "relu"}
+    assert p.entries[5][1]["activation"] == "tanh" and p.entries[5][1]["momentum"] == 0.2
+    layers = p.layers()
+    assert repr(layers[1]) == "BatchNorm2d(4, activation='relu')"
+    assert "BatchNorm2d(4,relu) 4x5x5" in p.summary()
+    assert "BatchNorm1d(6,momentum=0.2,tanh) 6" in p.summary()
+    assert kinds(plan("conv(4,3)-bn-flatten-dense(3)", (1, 5, 5), 3))[1] == "BatchNorm2d"
+    assert plan("bn-flatten-dense(3)", (1, 5, 5), 3).entries[0][1]["activation"] == "identity"

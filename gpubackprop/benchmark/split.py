@@ -51,7 +51,10 @@ LAYER_CATEGORIES = {
                                           for op in ("filter", "filter_backward", "input",
                                                      "input_backward", "output",
                                                      "output_backward")}}),
-    "BatchNorm1d": ("batch norm", {}), "BatchNorm2d": ("batch norm", {}),
+    # a BatchNorm's fused activation: in the batch norm passes (the fused CPU set's relu), or
+    # the activation ops the layer composes with them (other sets, other activations)
+    **{bn: ("batch norm", {"activation": "activation", "act_backward": "activation"})
+       for bn in ("BatchNorm1d", "BatchNorm2d")},
     "LayerNorm": ("layer norm", {}), "Activation": ("activation", {}),
     "MaxPool2d": ("pooling", {}), "AvgPool2d": ("pooling", {}), "GlobalAvgPool2d": ("pooling", {}),
     "Residual": ("residual add", {}), "Dense": ("dense", {}), "Dropout": ("dropout", {}),
@@ -170,6 +173,12 @@ def categories_of(model):
         kind = type(layer).__name__
         if kind == "Conv2d":  # what its path runs: Winograd's or im2col's categories
             present.update(_conv_categories(layer))
+            continue
+        if kind in ("BatchNorm1d", "BatchNorm2d"):  # "activation" only for a composed one
+            act, be = layer.activation, getattr(layer, "backend", None)
+            if act != "identity" and (be is None or act not in getattr(
+                    be.ops, "batch_norm_activations", ())):
+                present.add("activation")
             continue
         present.update(LAYER_CATEGORIES.get(kind, (None, {}))[1].values())
     return [c for c in SPLIT_CATEGORIES if c in present or c == "rest"]

@@ -383,6 +383,13 @@ def _train(args, comm):
         if _flat_first(ckpt.architecture) and len(data.sample_shape) > 1:
             _flatten_data(data)
     model, plan = _model_from_config(cfg, data.sample_shape, n_classes, device, cfg["kernels"])
+    if ckpt is not None:
+        from gpubackprop.checkpoint import architecture, unfused_batch_norm
+
+        mine = architecture(model)
+        if ckpt.architecture != mine and ckpt.architecture == unfused_batch_norm(mine):
+            # saved before "bn-relu" became one BatchNorm(activation=): resumed as it was built
+            model = ckpt.build_model(device=device, kernels=cfg["kernels"])
     cfg["model_spec"] = plan.spec  # the preset expanded, for the record (not an option)
     loss = make_loss(cfg["loss"])
     opt = _optimizer_from_config(cfg)

@@ -11,6 +11,13 @@ modes, with γ and β of ``normalized_shape``.
 The arithmetic is in the backend's ops (``batch_norm_train``/``_eval``/``_backward``,
 ``layer_norm``/``_backward``: a reduction kernel and an elementwise one each); the forward keeps
 the per-group mean and 1/√(σ² + eps) for the backward.
+
+``BatchNorm1d/2d(activation=...)``: A = σ(Y) after the normalization, as BatchNorm then
+``Activation`` (the spec's ``bn-relu`` makes one such layer, as ``conv-relu`` does for Conv2d).
+A kernel set whose batch norm ops apply σ themselves lists it in ``batch_norm_activations`` (the
+fused CPU set: relu, in BN's normalize pass forward and as the mask inside its backward passes);
+otherwise the layer composes batch_norm_train then ``ops.activation``, and ``act_backward`` then
+batch_norm_backward (the reference set, CUDA), the same values.
 """
 
 import math
@@ -18,9 +25,10 @@ import numbers
 
 import numpy as np
 
+from gpubackprop.kernels.reference import ACTIVATIONS, saves_input
 from gpubackprop.layers.base import Layer, fmt_shape, no_backprop, shape_tuple, size_of
 from gpubackprop.layers.registry import SpecToken, register
-from gpubackprop.validation import positive_int
+from gpubackprop.validation import check_choice, positive_int
 
 
 def _eps(value):
@@ -37,10 +45,12 @@ def _contiguous(xp, a):
 class _NormWorkspace:
     """Buffers a normalization layer reuses for one batch size: Y, dX and the saved statistics."""
 
-    __slots__ = ("Y", "dX", "mean", "invstd", "var")
+    __slots__ = ("Y", "A", "dX", "mean", "invstd", "var")
 
-    def __init__(self, be, shape, groups):
+    def __init__(self, be, shape, groups, separate_A=False):
         self.Y = be.empty(shape)
+        # A = σ(Y), the layer's output: Y itself unless σ' is computed from Y (the gelus)
+        self.A = be.empty(shape) if separate_A else self.Y
         self.dX = be.empty(shape)
         self.mean = be.empty((groups,))
         self.invstd = be.empty((groups,))
@@ -50,7 +60,7 @@ class _NormWorkspace:
 class _BatchNorm(Layer):
     """What BatchNorm1d and BatchNorm2d share: all but the accepted input shapes."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, activation="identity"):
         self.num_features = positive_int(num_features, "num_features")
         self.eps = _eps(eps)
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
@@ -59,6 +69,7 @@ class _BatchNorm(Layer):
                              f"running = (1 − momentum)·running + momentum·batch), got "
                              f"{momentum!r}")
         self.momentum = float(momentum)
+        self.activation = check_choice(activation, ACTIVATIONS, "activation")
         self._workspaces = {}
 
     def __repr__(self):
@@ -67,6 +78,8 @@ class _BatchNorm(Layer):
             args.append(f"eps={self.eps!r}")
         if self.momentum != 0.1:
             args.append(f"momentum={self.momentum!r}")
+        if self.activation != "identity":
+            args.append(f"activation={self.activation!r}")
         return f"{type(self).__name__}({', '.join(args)})"
 
     # ---- declaring --------------------------------------------------------------------------------
@@ -92,7 +105,10 @@ class _BatchNorm(Layer):
                 "num_batches_tracked": np.zeros((), np.int64)}
 
     def config(self):
-        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum}
+        # No "activation" key for identity: such a layer's checkpoint is what it was before.
+        extra = {} if self.activation == "identity" else {"activation": self.activation}
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                **extra}
 
     # ---- running ----------------------------------------------------------------------------------
     def forward(self, X, train=False, input_grad=True):
@@ -100,26 +116,40 @@ class _BatchNorm(Layer):
         be = self.backend
         ops, p, st = be.ops, self.params, self.state
         weight, bias = p["weight"], p["bias"]
+        act = self.activation
+        # σ inside the batch norm ops (act_kw), or composed here with ops.activation/act_backward.
+        fused = act == "identity" or act in getattr(ops, "batch_norm_activations", ())
+        act_kw = {"activation": act} if act != "identity" and fused else {}
         if not train:
             Y = be.empty(X.shape)
-            ops.batch_norm_eval(X, weight, bias, st["running_mean"], st["running_var"], self.eps, Y)
+            ops.batch_norm_eval(X, weight, bias, st["running_mean"], st["running_var"], self.eps, Y,
+                                **act_kw)
+            if not fused:
+                ops.activation(Y, act, Y)
             return Y, no_backprop
         M = X.size // self.num_features  # values per channel: N·L
         if M < 2:
             raise ValueError(f"{self!r} input: expected more than 1 value per channel when "
                              f"training (as PyTorch), got input shape {tuple(X.shape)}")
-        ws = self.workspace(X.shape[0], lambda: _NormWorkspace(be, X.shape, self.num_features))
-        ops.batch_norm_train(X, weight, bias, self.eps, ws.Y, ws.mean, ws.invstd)
+        ws = self.workspace(X.shape[0], lambda: _NormWorkspace(be, X.shape, self.num_features,
+                                                               saves_input(act)))
+        ops.batch_norm_train(X, weight, bias, self.eps, ws.Y, ws.mean, ws.invstd, **act_kw)
+        if not fused:  # A = σ(Y): in place, or (σ' from Y: the gelus) into a buffer of its own
+            ops.activation(ws.Y, act, ws.A)
         self._update_running(ws, M)
         grads = self.grads
+        bwd_kw = {**act_kw, "A": ws.A} if act_kw else {}  # the ReLU's mask: from the saved A
 
-        def backprop(dY):
+        def backprop(dA):
             accumulate = self.take_accumulate()
-            ops.batch_norm_backward(_contiguous(be.xp, dY), X, weight, ws.mean, ws.invstd, ws.dX,
-                                    grads["weight"], grads["bias"], accumulate=accumulate)
+            dA = _contiguous(be.xp, dA)
+            if not fused:  # dZ into dX's buffer, then the batch norm backward in place
+                dA = ops.act_backward(dA, ws.Y if saves_input(act) else ws.A, act, ws.dX)
+            ops.batch_norm_backward(dA, X, weight, ws.mean, ws.invstd, ws.dX, grads["weight"],
+                                    grads["bias"], accumulate=accumulate, **bwd_kw)
             return ws.dX if input_grad else None
 
-        return ws.Y, backprop
+        return ws.A, backprop
 
     def _update_running(self, ws, M):
         """running ← (1 − m)·running + m·batch, the variance unbiased (× M/(M − 1)); on the device.
@@ -247,7 +277,7 @@ class LayerNorm(Layer):
 def _make_bn(ctx):  # BatchNorm2d on images, BatchNorm1d on vectors and sequences
     kind = "BatchNorm2d" if len(ctx.shape) == 3 else "BatchNorm1d"
     return [(kind, {"num_features": ctx.shape[0], "eps": ctx.params["eps"],
-                    "momentum": ctx.params["momentum"]})]
+                    "momentum": ctx.params["momentum"], "activation": ctx.activation})]
 
 
 def _make_ln(ctx):  # over the whole sample
@@ -257,6 +287,7 @@ def _make_ln(ctx):  # over the whole sample
 
 
 register(BatchNorm1d, SpecToken("bn", _make_bn, {"eps": ("eps", 1e-5), "momentum": ("unit", 0.1)},
+                                fuses_activation=True,
                                 help="bn(eps=1e-5,momentum=0.1)   batch norm (2d on images)"))
 register(BatchNorm2d)
 register(LayerNorm, SpecToken("ln", _make_ln, {"eps": ("eps", 1e-5)},
