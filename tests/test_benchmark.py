@@ -297,7 +297,8 @@ class _GemmRecorder:
     fused CPU recurrent kernels' np.dot calls (their Numba loops run as Python, the same code)."""
 
     _NUMBA = [f"_{m}_{d}_{how}" for m in ("rnn", "lstm", "gru") for d in ("forward", "backward")
-              for how in ("rows", "parallel")] + ["_rows_gemm_parallel", "_weight_gemm_parallel"]
+              for how in ("rows", "parallel")] + ["_rows_gemm_parallel", "_weight_gemm_parallel",
+                                                 "_lstm_forward_xh_rows", "_lstm_forward_xh_parallel"]
 
     def __init__(self, monkeypatch, be):
         from gpubackprop.kernels.cpu import recurrent
@@ -431,7 +432,9 @@ def test_plan_follows_the_recurrent_row_chunks(spec, monkeypatch):
     monkeypatch.setattr(c.model.backend.ops, "nchunks", 3)
     assert c.model.backend.ops.row_chunks("steps", 48) == 3
     gemms = _assert_plan_is_the_step(c, p, 48, monkeypatch)
-    assert ("recurrent hidden", 5, 16, 8, gemms[1][4]) in gemms
+    # the fused set's LSTM step GEMM is on [x_t, h_prev] (4 + 8 columns), the GRU's on h_prev
+    k = 12 if spec.startswith("lstm") else 8
+    assert ("recurrent hidden", 5, 16, k, gemms[1][4]) in gemms
     regions = benchmark.plan_step_schedule(p, 48, c.model)
     chunked = [r for r in regions if r.how == "row chunks"]
     assert chunked and all(len(r.lanes) == 3 for r in chunked)

@@ -179,6 +179,56 @@ def test_fused_cpu_steps_split_the_batch(cpu, rng):
     assert CpuOps(np, num_threads=2, parallel_min=0)._steps_chunks(2) == 2  # as warm_up runs it
 
 
+@pytest.mark.parametrize("dtype", rc.DTYPES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_fused_cpu_lstm_steps_with_the_input_projection(ref, rng, reverse, dtype):
+    """lstm_forward_steps(..., x=, W_ih=, b_ih=) (the projection in the loop, one GEMM a step on
+    [x_t, h_prev]) equals the reference's rows_gemm for gx and then its lstm_forward_steps: ragged
+    sizes, serial and split batches, gates kept or the last step's only, with and without b_ih;
+    gx is not read, and the inputs are not written."""
+    rtol = {"float32": 2e-5, "float64": 1e-12}[dtype]
+    assert CpuOps.lstm_input_in_steps and not hasattr(ref, "lstm_input_in_steps")
+    op = "lstm_forward_steps"
+    for (T, N, H, threads), F in zip(STEPS_SIZES, (1, 3, 11, 2, 29), strict=True):
+        ops = CpuOps(np, num_threads=threads)
+        for keep, with_b in ((None, True), (1, True), (None, False)):
+            a = rc.random_steps_args(rng, op, T, N, H, dtype, keep)
+            x = rng.uniform(-2, 2, (T, N, F)).astype(dtype)
+            W_ih = (rng.uniform(-2, 2, (4 * H, F)) / np.sqrt(H)).astype(dtype)
+            b_ih = rng.uniform(-2, 2, 4 * H).astype(dtype) if with_b else None
+            want = {k: v.copy() for k, v in a.items()}
+            ref.rows_gemm(x.reshape(T * N, F), W_ih.T, want["gx"].reshape(T * N, 4 * H), b_ih)
+            rc.call_steps(ref, op, want, reverse=reverse)
+            got = {k: v.copy() for k, v in a.items()}
+            got["gx"][...] = np.nan  # not read
+            inputs = [v.copy() for v in (x, W_ih, b_ih, got["W_hh"], got["b_hh"]) if v is not None]
+            rc.call_steps(ops, op, got, reverse=reverse, x=x, W_ih=W_ih, b_ih=b_ih)
+            what = f"T={T} N={N} H={H} F={F} {dtype} keep={keep} b_ih={with_b} threads={threads}"
+            for name in rc.STEPS_OUTPUTS[op]:
+                scale = max(1.0, float(np.abs(want[name]).max()))
+                np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * scale,
+                                           err_msg=f"{what}: {name}")
+            after = [v for v in (x, W_ih, b_ih, got["W_hh"], got["b_hh"]) if v is not None]
+            for before, now in zip(inputs, after, strict=True):
+                np.testing.assert_array_equal(now, before, err_msg=f"{what}: wrote an input")
+
+
+def test_fused_cpu_lstm_input_projection_argument_errors(cpu, rng):
+    op = "lstm_forward_steps"
+    a = rc.random_steps_args(rng, op, 3, 2, 4, "float64")
+    x, W_ih, b_ih = np.zeros((3, 2, 5)), np.zeros((16, 5)), np.zeros(16)
+    with pytest.raises(ValueError, match=r"x: expected shape \(3, 2, F\)"):
+        rc.call_steps(cpu, op, a, x=np.zeros((3, 3, 5)), W_ih=W_ih, b_ih=b_ih)
+    with pytest.raises(ValueError, match=r"W_ih: expected shape \(16, 5\)"):
+        rc.call_steps(cpu, op, a, x=x, W_ih=np.zeros((16, 4)), b_ih=b_ih)
+    with pytest.raises(ValueError, match=r"b_ih: expected shape \(16,\) and dtype float64"):
+        rc.call_steps(cpu, op, a, x=x, W_ih=W_ih, b_ih=np.zeros(12))
+    with pytest.raises(TypeError, match="x: expected dtype float64"):
+        rc.call_steps(cpu, op, a, x=x.astype(np.float32), W_ih=W_ih.astype(np.float32))
+    with pytest.raises(ValueError, match="W_ih and b_ih go with x"):
+        rc.call_steps(cpu, op, a, W_ih=W_ih)
+
+
 def test_fused_cpu_ops_run_their_own_gemms_whatever_matmul_says(ref, rng):
     """Given a wrapper of NumPy's GEMM (a timer, a capture recorder), the fused CPU loops and GEMM
     ops still call BLAS themselves: the same bits as without it; the reference calls the wrapper."""

@@ -198,7 +198,9 @@ def _recurrent_regions(kind, kw, T, N, first, ops):
     out = []
     # The fused CPU set's weight_gemm runs an RNN's or LSTM's two weight gradients as one GEMM.
     merged = kind != "GRU" and ops.row_chunks("weight_gemm", T * N) > 0
-    for what, count, m, k, n, op in _recurrent_ops(kind, kw, T, N, first, merged):
+    # and may run an LSTM's input projection in its forward time loop (ops.lstm_input_in_steps)
+    in_steps = kind == "LSTM" and getattr(ops, "lstm_input_in_steps", False)
+    for what, count, m, k, n, op in _recurrent_ops(kind, kw, T, N, first, merged, in_steps):
         split = "k" if SPLIT_AXIS.get(what) == "k" else "m"
         rows = k if split == "k" else m
         chunks = ops.row_chunks(op, rows)
@@ -263,10 +265,11 @@ def _encoder_gemms(kw, T, N, first):
     return out + _dense(rows, E, E, True, proj) + _dense(rows, E, F) + _dense(rows, F, E)
 
 
-def _recurrent_ops(kind, kw, T, N, first, merged=False):
+def _recurrent_ops(kind, kw, T, N, first, merged=False, in_steps=False):
     """A recurrent layer's GEMMs, each with the op that runs it (layers/recurrent.py): per layer
-    and direction the input projection (rows_gemm), the time loops' step GEMMs (forward and
-    backward; "steps"), the two weight gradients (weight_gemm; with ``merged`` one GEMM on
+    and direction the input projection (rows_gemm; with ``in_steps`` in the forward step GEMMs,
+    on [x_t, h_prev], as the fused CPU set runs an LSTM's), the time loops' step GEMMs (forward
+    and backward; "steps"), the two weight gradients (weight_gemm; with ``merged`` one GEMM on
     [x, h_prev], as the fused CPU set runs an RNN's or LSTM's) and the input gradient
     (rows_gemm)."""
     H, F, GH = kw["hidden_size"], kw["input_size"], GATES[kind] * kw["hidden_size"]
@@ -275,8 +278,10 @@ def _recurrent_ops(kind, kw, T, N, first, merged=False):
     for k in range(kw["num_layers"]):
         F_k = F if k == 0 else D * H
         for _ in range(D):
-            out.append(("recurrent input projection", 1, T * N, F_k, GH, "rows_gemm"))
-            out.append(("recurrent hidden", T, N, H, GH, "steps"))  # t = 0 too: h_0 may be given
+            if not in_steps:
+                out.append(("recurrent input projection", 1, T * N, F_k, GH, "rows_gemm"))
+            # t = 0 too: h_0 may be given
+            out.append(("recurrent hidden", T, N, F_k + H if in_steps else H, GH, "steps"))
             if T > 1:
                 out.append(("recurrent hidden gradient", T - 1, N, GH, H, "steps"))
             if merged:  # [dW_ih, dW_hh]

@@ -54,7 +54,8 @@ How it runs (time-major inside, so every per-step slice is contiguous), per laye
                                                                 the layer below's dout
 
 The fused CPU set runs each of these ops in the same row chunks of the batch, one thread each
-(see ``kernels/cpu/recurrent.py``).
+(see ``kernels/cpu/recurrent.py``); for an LSTM (``ops.lstm_input_in_steps``) it runs gx inside
+the forward time loop instead, one GEMM a step on [x_t, h_{t−1}] with [W_ih; W_hh]ᵀ.
 """
 
 import math
@@ -358,8 +359,11 @@ class _Recurrent(Layer):
                 j = k * D + d
                 gx, hs, gh = bufs.gx[k][d], bufs.hs[k][d], bufs.gh
                 gx2 = gx.reshape(T * N, GH)
-                ops.rows_gemm(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, gx2,
-                              self._b_ih[j] if self.bias else None, matmul=be.matmul)  # all steps
+                # A kernel set may run an LSTM's input projection in its time loop (kernels/cpu).
+                in_steps = mode == "LSTM" and getattr(ops, "lstm_input_in_steps", False)
+                if not in_steps:
+                    ops.rows_gemm(x.reshape(T * N, x.shape[2]), self._W_ih[j].T, gx2,
+                                  self._b_ih[j] if self.bias else None, matmul=be.matmul)  # all steps
                 first, last = (0, T) if d == 0 else (T, 0)
                 if h0 is None:
                     hs[first] = 0
@@ -377,6 +381,10 @@ class _Recurrent(Layer):
                 if mode == "RNN":
                     ops.rnn_forward_steps(gx, W_hh, b_hh, hs, gh, self.nonlinearity, reverse,
                                           matmul=be.matmul)
+                elif mode == "LSTM" and in_steps:
+                    ops.lstm_forward_steps(gx, W_hh, b_hh, hs, cs, saved, gh, reverse,
+                                           matmul=be.matmul, x=x, W_ih=self._W_ih[j],
+                                           b_ih=self._b_ih[j] if self.bias else None)
                 elif mode == "LSTM":
                     ops.lstm_forward_steps(gx, W_hh, b_hh, hs, cs, saved, gh, reverse,
                                            matmul=be.matmul)

@@ -21,7 +21,10 @@ Measured on the 2-core AMD EPYC (Zen 4) VM, benchmark networks, float32, batch 1
 with PyTorch 2.13 (step minima; × PyTorch the median of per-round ratios; a shared machine): with
 NumPy's OpenBLAS for every GEMM here, weight_gemm's transposed orientation, one GEMM for an LSTM's
 two weight gradients and no allocation per step, LSTM(28→128) → LastStep → Dense 16.0 -> 14.4 ms
-(× PyTorch 0.96 -> 1.09), 2-layer GRU(128) 31.6 -> 27.8 ms (× PyTorch 1.72 -> 1.95).
+(× PyTorch 0.96 -> 1.09), 2-layer GRU(128) 31.6 -> 27.8 ms (× PyTorch 1.72 -> 1.95). The LSTM's
+input projection in its forward time loop (``_lstm_forward_xh_rows``, no rows_gemm): its training
+step 13.97 -> 13.49 ms (interleaved rounds in one process, medians; the benchmark: × PyTorch 1.07
+-> 1.10, both on a machine shared with other jobs).
 """
 
 import threading
@@ -123,6 +126,28 @@ def _lstm_cell_rows(gx, gh, b, c_prev, h, c, gates, n0, n1):
         for j in range(H):  # o
             q = 3 * H + j
             gates[n, q] = _sigmoid(gx[n, q] + gh[n, q] + b[q], zero, one)
+        i, f, g, o = gates[n, :H], gates[n, H:2 * H], gates[n, 2 * H:3 * H], gates[n, 3 * H:]
+        for j in range(H):
+            ct = f[j] * c_prev[n, j] + i[j] * g[j]
+            c[n, j] = ct
+            h[n, j] = o[j] * _tanh(ct)
+
+
+@njit(cache=True, error_model="numpy")
+def _lstm_cell_xh_rows(gxh, b, c_prev, h, c, gates, n0, n1):
+    # _lstm_cell_rows for the fused input projection (_lstm_forward_xh_rows): gxh = [x_t, h_prev]
+    # [W_ih; W_hh]ᵀ holds both GEMMs' sums, b = b_ih + b_hh; the same loops, one operand fewer.
+    H = h.shape[1]
+    zero, one = h.dtype.type(0), h.dtype.type(1)
+    for n in range(n0, n1):
+        for j in range(2 * H):  # i, f
+            gates[n, j] = _sigmoid(gxh[n, j] + b[j], zero, one)
+        for j in range(H):  # g
+            q = 2 * H + j
+            gates[n, q] = _tanh(gxh[n, q] + b[q])
+        for j in range(H):  # o
+            q = 3 * H + j
+            gates[n, q] = _sigmoid(gxh[n, q] + b[q], zero, one)
         i, f, g, o = gates[n, :H], gates[n, H:2 * H], gates[n, 2 * H:3 * H], gates[n, 3 * H:]
         for j in range(H):
             ct = f[j] * c_prev[n, j] + i[j] * g[j]
@@ -239,6 +264,28 @@ def _lstm_forward_rows(gx, W_hhT, b, hs, cs, gates, gh, reverse, n0, n1):
 
 
 @njit(cache=True, error_model="numpy")
+def _lstm_forward_xh_rows(x, W_xhT, b, hs, cs, gates, gh, xh, reverse, n0, n1):
+    # The input projection inside the loop: per step the rows [x_t, h_prev] side by side in xh
+    # (N, F + H) and one GEMM with W_xhT = [W_ih; W_hh]ᵀ (F + H, 4H), so that gx = x W_ihᵀ is
+    # neither a GEMM over all T·N rows of its own nor written out and read back (7.3 MB for the
+    # LSTM benchmark). One thread, rows 0..63 of the LSTM(28 -> 128) benchmark: rows_gemm's half
+    # of the rows and the loop 4.45 ms, this 4.00.
+    T, F, H = x.shape[0], x.shape[2], hs.shape[2]
+    keep = gates.shape[0] == T
+    for s in range(T):
+        t, p, c = _step(s, T, reverse)
+        xt, hp = x[t], hs[p]
+        for n in range(n0, n1):
+            r, a, q = xh[n], xt[n], hp[n]
+            for j in range(F):
+                r[j] = a[j]
+            for j in range(H):
+                r[F + j] = q[j]
+        _gemm(xh[n0:n1], W_xhT, gh[n0:n1])
+        _lstm_cell_xh_rows(gh, b, cs[p], hs[c], cs[c], gates[t if keep else 0], n0, n1)
+
+
+@njit(cache=True, error_model="numpy")
 def _lstm_backward_rows(dout, W_hh, cs, gates, dgates, dh, dc, reverse, state_grad, n0, n1):
     T = dout.shape[0]
     for s in range(T - 1, -1, -1):
@@ -292,6 +339,13 @@ def _lstm_forward_parallel(gx, W_hhT, b, hs, cs, gates, gh, reverse, nchunks):
     for ch in prange(nchunks):
         n0, n1 = _span(ch, nchunks, gx.shape[1])
         _lstm_forward_rows(gx, W_hhT, b, hs, cs, gates, gh, reverse, n0, n1)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _lstm_forward_xh_parallel(x, W_xhT, b, hs, cs, gates, gh, xh, reverse, nchunks):
+    for ch in prange(nchunks):
+        n0, n1 = _span(ch, nchunks, x.shape[1])
+        _lstm_forward_xh_rows(x, W_xhT, b, hs, cs, gates, gh, xh, reverse, n0, n1)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -570,15 +624,64 @@ class RecurrentOps:
                         (*arrays, act, bool(reverse), bool(state_grad)))
         return dpre, dh
 
-    def lstm_forward_steps(self, gx, W_hh, b_hh, hs, cs, gates, gh, reverse=False, matmul=None):
-        """All T steps of one LSTM direction in one call (see the reference op)."""
+    # The recurrent layers give lstm_forward_steps the layer's input (x, W_ih, b_ih) where a kernel
+    # set says so here, and then make no rows_gemm for gx: the input projection runs in the time
+    # loop, each step's [x_t, h_prev] one GEMM with [W_ih; W_hh]ᵀ (_lstm_forward_xh_rows).
+    lstm_input_in_steps = True
+
+    def lstm_forward_steps(self, gx, W_hh, b_hh, hs, cs, gates, gh, reverse=False, matmul=None,
+                           x=None, W_ih=None, b_ih=None):
+        """All T steps of one LSTM direction in one call (see the reference op). With x (T, N, F)
+        and W_ih (4H, F) (and b_ih (4H,) or None) the step's pre-activations are
+        [x_t, h_prev] [W_ih; W_hh]ᵀ + (b_ih + b_hh), the input projection computed here; gx is
+        then not read (the layer's buffer for it, which its backward overwrites)."""
         arrays = (gx, W_hh, b_hh, hs, cs, gates, gh)
         checks.float_arrays(STEPS_NAMES["lstm_forward_steps"], *arrays)
-        _, N, _ = check_steps("lstm_forward_steps", arrays)
-        W_hhT = self._hidden_operand(W_hh)  # (H, 4H)
-        self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
-                        (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
+        T, N, H = check_steps("lstm_forward_steps", arrays)
+        if x is None:
+            if W_ih is not None or b_ih is not None:
+                raise ValueError("lstm_forward_steps: W_ih and b_ih go with x (the layer's input); "
+                                 "got them without x")
+            W_hhT = self._hidden_operand(W_hh)  # (H, 4H)
+            self._run_steps(_lstm_forward_rows, _lstm_forward_parallel, N,
+                            (gx, W_hhT, b_hh, hs, cs, gates, gh, bool(reverse)))
+            return hs, cs
+        W_xhT, b = self._input_operands(x, W_ih, b_ih, W_hh, b_hh, T, N, H)
+        xh = self._recurrent_buffer("xh", (N, W_xhT.shape[0]), hs.dtype)
+        self._run_steps(_lstm_forward_xh_rows, _lstm_forward_xh_parallel, N,
+                        (x, W_xhT, b, hs, cs, gates, gh, xh, bool(reverse)))
         return hs, cs
+
+    def _input_operands(self, x, W_ih, b_ih, W_hh, b_hh, T, N, H):
+        """[W_ih; W_hh]ᵀ (F + H, G·H) C-contiguous and b_ih + b_hh (b_hh without b_ih), in kept
+        buffers, for a time loop that runs the input projection; x, W_ih and b_ih checked."""
+        dtype = W_hh.dtype
+        checks.float_arrays(("x", "W_ih"), x, W_ih)
+        for name, a in (("x", x), ("W_ih", W_ih)):
+            if a.dtype != dtype:
+                raise TypeError(f"{name}: expected dtype {dtype} (as W_hh), got {a.dtype}")
+        GH = W_hh.shape[0]
+        if x.ndim != 3 or tuple(x.shape[:2]) != (T, N) or x.shape[2] < 1:
+            raise ValueError(f"x: expected shape ({T}, {N}, F) (time steps, batch as hs; F >= 1 "
+                             f"input features), got shape {tuple(x.shape)}")
+        F = x.shape[2]
+        if tuple(W_ih.shape) != (GH, F):
+            raise ValueError(f"W_ih: expected shape {(GH, F)} (as W_hh's rows, x's features), got "
+                             f"shape {tuple(W_ih.shape)}")
+        W_xhT = self._recurrent_buffer("W_xhT", (F + H, GH), dtype)
+        np.copyto(W_xhT[:F], W_ih.T)
+        np.copyto(W_xhT[F:], W_hh.T)
+        b = self._recurrent_buffer("b_ih + b_hh", (GH,), dtype)
+        if b_ih is None:
+            np.copyto(b, b_hh)
+        else:
+            if getattr(b_ih, "dtype", None) != dtype or tuple(b_ih.shape) != (GH,):
+                got = (f"shape {tuple(b_ih.shape)}, dtype {b_ih.dtype}" if hasattr(b_ih, "shape")
+                       else type(b_ih).__name__)
+                raise ValueError(f"b_ih: expected shape {(GH,)} and dtype {dtype} (as b_hh), got "
+                                 f"{got}")
+            np.add(b_ih, b_hh, out=b)
+        return W_xhT, b
 
     def lstm_backward_steps(self, dout, W_hh, cs, gates, dgates, dh, dc, reverse=False,
                             state_grad=True, matmul=None):
