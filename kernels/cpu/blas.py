@@ -169,8 +169,30 @@ def blas_libraries():
         return _controller[0]
 
 
+class _OneBlasThread:
+    """``one_blas_thread``'s context: each BLAS library's thread count read, set to 1 where it is
+    not 1 already, and put back on exit. Direct calls on the controller's libraries: threadpoolctl's
+    ``limit`` re-reads every library's info on entry and exit: 11.6 µs a context on the 2-core EPYC
+    against 5.0 here (medians), and an LSTM training step enters four."""
+
+    __slots__ = ("_saved",)
+
+    def __enter__(self):
+        self._saved = [(lib, lib.num_threads) for lib in blas_libraries().lib_controllers]
+        for lib, n in self._saved:
+            if n != 1:
+                lib.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in self._saved:
+            if n != 1:
+                lib.set_num_threads(n)
+        return False
+
+
 def one_blas_thread():
     """A context in which BLAS runs on the calling thread only: where the fused set splits the work
     over the cores itself (a recurrent time loop's row chunks, Conv2d's two halves), a threaded
     BLAS inside, or its threads left spinning after a GEMM, would fight that split for the cores."""
-    return blas_libraries().limit(limits=1)
+    return _OneBlasThread()
