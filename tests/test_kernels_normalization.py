@@ -277,7 +277,7 @@ def test_batch_norm_relu_equals_the_composition(ops, rng, shape, dtype, accumula
     assert (A >= 0).all() and (X.size < 4 or (A == 0).any())
     dg, db = start[0].copy(), start[1].copy()
     dX = ops.batch_norm_backward(dA, X, gamma, m, s, np.empty_like(X), dg, db,
-                                 accumulate=accumulate, activation="relu", A=A)
+                                 accumulate=accumulate, activation="relu", beta=beta)
     dZr = REF.act_backward(dA, ref[0], "relu", np.empty_like(X))
     scales = nc._backward_scales("batch", X, gamma, ref[1], ref[2], dZr, start)
     for what, got, r, o, scale in zip(("A", "mean", "invstd", "dX", "dgamma", "dbeta"),
@@ -288,7 +288,7 @@ def test_batch_norm_relu_equals_the_composition(ops, rng, shape, dtype, accumula
     dAi = dA.copy()  # dX in place of dA
     dg2, db2 = start[0].copy(), start[1].copy()
     ops.batch_norm_backward(dAi, X, gamma, m, s, dAi, dg2, db2, accumulate=accumulate,
-                            activation="relu", A=A)
+                            activation="relu", beta=beta)
     for got, want in ((dAi, dX), (dg2, dg), (db2, db)):
         np.testing.assert_array_equal(got, want)
     rm, rv = nc.random(rng, C, dtype), np.abs(nc.random(rng, C, dtype)) + 0.5
@@ -302,9 +302,9 @@ def test_batch_norm_activation_errors(ops):
     m, s = np.zeros(3, np.float32), np.ones(3, np.float32)
     with pytest.raises(ValueError, match=r"activation: expected one of \('identity', 'relu'\)"):
         ops.batch_norm_train(X, g, g, nc.EPS, np.empty_like(X), m, s, activation="tanh")
-    with pytest.raises(ValueError, match=r"A: the forward's output is needed"):
+    with pytest.raises(ValueError, match=r"beta: the forward's β is needed"):
         ops.batch_norm_backward(X, X, g, m, s, np.empty_like(X), m.copy(), s.copy(),
                                 activation="relu")
-    with pytest.raises(ValueError, match=r"A: expected shape \(4, 3, 5\)"):
+    with pytest.raises(ValueError, match=r"beta: expected shape \(3,\)"):
         ops.batch_norm_backward(X, X, g, m, s, np.empty_like(X), m.copy(), s.copy(),
-                                activation="relu", A=np.zeros((4, 3, 4), np.float32))
+                                activation="relu", beta=np.zeros(4, np.float32))

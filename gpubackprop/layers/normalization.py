@@ -138,7 +138,7 @@ class _BatchNorm(Layer):
             ops.activation(ws.Y, act, ws.A)
         self._update_running(ws, M)
         grads = self.grads
-        bwd_kw = {**act_kw, "A": ws.A} if act_kw else {}  # the ReLU's mask: from the saved A
+        bwd_kw = {**act_kw, "beta": bias} if act_kw else {}  # the ReLU's mask: from X, γ, β
 
         def backprop(dA):
             accumulate = self.take_accumulate()

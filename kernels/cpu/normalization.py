@@ -233,11 +233,15 @@ def _bn_apply_rows(X, gamma, beta, shift, scale, Y, n0, n1, relu):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _masked(dy, a, zero, relu):
-    """dY, or with ``relu`` dZ = dY where the saved output A > 0, else 0 (act_backward's ReLU:
-    the mask is read here instead of a dZ buffer written and read again)."""
+def _masked(dy, x, m, s, g, b, zero, relu):
+    """dY, or with ``relu`` dZ = dY where the forward's output A > 0, else 0 (act_backward's
+    ReLU). A > 0 exactly where x̂·γ + β > 0, x̂ = (x − mean)·invstd: recomputed from X, which
+    these passes read anyway, in the dtype and in the order of the forward's normalize pass
+    (_bn_apply_body: ((x − m)·s)·γ + β, no contraction), so the mask is the saved A's bit for
+    bit, without reading A (64x32x32x32 float32, one thread: the backward with the mask read
+    from A 1.98 ms, recomputed 1.50 ms; BN alone 1.47-1.52, BN + act_backward 2.07-2.11)."""
     if relu:
-        return dy if a > zero else zero
+        return dy if (x - m) * s * g + b > zero else zero
     return dy
 
 
@@ -249,7 +253,7 @@ def _grad_terms(dy, x, m, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _add_grad_lanes(acc_a, acc_b, dy, x, a, base, L, m, s, relu):
+def _add_grad_lanes(acc_a, acc_b, dy, x, base, L, m, s, g, b, relu):
     """acc_a[l mod LANES] += dY, acc_b[l mod LANES] += dY·x̂ over one row, float64, positions
     l and l + LANES of each 2·LANES block paired first (as _add_lanes); dY masked by A > 0
     with ``relu``."""
@@ -263,9 +267,10 @@ def _add_grad_lanes(acc_a, acc_b, dy, x, a, base, L, m, s, relu):
         if blk < nb:
             n = K
             for t in range(n):
-                g0, h0 = _grad_terms(_masked(dy[j + t], a[j + t], zero, relu), x[j + t], m,
+                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu), x[j + t], m,
                                      s)
-                g1, h1 = _grad_terms(_masked(dy[j + K + t], a[j + K + t], zero, relu),
+                g1, h1 = _grad_terms(_masked(dy[j + K + t], x[j + K + t], m, s, g, b, zero,
+                                             relu),
                                      x[j + K + t], m, s)
                 acc_a[t] += g0 + g1
                 acc_b[t] += h0 + h1
@@ -273,35 +278,36 @@ def _add_grad_lanes(acc_a, acc_b, dy, x, a, base, L, m, s, relu):
             r = u(L) - nb * K2
             n = min(r, K)
             for t in range(n):
-                g0, h0 = _grad_terms(_masked(dy[j + t], a[j + t], zero, relu), x[j + t], m,
+                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu), x[j + t], m,
                                      s)
                 acc_a[t] += g0
                 acc_b[t] += h0
             for t in range(r - n):
-                g1, h1 = _grad_terms(_masked(dy[j + K + t], a[j + K + t], zero, relu),
+                g1, h1 = _grad_terms(_masked(dy[j + K + t], x[j + K + t], m, s, g, b, zero,
+                                             relu),
                                      x[j + K + t], m, s)
                 acc_a[t] += g1
                 acc_b[t] += h1
 
 
 @njit(cache=True, error_model="numpy")
-def _bn_grad_sums_channels(dY, X, A, mean, invstd, sums, c0, c1, relu):
+def _bn_grad_sums_channels(dY, X, gamma, beta, mean, invstd, sums, c0, c1, relu):
     """sums[0, c] = Σ dY, sums[1, c] = Σ dY·x̂ for channels c0..c1, rounded to the dtype (dY
-    masked by A > 0 with ``relu``; A unread without). Deliberate float64 accumulator (module
+    masked by A > 0 with ``relu``, A from γ and β; unread without). Deliberate float64 accumulator (module
     docstring), over lanes (or, for rows shorter than LANES, columns) as in _bn_stats_channels."""
     if relu:
-        _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, True)
+        _bn_grad_sums_body(dY, X, gamma, beta, mean, invstd, sums, c0, c1, True)
     else:
-        _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, False)
+        _bn_grad_sums_body(dY, X, gamma, beta, mean, invstd, sums, c0, c1, False)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, relu):
+def _bn_grad_sums_body(dY, X, gamma, beta, mean, invstd, sums, c0, c1, relu):
     N, C, L = X.shape
     w = c1 - c0
     u = np.uint64
     zero = X.dtype.type(0)
-    x, dy, av = X.reshape(-1), dY.reshape(-1), A.reshape(-1)
+    x, dy = X.reshape(-1), dY.reshape(-1)
     if L < LANES:
         a = np.empty(w)
         b = np.empty(w)
@@ -310,12 +316,14 @@ def _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, relu):
             b1 = min(c1, b0 + cb)
             nc = b1 - b0
             m, s = _columns(mean, L, b0, b1), _columns(invstd, L, b0, b1)
+            gc, bc = _columns(gamma, L, b0, b1), _columns(beta, L, b0, b1)
             cols_a = np.zeros(nc * L)
             cols_b = np.zeros(nc * L)
             for n in range(N):
                 base = u((n * C + b0) * L)
                 for j in range(u(nc * L)):
-                    g, h = _grad_terms(_masked(dy[base + j], av[base + j], zero, relu),
+                    g, h = _grad_terms(_masked(dy[base + j], x[base + j], m[j], s[j], gc[j], bc[j],
+                                               zero, relu),
                                        x[base + j], m[j], s[j])
                     cols_a[j] += g
                     cols_b[j] += h
@@ -328,8 +336,8 @@ def _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, relu):
         acc_b = np.zeros((w, LANES))
         for n in range(N):
             for c in range(w):
-                _add_grad_lanes(acc_a[c], acc_b[c], dy, x, av, u((n * C + c0 + c) * L), L,
-                                mean[c0 + c], invstd[c0 + c], relu)
+                _add_grad_lanes(acc_a[c], acc_b[c], dy, x, u((n * C + c0 + c) * L), L,
+                                mean[c0 + c], invstd[c0 + c], gamma[c0 + c], beta[c0 + c], relu)
         for c in range(w):
             a[c] = _lanes_total(acc_a[c])
             b[c] = _lanes_total(acc_b[c])
@@ -340,7 +348,7 @@ def _bn_grad_sums_body(dY, X, A, mean, invstd, sums, c0, c1, relu):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _bn_dx_body(dy, x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, relu):
+def _bn_dx_body(dy, x, dx, N, C, L, gamma, beta, mean, invstd, sums, n0, n1, relu):
     """dX = γ·invstd/M·(M·dY − Σ dY − x̂·Σ dY·x̂) for samples n0..n1 (flat arrays), dY masked by
     A > 0 with ``relu`` (a constant here); rows shorter than SHORT_ROWS as one loop over each
     sample's C·L values (as _bn_apply_rows)."""
@@ -354,38 +362,40 @@ def _bn_dx_body(dy, x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, relu):
     if L < SHORT_ROWS:
         mc, sc, kc = _columns(mean, L, 0, C), _columns(invstd, L, 0, C), _columns(k, L, 0, C)
         dbc, dgc = _columns(db, L, 0, C), _columns(dg, L, 0, C)
+        gc, bc = _columns(gamma, L, 0, C), _columns(beta, L, 0, C)
         for n in range(n0, n1):
             base = u(n * C * L)
             for j in range(u(C * L)):
                 xh = (x[base + j] - mc[j]) * sc[j]
-                d = _masked(dy[base + j], a[base + j], zero, relu)
+                d = _masked(dy[base + j], x[base + j], mc[j], sc[j], gc[j], bc[j], zero, relu)
                 dx[base + j] = kc[j] * (fM * d - dbc[j] - xh * dgc[j])
     else:
         for n in range(n0, n1):
             for c in range(C):
                 m, s, kc, dbc, dgc = mean[c], invstd[c], k[c], db[c], dg[c]
+                g, b = gamma[c], beta[c]
                 base = u((n * C + c) * L)
                 for l in range(u(L)):  # noqa: E741
                     xh = (x[base + l] - m) * s
-                    d = _masked(dy[base + l], a[base + l], zero, relu)
+                    d = _masked(dy[base + l], x[base + l], m, s, g, b, zero, relu)
                     dx[base + l] = kc * (fM * d - dbc - xh * dgc)
 
 
 @njit(cache=True, error_model="numpy")
-def _bn_dx_rows(dY, X, A, gamma, mean, invstd, sums, dX, n0, n1, relu):
+def _bn_dx_rows(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu):
     N, C, L = X.shape
-    x, a, dx = X.reshape(-1), A.reshape(-1), dX.reshape(-1)
+    x, dx = X.reshape(-1), dX.reshape(-1)
     if _same_buffer(dX, dY):
         # dX is dY: one name for the one buffer, else LLVM's runtime alias check fails and the
         # loop runs scalar (64x32x256 float32 in place: 0.57 ms, with one name 0.24 ms).
         if relu:
-            _bn_dx_body(dx, x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, True)
+            _bn_dx_body(dx, x, dx, N, C, L, gamma, beta, mean, invstd, sums, n0, n1, True)
         else:
-            _bn_dx_body(dx, x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, False)
+            _bn_dx_body(dx, x, dx, N, C, L, gamma, beta, mean, invstd, sums, n0, n1, False)
     elif relu:
-        _bn_dx_body(dY.reshape(-1), x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, True)
+        _bn_dx_body(dY.reshape(-1), x, dx, N, C, L, gamma, beta, mean, invstd, sums, n0, n1, True)
     else:
-        _bn_dx_body(dY.reshape(-1), x, a, dx, N, C, L, gamma, mean, invstd, sums, n0, n1, False)
+        _bn_dx_body(dY.reshape(-1), x, dx, N, C, L, gamma, beta, mean, invstd, sums, n0, n1, False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -431,24 +441,24 @@ def _bn_eval_parallel(X, gamma, beta, running_mean, running_var, eps, Y, relu, n
 
 
 @njit(cache=True, error_model="numpy")
-def _bn_backward_serial(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, A, relu):
+def _bn_backward_serial(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, beta, relu):
     sums = np.empty((2, X.shape[1]), X.dtype)
-    _bn_grad_sums_channels(dY, X, A, mean, invstd, sums, 0, X.shape[1], relu)
-    _bn_dx_rows(dY, X, A, gamma, mean, invstd, sums, dX, 0, X.shape[0], relu)
+    _bn_grad_sums_channels(dY, X, gamma, beta, mean, invstd, sums, 0, X.shape[1], relu)
+    _bn_dx_rows(dY, X, gamma, beta, mean, invstd, sums, dX, 0, X.shape[0], relu)
     _write_param_grads(sums, dgamma, dbeta, accumulate)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _bn_backward_parallel(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, A, relu,
+def _bn_backward_parallel(dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate, beta, relu,
                           nchunks):
     N, C, _ = X.shape
     sums = np.empty((2, C), X.dtype)
     for k in prange(nchunks):
         c0, c1 = _span(k, nchunks, C)
-        _bn_grad_sums_channels(dY, X, A, mean, invstd, sums, c0, c1, relu)
+        _bn_grad_sums_channels(dY, X, gamma, beta, mean, invstd, sums, c0, c1, relu)
     for k in prange(nchunks):
         n0, n1 = _span(k, nchunks, N)
-        _bn_dx_rows(dY, X, A, gamma, mean, invstd, sums, dX, n0, n1, relu)
+        _bn_dx_rows(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu)
     _write_param_grads(sums, dgamma, dbeta, accumulate)
 
 
@@ -616,13 +626,13 @@ class NormalizationOps:
     """Fused normalization ops (a mixin of ``CpuOps``: uses its parallel thresholds).
 
     BatchNorm + ReLU: the ReLU is applied in batch_norm_train's (and _eval's) normalize pass,
-    which writes A = max(Y, 0) only, and its backward mask is read from the saved A inside
-    batch_norm_backward's two passes (dZ = dA where A > 0): the Activation layer's own pass
-    forward and the act_backward pass (read dA and A, write dZ) are gone, BN's passes read A as
-    one more input. The values are those of BN then ops.activation / act_backward, bit for bit.
-    Measured side by side, one thread, 64x32x32x32 float32 (VGG's first layers), composed ->
-    fused: forward 1.26 -> 0.77 ms (BN alone 0.69), backward 2.07 -> 1.98 ms (BN alone 1.52:
-    reading A in both passes costs about what the act_backward pass did).
+    which writes A = max(Y, 0) only, and its backward mask (dZ = dA where A > 0) is applied
+    inside batch_norm_backward's two passes, A's sign recomputed from the X they read (_masked):
+    the Activation layer's own pass forward and the act_backward pass (read dA and A, write dZ)
+    are gone, and the backward reads nothing more than BN's. The values are those of BN then
+    ops.activation / act_backward, bit for bit. Measured side by side, one thread, 64x32x32x32
+    float32 (VGG's first layers), composed -> fused: forward 1.26 -> 0.77 ms (BN alone 0.69),
+    backward 2.07 -> 1.50 ms (BN alone 1.47-1.52; with the mask read from a saved A: 1.98).
     """
 
     batch_norm_activations = BATCH_NORM_ACTIVATIONS
@@ -662,21 +672,22 @@ class NormalizationOps:
         return Y
 
     def batch_norm_backward(self, dY, X, gamma, mean, invstd, dX, dgamma, dbeta, accumulate=False,
-                            activation="identity", A=None):
+                            activation="identity", beta=None):
         """dX; dγ = Σ dZ·x̂ and dβ = Σ dZ per channel (written, or added when ``accumulate``),
-        dZ = dY for identity, dY where A > 0 else 0 for relu (A: the forward's output, needed
-        then). dX may be dY."""
+        dZ = dY for identity, for relu dY where the forward's output A > 0 else 0 (A's sign
+        recomputed from X, γ and the forward's ``beta``, needed then). dX may be dY."""
         relu = _relu_flag(activation)
-        if relu and A is None:
-            raise ValueError("A: the forward's output is needed for activation='relu'")
-        A = A if relu else X  # unread without the ReLU: any array of the kernel's type
-        checks.float_arrays(checks.NAMES_NORM_BACKWARD + ("A",), dY, X, gamma, mean, invstd, dX,
-                            dgamma, dbeta, A)
+        if relu and beta is None:
+            raise ValueError("beta: the forward's β is needed for activation='relu' (the mask "
+                             "A > 0 is recomputed from it)")
+        beta = beta if relu else gamma  # unread without the ReLU: any array of the kernel's type
+        checks.float_arrays(checks.NAMES_NORM_BACKWARD + ("beta",), dY, X, gamma, mean, invstd,
+                            dX, dgamma, dbeta, beta)
         checks.check_batch_norm(X, (("gamma", gamma), ("mean", mean), ("invstd", invstd),
-                                    ("dgamma", dgamma), ("dbeta", dbeta)),
-                                (("dY", dY), ("dX", dX), ("A", A)))
+                                    ("dgamma", dgamma), ("dbeta", dbeta), ("beta", beta)),
+                                (("dY", dY), ("dX", dX)))
         args = (_as_ncl(dY), _as_ncl(X), gamma, mean, invstd, _as_ncl(dX), dgamma, dbeta,
-                bool(accumulate), _as_ncl(A), relu)
+                bool(accumulate), beta, relu)
         if self._norm_parallel(X):
             _bn_backward_parallel(*args, self.nchunks)
         else:
