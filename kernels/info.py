@@ -145,6 +145,10 @@ def run_every_op(ops, dtype):
             ops.rnn_backward_steps(seq(1), W1, seq(1, 3), seq(1), cell(1), act, reverse)
         ops.lstm_forward_steps(seq(4), W4, xp.zeros(4, dt), seq(1, 3), seq(1, 3), seq(4), cell(4),
                                reverse)
+        if getattr(ops, "lstm_input_in_steps", False):  # the input projection in the loop
+            ops.lstm_forward_steps(seq(4), W4, xp.zeros(4, dt), seq(1, 3), seq(1, 3), seq(4),
+                                   cell(4), reverse, x=seq(2), W_ih=xp.zeros((4, 2), dt),
+                                   b_ih=xp.zeros(4, dt))
         ops.lstm_backward_steps(seq(1), W4, seq(1, 3), seq(4), seq(4), cell(1), cell(1), reverse)
         ops.gru_forward_steps(seq(3), W3, xp.zeros(3, dt), seq(1, 3), seq(4), cell(3), reverse)
         ops.gru_backward_steps(seq(1), W3, seq(1, 3), seq(4), seq(3), seq(3), cell(1), cell(1),
