@@ -267,8 +267,8 @@ def _add_grad_lanes(acc_a, acc_b, dy, x, base, L, m, s, g, b, relu):
         if blk < nb:
             n = K
             for t in range(n):
-                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu), x[j + t], m,
-                                     s)
+                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu),
+                                     x[j + t], m, s)
                 g1, h1 = _grad_terms(_masked(dy[j + K + t], x[j + K + t], m, s, g, b, zero,
                                              relu),
                                      x[j + K + t], m, s)
@@ -278,8 +278,8 @@ def _add_grad_lanes(acc_a, acc_b, dy, x, base, L, m, s, g, b, relu):
             r = u(L) - nb * K2
             n = min(r, K)
             for t in range(n):
-                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu), x[j + t], m,
-                                     s)
+                g0, h0 = _grad_terms(_masked(dy[j + t], x[j + t], m, s, g, b, zero, relu),
+                                     x[j + t], m, s)
                 acc_a[t] += g0
                 acc_b[t] += h0
             for t in range(r - n):
@@ -293,8 +293,9 @@ def _add_grad_lanes(acc_a, acc_b, dy, x, base, L, m, s, g, b, relu):
 @njit(cache=True, error_model="numpy")
 def _bn_grad_sums_channels(dY, X, gamma, beta, mean, invstd, sums, c0, c1, relu):
     """sums[0, c] = Σ dY, sums[1, c] = Σ dY·x̂ for channels c0..c1, rounded to the dtype (dY
-    masked by A > 0 with ``relu``, A from γ and β; unread without). Deliberate float64 accumulator (module
-    docstring), over lanes (or, for rows shorter than LANES, columns) as in _bn_stats_channels."""
+    masked by A > 0 with ``relu``, A from γ and β; unread without). Deliberate float64
+    accumulator (module docstring), over lanes (or, for rows shorter than LANES, columns) as
+    in _bn_stats_channels."""
     if relu:
         _bn_grad_sums_body(dY, X, gamma, beta, mean, invstd, sums, c0, c1, True)
     else:
