@@ -109,6 +109,16 @@ def _rnn_cell_backward_rows(dh_out, dh_rec, h, dpre, act, n0, n1):
 
 
 # ---- LSTM (gates i, f, g, o) -------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _lstm_state_row(gates, c_prev, h, c, n, H):
+    """Row n of c_t = f ⊙ c_{t-1} + i ⊙ g and h_t = o ⊙ tanh(c_t) from its activated gates."""
+    i, f, g, o = gates[n, :H], gates[n, H:2 * H], gates[n, 2 * H:3 * H], gates[n, 3 * H:]
+    for j in range(H):
+        ct = f[j] * c_prev[n, j] + i[j] * g[j]
+        c[n, j] = ct
+        h[n, j] = o[j] * _tanh(ct)
+
+
 @njit(cache=True, error_model="numpy")
 def _lstm_cell_rows(gx, gh, b, c_prev, h, c, gates, n0, n1):
     # Row by row, one loop per kind of gate and one for the state: each loop runs one activation
@@ -126,11 +136,7 @@ def _lstm_cell_rows(gx, gh, b, c_prev, h, c, gates, n0, n1):
         for j in range(H):  # o
             q = 3 * H + j
             gates[n, q] = _sigmoid(gx[n, q] + gh[n, q] + b[q], zero, one)
-        i, f, g, o = gates[n, :H], gates[n, H:2 * H], gates[n, 2 * H:3 * H], gates[n, 3 * H:]
-        for j in range(H):
-            ct = f[j] * c_prev[n, j] + i[j] * g[j]
-            c[n, j] = ct
-            h[n, j] = o[j] * _tanh(ct)
+        _lstm_state_row(gates, c_prev, h, c, n, H)
 
 
 @njit(cache=True, error_model="numpy")
@@ -148,11 +154,7 @@ def _lstm_cell_xh_rows(gxh, b, c_prev, h, c, gates, n0, n1):
         for j in range(H):  # o
             q = 3 * H + j
             gates[n, q] = _sigmoid(gxh[n, q] + b[q], zero, one)
-        i, f, g, o = gates[n, :H], gates[n, H:2 * H], gates[n, 2 * H:3 * H], gates[n, 3 * H:]
-        for j in range(H):
-            ct = f[j] * c_prev[n, j] + i[j] * g[j]
-            c[n, j] = ct
-            h[n, j] = o[j] * _tanh(ct)
+        _lstm_state_row(gates, c_prev, h, c, n, H)
 
 
 @njit(cache=True, error_model="numpy")
