@@ -54,7 +54,11 @@ def markdown(results):
     out.append(f"float32, softmax cross-entropy, SGD lr {m['lr']} momentum {m['momentum']}. "
                f"Interleaved: {m['rounds']} rounds of ~{m['block_s']} s blocks per contender in "
                f"rotating order, {m['quiesce_s']} s pause before each CPU block (other libraries' "
-               f"thread pools stop spinning), device synchronised before each clock read; "
+               f"thread pools stop spinning)"
+               + (f", then {m['prime_calls']} untimed call{'s' * (m['prime_calls'] != 1)} (the "
+                  f"contender's own threads and caches warm again: a block times steady steps)"
+                  if m.get("prime_calls") else "")
+               + f", device synchronised before each clock read; "
                f"throughputs are medians over rounds, ratios medians of per-round ratios."
                + (" **Quick mode: tiny sizes, numbers meaningless.**" if results.get("quick")
                   else ""))

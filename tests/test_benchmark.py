@@ -80,6 +80,18 @@ def test_timer_runs_interleaved_and_counts_rounds():
     assert timed == list("abc") + list("bca") + list("cab")
 
 
+def test_timer_primes_each_cpu_block_after_its_pause():
+    # After the pause before a CPU block, prime_calls untimed calls, then the timed ones: with one
+    # timed call a block, each contender's block is two calls in a row.
+    calls = []
+    cs = [benchmark.Contender(name, lambda n=name: calls.append(n)) for name in "ab"]
+    timer = benchmark.Timer(rounds=2, block_s=0.0, warmup_s=0.0, quiesce_s=0.001,
+                            max_wait_s=0.001, prime_calls=1)
+    timer.run(cs)
+    assert calls[-8:] == list("aabb") + list("bbaa")
+    assert len(timer.busy) == 4  # one pause a block
+
+
 def test_ratio_median():
     # num twice as fast as den in every round: ratio 2
     assert benchmark.ratio_median([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == 2.0

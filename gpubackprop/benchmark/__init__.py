@@ -13,7 +13,11 @@ How it measures (the same on every device):
 - On the CPU, the thread pools of different libraries (OpenBLAS and Numba's OpenMP for
   gpubackprop, MKL/OpenMP for PyTorch) busy-wait for a while after each call. A block that starts
   while another library's threads still spin loses a core to them, which no single-library user
-  ever sees, so the runner sleeps ``quiesce_s`` (outside the timed region) before every block.
+  ever sees, so the runner sleeps ``quiesce_s`` (outside the timed region) before every block,
+  then makes ``prime_calls`` untimed calls: the pause lets the contender's own threads fall
+  asleep and the contenders in between evict its caches, so the first call after it is slower
+  than the steps of a training loop (2-core AMD EPYC, the resnet preset: gpubackprop's by
+  ~25%, PyTorch's by ~10%).
 - PyTorch runs with ``torch.set_num_threads`` equal to NumPy's BLAS thread count; on CUDA with
   TF32 off (``torch.backends.cuda.matmul.allow_tf32 = False``), as CuPy's default float32 GEMM.
 - FLOPs of a training step of an MLP with layer sizes n_0 … n_L and batch B:

@@ -82,7 +82,7 @@ def run(args, log=print):
     results = {"environment": environment(devices), "quick": bool(args.quick),
                "method": {"rounds": timer.rounds, "block_s": timer.block_s,
                           "warmup_s": timer.warmup_s, "quiesce_s": timer.quiesce_s,
-                          "lr": LR, "momentum": MOMENTUM, "dtype": "float32"},
+                          "prime_calls": timer.prime_calls, "lr": LR, "momentum": MOMENTUM, "dtype": "float32"},
                "shapes": {k: {"sizes": list(s), "batch": b} for k, (s, b) in shapes.items()}}
     if with_torch and contenders.torch_module() is None:
         log("PyTorch is not installed: its rows say so (pip install torch==2.13.0 for the CPU build)")
