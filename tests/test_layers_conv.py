@@ -1,6 +1,8 @@
 """Conv2d against PyTorch (forward, input and parameter gradients, float64), central differences,
 a few training steps of a small CNN, and its shape errors; on every backend."""
 
+import math
+
 import numpy as np
 import pytest
 from layer_cases import TORCH_ACTS, assert_close, assert_steps_follow_torch, model_for, run_layer, torch_grads
@@ -99,7 +101,8 @@ def test_conv2d_gradients_accumulate_over_chunks_and_calls(backend_spec, rng):
 def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(backend_spec, rng):
     """A batch whose columns exceed the budget runs in chunks of at most ``ops.cols_cache_bytes``
     (the fused CPU set: 2 MiB; the reference and CUDA sets: None, the budget alone); a batch within
-    the budget stays one chunk. Either way the layer equals torch."""
+    the budget stays one chunk, except where the two halves run on two threads (the fused set on
+    2+ cores: cache-sized chunks then, for both cores). Either way the layer equals torch."""
     torch = pytest.importorskip("torch")
     layer = gb.Conv2d(2, 3, 3, padding=1, activation="relu")
     model = model_for(backend_spec, [layer], input_shape=(2, 4, 5))
@@ -108,7 +111,10 @@ def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(back
     per_sample = 2 * 3 * 3 * 4 * 5 * 8  # float64 columns of one sample
     layer.max_cols_bytes = 4 * per_sample
     ops.cols_cache_bytes = 2 * per_sample + 1
-    assert layer._chunks(4) == [(0, 4)]  # within the budget: no recompute, whatever the cache
+    if layer._two_halves():  # the fused set on 2+ cores: cache-sized chunks in two halves always
+        assert layer._chunks(4) == [(0, 2), (2, 4)]
+    else:  # within the budget: one chunk, no recompute, whatever the cache
+        assert layer._chunks(4) == [(0, 4)]
     assert layer._chunks(7) == [(0, 2), (2, 4), (4, 6), (6, 7)]
     ops.cols_cache_bytes = None
     assert layer._chunks(7) == [(0, 4), (4, 7)]
@@ -123,6 +129,37 @@ def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(back
     assert_close(np.array(model.backend.to_host(dX)), dXt, what="dX")
     for name in params:
         assert_close(np.array(model.backend.to_host(layer.grads[name])), gt[name], what=name)
+
+
+@pytest.mark.parametrize("ci,co,k,kw,hw", [
+    (3, 5, 3, {"stride": 2, "padding": 1}, (9, 8)),  # a GEMM a sample for BP3
+    (3, 12, 3, {"stride": 2}, (5, 5)),  # C_out > L: BP3 as one GEMM over the chunk
+    (8, 32, 3, {"padding": 1, "groups": 1}, (5, 6)),  # batch-inner columns
+    (6, 4, 1, {"groups": 2}, (4, 5)),  # 1x1: no columns
+], ids=["per-sample", "over-the-chunk", "batch-inner", "pointwise"])
+def test_conv2d_im2col_halves_give_the_same_bits_on_one_thread_and_two(rng, ci, co, k, kw, hw):
+    """The fused CPU set runs the two halves of a batch's im2col chunks on two threads: the same
+    halves, so the same bits as one after the other (training forward, inference, dX, gradients
+    accumulated over two calls); and the layer equals the reference set to float32 rounding."""
+    X = rng.normal(size=(7, ci, *hw)).astype(np.float32)
+    results = []
+    for kernels, threads in (("fused", 1), ("fused", 2), ("reference", 1)):
+        layer = gb.Conv2d(ci, co, k, activation="relu", **kw)
+        model = model_for(("cpu", kernels), [layer], input_shape=(ci, *hw), dtype="float32")
+        model.backend.ops.nchunks = threads
+        layer.max_cols_bytes = 2 * layer._Ktot * math.prod(layer.output_shape[1:]) * 4
+        dY = rng.normal(size=(7, *layer.output_shape)).astype(np.float32) if not results else dY
+        model.zero_grads()
+        for _ in range(2):
+            Y, bp = model.forward(X, train=True)
+            dX = bp(dY)
+        assert len(layer._workspaces[7].chunks) == 4
+        assert layer._two_halves() is (kernels == "fused" and threads == 2)
+        results.append([np.array(a) for a in (Y, model(X), dX, *layer.grads.values())])
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(results[0], results[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 def test_conv2d_one_gemm_a_chunk_is_taken_where_the_kernel_set_offers_it(backend_spec):

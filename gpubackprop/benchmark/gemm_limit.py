@@ -10,13 +10,14 @@ Without a model, ``plan_step_gemms`` gives the nominal GEMMs: every convolution 
 the batch, as the reference kernel set runs them. With the contender's built model it gives the
 GEMMs that model's step really runs, as its layers choose on its kernel set: a Conv2d on Winograd
 F(2×2, 3×3) (the fused CPU set, where the layer's own rule picks it) as 16 GEMMs
-(C_out×C_in)·(C_in×tiles) a chunk of samples, forward, BP3 (dU = dM·Vᵀ) and dV = Uᵀ·dM, in the
-layer's two halves of chunks on two threads; a direct convolution as none; the fused CPU
+(C_out×C_in)·(C_in×tiles) a chunk of samples, forward, BP3 (dU = dM·Vᵀ) and dV = Uᵀ·dM; Winograd
+and im2col alike in the layer's two halves of chunks on two threads; a direct convolution as none; the fused CPU
 recurrent ops' GEMMs in their row chunks, each on its own thread with one BLAS thread
 (``ops.row_chunks``). ``plan_step_schedule`` says which of them run concurrently (``Region``).
 """
 
 import collections
+import contextlib
 import math
 
 import numpy as np
@@ -72,12 +73,12 @@ WINOGRAD_OPERANDS = {"winograd forward": ("U", "V", "M"),
 SPLIT_AXIS = {"recurrent weight gradient": "k"}
 
 # How a region of the step's GEMMs runs (``plan_step_schedule``): "serial", its one lane on the
-# calling thread through xp.matmul (BLAS's own threads); "halves", Conv2d's Winograd halves, lane 0
+# calling thread through xp.matmul (BLAS's own threads); "halves", Conv2d's halves of chunks, lane 0
 # on the calling thread and lane 1 on a worker thread at once (xp.matmul); "row chunks", the fused
 # CPU recurrent ops, each lane one chunk's rows on its own thread (Numba prange), their GEMM
 # (NumPy's OpenBLAS, kernels/cpu/blas.py) on one BLAS thread. A lane is a list of GEMMs. ``threads``:
-# None, or the context the layer runs a serial region's GEMMs in (Conv2d's im2col GEMMs: the
-# kernel set's ``conv_gemm_threads``, one BLAS thread in the fused CPU set).
+# None, or the context the layer runs a region's GEMMs in (Conv2d's im2col GEMMs: the kernel set's
+# ``conv_gemm_threads``, one BLAS thread in the fused CPU set).
 Region = collections.namedtuple("Region", ["how", "lanes", "threads"], defaults=[None])
 
 
@@ -159,32 +160,34 @@ def _conv_regions(layer, N, input_grad):
                 if input_grad:
                     bwd.append(("winograd input gradient", 16, Ci, Co, (e - s) * T))
             return fwd + bwd
-
-        if len(chunks) < 2:
-            return _serial(lane(chunks))
-        k = (len(chunks) + 1) // 2  # Conv2d._in_halves
-        ops = layer.backend.ops
-        if getattr(ops, "nchunks", 1) >= 2 and layer.backend.device == "cpu":
-            return [Region("halves", [lane(chunks[:k]), lane(chunks[k:])])]
-        return _serial(lane(chunks[:k]) + lane(chunks[k:]))
-    out = []
-    for s, e in chunks:
-        n = e - s
-        if path == "batch-inner":  # one GEMM a group over the chunk's n·L columns
-            out.append(("conv forward", G, cog, K, n * L))
-            out.append(("conv weight gradient", G, cog, n * L, K))
-            if input_grad:
-                out.append(("conv input gradient", G, K, cog, n * L))
-            continue
-        out.append(("conv forward", n * G, cog, K, L))
-        # BP3 (Conv2d._weight_grad): a sample's GEMMs, or one over the chunk (inner size n·L)
-        if n > 1 and cog > L:
-            out.append(("conv weight gradient", G, cog, n * L, K))
-        else:
-            out.append(("conv weight gradient", n * G, cog, L, K))
-        if input_grad:
-            out.append(("conv input gradient", n * G, K, cog, L))
-    return [Region("serial", [out], layer.backend.ops.conv_gemm_threads)] if out else []
+        threads = None
+    else:
+        def lane(part):
+            fwd, bwd = [], []
+            for s, e in part:
+                n = e - s
+                if path == "batch-inner":  # one GEMM a group over the chunk's n·L columns
+                    fwd.append(("conv forward", G, cog, K, n * L))
+                    bwd.append(("conv weight gradient", G, cog, n * L, K))
+                    if input_grad:
+                        bwd.append(("conv input gradient", G, K, cog, n * L))
+                    continue
+                fwd.append(("conv forward", n * G, cog, K, L))
+                # BP3 (Conv2d._weight_grad): a sample's GEMMs, or one over the chunk (inner n·L)
+                if n > 1 and cog > L:
+                    bwd.append(("conv weight gradient", G, cog, n * L, K))
+                else:
+                    bwd.append(("conv weight gradient", n * G, cog, L, K))
+                if input_grad:
+                    bwd.append(("conv input gradient", n * G, K, cog, L))
+            return fwd + bwd
+        threads = layer.backend.ops.conv_gemm_threads
+    if len(chunks) < 2:
+        return [Region("serial", [lane(chunks)], threads)]
+    k = (len(chunks) + 1) // 2  # Conv2d._in_halves
+    if layer._two_halves():
+        return [Region("halves", [lane(chunks[:k]), lane(chunks[k:])], threads)]
+    return [Region("serial", [lane(chunks[:k]) + lane(chunks[k:])], threads)]
 
 
 def _span(c, nchunks, n):
@@ -433,7 +436,23 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
     steps = []
     worker = None
     for region in regions:
-        if library != "pytorch" and region.threads is not None:
+        if library != "pytorch" and region.how == "halves":
+            first, second = (serial_calls(lane) for lane in region.lanes)
+            if worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemm-limit")
+
+            def halves(first=first, second=second, worker=worker,
+                       threads=region.threads or contextlib.nullcontext):
+                with threads():
+                    future = worker.submit(second)
+                    try:
+                        first()
+                    finally:
+                        future.result()
+            steps.append(halves)
+        elif library != "pytorch" and region.threads is not None:
             def in_threads(runs=[serial_calls(lane) for lane in region.lanes],
                            threads=region.threads):
                 with threads():
@@ -442,20 +461,6 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
             steps.append(in_threads)
         elif library == "pytorch" or region.how == "serial":
             steps += [serial_calls(lane) for lane in region.lanes]
-        elif region.how == "halves":
-            first, second = (serial_calls(lane) for lane in region.lanes)
-            if worker is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemm-limit")
-
-            def halves(first=first, second=second, worker=worker):
-                future = worker.submit(second)
-                try:
-                    first()
-                finally:
-                    future.result()
-            steps.append(halves)
         else:  # "row chunks"
             steps.append(_row_chunks_call(region.lanes, arr))
 

@@ -110,7 +110,7 @@ def _im2col_plane(x, cols, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, r
             _fill(cols, u(rb + oh_hi * OW), u((OH - oh_hi) * OW), zero)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # (Conv2d's two halves run on two threads)
 def _im2col_serial(X, cols, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = X.shape
     x, c = X.reshape(-1), cols.reshape(-1)
@@ -148,7 +148,7 @@ def _col2im_plane(dcols, dx, p, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW,
                 _add(dx, u(d), dcols, u(rb + oh * OW + ow_lo), u(ow_hi - ow_lo), u(sw))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def _col2im_serial(dcols, dX, kh, kw, sh, sw, ph, pw, dh, dw, OW, rs, ss):
     N, C, H, W = dX.shape
     c, dx = dcols.reshape(-1), dX.reshape(-1)
