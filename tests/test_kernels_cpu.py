@@ -332,3 +332,49 @@ def test_avg_pool_equals_reference_bit_for_bit(ops, rng, case, dtype, count_incl
     ref = kc.REF.avg_pool2d_backward(dY, np.empty(shape, dtype), k, s, p, count_include_pad)
     got = ops.avg_pool2d_backward(dY, np.full(shape, np.nan, dtype), k, s, p, count_include_pad)
     np.testing.assert_array_equal(got, ref)
+
+
+def _blas_threads():
+    """The set of thread counts of the BLAS libraries loaded now."""
+    from threadpoolctl import threadpool_info
+
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_dense_gemm_threads_take_one_blas_thread_for_small_gemms(monkeypatch):
+    """The fused set runs Dense's GEMMs of more than OpenBLAS's one-thread size and fewer than
+    ``dense_one_thread_below`` multiply-adds on one BLAS thread (kernels/cpu/dense.py says why),
+    restored afterwards, and leaves BLAS as it is elsewhere and in the reference set; a Dense layer
+    runs its forward (training and inference), BP3 and input-gradient GEMMs inside that context."""
+    import scipy.linalg.cython_blas  # noqa: F401 (every BLAS the context limits, loaded first)
+    from threadpoolctl import threadpool_limits
+
+    import gpubackprop as gb
+    from gpubackprop.kernels.cpu.dense import BLAS_THREADS_FROM, DENSE_ONE_THREAD_BELOW
+    from gpubackprop.kernels.reference import ReferenceOps
+
+    ops = CpuOps(np)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert _blas_threads() == {2}
+        for macs, want in ((BLAS_THREADS_FROM, 2), (BLAS_THREADS_FROM + 1, 1),
+                           (DENSE_ONE_THREAD_BELOW - 1, 1), (DENSE_ONE_THREAD_BELOW, 2)):
+            with ops.dense_gemm_threads(macs):
+                assert _blas_threads() == {want}, macs
+            assert _blas_threads() == {2}
+            with ReferenceOps(np).dense_gemm_threads(macs):
+                assert _blas_threads() == {2}
+        for n_in, want in ((400, 1), (4000, 2)):  # 128·n_in·120 multiply-adds a GEMM
+            model = gb.Sequential([gb.Dense(n_in, 120, activation="relu")], input_shape=(n_in,),
+                                  kernels="fused", dtype="float32")
+            seen, matmul = [], model.backend.matmul
+
+            def recording(*args, matmul=matmul, seen=seen, **kw):
+                seen.append(_blas_threads())
+                return matmul(*args, **kw)
+            monkeypatch.setattr(model.backend, "matmul", recording)
+            X = np.ones((128, n_in), np.float32)
+            Y, backprop = model.forward(X, train=True)
+            backprop(np.ones_like(Y))
+            model(X)
+            assert seen == [{want}] * 4, n_in  # forward, BP3, dX, inference
+            assert _blas_threads() == {2}

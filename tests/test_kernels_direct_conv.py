@@ -143,17 +143,24 @@ def test_direct_kernels_fuse_bias_and_relu(rng, case, activation, dtype):
         assert np.array_equal(got, want)
 
 
-def test_direct_kernels_do_not_depend_on_the_thread_count(rng):
+@pytest.mark.parametrize("k,Co,pad", [(3, 5, 1), (5, 9, 2)], ids=["3x3", "5x5-blocked"])
+def test_direct_kernels_do_not_depend_on_the_thread_count(rng, k, Co, pad):
+    """One thread; two halves on the calling and the worker thread (``direct_halves``, the
+    default with 2+ threads); the batch over Numba's threads (``direct_parallel``); the 5-wide
+    kernels in register blocks of 4 or 2 planes (``direct_block``, 9 planes: blocks of 4, 2, 1
+    or 2, 1): the same bits."""
     X = rng.normal(size=(13, 3, 8, 9)).astype(np.float32)
-    Wt = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
-    dZ = rng.normal(size=(13, 5, 8, 9)).astype(np.float32)
+    Wt = rng.normal(size=(Co, 3, k, k)).astype(np.float32)
+    dZ = rng.normal(size=(13, Co, 8, 9)).astype(np.float32)
     out = []
-    for threads, parallel in ((1, False), (2, False), (2, True), (3, True)):
+    for threads, parallel, halves, block in ((1, False, True, 4), (2, False, True, 4),
+                                             (2, False, False, 2), (2, False, True, 2),
+                                             (2, True, True, 4), (3, True, True, 2)):
         ops = CpuOps(num_threads=threads)
-        ops.direct_parallel = parallel
+        ops.direct_parallel, ops.direct_halves, ops.direct_block = parallel, halves, block
         Z, dW, dX = np.empty_like(dZ), np.empty_like(Wt), np.empty_like(X)
-        ops.direct_conv_forward(X, Wt, Z, 1)
-        ops.direct_conv_backward(X, dZ, Wt, dW, dX, 1)
+        ops.direct_conv_forward(X, Wt, Z, pad)
+        ops.direct_conv_backward(X, dZ, Wt, dW, dX, pad)
         out.append((Z, dW, dX))
     for other in out[1:]:
         for a, b in zip(out[0], other, strict=True):

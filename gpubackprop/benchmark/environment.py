@@ -42,6 +42,18 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cpu_arch():
+    """The CPU's microarchitecture as LLVM (and so Numba) names it, e.g. 'znver3' or 'znver4': a
+    model name such as 'AMD EPYC' covers generations that differ (AVX-512 or not), and the kernels'
+    speed with them."""
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_name() or "unknown"
+    except Exception:  # noqa: BLE001 (an LLVM build without it)
+        return "unknown"
+
+
 def gpu_name():
     if not backend_mod.has_cupy_gpu():
         return None
@@ -52,14 +64,19 @@ def gpu_name():
 
 
 def machine_type(gpu=None):
-    """A file-name-safe name for this kind of machine, e.g. 'cpu-amd-epyc-2c' or 'gpu-nvidia-h100'."""
+    """A file-name-safe name for this kind of machine, e.g. 'cpu-amd-epyc-znver3-2c' (the model
+    name, ``cpu_arch``, the cores) or 'gpu-nvidia-h100'."""
     def slug(s):
         keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in s)
         words = [w for w in keep.split("-") if w and w not in ("r", "tm", "cpu", "processor", "with")]
         return "-".join(words[:5])
     if gpu:
         return "gpu-" + slug(gpu)
-    return f"cpu-{slug(cpu_model())}-{os.cpu_count()}c"
+    arch = cpu_arch()
+    model = slug(cpu_model())
+    if arch != "unknown" and arch not in model:
+        model = f"{model}-{slug(arch)}"
+    return f"cpu-{model}-{os.cpu_count()}c"
 
 
 def environment(devices):
@@ -67,7 +84,7 @@ def environment(devices):
 
     env = {
         "machine_type": machine_type(gpu_name() if "cuda" in devices else None),
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu_model(), "cpu_arch": cpu_arch(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "numpy": np.__version__, "numba": numba.__version__, "blas_threads": blas_threads(),
         "numba_threads": numba.get_num_threads(), "devices": devices,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -152,8 +152,11 @@ class Dense(Layer):
         ws = self._workspaces.get(X.shape[0]) or self._workspace(X.shape[0])
         Z, A = ws.Z, ws.A
         matmul = self.backend.matmul  # xp.matmul, or cuBLAS by nvmath-python in a CUDA graph run
-        matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
         ops = self.backend.ops
+        # BLAS's threads, or one for small GEMMs in the fused CPU set (kernels/cpu/dense.py: why)
+        gemm_threads = ops.dense_gemm_threads(X.shape[0] * self.n_in * self.n_out)
+        with gemm_threads:
+            matmul(X, self._WT, out=Z)  # forward GEMM: Z = X Wᵀ
         act = self.activation
         ops.bias_act(Z, self.b, act, A)  # Z += b; A = σ(Z), one pass
         saved = Z if self._saves_input else A
@@ -167,6 +170,10 @@ class Dense(Layer):
         weight_grad = self._multiply if X.shape[0] == 1 else matmul
 
         def backprop(dA):
+            with gemm_threads:
+                return backward(dA)
+
+        def backward(dA):
             # BP1/BP2, the Hadamard part: Δ = dA ⊙ σ'(Z), one fused pass (identity: Δ = dA).
             dZ = dA if identity else ops.act_backward(dA, saved, act, dZbuf)
             if lowp and not identity:  # 16-bit Δ: the input of both backward GEMMs
@@ -196,7 +203,8 @@ class Dense(Layer):
         be = self.backend
         Z = be.empty((X.shape[0], self.n_out))
         A = be.empty(Z.shape) if self._saves_input else Z
-        be.matmul(X, self._WT, out=Z)
+        with be.ops.dense_gemm_threads(X.shape[0] * self.n_in * self.n_out):
+            be.matmul(X, self._WT, out=Z)
         be.ops.bias_act(Z, self.b, self.activation, A)
         return A
 

@@ -1,12 +1,14 @@
 """CPU dense-layer ops: bias + activation forward (and the activation alone), the σ' Hadamard
 product (BP1/BP2), BP4."""
 
+import contextlib
 import math
 
 import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu import blas
 from gpubackprop.kernels.cpu.numerics import _exp, _span, _tanh
 from gpubackprop.kernels.reference import ACTIVATIONS, GELU_C, GELU_K, LEAKY_SLOPE
 from gpubackprop.kernels.reference.dense import INV_SQRT_2PI, SQRT1_2
@@ -297,8 +299,32 @@ def _bias_grad_parallel(dZ, db, accumulate, nchunks):
 
 
 
+_BLAS_DECIDES = contextlib.nullcontext()
+# OpenBLAS runs a GEMM on one thread up to 65536·4 multiply-adds (interface/gemm.c), on its own
+# threads above; Dense takes one BLAS thread below DENSE_ONE_THREAD_BELOW (see dense_gemm_threads).
+BLAS_THREADS_FROM = 1 << 18
+DENSE_ONE_THREAD_BELOW = 1 << 23
+
+
 class DenseOps:
     """Fused dense-layer ops (a mixin of ``CpuOps``: uses its parallel thresholds)."""
+
+    dense_one_thread_below = DENSE_ONE_THREAD_BELOW
+
+    def dense_gemm_threads(self, macs):
+        """Dense's GEMMs of BLAS_THREADS_FROM to ``dense_one_thread_below`` multiply-adds on one BLAS
+        thread (a null context otherwise: BLAS decides). Such a GEMM gains from a second BLAS
+        thread alone (LeNet-5's 128x400 · 400x120: 194 -> 109 µs), but OpenBLAS's worker then
+        spin-yields on the other core for a while, into the layers that split their own work over
+        the two cores (the direct convolutions' halves, Conv2d's chunks in two halves), which then
+        run at a fraction of it. Measured on the LeNet-5 step (batch 128, float32, 2-core AMD EPYC
+        znver3, interleaved medians of 12 rounds, one run): 12.87 ms with BLAS's threads, 11.18 with
+        the whole step on one; the MLPs' GEMMs (784-256-256-10 at batch 128: 8.4M multiply-adds and
+        more, but the output layer's) keep BLAS's threads."""
+        if BLAS_THREADS_FROM < macs < self.dense_one_thread_below:
+            return blas.one_blas_thread()
+        return _BLAS_DECIDES
+
 
     def bias_act(self, Z, b, activation, A):
         """Z += b (in place), then A = σ(Z), in one pass. A may be Z unless the activation is a gelu."""

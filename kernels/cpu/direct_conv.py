@@ -21,7 +21,8 @@ fixed chunks, each with its own buffers and its own partial dW, summed in chunk 
 Numba's threads (prange) where ``DirectConvOps.direct_parallel`` says so, else one after the other.
 
 5-wide kernels (LeNet-5's) take register-blocked kernels (``_forward_chunk5``, ``_backward_chunk5``):
-a kernel row's 5 taps for a block of 4 (2, 1) output planes in one pass over t, BP3's 20 sums of
+a kernel row's 5 taps for a block of 4 (2, 1; 2 where the CPU has no AVX-512: ``DIRECT_BLOCK``)
+output planes in one pass over t, BP3's 20 sums of
 a block in one pass, and dX as the forward's adjoint rather than the gather above,
 
     dX        dXp[c, i·Wp + t] += Σ_{co, j} W[co, c, i, j] · dZp[co, t − j]    for each i < kh
@@ -41,6 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu.worker import in_two
 
 # Fixed sample chunks of a call (the partial dW sums): independent of the thread count, and enough
 # for the two cores here with a few to balance.
@@ -49,6 +51,27 @@ NAMES_FORWARD = ("X", "W", "Z")
 NAMES_BACKWARD = ("X", "dZ", "W", "dW", "dX")
 DIRECT_ACTIVATIONS = ("identity", "relu")
 _FM = {"reassoc", "contract"}
+
+
+def _wide_vectors():
+    """Whether the host has AVX-512 (32 vector registers; AVX2 has 16), as Numba compiles for it."""
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # noqa: BLE001 (no feature map on this LLVM build: the narrower choice)
+        return False
+
+
+# Output planes a register block of the 5-wide kernels covers (forward, BP3, dX): a block of 4
+# holds 20 weights (or 20 BP3 sums) and 5 shifted input vectors in registers, which fit AVX-512's
+# 32 but spill from AVX2's 16. Measured on LeNet-5's layers (batch 128, float32, one thread,
+# medians of 60 calls, interleaved runs) on a 2-core AMD EPYC znver3 (AVX2): conv2 forward
+# 1.84 / 1.32 ms in blocks of 4 / 2, backward 4.96 / 4.07; conv1 forward 0.58 / 0.57, backward
+# 2.07 / 1.87 (blocks of 1: 1.92, 8.75, 1.08, 2.72). Blocks of 4 on AVX-512 (znver4): the figures
+# in the module docstring. ``DirectConvOps.direct_block``: the same bits either way (each plane's
+# sums in the same order), so tests run both.
+DIRECT_BLOCK = 4 if _wide_vectors() else 2
 
 
 # Flat loops with uint64 indices (as kernels/cpu/conv.py's copies): with int64 ones Numba wraps
@@ -267,9 +290,9 @@ def _dots5x1(dw, o, c, i, dz, a, src, s, count):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _block(left):
-    """Planes in the next block: 4 while 4 are left, then 2, then 1."""
-    return 4 if left >= 4 else (2 if left >= 2 else 1)
+def _block(left, most):
+    """Planes in the next block: ``most`` (4 or 2) while as many are left, then 2, then 1."""
+    return most if left >= most else (2 if left >= 2 else 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
@@ -437,7 +460,7 @@ def _forward_chunk(X, Wt, Z, ph, pw, n0, n1, b, relu):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu):
+def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu, block):
     """_forward_chunk for 5-wide kernels, register-blocked: a block of planes at a time."""
     C, H, W = X.shape[1], X.shape[2], X.shape[3]
     Co, kh = Wt.shape[0], Wt.shape[2]
@@ -450,7 +473,7 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu):
         _pad_sample5(X, n, xp, ph, pw, Hp, Wp)
         o = 0
         while o < Co:
-            nb = _block(Co - o)
+            nb = _block(Co - o, block)
             for t in range(nb * count):
                 acc[t] = zero
             _corr5(acc, Wt, xp, C, Hp, Wp, kh, 0, count, o, nb)
@@ -459,31 +482,33 @@ def _forward_chunk5(X, Wt, Z, ph, pw, n0, n1, b, relu):
 
 
 @njit(cache=True, error_model="numpy")
-def _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu):
+def _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu, block):
     """Chunk k of ``chunks``: the forward on its samples."""
     N = X.shape[0]
     size = -(-N // chunks)
     n0 = min(N, k * size)
     if Wt.shape[3] == 5:
-        _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
+        _forward_chunk5(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu, block)
     else:
         _forward_chunk(X, Wt, Z, ph, pw, n0, min(N, n0 + size), b, relu)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _forward(X, Wt, Z, ph, pw, chunks, b, relu):
+def _forward(X, Wt, Z, ph, pw, chunks, b, relu, block):
     for k in prange(chunks):
-        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu)
+        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu, block)
 
 
 # The serial twins are functions of their own, not njit(_forward.py_func): Numba's cache names a
 # function's entries by its name and first line, so a twin sharing the parallel one's Python
 # function shared its cache entries, and whichever compiled first ran for both (the "parallel"
 # kernels ran on one thread: the split measured x1.00 where a plain parallel loop gained x2).
-@njit(cache=True, error_model="numpy")
-def _forward_serial(X, Wt, Z, ph, pw, chunks, b, relu):
-    for k in range(chunks):
-        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu)
+@njit(cache=True, error_model="numpy", nogil=True)
+def _forward_serial(X, Wt, Z, ph, pw, chunks, b, relu, block, k0, k1):
+    """Chunks k0..k1-1 of ``chunks`` on the calling thread (all of them: the serial kernel; half
+    of them: one of ``DirectConvOps``' two halves)."""
+    for k in range(k0, k1):
+        _forward_part(X, Wt, Z, ph, pw, k, chunks, b, relu, block)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
@@ -544,7 +569,7 @@ def _backward_chunk(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_grad
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_grad):
+def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_grad, block):
     """_backward_chunk for 5-wide kernels, register-blocked: BP3 a block of dZ's planes at a time;
     dX a block of X's planes as the adjoint of the forward (_scatter5: dXp[c, (oh + i)·Wp + ow + j]
     += W[co, c, i, j] · dZ[co, oh, ow], the taps gathered from dZp shifted by 4 − j, weights
@@ -582,14 +607,14 @@ def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_gra
                 dbp[co] += _load_dz(dzp, b, dzf, Af, s, u(OW), relu, zero)
         o = 0  # BP3
         while o < Co:
-            nb = _block(Co - o)
+            nb = _block(Co - o, block)
             _dots5(dWp, dzp[4:], xp, C, Hp, Wp, kh, count, o, nb)
             o += nb
         if not input_grad:
             continue
         o = 0  # dX
         while o < C:
-            nb = _block(C - o)
+            nb = _block(C - o, block)
             for t in range(nb * P):
                 acc[t] = zero
             _scatter5(acc, P, Wg, dzp, Co, Wp, kh, count, o, nb)
@@ -598,14 +623,14 @@ def _backward_chunk5(X, dZ, A, relu, Wt, dWp, dbp, dX, ph, pw, n0, n1, input_gra
 
 
 @njit(cache=True, error_model="numpy")
-def _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad):
+def _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad, block):
     """Chunk k of ``chunks``: its BP3 sum into parts[k], BP4 into bparts[k], dX of its samples."""
     N = X.shape[0]
     size = -(-N // chunks)
     n0 = min(N, k * size)
     if Wt.shape[3] == 5:
         _backward_chunk5(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0, min(N, n0 + size),
-                         input_grad)
+                         input_grad, block)
     else:
         _backward_chunk(X, dZ, A, relu, Wt, parts[k], bparts[k], dX, ph, pw, n0, min(N, n0 + size),
                         input_grad)
@@ -634,23 +659,21 @@ def _backward_sums(parts, bparts, dW, db, bias_grad, accumulate):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad, accumulate):
+def _backward(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad, accumulate,
+              block):
     parts = np.empty((chunks,) + Wt.shape, dW.dtype)
     bparts = np.zeros((chunks, Wt.shape[0]))  # BP4 in float64, a chunk's rows in order
     for k in prange(chunks):
-        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad)
+        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad, block)
     _backward_sums(parts, bparts, dW, db, bias_grad, accumulate)
 
 
-@njit(cache=True, error_model="numpy")
-def _backward_serial(X, dZ, A, relu, Wt, dW, db, dX, ph, pw, chunks, input_grad, bias_grad,
-                     accumulate):
-    """_backward on the calling thread: the same chunks, the same bits."""
-    parts = np.empty((chunks,) + Wt.shape, dW.dtype)
-    bparts = np.zeros((chunks, Wt.shape[0]))
-    for k in range(chunks):
-        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad)
-    _backward_sums(parts, bparts, dW, db, bias_grad, accumulate)
+@njit(cache=True, error_model="numpy", nogil=True)
+def _backward_chunks(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, chunks, input_grad, block, k0,
+                     k1):
+    """Chunks k0..k1-1 of ``chunks`` on the calling thread, each into its parts[k], bparts[k]."""
+    for k in range(k0, k1):
+        _backward_part(X, dZ, A, relu, Wt, parts, bparts, dX, ph, pw, k, chunks, input_grad, block)
 
 
 def _check(X, Wt, out, padding, out_name):
@@ -692,8 +715,23 @@ class DirectConvOps:
     # the second core is free for the whole region.
     direct_parallel = False
 
-    def _direct_kernel(self, parallel, serial):
-        return parallel if self.direct_parallel and getattr(self, "nchunks", 1) >= 2 else serial
+    # Whether the direct kernels run the first and the second half of the sample chunks on the
+    # calling thread and the worker thread (kernels/cpu/worker.py, where the set has 2+ threads):
+    # no pool that spins, the same chunks and sums, so the same bits.
+    direct_halves = True
+
+    direct_block = DIRECT_BLOCK  # planes a register block of the 5-wide kernels: 4 or 2
+
+    def _direct_parallel(self):
+        return self.direct_parallel and getattr(self, "nchunks", 1) >= 2
+
+    def _direct_halves(self, chunks, run):
+        """``run(k0, k1)`` over the chunks: in two halves at once, or all on this thread."""
+        if self.direct_halves and getattr(self, "nchunks", 1) >= 2 and chunks >= 2:
+            k = (chunks + 1) // 2
+            in_two(lambda: run(0, k), lambda: run(k, chunks))
+        else:
+            run(0, chunks)
 
     # The activations the direct kernels fuse (into the forward's write and backward's read of dZ);
     # the layer runs any other as separate passes.
@@ -714,8 +752,12 @@ class DirectConvOps:
         ph, pw = _check(X, W, Z, padding, "Z")
         if b.shape != (W.shape[0],):
             raise ValueError(f"b: expected shape {(W.shape[0],)}, got {tuple(b.shape)}")
-        self._direct_kernel(_forward, _forward_serial)(X, W, Z, ph, pw,
-                                                       min(DIRECT_CHUNKS, X.shape[0]), b, relu)
+        chunks = min(DIRECT_CHUNKS, X.shape[0])
+        if self._direct_parallel():
+            _forward(X, W, Z, ph, pw, chunks, b, relu, self.direct_block)
+        else:
+            self._direct_halves(chunks, lambda k0, k1: _forward_serial(
+                X, W, Z, ph, pw, chunks, b, relu, self.direct_block, k0, k1))
         return Z
 
     def direct_conv_backward(self, X, dZ, W, dW, dX, padding, accumulate=False, activation="identity",
@@ -742,8 +784,19 @@ class DirectConvOps:
             checks.float_arrays(("dW", "db"), dW, db)
             if db.shape != (W.shape[0],):
                 raise ValueError(f"db: expected shape {(W.shape[0],)}, got {tuple(db.shape)}")
-        self._direct_kernel(_backward, _backward_serial)(
-            X, dZ, A if relu else dZ, relu, W, dW, np.zeros(W.shape[0], W.dtype) if db is None else db,
-            X if dX is None else dX, ph, pw, min(DIRECT_CHUNKS, X.shape[0]), dX is not None,
-            db is not None, bool(accumulate))
+        chunks = min(DIRECT_CHUNKS, X.shape[0])
+        A = A if relu else dZ
+        bias_grad = db is not None
+        db = np.zeros(W.shape[0], W.dtype) if db is None else db
+        dXo = X if dX is None else dX
+        if self._direct_parallel():
+            _backward(X, dZ, A, relu, W, dW, db, dXo, ph, pw, chunks, dX is not None, bias_grad,
+                      bool(accumulate), self.direct_block)
+            return dW, dX
+        parts = np.empty((chunks,) + W.shape, dW.dtype)
+        bparts = np.zeros((chunks, W.shape[0]))  # BP4 in float64, a chunk's rows in order
+        self._direct_halves(chunks, lambda k0, k1: _backward_chunks(
+            X, dZ, A, relu, W, parts, bparts, dXo, ph, pw, chunks, dX is not None, self.direct_block,
+            k0, k1))
+        _backward_sums(parts, bparts, dW, db, bias_grad, bool(accumulate))
         return dW, dX

@@ -1,6 +1,7 @@
 """Reference dense-layer ops: bias + activation forward (and the activation alone), the σ' Hadamard
 product, the bias gradient."""
 
+import contextlib
 import math
 
 # Appended only: the fused sets number the activations by their position here.
@@ -48,6 +49,11 @@ def normal_cdf(xp, Z):
 
 class DenseOps:
     """Plain-xp dense-layer ops (a mixin of ``ReferenceOps``: uses ``self.xp``)."""
+
+    def dense_gemm_threads(self, macs):
+        """The context Dense runs a GEMM of ``macs`` multiply-adds in: here BLAS's threads as they
+        are."""
+        return contextlib.nullcontext()
 
     # ---- forward: Z = X Wᵀ + b; A = σ(Z) -------------------------------------------------------
     def bias_act(self, Z, b, activation, A):
