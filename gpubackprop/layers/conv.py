@@ -56,7 +56,6 @@ GEMM). The rounding differs from the direct sum's by a few units in the last pla
 """
 
 import math
-import os
 
 import numpy as np
 
@@ -121,20 +120,6 @@ class _Workspace:
 
     def scratch(self, be, name, shape):
         return _scratch(self._scratch, be, name, shape)
-
-
-_WORKER = []
-# A forked child has no worker thread (the executor's thread stays in the parent): it makes its own.
-os.register_at_fork(after_in_child=_WORKER.clear)
-
-
-def _worker():
-    """The one worker thread that runs the second half of a Winograd layer's chunks."""
-    if not _WORKER:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubackprop-conv"))
-    return _WORKER[0]
 
 
 def _tiles_view(scratch, name, C, P):
@@ -317,8 +302,9 @@ class Conv2d(Layer):
 
     def _direct_pays(self):
         """The rule measured on a 2-core Xeon (float32, batch 128, interleaved medians, shared
-        machine): at most 3 channels in and 16 out. The direct kernels run on the calling thread
-        (kernels/cpu/direct_conv.py ``direct_parallel``), so one thread's CPU time decides; im2col +
+        machine): at most 3 channels in and 16 out. The direct kernels ran on the calling thread then
+        (now in two halves of the samples, as the im2col path's chunks), so one thread's CPU time
+        decided; im2col +
         GEMM / direct, layer forward + backward with ReLU: 1->6 5x5 pad 2 on 28x28 (LeNet-5's
         conv1) 1.22, 3->16 5x5 on 32x32 1.18; 6->16 5x5 on 14x14 (conv2) 0.82, 8->16 0.85, 6->32
         0.66, 3->32 3x3 on 32x32 0.68 (the direct cost grows with C_out·C_in·k², a GEMM's rate
@@ -607,11 +593,9 @@ class Conv2d(Layer):
             return 1
         k = (len(chunks) + 1) // 2
         if self._two_halves():
-            future = _worker().submit(run, 1, chunks[k:])
-            try:
-                run(0, chunks[:k])
-            finally:
-                future.result()
+            from gpubackprop.kernels.cpu.worker import in_two
+
+            in_two(lambda: run(0, chunks[:k]), lambda: run(1, chunks[k:]))
         else:
             run(0, chunks[:k])
             run(1, chunks[k:])
