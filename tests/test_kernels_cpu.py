@@ -248,6 +248,7 @@ TILES_CASES = [
     ((1, 1, 8200, 1), (1, 1)),
     ((2, 3, 300, 5), (2, 2)),
     ((8, 8, 13, 14), (3, 3)),
+    ((5, 3, 9, 35), (2, 2)),  # 17 outputs a row: the backward's tiling kernel, rows rounded to 24
 ]
 
 
@@ -288,7 +289,9 @@ def test_max_pool_tiles_equal_reference_bit_for_bit(ops, rng, monkeypatch, case,
     ref = kc.REF.max_pool2d_backward(dY, amr, np.empty(shape, dtype), *win)
     got = ops.max_pool2d_backward(dY, am, np.full(shape, np.nan, dtype), *win)
     np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
-    assert taken == ["_max_pool_tiles", "_max_pool_tiles_backward"]
+    # the backward's tiling kernel from rows of TILES_BACKWARD_MIN_OW outputs (else the gather)
+    wide = out[3] >= pooling.TILES_BACKWARD_MIN_OW
+    assert taken == ["_max_pool_tiles"] + ["_max_pool_tiles_backward"] * wide
     assert numba.get_num_threads() == threads
 
 
