@@ -22,6 +22,9 @@ SPLIT_NOTES = {
                            "calling thread's half",
     "winograd GEMM": "the Winograd conv layers' 16 GEMMs a chunk (M = U·V, dU = dM·Vᵀ, "
                      "dV = Uᵀ·dM), the calling thread's half (the worker's runs at the same time)",
+    "winograd chunks": "the Winograd conv layers' halves where the kernel set runs a half in one "
+                       "call (the fused CPU set): the input and output transforms and the 16 "
+                       "GEMMs a chunk together, the calling thread's half",
     "conv direct": "the direct convolutions (forward, and BP3 with dX in one pass)",
     "activation": "Activation layers (after a norm or a sum)",
     "pooling": "max, average and global average pooling",

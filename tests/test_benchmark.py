@@ -309,8 +309,9 @@ def _masked_plan():
 
 class _GemmRecorder:
     """Records every GEMM a step calls as single products (m, k, n): through the backend's matmul
-    (conv, Winograd, dense, attention; from any thread), the kernel set's own xp.matmul, and the
-    fused CPU recurrent kernels' np.dot calls (their Numba loops run as Python, the same code)."""
+    (conv, Winograd, dense, attention; from any thread), the kernel set's own xp.matmul, the
+    fused CPU recurrent kernels' np.dot calls and the fused Winograd halves' gemm calls (their
+    Numba loops run as Python, the same code)."""
 
     _NUMBA = [f"_{m}_{d}_{how}" for m in ("rnn", "lstm", "gru") for d in ("forward", "backward")
               for how in ("rows", "parallel")] + ["_rows_gemm_parallel", "_weight_gemm_parallel",
@@ -344,6 +345,16 @@ class _GemmRecorder:
         monkeypatch.setattr(recurrent, "np", Xp())
         for name in self._NUMBA:
             monkeypatch.setattr(recurrent, name, getattr(recurrent, name).py_func)
+        # the fused CPU set's Winograd halves: their Numba loops as Python, their GEMMs recorded
+        from gpubackprop.kernels.cpu import winograd
+
+        for name in ("_forward_half", "_backward_half"):
+            monkeypatch.setattr(winograd, name, getattr(winograd, name).py_func)
+
+        def gemm(a, b, out):
+            rec._add(a, b)
+            np.matmul(a, b, out=out)
+        monkeypatch.setattr(winograd, "gemm", gemm)
 
     def _add(self, a, b):
         lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
@@ -409,7 +420,9 @@ def test_plan_follows_winograd_layers_in_their_halves(winograd, monkeypatch):
     gc = benchmark.gemm_limit_contender(regions, 4)
     gc.step()
     split = benchmark.step_time_split(c, steps=2)
-    assert split["winograd transforms"] > 0 and split["winograd GEMM"] > 0
+    assert split["winograd transforms"] > 0  # the filter transforms, on every set
+    # the fused CPU set's halves in one call each (transforms and GEMMs), else the ops apart
+    assert split["winograd chunks"] > 0 and "winograd GEMM" not in split
 
 
 def test_plan_runs_im2col_layers_in_their_kernel_sets_gemm_threads(monkeypatch):
@@ -543,7 +556,7 @@ def test_step_time_split_clocks_every_layer_kind(key):
     conv = {"conv other"}
     for _, layer in c.model.leaves():
         if type(layer).__name__ == "Conv2d":
-            conv |= {"winograd": {"winograd transforms", "winograd GEMM"}, "direct": {"conv direct"},
+            conv |= {"winograd": {"winograd transforms", "winograd chunks"}, "direct": {"conv direct"},
                      "pointwise": {"conv GEMM"}}.get(benchmark.conv_path(layer, net.batch)[0],
                                                      {"im2col", "conv GEMM", "col2im"})
     expected = {"lenet5": conv | {"pooling", "dense"},

@@ -424,3 +424,75 @@ def test_conv2d_winograd_halves_give_the_same_bits_on_one_thread_and_two(rng):
         results.append([np.array(a) for a in (Y, dX, *layer.grads.values())])
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _tile_buffer(C, P):
+    """A flat buffer and its (16, C, P) tile view as Conv2d lays a chunk out (rows C·P + TILE_PAD
+    apart), NaN-filled so that a read of an unwritten element shows."""
+    flat = np.full(16 * (C * P + TILE_PAD), np.nan)
+    return flat, flat.reshape(16, C * P + TILE_PAD)[:, :C * P].reshape(16, C, P)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(False, "identity"), (True, "relu")])
+def test_chunked_halves_are_the_ops_one_by_one(rng, dtype, bias, activation):
+    """The fused CPU set's winograd_forward_chunks / winograd_backward_chunks (a half of Conv2d's
+    chunks in one call) against the same steps as separate fused ops with NumPy's matmul, chunk
+    by chunk (ragged chunks, a ragged last tile row and column): Z, dU, db's float64 sums and dX
+    to float rounding (the GEMMs are OpenBLAS's either way; only their call differs), the V and
+    dM buffers' layout (the last chunk's V stays for backprop) bit for bit."""
+    from gpubackprop.kernels.cpu import CpuOps
+
+    ops = CpuOps(np, num_threads=1)
+    N, Ci, Co, H, W, pad = 6, 5, 7, 9, 11, (1, 1)
+    chunks = [(0, 3), (3, 5), (5, 6)]
+    _, _, TH, TW = tiles(H, W, pad)
+    T, P = TH * TW, 3 * TH * TW
+    X = rng.standard_normal((N, Ci, H, W)).astype(dtype)
+    Wt = rng.standard_normal((Co, Ci, 3, 3)).astype(dtype)
+    b = rng.standard_normal(Co).astype(dtype) if bias else None
+    dZ = rng.standard_normal((N, Co, H, W)).astype(dtype)
+    U = ops.winograd_filter(Wt, np.empty((16, Co, Ci), dtype))
+    vflat, _ = _tile_buffer(Ci, P)
+    mflat, _ = _tile_buffer(Co, P)
+    vflat, mflat = vflat.astype(dtype), mflat.astype(dtype)
+    Z = np.full((N, Co, H, W), np.nan, dtype)
+    ops.winograd_forward_chunks(X, U, vflat, mflat, Z, chunks, pad, b=b, activation=activation)
+    Zr = np.full_like(Z, np.nan)
+    for s, e in chunks:
+        flat, V = _tile_buffer(Ci, (e - s) * T)
+        V = ops.winograd_input(X[s:e], V.astype(dtype), pad)
+        M = np.matmul(U, V)
+        ops.winograd_output(np.ascontiguousarray(M), Zr[s:e], b=b, activation=activation)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    scale = np.abs(Zr).max()
+    assert np.abs(Z - Zr).max() <= tol * scale
+    # the last chunk's V in the layout Conv2d reads back
+    s, e = chunks[-1]
+    n = (e - s) * T
+    V_last = vflat[:16 * (Ci * n + TILE_PAD)].reshape(16, -1)[:, :Ci * n].reshape(16, Ci, n)
+    np.testing.assert_array_equal(V_last, ops.winograd_input(X[s:e], np.empty((16, Ci, n), dtype), pad))
+    # backward: dZ taken as dA ⊙ ReLU' of the forward's output
+    if activation == "relu":
+        dZ = np.where(Z > 0, dZ, 0).astype(dtype)
+    dU, dUc = np.full((16, Co, Ci), np.nan, dtype), np.empty((16, Co, Ci), dtype)
+    db = np.zeros(Co) if bias else None
+    dX = np.full_like(X, np.nan)
+    ops.winograd_backward_chunks(X, dZ, U, vflat, mflat, dU, dUc, dX, chunks, pad, db=db)
+    dUr, dbr, dXr = np.zeros((16, Co, Ci)), np.zeros(Co), np.full_like(X, np.nan)
+    for s, e in reversed(chunks):
+        dM = np.empty((16, Co, (e - s) * T), dtype)
+        ops.winograd_output_backward(dZ[s:e], dM, db=dbr, accumulate=True)
+        V = ops.winograd_input(X[s:e], np.empty((16, Ci, (e - s) * T), dtype), pad)
+        dUr += np.matmul(dM, V.transpose(0, 2, 1))
+        ops.winograd_input_backward(np.ascontiguousarray(np.matmul(U.transpose(0, 2, 1), dM)),
+                                    dXr[s:e], pad)
+    assert np.abs(dU - dUr).max() <= tol * np.abs(dUr).max()
+    assert np.abs(dX - dXr).max() <= tol * np.abs(dXr).max()
+    if bias:
+        np.testing.assert_array_equal(db, dbr)  # the same float64 sums in the same order
+    # no input gradient: dU the same (the forward again first: dV overwrote the last chunk's V)
+    ops.winograd_forward_chunks(X, U, vflat, mflat, Z, chunks, pad, b=b, activation=activation)
+    dU2 = np.empty_like(dU)
+    ops.winograd_backward_chunks(X, dZ, U, vflat, mflat, dU2, dUc, None, chunks, pad)
+    np.testing.assert_array_equal(dU2, dU)

@@ -7,7 +7,9 @@ weight and input gradient) and col2im, and "conv other" (bias+activation, its de
 gradient, the weight gradient's sum over a chunk, copies); for a conv layer on Winograd
 F(2×2, 3×3) (the fused CPU set's choice, layers/conv.py) "winograd transforms" (the filter
 transform U = GgGᵀ and its adjoint, the input tiles V = BᵀdB and dX, the output Z = AᵀMA and
-dM) and "winograd GEMM" (its 16 GEMMs a chunk: M = U·V, dU = dM·Vᵀ, dV = Uᵀ·dM), the rest of
+dM) and "winograd GEMM" (its 16 GEMMs a chunk: M = U·V, dU = dM·Vᵀ, dV = Uᵀ·dM), or, where the
+kernel set runs a half of the chunks in one call (the fused CPU set), "winograd chunks" (a half's
+transforms and GEMMs together; the filter transforms stay apart), the rest of
 such a layer's time (bias, activation, the dU sums, the wait for the worker thread's half) in
 "conv other"; a direct convolution's calls in "conv direct"; batch norm; activation (Activation
 layers after a norm or a sum); pooling (max, average, global average); residual add; the recurrent
@@ -30,7 +32,7 @@ import time
 from gpubackprop.benchmark.timing import no_sync, sync_for
 
 SPLIT_CATEGORIES = ("im2col", "conv GEMM", "col2im", "winograd transforms", "winograd GEMM",
-                    "conv direct", "conv other", "batch norm", "layer norm",
+                    "winograd chunks", "conv direct", "conv other", "batch norm", "layer norm",
                     "activation", "pooling", "residual add", "recurrent GEMM",
                     "recurrent time loop", "recurrent other", "attention GEMM", "softmax",
                     "attention other", "dense", "dropout", "rest")
@@ -50,7 +52,9 @@ LAYER_CATEGORIES = {
                                        **{f"winograd_{op}": "winograd transforms"
                                           for op in ("filter", "filter_backward", "input",
                                                      "input_backward", "output",
-                                                     "output_backward")}}),
+                                                     "output_backward")},
+                                       **{f"winograd_{d}_chunks": "winograd chunks"
+                                          for d in ("forward", "backward")}}),
     # a BatchNorm's fused activation: in the batch norm passes (the fused CPU set's relu), or
     # the activation ops the layer composes with them (other sets, other activations)
     **{bn: ("batch norm", {"activation": "activation", "act_backward": "activation"})
@@ -190,8 +194,9 @@ def _conv_categories(layer):
     from gpubackprop.benchmark.gemm_limit import conv_path
 
     path = conv_path(layer, 1)[0] if getattr(layer, "backend", None) is not None else "im2col"
-    if path == "winograd":
-        return set(LAYER_CATEGORIES["Conv2d winograd"][1].values())
+    if path == "winograd":  # the halves in one call each where the kernel set has them
+        chunked = getattr(layer.backend.ops, "winograd_forward_chunks", None) is not None
+        return {"winograd transforms", "winograd chunks" if chunked else "winograd GEMM"}
     if path == "direct":
         return {"conv direct"}
     return {"conv GEMM"} | (set() if path == "pointwise" else {"im2col", "col2im"})

@@ -430,11 +430,11 @@ class Conv2d(Layer):
         ws = self.workspace(("winograd", N) if winograd else N,
                             lambda: _Workspace(self, be, N, self._chunks(N, winograd), winograd))
         Z, A = ws.Z, ws.A
-        if winograd:
-            self._winograd_forward(X, Z, ws.chunks, lambda name, shape: ws.scratch(be, name, shape),
-                                   fused)
-        else:
-            with ops.conv_gemm_threads():  # (kernels/cpu/conv.py: why one BLAS thread there)
+        with ops.conv_gemm_threads():  # (kernels/cpu/conv.py: why one BLAS thread there)
+            if winograd:
+                self._winograd_forward(X, Z, ws.chunks,
+                                       lambda name, shape: ws.scratch(be, name, shape), fused)
+            else:
                 self._forward_into(X, Z, lambda h: ws.cols_of(be, h), ws.chunks,
                                    lambda name, shape: ws.scratch(be, name, shape))
         if (self.bias or act != "identity") and not (winograd and fused):
@@ -447,10 +447,10 @@ class Conv2d(Layer):
             accumulate = self.take_accumulate()
             if self.bias and not winograd:  # BP4: ∂C/∂b = Σ over samples and positions of Δ
                 ops.channel_bias_grad(dZ.reshape(N, Co, L), self._db, accumulate=accumulate)
-            if winograd:  # (BP4 there in the output transform's adjoint)
-                self._winograd_backward(X, dZ, ws, accumulate, input_grad)
-            else:
-                with ops.conv_gemm_threads():
+            with ops.conv_gemm_threads():
+                if winograd:  # (BP4 there in the output transform's adjoint)
+                    self._winograd_backward(X, dZ, ws, accumulate, input_grad)
+                else:
                     self._backward_chunks(X, dZ, ws, accumulate, input_grad)
             return ws.dX if input_grad else None
 
@@ -514,6 +514,20 @@ class Conv2d(Layer):
         Ci, Co, T = self.in_channels, self.out_channels, self._tiles()[2]
         U = ops.winograd_filter(self.weight, scratch("U", (16, Co, Ci)))
 
+        chunked = getattr(ops, "winograd_forward_chunks", None)
+        if chunked is not None:  # the fused CPU set: a half in one call (no GIL between its steps)
+            b = self._b if fused and self.bias else None
+            act = self.activation if fused else "identity"
+            P = chunks[0][1] * T  # the first chunk is the largest
+
+            def run(h, part):
+                V = scratch(f"V{h}", (16, Ci * P + TILE_PAD)).reshape(-1)
+                M = scratch(f"M{h}", (16, Co * P + TILE_PAD)).reshape(-1)
+                chunked(X, U, V, M, Z, part, self.padding, b=b, activation=act)
+
+            self._in_halves(run, chunks)
+            return
+
         def run(h, part):
             for s, e in part:
                 n = e - s
@@ -546,6 +560,15 @@ class Conv2d(Layer):
             return ws.scratch(be, name, shape)
 
         db = [xp.zeros(Co, np.float64) for _ in range(2)] if self.bias else None
+        chunked = getattr(ops, "winograd_backward_chunks", None)
+        P = ws.chunks[0][1] * T  # the first chunk is the largest
+
+        def run_chunked(h, part):  # the fused CPU set: a half in one call (no GIL between steps)
+            chunked(X, dZ, U, scratch(f"V{h}", (16, Ci * P + TILE_PAD)).reshape(-1),
+                    scratch(f"M{h}", (16, Co * P + TILE_PAD)).reshape(-1),
+                    scratch(f"dU{h}", (16, Co, Ci)), scratch(f"dU_chunk{h}", (16, Co, Ci)),
+                    ws.dX if input_grad else None, part, self.padding,
+                    db=None if db is None else db[h])
 
         def run(h, part):
             dU = scratch(f"dU{h}", (16, Co, Ci))
@@ -569,7 +592,7 @@ class Conv2d(Layer):
                     self.backend.matmul(U.transpose(0, 2, 1), dM, out=V)
                     ops.winograd_input_backward(V, ws.dX[s:e], self.padding)
 
-        halves = self._in_halves(run, ws.chunks)
+        halves = self._in_halves(run if chunked is None else run_chunked, ws.chunks)
         dU = ws.scratch(be, "dU0", (16, Co, Ci))
         if halves == 2:
             dU += ws.scratch(be, "dU1", (16, Co, Ci))

@@ -46,12 +46,16 @@ import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu.blas import gemm
 from gpubackprop.kernels.reference.conv import expect_shape
 from gpubackprop.kernels.reference.winograd import (
+    TILE_PAD,
     check_filter,
     check_input,
     check_output,
     output_activation,
+    padding_pair,
+    tiles,
 )
 
 NAMES_FILTER = ("W", "U")
@@ -595,6 +599,61 @@ def _check_db(db, C, dtype):
     expect_shape("db", db, (C,), " (the channels of dZ)")
 
 
+# ---- Conv2d's halves in one call each: no GIL between a chunk's steps --------------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _chunk_tiles(flat, C, P):
+    """A chunk's (16, C, P) tiles in a scratch buffer as Conv2d lays them out (layers/conv.py
+    ``_tiles_view``): 16 C-contiguous rows of C·P, C·P + TILE_PAD elements apart."""
+    rows = flat[:16 * (C * P + TILE_PAD)].reshape(16, C * P + TILE_PAD)
+    isz = flat.itemsize
+    return np.lib.stride_tricks.as_strided(rows, shape=(16, C, P),
+                                           strides=(rows.strides[0], P * isz, isz))
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu):
+    """Conv2d's Winograd forward over the chunks [bounds[i, 0], bounds[i, 1]) of one half: V =
+    BᵀdB, the 16 GEMMs M = U · V (NumPy's OpenBLAS, kernels/cpu/blas.py), Z = AᵀMA (+ b, ReLU), as
+    the layer's loop of ops calls; in one call, so that the two halves' threads do not take
+    turns at the GIL between the steps (each turn a thread wake-up, ~0.1 ms on a VM)."""
+    Ci, Co, T = X.shape[1], U.shape[1], TH * TW
+    for i in range(bounds.shape[0]):
+        s, e = bounds[i, 0], bounds[i, 1]
+        V = _chunk_tiles(vflat, Ci, (e - s) * T)
+        M = _chunk_tiles(mflat, Co, (e - s) * T)
+        _input_serial(X[s:e], V, ph, pw, TH, TW)
+        for k in range(16):
+            gemm(U[k], V[k], M[k])
+        _output_serial(M, Z[s:e], TH, TW, b, relu)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX, bounds, ph, pw, TH, TW, db, input_grad):
+    """Conv2d's Winograd backprop over one half's chunks, the last first (its V is still in
+    ``vflat`` from the forward): dM = A dZ Aᵀ (with BP4's float64 sums added into db where it has
+    C_out entries), BP3 dU = dM · Vᵀ (the first chunk's written, the others' through dUc and
+    added), and with ``input_grad`` dV = Uᵀ · dM into V's buffer, then dX; the steps, order and
+    bits of the layer's loop of ops calls, in one call (see _forward_half)."""
+    Ci, Co, T = X.shape[1], U.shape[1], TH * TW
+    last = bounds.shape[0] - 1
+    for i in range(last, -1, -1):
+        s, e = bounds[i, 0], bounds[i, 1]
+        V = _chunk_tiles(vflat, Ci, (e - s) * T)
+        dM = _chunk_tiles(mflat, Co, (e - s) * T)
+        if i != last:
+            _input_serial(X[s:e], V, ph, pw, TH, TW)
+        _output_backward_serial(dZ[s:e], dM, TH, TW, db, True)
+        out = dU if i == last else dUc
+        for k in range(16):
+            gemm(dM[k], V[k].T, out[k])
+        if i != last:
+            dU += dUc
+        if input_grad:
+            for k in range(16):
+                gemm(U[k].T, dM[k], V[k])
+            _input_backward_serial(V, dX[s:e], ph, pw, TH, TW)
+
+
 class WinogradOps:
     """Fused Winograd F(2×2, 3×3) transforms (a mixin of ``CpuOps``: uses its parallel thresholds)."""
 
@@ -620,6 +679,62 @@ class WinogradOps:
 
     def _wino_parallel(self, size):
         return self.parallel and size >= self.par_cheap
+
+    def winograd_forward_chunks(self, X, U, vflat, mflat, Z, chunks, padding, b=None,
+                                activation="identity"):
+        """Conv2d's Winograd forward over ``chunks`` [(start, stop)] of X in one call (one half of
+        its chunks; the same steps and bits as winograd_input, the 16 GEMMs and winograd_output a
+        chunk): each chunk's V and M in the flat scratch buffers ``vflat``, ``mflat`` as the layer
+        lays them out (the last chunk's stay there)."""
+        dt = checks.float_arrays(("X", "U", "Z"), X, U, Z)
+        X = np.ascontiguousarray(X)
+        N, Ci, H, W = X.shape
+        ph, pw = padding_pair(padding)
+        _, _, TH, TW = tiles(H, W, (ph, pw))
+        Co = U.shape[1]
+        bounds = np.asarray(chunks, np.int64).reshape(-1, 2)
+        P = int((bounds[:, 1] - bounds[:, 0]).max(initial=0)) * TH * TW
+        for name, a, C in (("vflat", vflat, Ci), ("mflat", mflat, Co)):
+            if a.dtype != dt or a.ndim != 1 or a.size < 16 * (C * P + TILE_PAD):
+                raise ValueError(f"{name}: expected a flat {dt} buffer of at least "
+                                 f"{16 * (C * P + TILE_PAD)} elements, got {a.dtype} {a.shape}")
+        b = _bias_arg(b, Co, dt)
+        relu = output_activation(activation) == "relu"
+        _forward_half(X, U, vflat, mflat, Z, bounds, int(ph), int(pw), TH, TW, b, relu)
+        return Z
+
+    def winograd_backward_chunks(self, X, dZ, U, vflat, mflat, dU, dUc, dX, chunks, padding,
+                                 db=None):
+        """Conv2d's Winograd backprop over ``chunks`` of one half in one call (the steps and bits
+        of winograd_input, winograd_output_backward, the BP3 and dV GEMMs and
+        winograd_input_backward a chunk, the last chunk first, its V still in ``vflat``): dU (16,
+        C_out, C_in) = Σ over the chunks of dM · Vᵀ (dUc: scratch), BP4's float64 sums added into
+        ``db`` (C_out,) where given, dX of the chunks' samples unless dX is None."""
+        dt = checks.float_arrays(("X", "dZ", "U", "dU", "dUc"), X, dZ, U, dU, dUc)
+        X, dZ = np.ascontiguousarray(X), np.ascontiguousarray(dZ)
+        N, Ci, H, W = X.shape
+        ph, pw = padding_pair(padding)
+        _, _, TH, TW = tiles(H, W, (ph, pw))
+        Co = U.shape[1]
+        for name, a in (("dU", dU), ("dUc", dUc)):
+            expect_shape(name, a, (16, Co, Ci))
+        bounds = np.asarray(chunks, np.int64).reshape(-1, 2)
+        P = int((bounds[:, 1] - bounds[:, 0]).max(initial=0)) * TH * TW
+        for name, a, C in (("vflat", vflat, Ci), ("mflat", mflat, Co)):
+            if a.dtype != dt or a.ndim != 1 or a.size < 16 * (C * P + TILE_PAD):
+                raise ValueError(f"{name}: expected a flat {dt} buffer of at least "
+                                 f"{16 * (C * P + TILE_PAD)} elements, got {a.dtype} {a.shape}")
+        if db is None:
+            db = _NO_SUMS
+        else:
+            _check_db(db, Co, dt)
+        input_grad = dX is not None
+        if input_grad:
+            checks.float_arrays(("dX",), dX)
+            expect_shape("dX", dX, X.shape)
+        _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX if input_grad else X, bounds, int(ph),
+                       int(pw), TH, TW, db, input_grad)
+        return dU
 
     def winograd_filter(self, W, U):
         """U (16, Co, C) = G g Gᵀ for each 3×3 filter g = W[o, c]."""
