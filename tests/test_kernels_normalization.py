@@ -61,22 +61,37 @@ def test_backward_in_place_equals_out_of_place(ops, rng, kind, shape):
     np.testing.assert_array_equal(grads[3], grads[1])
 
 
+def _two_halves_ops():
+    """The fused set running every batch norm in its two halves (the calling and the worker
+    thread), whatever the size."""
+    ops = CpuOps(np, num_threads=2)
+    ops.bn_halves_min = 0
+    return ops
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
 @pytest.mark.parametrize("shape", [(6, 5, 200), (3, 7, 9, 9), (2, 3, 64), (4, 70, 20), (5, 9)])
-def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape):
+def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape, activation):
     """Each channel's float64 lanes (positions l mod 64 of every row, rows in order) are summed in
-    an order fixed by the shape: one thread and three chunks of channels give the same bits."""
+    an order fixed by the shape: one thread, three chunks of channels and the two halves on two
+    threads (channels, then rows) give the same bits."""
     X, gamma, beta = nc._bn_inputs(rng, shape, np.float32)
     dY = nc.random(rng, shape, np.float32)
     C = shape[1]
     outs = []
-    for ops in (CpuOps(np, num_threads=1), CpuOps(np, num_threads=3, parallel_min=0)):
+    for ops in (CpuOps(np, num_threads=1), CpuOps(np, num_threads=3, parallel_min=0),
+                _two_halves_ops()):
+        assert ops._norm_halves(X) is (ops.bn_halves_min == 0)
         m, s = np.empty(C, np.float32), np.empty(C, np.float32)
-        Y = ops.batch_norm_train(X, gamma, beta, nc.EPS, np.empty_like(X), m, s)
-        dg, db = np.empty(C, np.float32), np.empty(C, np.float32)
-        dX = ops.batch_norm_backward(dY, X, gamma, m, s, np.empty_like(X), dg, db)
+        Y = ops.batch_norm_train(X, gamma, beta, nc.EPS, np.empty_like(X), m, s,
+                                 activation=activation)
+        dg, db = np.full(C, 1, np.float32), np.full(C, 2, np.float32)  # accumulated into
+        dX = ops.batch_norm_backward(dY, X, gamma, m, s, np.empty_like(X), dg, db,
+                                     accumulate=True, activation=activation, beta=beta)
         outs.append((Y, m, s, dX, dg, db))
-    for a, b in zip(*outs, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("shape", [(33, 200), (5, 64), (9, 7)])
