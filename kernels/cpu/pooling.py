@@ -381,12 +381,13 @@ def _avg_pool_backward_parallel(dY, dX, kh, kw, sh, sw, ph, pw, include_pad):
 # Input elements from which max pooling over tiling windows runs the tiling kernels: below, the
 # general serial kernel's scalar rows cost less than a parallel launch (~4 µs, one thread too).
 TILES_MIN = 1 << 12
-# ... and the backward from outputs this wide (a whole vector step a row): on narrower ones its
-# rows, rounded up to 8 outputs (``_row_length``) and spread over 2·8 pixels, lose to the general
-# gather. Measured (2-core AMD EPYC znver3, float32, medians of 50 calls, 2x2 windows): LeNet-5's
-# 128x16x10x10 (5 outputs a row) tiles 0.634 ms, general 0.188; its 128x6x28x28 (14) 0.387 and
-# 0.526.
-TILES_BACKWARD_MIN_OW = 8
+# ... and the backward from outputs this wide: on narrower rows (rounded up to 8 outputs,
+# ``_row_length``) it loses to the general gather. Measured (2-core AMD EPYC znver3, float32,
+# medians of 50 calls, 2x2 windows; outputs a row: tiles / general ms): LeNet-5's 128x16x10x10
+# (5) 0.634 / 0.188; 64x64x16x16 (8, VGG's second pool) 3.73 / 1.09; 64x16x18x18 (9) 0.36 /
+# 0.32; 64x16x20x20 (10) 0.58 / 0.36; 64x16x24x24 (12) 0.44 / 0.55; 128x6x28x28 (14) 0.57 /
+# 0.66; 64x32x32x32 (16) 1.49 / 3.49; 64x8x64x64 (32) 1.08 / 2.64.
+TILES_BACKWARD_MIN_OW = 12
 
 
 def _tiles(win):
