@@ -592,6 +592,22 @@ def _bias_arg(b, C, dtype):
     return b
 
 
+def _chunks_args(X, U, vflat, mflat, chunks, padding, dtype):
+    """(ph, pw, TH, TW, bounds) of the chunked Winograd ops, the chunks as an (n, 2) int64 array,
+    after checking that the flat scratch buffers hold the largest chunk's tiles as Conv2d lays
+    them out (16 rows of C·P + TILE_PAD)."""
+    N, Ci, H, W = X.shape
+    ph, pw = padding_pair(padding)
+    _, _, TH, TW = tiles(H, W, (ph, pw))
+    bounds = np.asarray(chunks, np.int64).reshape(-1, 2)
+    P = int((bounds[:, 1] - bounds[:, 0]).max(initial=0)) * TH * TW
+    for name, a, C in (("vflat", vflat, Ci), ("mflat", mflat, U.shape[1])):
+        if a.dtype != dtype or a.ndim != 1 or a.size < 16 * (C * P + TILE_PAD):
+            raise ValueError(f"{name}: expected a flat {dtype} buffer of at least "
+                             f"{16 * (C * P + TILE_PAD)} elements, got {a.dtype} {a.shape}")
+    return int(ph), int(pw), TH, TW, bounds
+
+
 def _check_db(db, C, dtype):
     if not hasattr(db, "dtype") or db.dtype not in (dtype, np.float64) or not db.flags.c_contiguous:
         got = f"dtype {db.dtype}" if hasattr(db, "dtype") else type(db).__name__
@@ -688,19 +704,10 @@ class WinogradOps:
         lays them out (the last chunk's stay there)."""
         dt = checks.float_arrays(("X", "U", "Z"), X, U, Z)
         X = np.ascontiguousarray(X)
-        N, Ci, H, W = X.shape
-        ph, pw = padding_pair(padding)
-        _, _, TH, TW = tiles(H, W, (ph, pw))
-        Co = U.shape[1]
-        bounds = np.asarray(chunks, np.int64).reshape(-1, 2)
-        P = int((bounds[:, 1] - bounds[:, 0]).max(initial=0)) * TH * TW
-        for name, a, C in (("vflat", vflat, Ci), ("mflat", mflat, Co)):
-            if a.dtype != dt or a.ndim != 1 or a.size < 16 * (C * P + TILE_PAD):
-                raise ValueError(f"{name}: expected a flat {dt} buffer of at least "
-                                 f"{16 * (C * P + TILE_PAD)} elements, got {a.dtype} {a.shape}")
-        b = _bias_arg(b, Co, dt)
+        ph, pw, TH, TW, bounds = _chunks_args(X, U, vflat, mflat, chunks, padding, dt)
+        b = _bias_arg(b, U.shape[1], dt)
         relu = output_activation(activation) == "relu"
-        _forward_half(X, U, vflat, mflat, Z, bounds, int(ph), int(pw), TH, TW, b, relu)
+        _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu)
         return Z
 
     def winograd_backward_chunks(self, X, dZ, U, vflat, mflat, dU, dUc, dX, chunks, padding,
@@ -712,18 +719,10 @@ class WinogradOps:
         ``db`` (C_out,) where given, dX of the chunks' samples unless dX is None."""
         dt = checks.float_arrays(("X", "dZ", "U", "dU", "dUc"), X, dZ, U, dU, dUc)
         X, dZ = np.ascontiguousarray(X), np.ascontiguousarray(dZ)
-        N, Ci, H, W = X.shape
-        ph, pw = padding_pair(padding)
-        _, _, TH, TW = tiles(H, W, (ph, pw))
+        ph, pw, TH, TW, bounds = _chunks_args(X, U, vflat, mflat, chunks, padding, dt)
         Co = U.shape[1]
         for name, a in (("dU", dU), ("dUc", dUc)):
-            expect_shape(name, a, (16, Co, Ci))
-        bounds = np.asarray(chunks, np.int64).reshape(-1, 2)
-        P = int((bounds[:, 1] - bounds[:, 0]).max(initial=0)) * TH * TW
-        for name, a, C in (("vflat", vflat, Ci), ("mflat", mflat, Co)):
-            if a.dtype != dt or a.ndim != 1 or a.size < 16 * (C * P + TILE_PAD):
-                raise ValueError(f"{name}: expected a flat {dt} buffer of at least "
-                                 f"{16 * (C * P + TILE_PAD)} elements, got {a.dtype} {a.shape}")
+            expect_shape(name, a, (16, Co, X.shape[1]))
         if db is None:
             db = _NO_SUMS
         else:
@@ -732,8 +731,8 @@ class WinogradOps:
         if input_grad:
             checks.float_arrays(("dX",), dX)
             expect_shape("dX", dX, X.shape)
-        _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX if input_grad else X, bounds, int(ph),
-                       int(pw), TH, TW, db, input_grad)
+        _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX if input_grad else X, bounds, ph, pw,
+                       TH, TW, db, input_grad)
         return dU
 
     def winograd_filter(self, W, U):
