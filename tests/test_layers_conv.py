@@ -142,13 +142,14 @@ def test_conv2d_im2col_halves_give_the_same_bits_on_one_thread_and_two(rng, ci, 
     halves, so the same bits as one after the other (training forward, inference, dX, gradients
     accumulated over two calls); and the layer equals the reference set to float32 rounding."""
     X = rng.normal(size=(7, ci, *hw)).astype(np.float32)
-    results = []
+    results, dY = [], None
     for kernels, threads in (("fused", 1), ("fused", 2), ("reference", 1)):
         layer = gb.Conv2d(ci, co, k, activation="relu", **kw)
         model = model_for(("cpu", kernels), [layer], input_shape=(ci, *hw), dtype="float32")
         model.backend.ops.nchunks = threads
         layer.max_cols_bytes = 2 * layer._Ktot * math.prod(layer.output_shape[1:]) * 4
-        dY = rng.normal(size=(7, *layer.output_shape)).astype(np.float32) if not results else dY
+        if dY is None:
+            dY = rng.normal(size=(7, *layer.output_shape)).astype(np.float32)
         model.zero_grads()
         for _ in range(2):
             Y, bp = model.forward(X, train=True)

@@ -84,7 +84,8 @@ def environment(devices):
 
     env = {
         "machine_type": machine_type(gpu_name() if "cuda" in devices else None),
-        "cpu": cpu_model(), "cpu_arch": cpu_arch(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu_model(), "cpu_arch": cpu_arch(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
         "numpy": np.__version__, "numba": numba.__version__, "blas_threads": blas_threads(),
         "numba_threads": numba.get_num_threads(), "devices": devices,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

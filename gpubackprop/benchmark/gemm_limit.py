@@ -11,8 +11,8 @@ the batch, as the reference kernel set runs them. With the contender's built mod
 GEMMs that model's step really runs, as its layers choose on its kernel set: a Conv2d on Winograd
 F(2×2, 3×3) (the fused CPU set, where the layer's own rule picks it) as 16 GEMMs
 (C_out×C_in)·(C_in×tiles) a chunk of samples, forward, BP3 (dU = dM·Vᵀ) and dV = Uᵀ·dM; Winograd
-and im2col alike in the layer's two halves of chunks on two threads; a direct convolution as none; the fused CPU
-recurrent ops' GEMMs in their row chunks, each on its own thread with one BLAS thread
+and im2col alike in the layer's two halves of chunks on two threads; a direct convolution as
+none; the fused CPU recurrent ops' GEMMs in their row chunks, each on its own thread with one BLAS thread
 (``ops.row_chunks``). ``plan_step_schedule`` says which of them run concurrently (``Region``).
 """
 

@@ -56,7 +56,8 @@ GEMM). The fused CPU set runs each of the two halves of a layer's Winograd chunk
 GEMMs through NumPy's OpenBLAS), so that the two threads do not take turns at the GIL between a
 chunk's transforms and GEMMs (each turn a thread wake-up; measured on the resnet preset's
 16->16 layer, forward + backward: the worker's half 6.85 -> 4.93 ms, the layer 7.67 -> 5.68 ms
-wall, the step 91.3 -> 84.5 ms with the forward alone). The rounding differs from the direct sum's by a few units in the last place (float64:
+wall, the step 91.3 -> 84.5 ms with the forward alone). The rounding differs from the direct
+sum's by a few units in the last place (float64:
 ~1e-15 relative, so float64 still equals PyTorch to 1e-10, and float64 takes it too).
 """
 
