@@ -101,8 +101,8 @@ def test_conv2d_gradients_accumulate_over_chunks_and_calls(backend_spec, rng):
 def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(backend_spec, rng):
     """A batch whose columns exceed the budget runs in chunks of at most ``ops.cols_cache_bytes``
     (the fused CPU set: 2 MiB; the reference and CUDA sets: None, the budget alone); a batch within
-    the budget stays one chunk, except where the two halves run on two threads (the fused set on
-    2+ cores: cache-sized chunks then, for both cores). Either way the layer equals torch."""
+    the budget stays one chunk, except where the kernel set runs im2col in two halves (the fused
+    set: cache-sized chunks then, for both cores). Either way the layer equals torch."""
     torch = pytest.importorskip("torch")
     layer = gb.Conv2d(2, 3, 3, padding=1, activation="relu")
     model = model_for(backend_spec, [layer], input_shape=(2, 4, 5))
@@ -111,7 +111,7 @@ def test_conv2d_chunks_shrink_to_the_kernel_sets_cache_once_over_the_budget(back
     per_sample = 2 * 3 * 3 * 4 * 5 * 8  # float64 columns of one sample
     layer.max_cols_bytes = 4 * per_sample
     ops.cols_cache_bytes = 2 * per_sample + 1
-    if layer._two_halves():  # the fused set on 2+ cores: cache-sized chunks in two halves always
+    if layer._im2col_halves():  # the fused set: cache-sized chunks in two halves always
         assert layer._chunks(4) == [(0, 2), (2, 4)]
     else:  # within the budget: one chunk, no recompute, whatever the cache
         assert layer._chunks(4) == [(0, 4)]

@@ -182,8 +182,8 @@ def _conv_regions(layer, N, input_grad):
                     bwd.append(("conv input gradient", n * G, K, cog, L))
             return fwd + bwd
         threads = layer.backend.ops.conv_gemm_threads
-    if len(chunks) < 2:
-        return [Region("serial", [lane(chunks)], threads)]
+    if len(chunks) < 2 or (path != "winograd" and not layer._im2col_halves()):
+        return [Region("serial", [lane(chunks)], threads)]  # (im2col: one pass then)
     k = (len(chunks) + 1) // 2  # Conv2d._in_halves
     if layer._two_halves():
         return [Region("halves", [lane(chunks[:k]), lane(chunks[k:])], threads)]

@@ -17,10 +17,11 @@ rather than keeping all of them, except the last chunk's, still in the buffer fr
 pass: backprop runs over the chunks last first (with the whole batch in one chunk, no recompute).
 When the batch's columns exceed the budget, a kernel set may ask for smaller chunks that stay in its
 cache (``ops.cols_cache_bytes``; the CPU set's 2 MiB, see kernels/cpu/conv.py). The fused CPU set
-on two or more cores runs the first and the second half of the chunks on two threads at once
-(``_in_halves``, as Winograd's: each half its own columns buffer, BP3 into one dW a half, the
-halves added in a fixed order: the same bits on one thread or two), its chunks cache-sized always
-so that both cores work. Measured (2-core AMD EPYC, float32, batch 64, forward + backward with
+(``ops.conv_halves``) runs the first and the second half of the chunks on two threads at once
+where it has two or more (``_in_halves``, as Winograd's: each half its own columns buffer, BP3
+into one dW a half, the halves added in a fixed order; one after the other on one thread: the
+same chunks and bits), its chunks cache-sized always so that both cores work; other sets run
+the chunks in one pass. Measured (2-core AMD EPYC, float32, batch 64, forward + backward with
 ReLU, interleaved medians, one run): 16->32 3x3 stride 2 on 32x32 (the resnet preset's) 17.2 ms
 in one chunk on one thread -> 12.2 in two halves (PyTorch 13.2), 3->32 3x3 on 32x32 (the VGG-style
 net's first) 16.0 -> 12.2 (PyTorch 20.9); the resnet step 93.3 -> 85.5 ms.
@@ -266,7 +267,7 @@ class Conv2d(Layer):
                           * self.backend.dtype.itemsize)
             cache = self.backend.ops.winograd_cache_bytes
         most = max(1, min(N, self.max_cols_bytes // per_sample))
-        if (most < N or winograd or self._two_halves()) and cache:
+        if (most < N or winograd or self._im2col_halves()) and cache:
             # Backprop recomputes the columns of every chunk but the last anyway, so chunks whose
             # columns stay in the cache cost no more im2col, and every pass over them (im2col, the
             # GEMMs, col2im) then runs from the cache instead of memory (the kernel set's choice:
@@ -277,8 +278,8 @@ class Conv2d(Layer):
             most = max(1, min(most, serial // (self.in_channels * self.out_channels
                                                 * self._tiles()[2])))
         count = -(-N // most)
-        if count > 1 and count % 2 and self._two_halves():
-            # An even count where two threads take half each: 5 chunks of the resnet preset's
+        if count > 1 and count % 2 and self._im2col_halves():
+            # An even count, for two threads to take half each: 5 chunks of the resnet preset's
             # stride-2 layer ran 3 against 2 (5.0 and 2.8 ms a half, forward + backward).
             count += 1
         size = -(-N // count)
@@ -380,8 +381,9 @@ class Conv2d(Layer):
     # ---- running ----------------------------------------------------------------------------------
     def _forward_into(self, X, Z, cols_of, chunks, scratch):
         """Z (N, Co, OH, OW) = W · cols, chunk by chunk (no bias yet), in the two halves of
-        ``_in_halves``: half h's columns in ``cols_of(h)``, its last chunk's still there for
-        backprop; ``scratch(name, shape)`` gives a buffer."""
+        ``_in_halves`` where they run on two threads (else in one pass): half h's columns in
+        ``cols_of(h)``, its last chunk's still there for backprop; ``scratch(name, shape)`` gives
+        a buffer."""
         G, Cog, K = self.groups, self.out_channels // self.groups, self._K
         L = Z.shape[2] * Z.shape[3]
         inner = self._batch_inner(chunks)
@@ -404,7 +406,10 @@ class Conv2d(Layer):
                     cols = self._im2col(X[s:e], cols_buf[:n]).reshape(n, G, K, L)
                 self.backend.matmul(self._Wg, cols, out=Z[s:e].reshape(n, G, Cog, L))  # Z = W · cols
 
-        self._in_halves(run, chunks)
+        if self._im2col_halves():
+            self._in_halves(run, chunks)
+        else:  # one pass, one columns buffer (a GPU's chunks are large: no second one)
+            run(0, chunks)
 
     def forward(self, X, train=False, input_grad=True):
         self.check_input(X)
@@ -611,6 +616,12 @@ class Conv2d(Layer):
             total = db[0] + db[1]
             self._db[...] = self._db + total if accumulate else total  # (one rounding)
 
+    def _im2col_halves(self):
+        """Whether the im2col path runs in ``_in_halves``' two halves of cache-sized chunks (an
+        even count): where the kernel set says so (``ops.conv_halves``: the fused CPU set, on one
+        thread as on two, so that the chunks and the bits do not depend on the thread count)."""
+        return bool(getattr(self.backend.ops, "conv_halves", False))
+
     def _two_halves(self):
         """Whether ``_in_halves`` runs its halves on two threads (the fused CPU set on 2+ cores)."""
         return getattr(self.backend.ops, "nchunks", 1) >= 2 and self.backend.device == "cpu"
@@ -648,7 +659,11 @@ class Conv2d(Layer):
             for i, (s, e) in enumerate(reversed(part)):
                 self._backward_chunk(X, dZ, ws, h, i, s, e, dW, input_grad)
 
-        halves = self._in_halves(run, ws.chunks)
+        if self._im2col_halves():
+            halves = self._in_halves(run, ws.chunks)
+        else:  # as the forward: one pass
+            run(0, ws.chunks)
+            halves = 1
         if accumulate:
             self._dWg += ws.scratch(be, "dW0", shape)
         if halves == 2:

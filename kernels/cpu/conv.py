@@ -317,6 +317,7 @@ class ConvOps:
     # (3) 49 ms, 2 MiB (one sample) 43 ms.
     cols_cache_bytes = 2 << 20
     batch_inner_gemm = True  # Conv2d may run one GEMM a chunk on batch-inner columns
+    conv_halves = True  # Conv2d's im2col chunks in two halves (on two threads where there are 2+)
 
     def conv_gemm_threads(self):
         """Conv2d's im2col GEMMs on one BLAS thread. The fused set's Winograd layers run two halves
