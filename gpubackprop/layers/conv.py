@@ -257,7 +257,8 @@ class Conv2d(Layer):
     def _chunks(self, N, winograd=False):
         """[(start, stop)] of N samples in chunks of balanced size whose columns (or Winograd
         tiles: V and M) fit the budget; the kernel set's cache-sized ones where the batch exceeds
-        it, for Winograd, and where the halves run on two threads (``_two_halves``)."""
+        it, for Winograd, and where the set runs the chunks in two halves (``_im2col_halves``:
+        then an even count of them too)."""
         L = self.output_shape[1] * self.output_shape[2]
         per_sample = self._Ktot * L * self.backend.dtype.itemsize
         cache = self.backend.ops.cols_cache_bytes
