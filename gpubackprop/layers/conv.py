@@ -382,7 +382,7 @@ class Conv2d(Layer):
     # ---- running ----------------------------------------------------------------------------------
     def _forward_into(self, X, Z, cols_of, chunks, scratch):
         """Z (N, Co, OH, OW) = W · cols, chunk by chunk (no bias yet), in the two halves of
-        ``_in_halves`` where they run on two threads (else in one pass): half h's columns in
+        ``_in_halves`` where the kernel set says so (``_im2col_halves``; else in one pass): half h's columns in
         ``cols_of(h)``, its last chunk's still there for backprop; ``scratch(name, shape)`` gives
         a buffer."""
         G, Cog, K = self.groups, self.out_channels // self.groups, self._K

@@ -44,7 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
-from gpubackprop.kernels.cpu.worker import in_two
+from gpubackprop.kernels.cpu.worker import in_halves
 
 # Fixed sample chunks of a call (the partial dW sums): independent of the thread count, and enough
 # for the two cores here with a few to balance.
@@ -733,8 +733,7 @@ class DirectConvOps:
     def _direct_halves(self, chunks, run):
         """``run(k0, k1)`` over the chunks: in two halves at once, or all on this thread."""
         if self.direct_halves and getattr(self, "nchunks", 1) >= 2 and chunks >= 2:
-            k = (chunks + 1) // 2
-            in_two(lambda: run(0, k), lambda: run(k, chunks))
+            in_halves(chunks, run)
         else:
             run(0, chunks)
 

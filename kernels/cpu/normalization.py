@@ -17,7 +17,7 @@ from numba import njit, prange
 from gpubackprop.kernels import checks
 from gpubackprop.kernels.cpu.dense import _relu
 from gpubackprop.kernels.cpu.numerics import _span
-from gpubackprop.kernels.cpu.worker import in_two
+from gpubackprop.kernels.cpu.worker import in_halves
 
 
 def _as_ncl(a):
@@ -638,12 +638,6 @@ def _bn_dx_span(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu):
     _bn_dx_rows(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu)
 
 
-def _halves(count, run):
-    """``run(a, b)`` on [0, count/2) here and [count/2, count) on the worker thread at once."""
-    k = count // 2
-    in_two(lambda: run(0, k), lambda: run(k, count))
-
-
 def _relu_flag(activation):
     """Whether the fused BN applies a ReLU: "relu" or "identity" (``batch_norm_activations``)."""
     if activation not in BATCH_NORM_ACTIVATIONS:
@@ -697,8 +691,8 @@ class NormalizationOps:
             _bn_train_parallel(*args, self.nchunks)
         elif self._norm_halves(X):
             X3, Y3 = args[0], args[4]
-            _halves(X3.shape[1], lambda c0, c1: _bn_stats_span(X3, float(eps), mean, invstd, c0, c1))
-            _halves(X3.shape[0], lambda n0, n1: _bn_apply_span(X3, gamma, beta, mean, invstd, Y3,
+            in_halves(X3.shape[1], lambda c0, c1: _bn_stats_span(X3, float(eps), mean, invstd, c0, c1))
+            in_halves(X3.shape[0], lambda n0, n1: _bn_apply_span(X3, gamma, beta, mean, invstd, Y3,
                                                                n0, n1, relu))
         else:
             _bn_train_serial(*args)
@@ -742,9 +736,9 @@ class NormalizationOps:
         elif self._norm_halves(X):
             dY3, X3, dX3 = args[0], args[1], args[5]
             sums = np.empty((2, X3.shape[1]), X3.dtype)
-            _halves(X3.shape[1], lambda c0, c1: _bn_grad_sums_span(dY3, X3, gamma, beta, mean,
+            in_halves(X3.shape[1], lambda c0, c1: _bn_grad_sums_span(dY3, X3, gamma, beta, mean,
                                                                    invstd, sums, c0, c1, relu))
-            _halves(X3.shape[0], lambda n0, n1: _bn_dx_span(dY3, X3, gamma, beta, mean, invstd,
+            in_halves(X3.shape[0], lambda n0, n1: _bn_dx_span(dY3, X3, gamma, beta, mean, invstd,
                                                             sums, dX3, n0, n1, relu))
             _write_param_grads(sums, dgamma, dbeta, bool(accumulate))
         else:

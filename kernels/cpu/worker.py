@@ -26,6 +26,12 @@ def worker():
         return _WORKER[0]
 
 
+def in_halves(count, run):
+    """``run(0, k)`` here and ``run(k, count)`` on the worker thread at once, k = ⌈count/2⌉."""
+    k = (count + 1) // 2
+    in_two(lambda: run(0, k), lambda: run(k, count))
+
+
 def in_two(first, second):
     """``second()`` on the worker thread while ``first()`` runs here; returns when both are done
     (an exception of either is raised here, after both have finished)."""
