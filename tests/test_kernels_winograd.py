@@ -435,15 +435,18 @@ def _tile_buffer(C, P):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias,activation", [(False, "identity"), (True, "relu")])
-def test_chunked_halves_are_the_ops_one_by_one(rng, dtype, bias, activation):
+@pytest.mark.parametrize("own_products", [True, False])
+def test_chunked_halves_are_the_ops_one_by_one(rng, dtype, bias, activation, own_products):
     """The fused CPU set's winograd_forward_chunks / winograd_backward_chunks (a half of Conv2d's
     chunks in one call) against the same steps as separate fused ops with NumPy's matmul, chunk
     by chunk (ragged chunks, a ragged last tile row and column): Z, dU, db's float64 sums and dX
-    to float rounding (the GEMMs are OpenBLAS's either way; only their call differs), the V and
-    dM buffers' layout (the last chunk's V stays for backprop) bit for bit."""
+    to float rounding (the 16 products a chunk by kernels/cpu/tile_gemm.py or by OpenBLAS, as
+    ``winograd_own_products`` says), the V and dM buffers' layout (the last chunk's V stays for
+    backprop) bit for bit."""
     from gpubackprop.kernels.cpu import CpuOps
 
     ops = CpuOps(np, num_threads=1)
+    ops.winograd_own_products = 64 if own_products else 0
     N, Ci, Co, H, W, pad = 6, 5, 7, 9, 11, (1, 1)
     chunks = [(0, 3), (3, 5), (5, 6)]
     _, _, TH, TW = tiles(H, W, pad)

@@ -46,6 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpubackprop.kernels import checks
+from gpubackprop.kernels.cpu import tile_gemm
 from gpubackprop.kernels.cpu.blas import gemm
 from gpubackprop.kernels.reference.conv import expect_shape
 from gpubackprop.kernels.reference.winograd import (
@@ -627,7 +628,7 @@ def _chunk_tiles(flat, C, P):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu):
+def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu, own):
     """Conv2d's Winograd forward over the chunks [bounds[i, 0], bounds[i, 1]) of one half: V =
     BᵀdB, the 16 GEMMs M = U · V (NumPy's OpenBLAS, kernels/cpu/blas.py), Z = AᵀMA (+ b, ReLU), as
     the layer's loop of ops calls; in one call, so that the two halves' threads do not take
@@ -637,14 +638,20 @@ def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu):
         s, e = bounds[i, 0], bounds[i, 1]
         V = _chunk_tiles(vflat, Ci, (e - s) * T)
         M = _chunk_tiles(mflat, Co, (e - s) * T)
+        P = np.uint64((e - s) * T)  # the flat rows of V and M (_chunk_tiles), for tile_gemm
+        vs, ms = np.uint64(Ci) * P + np.uint64(TILE_PAD), np.uint64(Co) * P + np.uint64(TILE_PAD)
         _input_serial(X[s:e], V, ph, pw, TH, TW)
         for k in range(16):
-            gemm(U[k], V[k], M[k])
+            if own:
+                tile_gemm.nn(U[k], vflat, np.uint64(k) * vs, mflat, np.uint64(k) * ms, P)
+            else:
+                gemm(U[k], V[k], M[k])
         _output_serial(M, Z[s:e], TH, TW, b, relu)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX, bounds, ph, pw, TH, TW, db, input_grad):
+def _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX, bounds, ph, pw, TH, TW, db, input_grad,
+                   own):
     """Conv2d's Winograd backprop over one half's chunks, the last first (its V is still in
     ``vflat`` from the forward): dM = A dZ Aᵀ (with BP4's float64 sums added into db where it has
     C_out entries), BP3 dU = dM · Vᵀ (the first chunk's written, the others' through dUc and
@@ -656,17 +663,25 @@ def _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX, bounds, ph, pw, TH, TW, 
         s, e = bounds[i, 0], bounds[i, 1]
         V = _chunk_tiles(vflat, Ci, (e - s) * T)
         dM = _chunk_tiles(mflat, Co, (e - s) * T)
+        P = np.uint64((e - s) * T)
+        vs, ms = np.uint64(Ci) * P + np.uint64(TILE_PAD), np.uint64(Co) * P + np.uint64(TILE_PAD)
         if i != last:
             _input_serial(X[s:e], V, ph, pw, TH, TW)
         _output_backward_serial(dZ[s:e], dM, TH, TW, db, True)
         out = dU if i == last else dUc
         for k in range(16):
-            gemm(dM[k], V[k].T, out[k])
+            if own:
+                tile_gemm.nt(mflat, np.uint64(k) * ms, vflat, np.uint64(k) * vs, P, out[k])
+            else:
+                gemm(dM[k], V[k].T, out[k])
         if i != last:
             dU += dUc
         if input_grad:
             for k in range(16):
-                gemm(U[k].T, dM[k], V[k])
+                if own:
+                    tile_gemm.nn(U[k].T, mflat, np.uint64(k) * ms, vflat, np.uint64(k) * vs, P)
+                else:
+                    gemm(U[k].T, dM[k], V[k])
             _input_backward_serial(V, dX[s:e], ph, pw, TH, TW)
 
 
@@ -686,12 +701,19 @@ class WinogradOps:
     # of recomputing it in backprop (8-32 MiB a layer, read back from memory) does not pay either:
     # 15.2 -> 16.1, 11.8 -> 12.3, 39.8 -> 39.1, 19.6 -> 19.8 ms (the same four layers, before the
     # long rows): V recomputed from X runs in the cache about as fast as V read from memory.
-    winograd_cache_bytes = 1 << 20
+    winograd_cache_bytes = 1 << 19
     # ... and each of a chunk's 16 GEMMs (C_out·P·C_in multiply-adds) no larger than OpenBLAS runs
     # on one thread (it threads a GEMM above 65536·4 of them, interface/gemm.c): Conv2d runs two
     # halves of the chunks on two threads at once, whose GEMMs would otherwise start BLAS's own
     # threads on the same two cores. (The benchmarked layers' chunks are within it already.)
     winograd_gemm_serial = 1 << 18
+
+    # The chunks' 16 products by kernels/cpu/tile_gemm.py rather than OpenBLAS where C_in and C_out
+    # are both at most this many (measured there).
+    winograd_own_products = 16
+
+    def _own_products(self, U):
+        return max(U.shape[1], U.shape[2]) <= self.winograd_own_products
 
     def _wino_parallel(self, size):
         return self.parallel and size >= self.par_cheap
@@ -707,7 +729,7 @@ class WinogradOps:
         ph, pw, TH, TW, bounds = _chunks_args(X, U, vflat, mflat, chunks, padding, dt)
         b = _bias_arg(b, U.shape[1], dt)
         relu = output_activation(activation) == "relu"
-        _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu)
+        _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu, self._own_products(U))
         return Z
 
     def winograd_backward_chunks(self, X, dZ, U, vflat, mflat, dU, dUc, dX, chunks, padding,
@@ -732,7 +754,7 @@ class WinogradOps:
             checks.float_arrays(("dX",), dX)
             expect_shape("dX", dX, X.shape)
         _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX if input_grad else X, bounds, ph, pw,
-                       TH, TW, db, input_grad)
+                       TH, TW, db, input_grad, self._own_products(U))
         return dU
 
     def winograd_filter(self, W, U):
