@@ -19,8 +19,8 @@ for dW, reassociated by LLVM into vector lanes: ``fastmath`` reassoc/contract, f
 time), so the bits do not depend on the thread count: the batch is split into ``DIRECT_CHUNKS``
 fixed chunks, each with its own buffers and its own partial dW, summed in chunk order, run over
 Numba's threads (prange) where ``DirectConvOps.direct_parallel`` says so, else in two halves on the
-calling thread and the worker thread (``direct_halves``, kernels/cpu/worker.py: a thread that does
-not spin), or one after the other on one thread.
+calling thread and the worker thread (``direct_halves``, kernels/cpu/worker.py: one thread that
+spins only briefly between calls, unlike a pool's), or one after the other on one thread.
 
 5-wide kernels (LeNet-5's) take register-blocked kernels (``_forward_chunk5``, ``_backward_chunk5``):
 a kernel row's 5 taps for a block of 4 (2, 1; 2 where the CPU has no AVX-512: ``DIRECT_BLOCK``)
@@ -714,15 +714,16 @@ class DirectConvOps:
     # batch 128: idle machine, forward 1.02 -> 0.70 ms, backward 2.51 -> 1.48 (conv1 0.46 -> 0.42,
     # 0.51 -> 0.46); with the other core busy (another process), forward 1.3 -> 8 ms, backward
     # 2.6 -> 16 (the region waits for the second thread's time slices). A split pays only where
-    # the second core is free for the whole region: hence the halves below, on a thread that
-    # waits without spinning, with the dense layers' small GEMMs on one BLAS thread
+    # the second core is free for the whole region: hence the halves below, on the worker thread
+    # (which spins a few ms at most after a call, then sleeps), with the dense layers' small GEMMs
+    # on one BLAS thread
     # (kernels/cpu/dense.py dense_gemm_threads) so that OpenBLAS's worker does not spin there.
     # LeNet-5 step, 2-core AMD EPYC znver3, interleaved medians: halves 10.8 ms, one thread 11.3.
     direct_parallel = False
 
     # Whether the direct kernels run the first and the second half of the sample chunks on the
     # calling thread and the worker thread (kernels/cpu/worker.py, where the set has 2+ threads):
-    # no pool that spins, the same chunks and sums, so the same bits.
+    # the same chunks and sums, so the same bits.
     direct_halves = True
 
     direct_block = DIRECT_BLOCK  # planes a register block of the 5-wide kernels: 4 or 2
