@@ -74,8 +74,7 @@ def _two_halves_ops():
 def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape, activation):
     """Each channel's float64 lanes (positions l mod 64 of every row, rows in order) are summed in
     an order fixed by the shape: one thread, three chunks of channels and the two halves on two
-    threads (each channel whole where rows are SHORT_ROWS long or more, else channels then rows)
-    give the same bits, dX apart or over dY."""
+    threads (channels, then rows) give the same bits."""
     X, gamma, beta = nc._bn_inputs(rng, shape, np.float32)
     dY = nc.random(rng, shape, np.float32)
     C = shape[1]
@@ -90,10 +89,6 @@ def test_batch_norm_sums_do_not_depend_on_the_thread_count(rng, shape, activatio
         dX = ops.batch_norm_backward(dY, X, gamma, m, s, np.empty_like(X), dg, db,
                                      accumulate=True, activation=activation, beta=beta)
         outs.append((Y, m, s, dX, dg, db))
-        inplace = dY.copy()  # dX written over dY (each half its own channels, or rows)
-        ops.batch_norm_backward(inplace, X, gamma, m, s, inplace, np.zeros(C, np.float32),
-                                np.zeros(C, np.float32), activation=activation, beta=beta)
-        np.testing.assert_array_equal(inplace, dX)
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             np.testing.assert_array_equal(a, b)

@@ -638,64 +638,6 @@ def _bn_dx_span(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu):
     _bn_dx_rows(dY, X, gamma, beta, mean, invstd, sums, dX, n0, n1, relu)
 
 
-# A batch norm's halves by channels, each channel whole at a time (rows of L >= SHORT_ROWS): its
-# sums, then its N·L values normalized (forward) or its dX (backward) while they are in L2, in
-# one two-way call where the spans above make two (the channels' sums, then the rows). The same
-# sums and the same arithmetic per element, so the same bits.
-@njit(cache=True, error_model="numpy", nogil=True)
-def _bn_train_channels(X, gamma, beta, eps, Y, mean, invstd, c0, c1, relu):
-    N, C, L = X.shape
-    u = np.uint64
-    zero = X.dtype.type(0)
-    x, y = X.reshape(-1), Y.reshape(-1)
-    for c in range(c0, c1):
-        _bn_stats_channels(X, eps, mean, invstd, c, c + 1)
-        m, s, g, b = mean[c], invstd[c], gamma[c], beta[c]
-        for n in range(N):
-            base = u((n * C + c) * L)
-            if relu:
-                for l in range(u(L)):  # noqa: E741
-                    y[base + l] = _act_out((x[base + l] - m) * s * g + b, zero, True)
-            else:
-                for l in range(u(L)):  # noqa: E741
-                    y[base + l] = (x[base + l] - m) * s * g + b
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _bn_dx_channel(dy, x, dx, N, C, L, c, m, s, kc, dbc, dgc, g, b, relu):
-    u = np.uint64
-    zero = x.dtype.type(0)
-    fM = x.dtype.type(N * L)
-    for n in range(N):
-        base = u((n * C + c) * L)
-        for l in range(u(L)):  # noqa: E741
-            xh = (x[base + l] - m) * s
-            d = _masked(dy[base + l], x[base + l], m, s, g, b, zero, relu)
-            dx[base + l] = kc * (fM * d - dbc - xh * dgc)
-
-
-@njit(cache=True, error_model="numpy", nogil=True)
-def _bn_backward_channels(dY, X, gamma, beta, mean, invstd, sums, dX, c0, c1, relu):
-    N, C, L = X.shape
-    t = X.dtype.type
-    x, dx = X.reshape(-1), dX.reshape(-1)
-    same = _same_buffer(dX, dY)  # one name for one buffer (see _bn_dx_rows)
-    dy = dx if same else dY.reshape(-1)
-    for c in range(c0, c1):
-        _bn_grad_sums_channels(dY, X, gamma, beta, mean, invstd, sums, c, c + 1, relu)
-        kc = gamma[c] * invstd[c] / t(N * L)
-        m, s, dbc, dgc, g, b = mean[c], invstd[c], sums[0, c], sums[1, c], gamma[c], beta[c]
-        if same:
-            if relu:
-                _bn_dx_channel(dx, x, dx, N, C, L, c, m, s, kc, dbc, dgc, g, b, True)
-            else:
-                _bn_dx_channel(dx, x, dx, N, C, L, c, m, s, kc, dbc, dgc, g, b, False)
-        elif relu:
-            _bn_dx_channel(dy, x, dx, N, C, L, c, m, s, kc, dbc, dgc, g, b, True)
-        else:
-            _bn_dx_channel(dy, x, dx, N, C, L, c, m, s, kc, dbc, dgc, g, b, False)
-
-
 def _relu_flag(activation):
     """Whether the fused BN applies a ReLU: "relu" or "identity" (``batch_norm_activations``)."""
     if activation not in BATCH_NORM_ACTIVATIONS:
@@ -729,14 +671,6 @@ class NormalizationOps:
     # 0.49 / 0.57 serial, on its 64x16x32x32 (2^20) 0.87 / 1.02 against 0.96 / 1.12.
     bn_halves_min = 1 << 20
 
-    # ... each half a span of channels, each channel whole (_bn_train_channels,
-    # _bn_backward_channels), where rows are SHORT_ROWS long or more: one two-way call instead of
-    # two, a channel's second pass from L2.
-    bn_channel_halves = True
-
-    def _by_channels(self, X3):
-        return self.bn_channel_halves and X3.shape[2] >= SHORT_ROWS
-
     def _norm_parallel(self, X):
         return self.parallel and X.size >= self.par_cheap
 
@@ -755,10 +689,6 @@ class NormalizationOps:
         args = (_as_ncl(X), gamma, beta, float(eps), _as_ncl(Y), mean, invstd, relu)
         if self._norm_parallel(X):
             _bn_train_parallel(*args, self.nchunks)
-        elif self._norm_halves(X) and self._by_channels(args[0]):
-            X3, Y3 = args[0], args[4]
-            in_halves(X3.shape[1], lambda c0, c1: _bn_train_channels(X3, gamma, beta, float(eps), Y3,
-                                                                   mean, invstd, c0, c1, relu))
         elif self._norm_halves(X):
             X3, Y3 = args[0], args[4]
             in_halves(X3.shape[1], lambda c0, c1: _bn_stats_span(X3, float(eps), mean, invstd, c0, c1))
@@ -803,13 +733,6 @@ class NormalizationOps:
                 bool(accumulate), beta, relu)
         if self._norm_parallel(X):
             _bn_backward_parallel(*args, self.nchunks)
-        elif self._norm_halves(X) and self._by_channels(args[1]):
-            dY3, X3, dX3 = args[0], args[1], args[5]
-            sums = np.empty((2, X3.shape[1]), X3.dtype)
-            in_halves(X3.shape[1], lambda c0, c1: _bn_backward_channels(dY3, X3, gamma, beta, mean,
-                                                                      invstd, sums, dX3, c0, c1,
-                                                                      relu))
-            _write_param_grads(sums, dgamma, dbeta, bool(accumulate))
         elif self._norm_halves(X):
             dY3, X3, dX3 = args[0], args[1], args[5]
             sums = np.empty((2, X3.shape[1]), X3.dtype)
