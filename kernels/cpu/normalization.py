@@ -663,12 +663,14 @@ class NormalizationOps:
 
     # Batch norms of this many elements and more (below the parallel kernels' size) run their
     # channels' sums and then their rows in two halves, on the calling thread and the worker
-    # thread (kernels/cpu/worker.py: a thread that waits without spinning; the parallel kernels'
-    # OpenMP threads spin after a region, into Conv2d's halves: the resnet step 79 -> 118 ms with
-    # them from 2^16 elements). The same spans' sums, so the same bits as the serial kernels.
-    # Each half starts and ends with a wake-up of the other thread (0.1-0.2 ms on a VM): on the
-    # resnet preset's 64x32x16x16 (2^19) the halves took 0.65 / 0.72 ms forward / backward against
-    # 0.49 / 0.57 serial, on its 64x16x32x32 (2^20) 0.87 / 1.02 against 0.96 / 1.12.
+    # thread (kernels/cpu/worker.py: one thread that spins only briefly between calls; the
+    # parallel kernels' OpenMP threads spin after a region, into Conv2d's halves: the resnet step
+    # 79 -> 118 ms with them from 2^16 elements). The same spans' sums, so the same bits as the
+    # serial kernels. Each half starts and ends with a hand-over to the other thread (0.1-0.2 ms
+    # on a VM with a sleeping worker): on the resnet preset's 64x32x16x16 (2^19) the halves took
+    # 0.65 / 0.72 ms forward / backward against 0.49 / 0.57 serial, on its 64x16x32x32 (2^20) 0.87
+    # / 1.02 against 0.96 / 1.12. With the spinning hand-off, the resnet step: 2^19 91.2 ms
+    # against 2^20 89.3, 2^18 94.4 against 91.6 (interleaved medians, znver3).
     bn_halves_min = 1 << 20
 
     def _norm_parallel(self, X):

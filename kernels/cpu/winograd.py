@@ -630,7 +630,8 @@ def _chunk_tiles(flat, C, P):
 @njit(cache=True, error_model="numpy", nogil=True)
 def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu, own):
     """Conv2d's Winograd forward over the chunks [bounds[i, 0], bounds[i, 1]) of one half: V =
-    BᵀdB, the 16 GEMMs M = U · V (NumPy's OpenBLAS, kernels/cpu/blas.py), Z = AᵀMA (+ b, ReLU), as
+    BᵀdB, the 16 GEMMs M = U · V (NumPy's OpenBLAS, kernels/cpu/blas.py, or with ``own``
+    kernels/cpu/tile_gemm.py's, on the flat buffers' rows), Z = AᵀMA (+ b, ReLU), as
     the layer's loop of ops calls; in one call, so that the two halves' threads do not take
     turns at the GIL between the steps (each turn a thread wake-up, ~0.1 ms on a VM)."""
     Ci, Co, T = X.shape[1], U.shape[1], TH * TW
@@ -701,6 +702,10 @@ class WinogradOps:
     # of recomputing it in backprop (8-32 MiB a layer, read back from memory) does not pay either:
     # 15.2 -> 16.1, 11.8 -> 12.3, 39.8 -> 39.1, 19.6 -> 19.8 ms (the same four layers, before the
     # long rows): V recomputed from X runs in the cache about as fast as V read from memory.
+    # On the 2-core AMD EPYC znver3 (512 KiB of L2 a core), once the worker's hand-off spins
+    # (kernels/cpu/worker.py) and with the 16-channel products of tile_gemm, the resnet preset's
+    # step (interleaved medians, same process): 512 KiB 85.3 ms against 1 MiB 87.5; 256 KiB 86.9
+    # against 512 KiB 81.8 (a chunk is one sample at least: 512 KiB for the 16-channel layers).
     winograd_cache_bytes = 1 << 19
     # ... and each of a chunk's 16 GEMMs (C_out·P·C_in multiply-adds) no larger than OpenBLAS runs
     # on one thread (it threads a GEMM above 65536·4 of them, interface/gemm.c): Conv2d runs two
@@ -709,7 +714,12 @@ class WinogradOps:
     winograd_gemm_serial = 1 << 18
 
     # The chunks' 16 products by kernels/cpu/tile_gemm.py rather than OpenBLAS where C_in and C_out
-    # are both at most this many (measured there).
+    # are both at most this many. Measured (2-core AMD EPYC znver3, one thread, interleaved medians,
+    # forward / backward of half a batch of 64 in chunks): 16->16 on 32x32, 2-sample chunks 4.65 /
+    # 7.71 ms against OpenBLAS 4.79 / 8.32, 1-sample chunks 4.03 / 6.20 against 3.95 / 7.35; 32->32
+    # on 16x16, 4-sample chunks 3.11 / 5.05 against 2.48 / 4.56 (OpenBLAS's kernels win from 32
+    # channels). The resnet preset's step: 16 86.6 ms, 0 (OpenBLAS throughout) 88.7; 32 82.8
+    # against 16 83.3 (with 512 KiB chunks: equal).
     winograd_own_products = 16
 
     def _own_products(self, U):
