@@ -16,7 +16,12 @@ up to ``IDLE_SPIN_S`` for the next one, then sleeps on an event; the caller, onc
 done, spins for the worker's end up to ``JOIN_SPIN_S``, then polls. Each side's flag store is made
 outside the GIL by the spinning side's compiled code or under the GIL by the other, and the end
 flag is stored only after the worker has let go of the GIL, so that the waking side never waits
-for the GIL on a thread that would have to be woken.
+for the GIL on a thread that would have to be woken. Measured (same VM, each worker in its own
+process, interleaved with PyTorch, medians): the LeNet-5 step 12.8 / 14.5 ms -> 9.5 / 10.6 (two
+runs), the resnet preset's 96.8 / 90.5 -> 88.8 / 85.4; the resnet step's time past the calling
+thread's own halves 7.1 -> 2.2-5.4 ms. What is left of it is mostly the worker's start, 0.1-0.2
+ms on a large call: it spins, but then waits for the GIL while the caller's half makes its
+Python calls, and that wait sleeps.
 """
 
 import os
