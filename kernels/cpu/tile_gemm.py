@@ -24,6 +24,8 @@ Measured (2-core AMD EPYC znver3, AVX2, float32, one thread, in-cache minima; on
 import numpy as np
 from numba import njit
 
+from gpubackprop.kernels.cpu.direct_conv import _dot  # Σ_t a[ia + t]·b[ib + t], lanes
+
 _FM = {"reassoc", "contract"}
 # Tiles in a block of ``nn``: 2 output rows of TB and 4 input rows of TB in L1 (measured 64, 128,
 # 256, 512 on the shapes above: 256 best).
@@ -135,14 +137,6 @@ def _dots4x2(Af, a0, P, Bf, b0, count):
         s30 += x * y0
         s31 += x * y1
     return s00, s01, s10, s11, s20, s21, s30, s31
-
-
-@njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _dot(Af, a0, Bf, b0, count):
-    s = Af.dtype.type(0)
-    for t in range(count):
-        s += Af[a0 + t] * Bf[b0 + t]
-    return s
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
