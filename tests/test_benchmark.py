@@ -310,8 +310,8 @@ def _masked_plan():
 class _GemmRecorder:
     """Records every GEMM a step calls as single products (m, k, n): through the backend's matmul
     (conv, Winograd, dense, attention; from any thread), the kernel set's own xp.matmul, the
-    fused CPU recurrent kernels' np.dot calls and the fused Winograd halves' gemm calls (their
-    Numba loops run as Python, the same code)."""
+    fused CPU recurrent kernels' np.dot calls and the fused Winograd halves' gemm and tile_gemm
+    calls (their Numba loops run as Python, the same code)."""
 
     _NUMBA = [f"_{m}_{d}_{how}" for m in ("rnn", "lstm", "gru") for d in ("forward", "backward")
               for how in ("rows", "parallel")] + ["_rows_gemm_parallel", "_weight_gemm_parallel",
@@ -355,6 +355,20 @@ class _GemmRecorder:
             rec._add(a, b)
             np.matmul(a, b, out=out)
         monkeypatch.setattr(winograd, "gemm", gemm)
+
+        class TileGemm:  # kernels/cpu/tile_gemm.py's products (few channels), recorded
+            @staticmethod
+            def nn(A, B, bo, out, oo, P):
+                rec.calls.append((A.shape[0], A.shape[1], int(P)))
+                return tile_gemm.nn(A, B, bo, out, oo, P)
+
+            @staticmethod
+            def nt(A, ao, B, bo, P, out):
+                rec.calls.append((out.shape[0], int(P), out.shape[1]))
+                return tile_gemm.nt(A, ao, B, bo, P, out)
+        from gpubackprop.kernels.cpu import tile_gemm
+
+        monkeypatch.setattr(winograd, "tile_gemm", TileGemm)
 
     def _add(self, a, b):
         lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
