@@ -81,7 +81,7 @@ def test_calls_from_several_threads_at_once_each_run_both_halves():
         try:
             for _ in range(200):
                 got = []
-                in_two(lambda: got.append("a"), lambda: got.append("b"))
+                in_two(lambda got=got: got.append("a"), lambda got=got: got.append("b"))
                 assert sorted(got) == ["a", "b"]
                 counts[i] += 1
         except BaseException as e:  # pragma: no cover (reported below)
