@@ -36,9 +36,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Seconds the worker spins for its next job after one (then it sleeps until woken), and the caller
-# for the worker's half once its own is done (then it polls every POLL_S).
+# for the worker's half once its own is done (then it polls every POLL_S): a few ms, since both
+# spins take a core's time from anything else that would run on it (the gaps between a conv
+# step's two-way calls, and the halves' imbalance, are well under a millisecond here).
 IDLE_SPIN_S = 0.005
-JOIN_SPIN_S = 0.05
+JOIN_SPIN_S = 0.01
 POLL_S = 0.0005
 _JOB, _DONE, _ASLEEP = 0, 1, 2  # the shared flags' slots (int64)
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
