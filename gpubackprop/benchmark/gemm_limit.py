@@ -74,7 +74,8 @@ SPLIT_AXIS = {"recurrent weight gradient": "k"}
 
 # How a region of the step's GEMMs runs (``plan_step_schedule``): "serial", its one lane on the
 # calling thread through xp.matmul (BLAS's own threads); "halves", Conv2d's halves of chunks, lane 0
-# on the calling thread and lane 1 on a worker thread at once (xp.matmul); "row chunks", the fused
+# on the calling thread and lane 1 on the layers' worker thread at once (xp.matmul; the same
+# hand-off as the layers', kernels/cpu/worker.py); "row chunks", the fused
 # CPU recurrent ops, each lane one chunk's rows on its own thread (Numba prange), their GEMM
 # (NumPy's OpenBLAS, kernels/cpu/blas.py) on one BLAS thread. A lane is a list of GEMMs. ``threads``:
 # None, or the context the layer runs a region's GEMMs in (Conv2d's im2col GEMMs: the kernel set's
@@ -434,23 +435,16 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
         return run
 
     steps = []
-    worker = None
     for region in regions:
         if library != "pytorch" and region.how == "halves":
             first, second = (serial_calls(lane) for lane in region.lanes)
-            if worker is None:
-                from concurrent.futures import ThreadPoolExecutor
 
-                worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemm-limit")
-
-            def halves(first=first, second=second, worker=worker,
+            def halves(first=first, second=second,
                        threads=region.threads or contextlib.nullcontext):
+                from gpubackprop.kernels.cpu.worker import in_two  # the layers' own hand-off
+
                 with threads():
-                    future = worker.submit(second)
-                    try:
-                        first()
-                    finally:
-                        future.result()
+                    in_two(first, second)
             steps.append(halves)
         elif library != "pytorch" and region.threads is not None:
             def in_threads(runs=[serial_calls(lane) for lane in region.lanes],
