@@ -18,7 +18,8 @@ not depend on the thread count; they differ from OpenBLAS's by rounding only.
 
 Measured (2-core AMD EPYC znver3, AVX2, float32, one thread, in-cache minima; one product):
 16×16 by 512 tiles 9.2 µs (OpenBLAS) -> 5.5 (``nn``), BP3's 7.2 -> 5.6; 32×32 by 256 tiles
-10.0 -> 8.7 and 10.4 -> 9.5. Which layers take them is ``WinogradOps.winograd_own_products``.
+10.0 -> 8.7 and 10.4 -> 9.5. In a chunk, where V and M come from L2, the 16-channel layers gain
+and the 32-channel ones do not (OpenBLAS keeps those): ``WinogradOps.winograd_own_products``.
 """
 
 import numpy as np
