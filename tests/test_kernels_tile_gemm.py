@@ -3,8 +3,8 @@ sizes (output rows past the blocks of 2 and 4, input rows past the blocks of 4, 
 blocks of TB), on flat buffers at offsets as the chunks lay them out.
 
 Tolerance: each entry is a sum of K products (K the inner size), so its float32 rounding error is
-at most about K·u·Σ|a·b| (u = 2⁻²⁴); the tests take 4·K·u·Σ|a·b| entry by entry, and 1e-13 in
-float64, where a wrong product or a missed or doubled term is off by the size of a term."""
+at most about K·u·Σ|a·b| (u = 2⁻²⁴, 2⁻⁵³ in float64); the tests take 4·K·u·Σ|a·b| entry by entry,
+where a wrong product or a missed or doubled term is off by the size of a term."""
 
 import numpy as np
 import pytest

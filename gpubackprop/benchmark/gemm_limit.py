@@ -434,6 +434,8 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
                 mm(A, B, out=C)
         return run
 
+    from gpubackprop.kernels.cpu.worker import in_two  # the layers' own hand-off
+
     steps = []
     for region in regions:
         if library != "pytorch" and region.how == "halves":
@@ -441,8 +443,6 @@ def gemm_limit_contender(gemms, batch, device="cpu", library="gpubackprop"):
 
             def halves(first=first, second=second,
                        threads=region.threads or contextlib.nullcontext):
-                from gpubackprop.kernels.cpu.worker import in_two  # the layers' own hand-off
-
                 with threads():
                     in_two(first, second)
             steps.append(halves)

@@ -146,18 +146,17 @@ def nt(A, ao, B, bo, P, out):
     ``bo`` in the flat B (uint64), out (m, n) any layout: blocks of 4 × 2 sums, the rows and
     columns past them one sum each."""
     m, n = out.shape
-    Af, Bf = A, B
     u = np.uint64
     count = u(P)
     m4, n2 = m - m % 4, n - n % 2
     for o in range(0, m4, 4):
         for c in range(0, n2, 2):
-            s = _dots4x2(Af, ao + u(o * P), u(P), Bf, bo + u(c * P), count)
+            s = _dots4x2(A, ao + u(o * P), u(P), B, bo + u(c * P), count)
             out[o, c], out[o, c + 1] = s[0], s[1]
             out[o + 1, c], out[o + 1, c + 1] = s[2], s[3]
             out[o + 2, c], out[o + 2, c + 1] = s[4], s[5]
             out[o + 3, c], out[o + 3, c + 1] = s[6], s[7]
     for o in range(m):
         for c in range(n2 if o < m4 else 0, n):
-            out[o, c] = _dot(Af, ao + u(o * P), Bf, bo + u(c * P), count)
+            out[o, c] = _dot(A, ao + u(o * P), B, bo + u(c * P), count)
     return out

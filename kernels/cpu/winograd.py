@@ -618,9 +618,15 @@ def _check_db(db, C, dtype):
 
 # ---- Conv2d's halves in one call each: no GIL between a chunk's steps --------------------------
 @njit(cache=True, error_model="numpy", inline="always")
+def _row_stride(C, P):
+    """The elements between a chunk's 16 rows of tiles in its scratch buffer (uint64)."""
+    return np.uint64(C) * np.uint64(P) + np.uint64(TILE_PAD)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _chunk_tiles(flat, C, P):
     """A chunk's (16, C, P) tiles in a scratch buffer as Conv2d lays them out (layers/conv.py
-    ``_tiles_view``): 16 C-contiguous rows of C·P, C·P + TILE_PAD elements apart."""
+    ``_tiles_view``): 16 C-contiguous rows of C·P, ``_row_stride`` elements apart."""
     rows = flat[:16 * (C * P + TILE_PAD)].reshape(16, C * P + TILE_PAD)
     isz = flat.itemsize
     return np.lib.stride_tricks.as_strided(rows, shape=(16, C, P),
@@ -640,7 +646,7 @@ def _forward_half(X, U, vflat, mflat, Z, bounds, ph, pw, TH, TW, b, relu, own):
         V = _chunk_tiles(vflat, Ci, (e - s) * T)
         M = _chunk_tiles(mflat, Co, (e - s) * T)
         P = np.uint64((e - s) * T)  # the flat rows of V and M (_chunk_tiles), for tile_gemm
-        vs, ms = np.uint64(Ci) * P + np.uint64(TILE_PAD), np.uint64(Co) * P + np.uint64(TILE_PAD)
+        vs, ms = _row_stride(Ci, P), _row_stride(Co, P)
         _input_serial(X[s:e], V, ph, pw, TH, TW)
         for k in range(16):
             if own:
@@ -665,7 +671,7 @@ def _backward_half(X, dZ, U, vflat, mflat, dU, dUc, dX, bounds, ph, pw, TH, TW, 
         V = _chunk_tiles(vflat, Ci, (e - s) * T)
         dM = _chunk_tiles(mflat, Co, (e - s) * T)
         P = np.uint64((e - s) * T)
-        vs, ms = np.uint64(Ci) * P + np.uint64(TILE_PAD), np.uint64(Co) * P + np.uint64(TILE_PAD)
+        vs, ms = _row_stride(Ci, P), _row_stride(Co, P)
         if i != last:
             _input_serial(X[s:e], V, ph, pw, TH, TW)
         _output_backward_serial(dZ[s:e], dM, TH, TW, db, True)

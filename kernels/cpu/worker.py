@@ -87,11 +87,7 @@ def _signal_and_spin(flags, done, want, spins):
     """flags[_DONE] = done, then spin until flags[_JOB] == want or ``spins`` rounds have passed;
     whether it came. Runs without the GIL: the caller spinning for _DONE can take it at once."""
     _store_release(flags, _DONE, done)
-    for _ in range(spins):
-        if _load_acquire(flags, _JOB) == want:
-            return True
-        _pause()
-    return _load_acquire(flags, _JOB) == want
+    return _spin_for(flags, _JOB, want, spins)
 
 
 @njit(cache=True, nogil=True)
@@ -104,14 +100,13 @@ def _spin_for(flags, slot, want, spins):
     return _load_acquire(flags, slot) == want
 
 
-def _spins_in(seconds):
-    """Spin rounds (one load and a pause each) in about ``seconds``, measured once."""
+def _spin_seconds():
+    """Seconds one spin round (a load and a pause) takes here, measured once."""
     flags = np.zeros(3, np.int64)
     _spin_for(flags, _JOB, 1, 1000)  # compiled
     t0 = time.perf_counter()
     _spin_for(flags, _JOB, 1, 200000)
-    per = max((time.perf_counter() - t0) / 200000, 1e-9)
-    return max(int(seconds / per), 1)
+    return max((time.perf_counter() - t0) / 200000, 1e-9)
 
 
 class _Worker:
@@ -126,8 +121,9 @@ class _Worker:
         self.owner = None  # the thread inside run (a nested call runs its halves in turn)
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.idle_spins = _spins_in(IDLE_SPIN_S)
-        self.join_spins = _spins_in(JOIN_SPIN_S)
+        per = _spin_seconds()
+        self.idle_spins = max(int(IDLE_SPIN_S / per), 1)
+        self.join_spins = max(int(JOIN_SPIN_S / per), 1)
         self.thread = threading.Thread(target=self._loop, name="gpubackprop-cpu", daemon=True)
         self.thread.start()
 
